@@ -1,0 +1,590 @@
+"""The directory engine: an OCI image layout on a local filesystem.
+
+On disk (image-spec image-layout 1.0/1.1)::
+
+    oci-layout            {"imageLayoutVersion":"1.0.0"}
+    index.json            image index; references are entries annotated
+                          org.opencontainers.image.ref.name
+    blobs/<alg>/<hex>     content, named by its digest
+    .ocicas-<random>/     this engine's temporary files, flock-held while it lives
+
+Every write goes to a temporary file inside the layout (same filesystem), is
+fsynced, renamed into place and its directory fsynced. ``index.json`` changes are
+a read-modify-write under an exclusive ``flock`` on the layout directory, so
+processes tagging at once lose nothing and readers never see a torn file.
+Blob paths are only ever built from validated digests and opened relative to
+directory descriptors with ``O_NOFOLLOW``, so a symlink cannot lead outside.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import secrets
+import stat
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Final, TypeVar
+
+import anyio
+import anyio.to_thread
+
+from ._context import Context, bound
+from ._descriptor import Descriptor
+from ._digest import _ENCODED, SUPPORTED_ALGORITHMS, Digest, Verifier, addressable
+from ._engine import CHUNK_SIZE, DEFAULT_READ_LIMIT, BlobReader, BlobSource, Engine, iterate_source
+from ._errors import (
+    BlobNotFoundError,
+    BlobTooLargeError,
+    InvalidError,
+    LayoutExistsError,
+    LayoutNotFoundError,
+    ReferenceNotFoundError,
+    UnsupportedAlgorithmError,
+)
+from ._layout_format import IndexDocument, layout_file, parse_layout_file, validate_reference_name
+
+__all__ = ["DirEngine", "create_layout", "open_layout"]
+
+_T = TypeVar("_T")
+
+#: Prefix of this library's temporary directories inside a layout.
+TEMP_PREFIX: Final = ".ocicas-"
+_INDEX_LIMIT: Final = 256 << 20
+_LAYOUT_FILE_LIMIT: Final = 64 << 10
+_DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: opening a FIFO planted at a blob path must not hang
+_READ_FLAGS: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+async def _run(func: Callable[..., _T], *args: object) -> _T:
+    return await anyio.to_thread.run_sync(func, *args)
+
+
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _write_file(dir_fd: int, name: str, data: bytes) -> None:
+    """Create ``name`` with ``data``, durably (fsync)."""
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _open_dir(name: str, dir_fd: int, what: str) -> int:
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except NotADirectoryError:
+        raise InvalidError(f"{what} is not a directory (or is a symlink)") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise InvalidError(f"{what} is a symlink") from None
+        raise
+
+
+def _remove_temp_dir(parent_fd: int, name: str, fd: int) -> None:
+    """Remove one of our temporary directories (flat: files only) opened as ``fd``."""
+    with os.scandir(fd) as entries:
+        for entry in entries:
+            try:
+                os.unlink(entry.name, dir_fd=fd)
+            except FileNotFoundError:
+                pass
+    os.rmdir(name, dir_fd=parent_fd)
+
+
+async def create_layout(path: str | os.PathLike[str]) -> None:
+    """Create a new, empty OCI image layout at ``path``.
+
+    Parent directories are created as needed; :class:`~ocicas.LayoutExistsError`
+    (a ``FileExistsError``) if ``path`` already exists.
+    """
+    await _run(_create_layout, Path(path))
+
+
+def _create_layout(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir()
+    except FileExistsError:
+        raise LayoutExistsError(f"cannot create layout: {str(path)!r} already exists") from None
+    fd = os.open(path, _DIR_FLAGS)
+    try:
+        os.mkdir("blobs", dir_fd=fd)
+        blobs = os.open("blobs", _DIR_FLAGS, dir_fd=fd)
+        try:
+            os.mkdir("sha256", dir_fd=blobs)
+            os.fsync(blobs)
+        finally:
+            os.close(blobs)
+        _write_file(fd, "index.json", IndexDocument.empty().serialize())
+        _write_file(fd, "oci-layout", layout_file())  # last: its presence marks a complete layout
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+async def open_layout(path: str | os.PathLike[str]) -> DirEngine:
+    """Open the OCI image layout at ``path`` as an :class:`Engine`.
+
+    Raises :class:`~ocicas.LayoutNotFoundError` if ``path`` does not exist and
+    :class:`~ocicas.InvalidError` if it is not a valid layout (no or a wrong
+    ``oci-layout``, an unreadable ``index.json``, no ``blobs`` directory).
+    """
+    return await _run(DirEngine._open, Path(path))
+
+
+def _read_small(dir_fd: int, name: str, limit: int, what: str) -> tuple[os.stat_result, bytes]:
+    """Read a whole regular file that must not be a symlink or larger than ``limit``."""
+    try:
+        fd = os.open(name, _READ_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise InvalidError(f"{what} is a symlink") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidError(f"{what} is not a regular file")
+        if st.st_size > limit:
+            raise InvalidError(f"{what} has {st.st_size} bytes, over the limit of {limit}")
+        parts = []
+        while chunk := os.read(fd, max(st.st_size, CHUNK_SIZE)):
+            parts.append(chunk)
+            if sum(map(len, parts)) > limit:
+                raise InvalidError(f"{what} grew over the limit of {limit} bytes")
+        return st, b"".join(parts)
+    finally:
+        os.close(fd)
+
+
+class DirEngine(Engine):
+    """An :class:`Engine` over an OCI image layout directory. Open one with :func:`open_layout`."""
+
+    def __init__(self, path: Path, root_fd: int) -> None:
+        self.path = path
+        self._root = root_fd
+        self._temp_fd: int | None = None
+        self._temp_name: str | None = None
+        self._temp_lock = threading.Lock()
+        self._index_lock = anyio.Lock()
+        self._index_cache: tuple[tuple[int, int, int, int], IndexDocument] | None = None
+
+    @classmethod
+    def _open(cls, path: Path) -> DirEngine:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise LayoutNotFoundError(f"no layout at {str(path)!r}: path does not exist") from None
+        except NotADirectoryError:
+            raise InvalidError(f"not a layout: {str(path)!r} is not a directory") from None
+        try:
+            try:
+                parse_layout_file(_read_small(fd, "oci-layout", _LAYOUT_FILE_LIMIT, "oci-layout")[1])
+            except FileNotFoundError:
+                raise InvalidError(f"not a layout: {str(path)!r} has no oci-layout file") from None
+            try:
+                os.close(_open_dir("blobs", fd, "blobs"))
+            except FileNotFoundError:
+                raise InvalidError(f"not a layout: {str(path)!r} has no blobs directory") from None
+            engine = cls(path, fd)
+            engine._load_index()
+            return engine
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def __repr__(self) -> str:
+        return f"<DirEngine {str(self.path)!r}{' closed' if self._closed else ''}>"
+
+    # -- helpers (worker threads) -------------------------------------------------------
+
+    def _alg_dir(self, algorithm: str, *, create: bool = False) -> int:
+        blobs = _open_dir("blobs", self._root, "blobs")
+        try:
+            try:
+                return _open_dir(algorithm, blobs, f"blobs/{algorithm}")
+            except FileNotFoundError:
+                if not create:
+                    raise
+            try:
+                os.mkdir(algorithm, 0o755, dir_fd=blobs)
+                os.fsync(blobs)
+            except FileExistsError:
+                pass
+            return _open_dir(algorithm, blobs, f"blobs/{algorithm}")
+        finally:
+            os.close(blobs)
+
+    def _temp_dir(self) -> int:
+        """This engine's flock-held temporary directory, created on first use."""
+        with self._temp_lock:
+            if self._temp_fd is not None:
+                return self._temp_fd
+            while True:
+                name = f"{TEMP_PREFIX}{secrets.token_hex(8)}"
+                os.mkdir(name, 0o700, dir_fd=self._root)
+                fd = os.open(name, _DIR_FLAGS, dir_fd=self._root)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    # another engine's gc() may have removed it between mkdir and flock
+                    if os.fstat(fd).st_nlink > 0 and os.stat(name, dir_fd=self._root, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                        self._temp_fd, self._temp_name = fd, name
+                        return fd
+                except OSError:
+                    pass
+                os.close(fd)
+
+    def _unlink_temp(self, name: str) -> None:
+        if self._temp_fd is not None:
+            try:
+                os.unlink(name, dir_fd=self._temp_fd)
+            except FileNotFoundError:
+                pass
+
+    # -- blobs --------------------------------------------------------------------------
+
+    async def put_blob(
+        self,
+        source: BlobSource,
+        *,
+        expected_digest: Digest | str | None = None,
+        expected_size: int | None = None,
+        ctx: Context | None = None,
+    ) -> tuple[Digest, int]:
+        self._check_open()
+        verifier = Verifier(None if expected_digest is None else addressable(expected_digest), expected_size)
+        async with bound(ctx):
+            temp_dir = await _run(self._temp_dir)
+            name = f"blob-{secrets.token_hex(8)}"
+            fd = await _run(lambda: os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=temp_dir))
+            try:
+                batch: list[bytes | memoryview] = []
+                pending = 0
+                async for chunk in iterate_source(source):
+                    batch.append(chunk)
+                    pending += len(chunk)
+                    if pending >= CHUNK_SIZE:
+                        await _run(self._write_batch, fd, batch, verifier, ctx)
+                        batch, pending = [], 0
+                result = await _run(self._commit_blob, fd, name, batch, verifier, ctx)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await _run(self._abandon, fd, name)
+                raise
+            return result
+
+    @staticmethod
+    def _write_batch(fd: int, batch: list[bytes | memoryview], verifier: Verifier, ctx: Context | None) -> None:
+        for chunk in batch:
+            if ctx is not None:
+                ctx.check()
+            verifier.update(chunk)
+            _write_all(fd, chunk)
+
+    def _commit_blob(
+        self, fd: int, name: str, batch: list[bytes | memoryview], verifier: Verifier, ctx: Context | None
+    ) -> tuple[Digest, int]:
+        self._write_batch(fd, batch, verifier, ctx)
+        digest = verifier.verify()
+        size = verifier.received
+        os.fsync(fd)
+        if ctx is not None:
+            ctx.check()
+        alg = self._alg_dir(digest.algorithm, create=True)
+        try:
+            try:
+                st = os.stat(digest.encoded, dir_fd=alg, follow_symlinks=False)
+            except FileNotFoundError:
+                st = None
+            if st is not None and not stat.S_ISREG(st.st_mode):
+                raise InvalidError(f"blob path of {digest} holds something other than a regular file")
+            if st is not None and st.st_size == size:
+                os.utime(digest.encoded, dir_fd=alg, follow_symlinks=False)  # freshen, as git does
+            else:  # absent, or a damaged copy of the wrong size
+                os.rename(name, digest.encoded, src_dir_fd=self._temp_fd, dst_dir_fd=alg)
+                os.fsync(alg)
+        finally:
+            os.close(alg)
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            self._unlink_temp(name)  # only left when the blob was already present
+        return digest, size
+
+    def _abandon(self, fd: int, name: str) -> None:
+        os.close(fd)
+        self._unlink_temp(name)
+
+    def _open_blob(self, digest: Digest) -> tuple[int, int]:
+        """Open a blob for reading; return (fd, size)."""
+        try:
+            alg = self._alg_dir(digest.algorithm)
+            try:
+                fd = os.open(digest.encoded, _READ_FLAGS, dir_fd=alg)
+            finally:
+                os.close(alg)
+        except FileNotFoundError:
+            raise BlobNotFoundError(f"blob {digest} not found") from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise InvalidError(f"blob {digest} is a symlink; refusing to follow it") from None
+            raise
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise InvalidError(f"blob {digest} is not a regular file")
+        return fd, st.st_size
+
+    async def get_blob(self, digest: Digest | str, *, ctx: Context | None = None) -> BlobReader:
+        self._check_open()
+        digest = addressable(digest)
+        async with bound(ctx):
+            fd, size = await _run(self._open_blob, digest)
+
+        def pull(n: int, verifier: Verifier) -> bytes:
+            chunk = os.read(fd, n)
+            verifier.update(chunk)
+            return chunk
+
+        async def close() -> None:
+            os.close(fd)  # never blocks on a regular file opened for reading
+
+        return BlobReader(digest, size, lambda n, v: _run(pull, n, v), close=close, ctx=ctx)
+
+    async def read_blob(
+        self, digest: Digest | str, *, max_size: int | None = DEFAULT_READ_LIMIT, ctx: Context | None = None
+    ) -> bytes:
+        self._check_open()
+        digest = addressable(digest)
+
+        def read() -> bytes:  # one thread hop for the open, the read and the hash
+            fd, size = self._open_blob(digest)
+            try:
+                if max_size is not None and size > max_size:
+                    raise BlobTooLargeError(f"blob {digest} has {size} bytes, over the cap of {max_size}")
+                verifier = Verifier(digest, size)
+                parts = []
+                while True:
+                    if ctx is not None:
+                        ctx.check()
+                    chunk = os.read(fd, min(max(size - verifier.received, 1), 8 * CHUNK_SIZE))
+                    if not chunk:
+                        break
+                    verifier.update(chunk)
+                    parts.append(chunk)
+                verifier.verify()
+                return b"".join(parts)
+            finally:
+                os.close(fd)
+
+        async with bound(ctx):
+            return await _run(read)
+
+    async def stat_blob(self, digest: Digest | str, *, ctx: Context | None = None) -> int:
+        self._check_open()
+        digest = addressable(digest)
+
+        def size() -> int:
+            try:
+                alg = self._alg_dir(digest.algorithm)
+                try:
+                    st = os.stat(digest.encoded, dir_fd=alg, follow_symlinks=False)
+                finally:
+                    os.close(alg)
+            except FileNotFoundError:
+                raise BlobNotFoundError(f"blob {digest} not found") from None
+            if not stat.S_ISREG(st.st_mode):
+                raise InvalidError(f"blob {digest} is not a regular file")
+            return st.st_size
+
+        async with bound(ctx):
+            return await _run(size)
+
+    async def delete_blob(self, digest: Digest | str, *, ctx: Context | None = None) -> None:
+        self._check_open()
+        digest = addressable(digest)
+
+        def delete() -> None:
+            try:
+                alg = self._alg_dir(digest.algorithm)
+                try:
+                    os.unlink(digest.encoded, dir_fd=alg)
+                finally:
+                    os.close(alg)
+            except FileNotFoundError:
+                pass
+            except IsADirectoryError:
+                raise InvalidError(f"blob path of {digest} is a directory; not removing it") from None
+
+        async with bound(ctx):
+            await _run(delete)
+
+    async def list_blobs(self, *, ctx: Context | None = None) -> list[Digest]:
+        self._check_open()
+
+        def listing() -> list[Digest]:
+            out = []
+            for algorithm in sorted(SUPPORTED_ALGORITHMS):
+                try:
+                    alg = self._alg_dir(algorithm)
+                except FileNotFoundError:
+                    continue
+                try:
+                    shape = _ENCODED[algorithm]
+                    with os.scandir(alg) as entries:
+                        for entry in entries:
+                            if shape.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                                out.append(Digest(f"{algorithm}:{entry.name}"))
+                finally:
+                    os.close(alg)
+            out.sort()
+            return out
+
+        async with bound(ctx):
+            return await _run(listing)
+
+    # -- references ---------------------------------------------------------------------
+
+    def _load_index(self) -> IndexDocument:
+        """The parsed ``index.json``, re-read only when the file's identity changed."""
+        try:
+            fd = os.open("index.json", _READ_FLAGS, dir_fd=self._root)
+        except FileNotFoundError:
+            raise InvalidError(f"not a layout: {str(self.path)!r} has no index.json") from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise InvalidError("index.json is a symlink") from None
+            raise
+        try:
+            st = os.fstat(fd)
+            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            cached = self._index_cache
+            if cached is not None and cached[0] == key:
+                return cached[1]
+        finally:
+            os.close(fd)
+        st, data = _read_small(self._root, "index.json", _INDEX_LIMIT, "index.json")
+        document = IndexDocument.parse(data)
+        self._index_cache = ((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns), document)
+        return document
+
+    async def _index(self, ctx: Context | None) -> IndexDocument:
+        self._check_open()
+        async with bound(ctx):
+            return await _run(self._load_index)
+
+    async def get_reference(self, name: str, *, ctx: Context | None = None) -> Descriptor:
+        validate_reference_name(name)
+        descriptor = (await self._index(ctx)).get(name)
+        if descriptor is None:
+            raise ReferenceNotFoundError(f"reference {name!r} not found")
+        return descriptor
+
+    async def list_references(self, *, ctx: Context | None = None) -> list[str]:
+        return (await self._index(ctx)).names()
+
+    async def list_roots(self, *, ctx: Context | None = None) -> list[Descriptor]:
+        return (await self._index(ctx)).roots()
+
+    async def update_references(
+        self, changes: Mapping[str, Descriptor | None], *, replace: bool = False, ctx: Context | None = None
+    ) -> None:
+        self._check_open()
+        for name, descriptor in changes.items():
+            validate_reference_name(name)
+            if descriptor is not None and not isinstance(descriptor, Descriptor):
+                raise TypeError(f"reference {name!r}: expected a Descriptor, not {type(descriptor).__name__}")
+        async with bound(ctx), self._index_lock:
+            lock_fd = await _run(os.open, ".", _DIR_FLAGS, self._root)
+            try:
+                delay = 0.001
+                while not await _run(self._try_lock, lock_fd):
+                    await anyio.sleep(delay)  # another process holds the lock: wait, cancellably
+                    delay = min(delay * 2, 0.05)
+                await _run(self._rewrite_index, changes, replace, ctx)
+            finally:
+                os.close(lock_fd)  # releases the flock
+
+    @staticmethod
+    def _try_lock(fd: int) -> bool:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+
+    def _rewrite_index(self, changes: Mapping[str, Descriptor | None], replace: bool, ctx: Context | None) -> None:
+        updated = self._load_index().apply(changes, replace=replace)
+        if updated is None:
+            return
+        if ctx is not None:
+            ctx.check()
+        temp = self._temp_dir()
+        name = f"index-{secrets.token_hex(8)}"
+        try:
+            _write_file(temp, name, updated.serialize())
+            st = os.stat(name, dir_fd=temp)
+            os.rename(name, "index.json", src_dir_fd=temp, dst_dir_fd=self._root)
+        except BaseException:
+            self._unlink_temp(name)
+            raise
+        os.fsync(self._root)
+        self._index_cache = ((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns), updated)
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def gc(self, *, ctx: Context | None = None) -> None:
+        """Remove temporary directories left by dead ocicas engines (never another tool's files)."""
+        self._check_open()
+
+        def collect() -> None:
+            with os.scandir(self._root) as entries:
+                names = [e.name for e in entries if e.name.startswith(TEMP_PREFIX) and e.name != self._temp_name]
+            for name in names:
+                if ctx is not None:
+                    ctx.check()
+                try:
+                    fd = os.open(name, _DIR_FLAGS, dir_fd=self._root)
+                except OSError:
+                    continue  # vanished, or not a plain directory: not ours to judge
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    continue  # a live engine holds it
+                try:
+                    _remove_temp_dir(self._root, name, fd)
+                except (FileNotFoundError, IsADirectoryError, OSError):
+                    pass  # gone already, or holding something we did not put there: leave it
+                finally:
+                    os.close(fd)
+
+        async with bound(ctx):
+            await _run(collect)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+
+        def release() -> None:
+            if self._temp_fd is not None and self._temp_name is not None:
+                try:
+                    _remove_temp_dir(self._root, self._temp_name, self._temp_fd)
+                except OSError:
+                    pass  # a later gc() retries once our flock is gone
+                os.close(self._temp_fd)  # drops the flock
+                self._temp_fd = None
+            os.close(self._root)
+
+        with anyio.CancelScope(shield=True):
+            await _run(release)

@@ -1,0 +1,301 @@
+"""The Engine protocol every backend implements, and the verified blob reader."""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
+from types import TracebackType
+from typing import Any, Final, Protocol, TypeAlias, runtime_checkable
+
+import anyio
+import anyio.lowlevel
+
+if sys.version_info >= (3, 11):
+    from typing import Self
+else:
+    from typing_extensions import Self
+
+from ._context import Context
+from ._descriptor import Descriptor
+from ._digest import Digest, Verifier
+from ._errors import BlobTooLargeError, EngineClosedError
+from ._json import dump_json
+
+__all__ = [
+    "CHUNK_SIZE",
+    "DEFAULT_READ_LIMIT",
+    "AsyncReadable",
+    "BlobReader",
+    "BlobSource",
+    "Engine",
+]
+
+#: Bytes moved per worker-thread hop: large enough that the ≈100 µs hop is noise.
+CHUNK_SIZE: Final = 1 << 20
+#: Default cap of :meth:`Engine.read_blob`.
+DEFAULT_READ_LIMIT: Final = 64 << 20
+
+
+@runtime_checkable
+class AsyncReadable(Protocol):
+    """Anything with ``async read(n) -> bytes`` (anyio streams' wrappers, aiofiles files, …)."""
+
+    def read(self, size: int = ..., /) -> Awaitable[bytes]: ...
+
+
+#: What :meth:`Engine.put_blob` accepts.
+BlobSource: TypeAlias = "bytes | bytearray | memoryview | AsyncIterable[bytes] | AsyncReadable"
+
+
+async def iterate_source(source: BlobSource, chunk_size: int = CHUNK_SIZE) -> AsyncIterator[memoryview | bytes]:
+    """Yield a :data:`BlobSource` as bytes-like chunks (checkpointing per chunk)."""
+    if isinstance(source, bytes | bytearray | memoryview):
+        view = memoryview(source).cast("B")
+        for start in range(0, len(view), 8 * chunk_size):
+            await anyio.lowlevel.checkpoint()
+            yield view[start : start + 8 * chunk_size]
+        return
+    if isinstance(source, str):
+        raise TypeError("put_blob takes bytes, not str: encode the text first")
+    if isinstance(source, AsyncIterable):
+        async for chunk in source:
+            if not isinstance(chunk, bytes | bytearray | memoryview):
+                raise TypeError(f"blob source yielded {type(chunk).__name__}, expected bytes")
+            yield chunk
+        return
+    read = getattr(source, "read", None)
+    if read is not None and inspect.iscoroutinefunction(read):
+        while True:
+            chunk = await read(chunk_size)
+            if not isinstance(chunk, bytes | bytearray | memoryview):
+                raise TypeError(f"blob source read() returned {type(chunk).__name__}, expected bytes")
+            if not chunk:
+                return
+            yield chunk
+    raise TypeError(
+        f"cannot read a blob from {type(source).__name__}: pass bytes, an async iterable of bytes, "
+        "or an object with `async read(n)`"
+    )
+
+
+class BlobReader:
+    """An async reader of one blob that verifies its digest and size as it goes.
+
+    Iterate it (``async for chunk in reader``) or call :meth:`read`. Reads are
+    clamped to the expected size; the chunk that completes the blob is returned
+    only after the digest checked out, and a blob that is too short, too long or
+    different raises :class:`SizeMismatchError` or :class:`DigestMismatchError`
+    instead of signalling the end. Close it with ``async with`` or :meth:`aclose`.
+    """
+
+    def __init__(
+        self,
+        digest: Digest,
+        size: int,
+        pull: Callable[[int, Verifier], Awaitable[bytes]],
+        *,
+        close: Callable[[], Awaitable[None]] | None = None,
+        ctx: Context | None = None,
+    ) -> None:
+        self.digest = digest
+        self.size = size
+        self._pull = pull
+        self._close = close
+        self._ctx = ctx
+        self._verifier = Verifier(digest, size)
+        self._eof = False
+        self._closed = False
+
+    @property
+    def bytes_read(self) -> int:
+        """How many bytes have passed through so far."""
+        return self._verifier.received
+
+    async def read(self, n: int = -1) -> bytes:
+        """Return up to ``n`` bytes (all that remain if ``n < 0``); ``b""`` at the verified end."""
+        if n < 0:
+            parts = []
+            while chunk := await self.read(CHUNK_SIZE):
+                parts.append(chunk)
+            return b"".join(parts)
+        if self._closed:
+            raise EngineClosedError(f"reader of {self.digest} is closed")
+        if self._eof or n == 0:
+            return b""
+        if self._ctx is not None:
+            self._ctx.check()
+        verifier = self._verifier
+        remaining = self.size - verifier.received
+        # one byte past the end is asked for too, so a longer file is caught
+        chunk = await self._pull(min(n, remaining) if remaining > 0 else 1, verifier)
+        if verifier.received == self.size and chunk:
+            verifier.verify()  # before handing out the chunk that completes the blob
+        elif not chunk:
+            verifier.verify()
+            self._eof = True
+        return chunk
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await self.read(CHUNK_SIZE)
+        if not chunk:
+            raise StopAsyncIteration
+        return chunk
+
+    async def aclose(self) -> None:
+        """Release the underlying file or connection. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            if self._close is not None:
+                await self._close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        with anyio.CancelScope(shield=True):
+            await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"<BlobReader {self.digest} {self.bytes_read}/{self.size}>"
+
+
+class Engine(ABC):
+    """An OCI content-addressable store: blobs by digest, references by name.
+
+    The Python form of umoci's ``cas.Engine``. Every method takes an optional
+    keyword-only ``ctx`` (:class:`~ocicas.Context`). Engines are async context
+    managers; after :meth:`close`, methods raise :class:`~ocicas.EngineClosedError`.
+
+    Backends implement the abstract methods; :meth:`put_blob_json` and
+    :meth:`read_blob` have shared implementations on top of them.
+    """
+
+    _closed: bool = False
+
+    # -- blobs ---------------------------------------------------------------------
+
+    @abstractmethod
+    async def put_blob(
+        self,
+        source: BlobSource,
+        *,
+        expected_digest: Digest | str | None = None,
+        expected_size: int | None = None,
+        ctx: Context | None = None,
+    ) -> tuple[Digest, int]:
+        """Store a blob streamed from ``source``; return its digest and size.
+
+        ``source`` is bytes-like, an async iterable of bytes, or an object with
+        ``async read(n)``. Idempotent: storing content that is already present
+        succeeds and refreshes its age. With ``expected_digest``/``expected_size``
+        the content is checked as it streams (the digest's algorithm is used), and
+        a mismatch raises before anything is stored.
+        """
+
+    async def put_blob_json(self, obj: Any, *, ctx: Context | None = None) -> tuple[Digest, int]:
+        """Store ``obj`` serialised as compact JSON (objects with ``to_dict()`` allowed)."""
+        return await self.put_blob(dump_json(obj), ctx=ctx)
+
+    @abstractmethod
+    async def get_blob(self, digest: Digest | str, *, ctx: Context | None = None) -> BlobReader:
+        """Open a verified reader of a blob; :class:`~ocicas.BlobNotFoundError` if absent."""
+
+    async def read_blob(
+        self, digest: Digest | str, *, max_size: int | None = DEFAULT_READ_LIMIT, ctx: Context | None = None
+    ) -> bytes:
+        """Return a whole blob, verified before it is returned.
+
+        Blobs larger than ``max_size`` bytes (``None``: no cap) are refused with
+        :class:`~ocicas.BlobTooLargeError` before any byte is read.
+        """
+        reader = await self.get_blob(digest, ctx=ctx)
+        async with reader:
+            if max_size is not None and reader.size > max_size:
+                raise BlobTooLargeError(f"blob {reader.digest} has {reader.size} bytes, over the cap of {max_size}")
+            return await reader.read()
+
+    @abstractmethod
+    async def stat_blob(self, digest: Digest | str, *, ctx: Context | None = None) -> int:
+        """Return a blob's size without reading it; :class:`~ocicas.BlobNotFoundError` if absent."""
+
+    @abstractmethod
+    async def delete_blob(self, digest: Digest | str, *, ctx: Context | None = None) -> None:
+        """Remove a blob. Idempotent: an absent blob is not an error."""
+
+    @abstractmethod
+    async def list_blobs(self, *, ctx: Context | None = None) -> list[Digest]:
+        """Every blob digest in the store, sorted."""
+
+    # -- references ----------------------------------------------------------------
+
+    async def put_reference(self, name: str, descriptor: Descriptor, *, ctx: Context | None = None) -> None:
+        """Store ``descriptor`` under ``name``.
+
+        Idempotent; raises :class:`~ocicas.ClobberError` if ``name`` already holds a
+        different descriptor (delete it first to move a name).
+        """
+        await self.update_references({name: descriptor}, ctx=ctx)
+
+    async def delete_reference(self, name: str, *, ctx: Context | None = None) -> None:
+        """Remove a reference. Idempotent: an absent name is not an error."""
+        await self.update_references({name: None}, ctx=ctx)
+
+    @abstractmethod
+    async def update_references(
+        self, changes: Mapping[str, Descriptor | None], *, replace: bool = False, ctx: Context | None = None
+    ) -> None:
+        """Apply many reference changes at once: ``name: descriptor`` puts, ``name: None`` deletes.
+
+        All or nothing. Without ``replace``, a put that would change what a name
+        already holds raises :class:`~ocicas.ClobberError` and nothing is applied;
+        with ``replace=True`` names are moved. The directory engine writes
+        ``index.json`` once for the whole batch.
+        """
+
+    @abstractmethod
+    async def get_reference(self, name: str, *, ctx: Context | None = None) -> Descriptor:
+        """The descriptor stored under ``name``; :class:`~ocicas.ReferenceNotFoundError` if absent."""
+
+    @abstractmethod
+    async def list_references(self, *, ctx: Context | None = None) -> list[str]:
+        """Every reference name, sorted."""
+
+    @abstractmethod
+    async def list_roots(self, *, ctx: Context | None = None) -> list[Descriptor]:
+        """Every descriptor the store keeps as a root, named or not (GC's root set).
+
+        Named ones carry their ``org.opencontainers.image.ref.name`` annotation.
+        """
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    @abstractmethod
+    async def gc(self, *, ctx: Context | None = None) -> None:
+        """Remove engine-level garbage (stale temporary files); never a blob or reference."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release the engine's resources. Idempotent."""
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineClosedError(f"{self!r} is closed")
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        with anyio.CancelScope(shield=True):
+            await self.close()

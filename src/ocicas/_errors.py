@@ -1,0 +1,120 @@
+"""The ocicas exception tree.
+
+Every error ocicas raises on purpose derives from :class:`OCICASError`, and each
+also derives from the builtin exception a Python user would naturally catch::
+
+    OCICASError
+    ├── InvalidError (ValueError)              ErrInvalid: bad input or an invalid image
+    │   ├── DigestMismatchError                content does not hash to its digest
+    │   ├── SizeMismatchError                  content is not the size it claims
+    │   └── BlobTooLargeError                  a whole-blob read would exceed its cap
+    ├── NotFoundError (FileNotFoundError)
+    │   ├── BlobNotFoundError
+    │   ├── ReferenceNotFoundError
+    │   └── LayoutNotFoundError
+    ├── ClobberError (FileExistsError)         ErrClobber: would overwrite something else
+    │   └── LayoutExistsError
+    ├── UnsupportedError (NotImplementedError) ErrNotImplemented
+    │   └── UnsupportedAlgorithmError          a digest algorithm we cannot compute
+    ├── EngineClosedError (ValueError)         the engine was closed
+    └── ContextError                           a Context ended the operation
+        ├── ContextCancelledError              ``ctx.cancel()`` was called
+        └── DeadlineExceededError (TimeoutError)
+
+Operating-system failures (a full disk, a permission error) propagate as the
+``OSError`` the system raised: they are not ocicas's verdict on the data.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BlobNotFoundError",
+    "BlobTooLargeError",
+    "ClobberError",
+    "ContextCancelledError",
+    "ContextError",
+    "DeadlineExceededError",
+    "DigestMismatchError",
+    "EngineClosedError",
+    "InvalidError",
+    "LayoutExistsError",
+    "LayoutNotFoundError",
+    "NotFoundError",
+    "OCICASError",
+    "ReferenceNotFoundError",
+    "SizeMismatchError",
+    "UnsupportedAlgorithmError",
+    "UnsupportedError",
+]
+
+
+class OCICASError(Exception):
+    """Base class of every error ocicas raises on purpose."""
+
+    def __str__(self) -> str:
+        # OSError subclasses format (errno, strerror) pairs; we always pass one message.
+        return str(self.args[0]) if self.args else self.__class__.__name__
+
+
+class InvalidError(OCICASError, ValueError):
+    """Invalid input or an invalid image was detected (Go's ``ErrInvalid``)."""
+
+
+class DigestMismatchError(InvalidError):
+    """Content did not hash to the digest it was stored or requested under."""
+
+
+class SizeMismatchError(InvalidError):
+    """Content was not the size its descriptor or caller said it is."""
+
+
+class BlobTooLargeError(InvalidError):
+    """A whole-blob read was refused because the blob exceeds the size cap."""
+
+
+class NotFoundError(OCICASError, FileNotFoundError):
+    """Something that was asked for does not exist (Go's ``os.ErrNotExist``)."""
+
+
+class BlobNotFoundError(NotFoundError):
+    """No blob is stored under the digest."""
+
+
+class ReferenceNotFoundError(NotFoundError):
+    """No reference is stored under the name."""
+
+
+class LayoutNotFoundError(NotFoundError):
+    """The path given to ``open_layout`` does not exist."""
+
+
+class ClobberError(OCICASError, FileExistsError):
+    """The operation would overwrite an existing, different object (Go's ``ErrClobber``)."""
+
+
+class LayoutExistsError(ClobberError):
+    """``create_layout`` was given a path that already exists."""
+
+
+class UnsupportedError(OCICASError, NotImplementedError):
+    """The engine cannot perform this operation (Go's ``ErrNotImplemented``)."""
+
+
+class UnsupportedAlgorithmError(UnsupportedError):
+    """The digest is well-formed, but its algorithm cannot be computed here."""
+
+
+class EngineClosedError(OCICASError, ValueError):
+    """The engine was used after ``close()``."""
+
+
+class ContextError(OCICASError):
+    """An operation was ended by its :class:`~ocicas.Context`."""
+
+
+class ContextCancelledError(ContextError):
+    """The operation's context was cancelled."""
+
+
+class DeadlineExceededError(ContextError, TimeoutError):
+    """The operation's context reached its deadline."""

@@ -1,0 +1,53 @@
+"""Strict, bounded JSON decoding and compact encoding shared by every format we read."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Final
+
+from ._errors import InvalidError
+
+__all__ = ["DEFAULT_JSON_LIMIT", "dump_json", "load_json"]
+
+#: Default cap on a JSON document (manifest, index, config) read from a store.
+DEFAULT_JSON_LIMIT: Final = 4 << 20
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise InvalidError(f"duplicate JSON key {key!r:.100}")
+        out[key] = value
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise InvalidError(f"JSON contains {name}, which is not JSON")
+
+
+def load_json(data: bytes | bytearray | memoryview | str, what: str) -> Any:
+    """Decode JSON text strictly: UTF-8, no duplicate keys, no NaN/Infinity.
+
+    Any failure (including nesting too deep to decode) raises :class:`InvalidError`
+    naming ``what``.
+    """
+    try:
+        text = data if isinstance(data, str) else bytes(data).decode("utf-8")
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except InvalidError as exc:
+        raise InvalidError(f"{what}: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise InvalidError(f"{what} is not valid JSON: {exc}") from None
+
+
+def dump_json(obj: Any) -> bytes:
+    """Serialise ``obj`` compactly as UTF-8; objects with ``to_dict()`` (descriptors, models) included."""
+
+    def default(value: Any) -> Any:
+        to_dict = getattr(value, "to_dict", None)
+        if to_dict is None:
+            raise TypeError(f"cannot serialise {type(value).__name__} as JSON")
+        return to_dict()
+
+    return json.dumps(obj, default=default, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()

@@ -1,0 +1,173 @@
+"""The OCI image-layout format: ``oci-layout``, ``index.json`` and reference names.
+
+Pure functions and values, no I/O: the directory engine reads and writes files,
+this module decides what their bytes mean.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any, Final
+
+from ._descriptor import Descriptor
+from ._errors import ClobberError, InvalidError
+from ._json import dump_json, load_json
+
+__all__ = [
+    "ANNOTATION_REF_NAME",
+    "IMAGE_LAYOUT_VERSION",
+    "INDEX_MEDIA_TYPE",
+    "IndexDocument",
+    "layout_file",
+    "parse_layout_file",
+    "validate_reference_name",
+]
+
+#: The image-layout version ocicas writes and reads (``oci-layout``'s ``imageLayoutVersion``).
+IMAGE_LAYOUT_VERSION: Final = "1.0.0"
+#: The annotation that names a reference in ``index.json``.
+ANNOTATION_REF_NAME: Final = "org.opencontainers.image.ref.name"
+INDEX_MEDIA_TYPE: Final = "application/vnd.oci.image.index.v1+json"
+#: Longest reference name accepted (the grammar itself sets no bound).
+MAX_REFERENCE_NAME: Final = 1024
+
+# image-spec annotations.md: ref ::= component ("/" component)*;
+# component ::= alphanum (separator alphanum)*; separator ::= [-._:@+] | "--"
+_COMPONENT: Final = r"[A-Za-z0-9]+(?:(?:--|[-._:@+])[A-Za-z0-9]+)*"
+_REF_NAME: Final = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
+
+
+def validate_reference_name(name: object) -> str:
+    """Return ``name`` if it is a valid image-spec reference name, else raise :class:`InvalidError`."""
+    if not isinstance(name, str) or len(name) > MAX_REFERENCE_NAME or not _REF_NAME.fullmatch(name):
+        raise InvalidError(f"invalid reference name {name!r:.200}")
+    return name
+
+
+def layout_file() -> bytes:
+    """The bytes of a new ``oci-layout`` file."""
+    return dump_json({"imageLayoutVersion": IMAGE_LAYOUT_VERSION})
+
+
+def parse_layout_file(data: bytes) -> None:
+    """Check an ``oci-layout`` file; raise :class:`InvalidError` unless it is version 1.0.0."""
+    obj = load_json(data, "oci-layout")
+    version = obj.get("imageLayoutVersion") if isinstance(obj, dict) else None
+    if version != IMAGE_LAYOUT_VERSION:
+        raise InvalidError(f"unsupported oci-layout imageLayoutVersion {version!r:.100} (expected {IMAGE_LAYOUT_VERSION!r})")
+
+
+def _comparable(descriptor: Descriptor) -> Descriptor:
+    # "annotations": {} and no annotations say the same thing
+    return descriptor if descriptor.annotations else descriptor.replace(annotations=None)
+
+
+class IndexDocument:
+    """A parsed ``index.json``, kept as raw JSON so a rewrite loses nothing.
+
+    Entries are parsed as descriptors only when used, so one odd entry written by
+    another tool does not make the rest of the layout unreadable.
+    """
+
+    __slots__ = ("_doc", "_entries", "_names")
+
+    def __init__(self, doc: dict[str, Any]) -> None:
+        self._doc = doc
+        self._entries: list[Any] = doc["manifests"]
+        self._names: dict[str, list[int]] = {}
+        for position, entry in enumerate(self._entries):
+            annotations = entry.get("annotations") if isinstance(entry, dict) else None
+            name = annotations.get(ANNOTATION_REF_NAME) if isinstance(annotations, dict) else None
+            if isinstance(name, str):
+                self._names.setdefault(name, []).append(position)
+
+    @classmethod
+    def empty(cls) -> IndexDocument:
+        """A new index with no entries."""
+        return cls({"schemaVersion": 2, "mediaType": INDEX_MEDIA_TYPE, "manifests": []})
+
+    @classmethod
+    def parse(cls, data: bytes) -> IndexDocument:
+        """Parse ``index.json``; ``"manifests": null`` (umoci 0.4) reads as empty."""
+        doc = load_json(data, "index.json")
+        if not isinstance(doc, dict):
+            raise InvalidError("index.json is not a JSON object")
+        if doc.get("schemaVersion", 2) != 2 or type(doc.get("schemaVersion", 2)) is not int:
+            raise InvalidError(f"index.json has schemaVersion {doc.get('schemaVersion')!r:.50}, expected 2")
+        if doc.get("mediaType", INDEX_MEDIA_TYPE) != INDEX_MEDIA_TYPE:
+            raise InvalidError(f"index.json has mediaType {doc.get('mediaType')!r:.100}, expected {INDEX_MEDIA_TYPE}")
+        manifests = doc.get("manifests")
+        if manifests is None:
+            manifests = doc["manifests"] = []
+        if not isinstance(manifests, list):
+            raise InvalidError("index.json manifests is not an array")
+        for entry in manifests:
+            if not isinstance(entry, dict):
+                raise InvalidError(f"index.json has a manifests entry that is not an object: {entry!r:.100}")
+        return cls(doc)
+
+    def serialize(self) -> bytes:
+        """The bytes to write (``manifests`` is always an array)."""
+        return dump_json(self._doc)
+
+    def names(self) -> list[str]:
+        """Every reference name, sorted."""
+        return sorted(self._names)
+
+    def get(self, name: str) -> Descriptor | None:
+        """The descriptor named ``name`` (without its name annotation), or ``None``."""
+        positions = self._names.get(name)
+        if not positions:
+            return None
+        return self._strip(self._entries[positions[0]], name)
+
+    def roots(self) -> list[Descriptor]:
+        """Every entry as a descriptor, named or not."""
+        out = []
+        for entry in self._entries:
+            try:
+                out.append(Descriptor.from_dict(entry))
+            except InvalidError as exc:
+                raise InvalidError(f"index.json entry {entry.get('digest')!r:.100}: {exc}") from None
+        return out
+
+    @staticmethod
+    def _strip(entry: dict[str, Any], name: str) -> Descriptor:
+        try:
+            descriptor = Descriptor.from_dict(entry)
+        except InvalidError as exc:
+            raise InvalidError(f"index.json entry for reference {name!r}: {exc}") from None
+        annotations = dict(descriptor.annotations or {})
+        annotations.pop(ANNOTATION_REF_NAME, None)
+        return descriptor.replace(annotations=annotations or None)
+
+    def apply(self, changes: Mapping[str, Descriptor | None], *, replace: bool) -> IndexDocument | None:
+        """Return the index with ``changes`` applied, or ``None`` if nothing would change.
+
+        Raises :class:`ClobberError` (without ``replace``) if a put would change what
+        a name holds. Unnamed entries and unknown fields are carried over untouched.
+        """
+        drop: set[int] = set()
+        added: list[dict[str, Any]] = []
+        for name, descriptor in changes.items():
+            positions = self._names.get(name, [])
+            if descriptor is None:
+                drop.update(positions)
+                continue
+            if positions:
+                current = [self._strip(self._entries[p], name) for p in positions]
+                wanted = _comparable(descriptor)
+                if all(_comparable(c) == wanted for c in current):
+                    continue
+                if not replace:
+                    raise ClobberError(f"reference {name!r} already holds {current[0].digest}, not {descriptor.digest}")
+                drop.update(positions)
+            entry = descriptor.to_dict()
+            entry["annotations"] = {**entry.get("annotations", {}), ANNOTATION_REF_NAME: name}
+            added.append(entry)
+        if not drop and not added:
+            return None
+        doc = dict(self._doc)
+        doc["manifests"] = [e for p, e in enumerate(self._entries) if p not in drop] + added
+        return IndexDocument(doc)
