@@ -16,7 +16,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Final
+from typing import Any, Final
 
 import anyio
 import anyio.lowlevel
@@ -36,7 +36,7 @@ class Context:
     on the :func:`time.monotonic` clock.
     """
 
-    __slots__ = ("_parent", "_deadline", "_error", "_children", "_watchers", "__weakref__")
+    __slots__ = ("__weakref__", "_children", "_deadline", "_error", "_parent", "_watchers")
 
     def __init__(self, *, _parent: Context | None = None, _deadline: float | None = None) -> None:
         self._parent = _parent
@@ -149,7 +149,7 @@ async def bound(ctx: Context | None) -> AsyncIterator[None]:
         yield
         return
     ctx.check()
-    native = anyio.lowlevel.current_token().native_token
+    native: Any = anyio.lowlevel.current_token().native_token
     loop_thread = threading.get_ident()
     with anyio.CancelScope() as scope:
         if ctx.deadline is not None:

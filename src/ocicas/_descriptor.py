@@ -188,9 +188,13 @@ class Descriptor:
             digest=Digest(_require(obj, "digest", "descriptor")),
             size=_size(_require(obj, "size", "descriptor"), "descriptor size"),
             urls=None if urls is None else _strings(urls, "descriptor urls"),
-            annotations=None if obj.get("annotations") is None else _string_map(obj["annotations"], "descriptor annotations"),
+            annotations=None
+            if obj.get("annotations") is None
+            else _string_map(obj["annotations"], "descriptor annotations"),
             platform=None if obj.get("platform") is None else Platform.from_dict(obj["platform"]),
-            artifact_type=None if obj.get("artifactType") is None else validate_media_type(obj["artifactType"], "artifactType"),
+            artifact_type=None
+            if obj.get("artifactType") is None
+            else validate_media_type(obj["artifactType"], "artifactType"),
             data=data,
             extra={k: v for k, v in obj.items() if k not in _DESCRIPTOR_FIELDS},
         )

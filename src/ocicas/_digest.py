@@ -86,7 +86,9 @@ def addressable(value: Digest | str) -> Digest:
     """Validate ``value`` as a digest whose blob we can store, find and verify."""
     digest = Digest(value)
     if not digest.supported:
-        raise UnsupportedAlgorithmError(f"cannot address blob {digest}: algorithm {digest.algorithm!r} is not supported")
+        raise UnsupportedAlgorithmError(
+            f"cannot address blob {digest}: algorithm {digest.algorithm!r} is not supported"
+        )
     return digest
 
 
@@ -110,7 +112,7 @@ class Verifier:
     arrive; :meth:`verify` checks the final size first, then the digest.
     """
 
-    __slots__ = ("_hash", "digest", "size", "received")
+    __slots__ = ("_hash", "digest", "received", "size")
 
     def __init__(self, digest: Digest | None, size: int | None = None, *, algorithm: str = BLOB_ALGORITHM) -> None:
         self.digest = digest

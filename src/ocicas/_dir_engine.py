@@ -26,6 +26,7 @@ import secrets
 import stat
 import threading
 from collections.abc import Callable, Mapping
+from contextlib import aclosing
 from pathlib import Path
 from typing import Final, TypeVar
 
@@ -43,7 +44,6 @@ from ._errors import (
     LayoutExistsError,
     LayoutNotFoundError,
     ReferenceNotFoundError,
-    UnsupportedAlgorithmError,
 )
 from ._layout_format import IndexDocument, layout_file, parse_layout_file, validate_reference_name
 
@@ -237,7 +237,10 @@ class DirEngine(Engine):
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     # another engine's gc() may have removed it between mkdir and flock
-                    if os.fstat(fd).st_nlink > 0 and os.stat(name, dir_fd=self._root, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                    if (
+                        os.fstat(fd).st_nlink > 0
+                        and os.stat(name, dir_fd=self._root, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+                    ):
                         self._temp_fd, self._temp_name = fd, name
                         return fd
                 except OSError:
@@ -266,16 +269,19 @@ class DirEngine(Engine):
         async with bound(ctx):
             temp_dir = await _run(self._temp_dir)
             name = f"blob-{secrets.token_hex(8)}"
-            fd = await _run(lambda: os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=temp_dir))
+            fd = await _run(
+                lambda: os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=temp_dir)
+            )
             try:
                 batch: list[bytes | memoryview] = []
                 pending = 0
-                async for chunk in iterate_source(source):
-                    batch.append(chunk)
-                    pending += len(chunk)
-                    if pending >= CHUNK_SIZE:
-                        await _run(self._write_batch, fd, batch, verifier, ctx)
-                        batch, pending = [], 0
+                async with aclosing(iterate_source(source)) as chunks:
+                    async for chunk in chunks:
+                        batch.append(chunk)
+                        pending += len(chunk)
+                        if pending >= CHUNK_SIZE:
+                            await _run(self._write_batch, fd, batch, verifier, ctx)
+                            batch, pending = [], 0
                 result = await _run(self._commit_blob, fd, name, batch, verifier, ctx)
             except BaseException:
                 with anyio.CancelScope(shield=True):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import sys
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any, Final, Protocol, TypeAlias, runtime_checkable
 
@@ -49,8 +49,8 @@ class AsyncReadable(Protocol):
 BlobSource: TypeAlias = "bytes | bytearray | memoryview | AsyncIterable[bytes] | AsyncReadable"
 
 
-async def iterate_source(source: BlobSource, chunk_size: int = CHUNK_SIZE) -> AsyncIterator[memoryview | bytes]:
-    """Yield a :data:`BlobSource` as bytes-like chunks (checkpointing per chunk)."""
+async def iterate_source(source: BlobSource, chunk_size: int = CHUNK_SIZE) -> AsyncGenerator[memoryview | bytes, None]:
+    """Yield a :data:`BlobSource` as bytes-like chunks; use it under ``contextlib.aclosing``."""
     if isinstance(source, bytes | bytearray | memoryview):
         view = memoryview(source).cast("B")
         for start in range(0, len(view), 8 * chunk_size):
@@ -60,10 +60,17 @@ async def iterate_source(source: BlobSource, chunk_size: int = CHUNK_SIZE) -> As
     if isinstance(source, str):
         raise TypeError("put_blob takes bytes, not str: encode the text first")
     if isinstance(source, AsyncIterable):
-        async for chunk in source:
-            if not isinstance(chunk, bytes | bytearray | memoryview):
-                raise TypeError(f"blob source yielded {type(chunk).__name__}, expected bytes")
-            yield chunk
+        iterator = aiter(source)
+        try:
+            async for chunk in iterator:
+                if not isinstance(chunk, bytes | bytearray | memoryview):
+                    raise TypeError(f"blob source yielded {type(chunk).__name__}, expected bytes")
+                yield chunk
+        finally:
+            aclose = getattr(iterator, "aclose", None)
+            if aclose is not None:  # an abandoned async generator must be finalised here, not by the GC
+                with anyio.CancelScope(shield=True):
+                    await aclose()
         return
     read = getattr(source, "read", None)
     if read is not None and inspect.iscoroutinefunction(read):

@@ -55,7 +55,9 @@ def parse_layout_file(data: bytes) -> None:
     obj = load_json(data, "oci-layout")
     version = obj.get("imageLayoutVersion") if isinstance(obj, dict) else None
     if version != IMAGE_LAYOUT_VERSION:
-        raise InvalidError(f"unsupported oci-layout imageLayoutVersion {version!r:.100} (expected {IMAGE_LAYOUT_VERSION!r})")
+        raise InvalidError(
+            f"unsupported oci-layout imageLayoutVersion {version!r:.100} (expected {IMAGE_LAYOUT_VERSION!r})"
+        )
 
 
 def _comparable(descriptor: Descriptor) -> Descriptor:

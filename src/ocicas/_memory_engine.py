@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from contextlib import aclosing
 
 import anyio.lowlevel
 
@@ -11,7 +12,7 @@ from ._context import Context, bound
 from ._descriptor import Descriptor
 from ._digest import Digest, Verifier, addressable
 from ._engine import BlobReader, BlobSource, Engine, iterate_source
-from ._errors import BlobNotFoundError, ReferenceNotFoundError, UnsupportedAlgorithmError
+from ._errors import BlobNotFoundError, ReferenceNotFoundError
 from ._layout_format import IndexDocument, validate_reference_name
 
 __all__ = ["MemoryEngine"]
@@ -45,11 +46,12 @@ class MemoryEngine(Engine):
         verifier = Verifier(None if expected_digest is None else addressable(expected_digest), expected_size)
         parts = []
         async with bound(ctx):
-            async for chunk in iterate_source(source):
-                if ctx is not None:
-                    ctx.check()
-                verifier.update(chunk)
-                parts.append(bytes(chunk))
+            async with aclosing(iterate_source(source)) as chunks:
+                async for chunk in chunks:
+                    if ctx is not None:
+                        ctx.check()
+                    verifier.update(chunk)
+                    parts.append(bytes(chunk))
             digest = verifier.verify()
             if ctx is not None:
                 ctx.check()
@@ -144,5 +146,3 @@ class MemoryEngine(Engine):
 
     async def close(self) -> None:
         self._closed = True
-
-
