@@ -9,7 +9,7 @@ from ._context import Context
 from ._descriptor import Descriptor, Platform
 from ._digest import BLOB_ALGORITHM, SUPPORTED_ALGORITHMS, Digest
 from ._dir_engine import DirEngine, create_layout, open_layout
-from ._engine import CHUNK_SIZE, DEFAULT_READ_LIMIT, AsyncReadable, BlobReader, BlobSource, Engine
+from ._engine import CHUNK_SIZE, DEFAULT_READ_LIMIT, AsyncReadable, BlobInfo, BlobReader, BlobSource, Engine
 from ._errors import (
     BlobNotFoundError,
     BlobTooLargeError,
@@ -29,6 +29,8 @@ from ._errors import (
     UnsupportedAlgorithmError,
     UnsupportedError,
 )
+from ._gc import DEFAULT_GRACE_PERIOD, GCPolicy, GCResult, gc
+from ._graph import DEFAULT_CONCURRENCY, DescriptorPath, Graph, children, is_node, resolve_reference, walk
 from ._layout_format import ANNOTATION_REF_NAME, IMAGE_LAYOUT_VERSION, validate_reference_name
 from ._memory_engine import MemoryEngine
 
@@ -42,6 +44,9 @@ __all__ = [
     "IMAGE_LAYOUT_VERSION",
     "SUPPORTED_ALGORITHMS",
     "AsyncReadable",
+    "DEFAULT_CONCURRENCY",
+    "DEFAULT_GRACE_PERIOD",
+    "BlobInfo",
     "BlobNotFoundError",
     "BlobReader",
     "BlobSource",
@@ -52,11 +57,15 @@ __all__ = [
     "ContextError",
     "DeadlineExceededError",
     "Descriptor",
+    "DescriptorPath",
     "Digest",
     "DigestMismatchError",
     "DirEngine",
     "Engine",
     "EngineClosedError",
+    "GCPolicy",
+    "GCResult",
+    "Graph",
     "InvalidError",
     "LayoutExistsError",
     "LayoutNotFoundError",
@@ -69,7 +78,12 @@ __all__ = [
     "UnsupportedAlgorithmError",
     "UnsupportedError",
     "__version__",
+    "children",
     "create_layout",
+    "gc",
+    "is_node",
     "open_layout",
+    "resolve_reference",
     "validate_reference_name",
+    "walk",
 ]

@@ -25,8 +25,8 @@ import os
 import secrets
 import stat
 import threading
-from collections.abc import Callable, Mapping
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from pathlib import Path
 from typing import Final, TypeVar
 
@@ -36,7 +36,7 @@ import anyio.to_thread
 from ._context import Context, bound
 from ._descriptor import Descriptor
 from ._digest import _ENCODED, SUPPORTED_ALGORITHMS, Digest, Verifier, addressable
-from ._engine import CHUNK_SIZE, DEFAULT_READ_LIMIT, BlobReader, BlobSource, Engine, iterate_source
+from ._engine import CHUNK_SIZE, DEFAULT_READ_LIMIT, BlobInfo, BlobReader, BlobSource, Engine, iterate_source
 from ._errors import (
     BlobNotFoundError,
     BlobTooLargeError,
@@ -176,6 +176,8 @@ class DirEngine(Engine):
         self._temp_fd: int | None = None
         self._temp_name: str | None = None
         self._temp_lock = threading.Lock()
+        # makes "freshen or create" in put_blob and "check age, then unlink" in delete_blobs atomic
+        self._blob_lock = threading.Lock()
         self._index_lock = anyio.Lock()
         self._index_cache: tuple[tuple[int, int, int, int], IndexDocument] | None = None
 
@@ -308,17 +310,18 @@ class DirEngine(Engine):
             ctx.check()
         alg = self._alg_dir(digest.algorithm, create=True)
         try:
-            try:
-                st = os.stat(digest.encoded, dir_fd=alg, follow_symlinks=False)
-            except FileNotFoundError:
-                st = None
-            if st is not None and not stat.S_ISREG(st.st_mode):
-                raise InvalidError(f"blob path of {digest} holds something other than a regular file")
-            if st is not None and st.st_size == size:
-                os.utime(digest.encoded, dir_fd=alg, follow_symlinks=False)  # freshen, as git does
-            else:  # absent, or a damaged copy of the wrong size
-                os.rename(name, digest.encoded, src_dir_fd=self._temp_fd, dst_dir_fd=alg)
-                os.fsync(alg)
+            with self._blob_lock:
+                try:
+                    st = os.stat(digest.encoded, dir_fd=alg, follow_symlinks=False)
+                except FileNotFoundError:
+                    st = None
+                if st is not None and not stat.S_ISREG(st.st_mode):
+                    raise InvalidError(f"blob path of {digest} holds something other than a regular file")
+                if st is not None and st.st_size == size:
+                    os.utime(digest.encoded, dir_fd=alg, follow_symlinks=False)  # freshen, as git does
+                else:  # absent, or a damaged copy of the wrong size
+                    os.rename(name, digest.encoded, src_dir_fd=self._temp_fd, dst_dir_fd=alg)
+                    os.fsync(alg)
         finally:
             os.close(alg)
         os.close(fd)
@@ -433,6 +436,83 @@ class DirEngine(Engine):
 
         async with bound(ctx):
             await _run(delete)
+
+    def _by_algorithm(self, digests: Iterable[Digest]) -> Iterator[tuple[int, list[Digest]]]:
+        """Group digests by algorithm, yielding each group with its open directory."""
+        groups: dict[str, list[Digest]] = {}
+        for digest in digests:
+            groups.setdefault(addressable(digest).algorithm, []).append(digest)
+        for algorithm, group in groups.items():
+            try:
+                alg = self._alg_dir(algorithm)
+            except FileNotFoundError:
+                continue
+            try:
+                yield alg, group
+            finally:
+                os.close(alg)
+
+    async def stat_blobs(self, digests: Iterable[Digest], *, ctx: Context | None = None) -> dict[Digest, BlobInfo]:
+        self._check_open()
+
+        def stats() -> dict[Digest, BlobInfo]:  # one thread hop for the lot
+            out = {}
+            for alg, group in self._by_algorithm(digests):
+                for digest in group:
+                    try:
+                        st = os.stat(digest.encoded, dir_fd=alg, follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    if stat.S_ISREG(st.st_mode):
+                        out[digest] = BlobInfo(st.st_size, st.st_mtime_ns / 1e9)
+            return out
+
+        async with bound(ctx):
+            return await _run(stats)
+
+    async def delete_blobs(
+        self, digests: Iterable[Digest], *, unmodified_since: float | None = None, ctx: Context | None = None
+    ) -> dict[Digest, int]:
+        self._check_open()
+        cutoff = None if unmodified_since is None else int(unmodified_since * 1e9)
+
+        def delete() -> dict[Digest, int]:
+            removed = {}
+            for alg, group in self._by_algorithm(digests):
+                for digest in group:
+                    if ctx is not None:
+                        ctx.check()
+                    with self._blob_lock:
+                        try:
+                            st = os.stat(digest.encoded, dir_fd=alg, follow_symlinks=False)
+                        except FileNotFoundError:
+                            continue
+                        if not stat.S_ISREG(st.st_mode) or (cutoff is not None and st.st_mtime_ns >= cutoff):
+                            continue
+                        os.unlink(digest.encoded, dir_fd=alg)
+                    removed[digest] = st.st_size
+            return removed
+
+        async with bound(ctx):
+            return await _run(delete)
+
+    def gc_lock(self, *, ctx: Context | None = None) -> AbstractAsyncContextManager[None]:
+        """Excludes other collections of this layout, in this process and in others (flock on ``blobs/``)."""
+        return self._exclusive_gc(ctx)
+
+    @asynccontextmanager
+    async def _exclusive_gc(self, ctx: Context | None) -> AsyncIterator[None]:
+        async with super().gc_lock(ctx=ctx):
+            blobs = await _run(_open_dir, "blobs", self._root, "blobs")
+            try:
+                async with bound(ctx):
+                    delay = 0.001
+                    while not await _run(self._try_lock, blobs):
+                        await anyio.sleep(delay)
+                        delay = min(delay * 2, 0.1)
+                yield
+            finally:
+                os.close(blobs)
 
     async def list_blobs(self, *, ctx: Context | None = None) -> list[Digest]:
         self._check_open()

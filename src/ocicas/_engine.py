@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import sys
 from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from types import TracebackType
 from typing import Any, Final, Protocol, TypeAlias, runtime_checkable
 
@@ -17,16 +19,17 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import Self
 
-from ._context import Context
+from ._context import Context, bound
 from ._descriptor import Descriptor
 from ._digest import Digest, Verifier
-from ._errors import BlobTooLargeError, EngineClosedError
+from ._errors import BlobNotFoundError, BlobTooLargeError, EngineClosedError
 from ._json import dump_json
 
 __all__ = [
     "CHUNK_SIZE",
     "DEFAULT_READ_LIMIT",
     "AsyncReadable",
+    "BlobInfo",
     "BlobReader",
     "BlobSource",
     "Engine",
@@ -171,6 +174,25 @@ class BlobReader:
         return f"<BlobReader {self.digest} {self.bytes_read}/{self.size}>"
 
 
+@dataclasses.dataclass(frozen=True)
+class BlobInfo:
+    """What :meth:`Engine.stat_blobs` knows of a blob without reading it."""
+
+    size: int
+    #: POSIX time of the last write or freshening, or ``None`` if the engine cannot tell.
+    modified: float | None
+
+
+@asynccontextmanager
+async def _locked(lock: anyio.Lock, ctx: Context | None) -> AsyncIterator[None]:
+    async with bound(ctx):
+        await lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 class Engine(ABC):
     """An OCI content-addressable store: blobs by digest, references by name.
 
@@ -237,6 +259,54 @@ class Engine(ABC):
     @abstractmethod
     async def list_blobs(self, *, ctx: Context | None = None) -> list[Digest]:
         """Every blob digest in the store, sorted."""
+
+    # -- optional capabilities, with generic defaults --------------------------------
+
+    async def stat_blobs(self, digests: Iterable[Digest], *, ctx: Context | None = None) -> dict[Digest, BlobInfo]:
+        """Size and modification time of many blobs at once; absent blobs are left out.
+
+        Engines that know when a blob was last written or freshened report it as
+        :attr:`BlobInfo.modified` (GC's grace period relies on it); the default
+        asks :meth:`stat_blob` one by one and reports no time.
+        """
+        out: dict[Digest, BlobInfo] = {}
+        for digest in digests:
+            try:
+                out[digest] = BlobInfo(await self.stat_blob(digest, ctx=ctx), None)
+            except BlobNotFoundError:
+                pass
+        return out
+
+    async def delete_blobs(
+        self, digests: Iterable[Digest], *, unmodified_since: float | None = None, ctx: Context | None = None
+    ) -> dict[Digest, int]:
+        """Delete many blobs; return the ones removed with their sizes.
+
+        With ``unmodified_since`` (a POSIX time), a blob written or freshened at or
+        after it is kept: the check and the removal are atomic with respect to this
+        engine's own :meth:`put_blob`. Engines without blob times keep every blob
+        when it is given. The default deletes one by one.
+        """
+        if unmodified_since is not None:
+            return {}
+        removed: dict[Digest, int] = {}
+        for digest in digests:
+            try:
+                size = await self.stat_blob(digest, ctx=ctx)
+            except BlobNotFoundError:
+                continue
+            await self.delete_blob(digest, ctx=ctx)
+            removed[digest] = size
+        return removed
+
+    def gc_lock(self, *, ctx: Context | None = None) -> AbstractAsyncContextManager[None]:
+        """Held by :func:`ocicas.gc` while it runs, so two collections never overlap.
+
+        The default is a lock of this engine object; the directory engine also
+        excludes collections in other processes.
+        """
+        lock = self.__dict__.setdefault("_gc_mutex", anyio.Lock())
+        return _locked(lock, ctx)
 
     # -- references ----------------------------------------------------------------
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from contextlib import aclosing
 
 import anyio.lowlevel
@@ -11,7 +11,7 @@ import anyio.lowlevel
 from ._context import Context, bound
 from ._descriptor import Descriptor
 from ._digest import Digest, Verifier, addressable
-from ._engine import BlobReader, BlobSource, Engine, iterate_source
+from ._engine import BlobInfo, BlobReader, BlobSource, Engine, iterate_source
 from ._errors import BlobNotFoundError, ReferenceNotFoundError
 from ._layout_format import IndexDocument, validate_reference_name
 
@@ -95,6 +95,29 @@ class MemoryEngine(Engine):
             await anyio.lowlevel.checkpoint()
             self._blobs.pop(digest, None)
             self._modified.pop(digest, None)
+
+    async def stat_blobs(self, digests: Iterable[Digest], *, ctx: Context | None = None) -> dict[Digest, BlobInfo]:
+        self._check_open()
+        async with bound(ctx):
+            await anyio.lowlevel.checkpoint()
+            return {
+                d: BlobInfo(len(self._blobs[d]), self._modified[d])
+                for d in map(addressable, digests)
+                if d in self._blobs
+            }
+
+    async def delete_blobs(
+        self, digests: Iterable[Digest], *, unmodified_since: float | None = None, ctx: Context | None = None
+    ) -> dict[Digest, int]:
+        self._check_open()
+        removed = {}
+        async with bound(ctx):
+            await anyio.lowlevel.checkpoint()
+            for digest in map(addressable, digests):
+                if digest in self._blobs and (unmodified_since is None or self._modified[digest] < unmodified_since):
+                    removed[digest] = len(self._blobs.pop(digest))
+                    del self._modified[digest]
+        return removed
 
     async def list_blobs(self, *, ctx: Context | None = None) -> list[Digest]:
         self._check_open()

@@ -1,0 +1,243 @@
+"""The descriptor graph: what a node points at, a concurrent walk, and reference resolution.
+
+Edges: an index (or Docker manifest list) points at its manifests and its
+``subject``; a manifest at its config, its layers and its ``subject``; a
+descriptor blob at the descriptor it holds. Everything else is a leaf and is
+never opened, so a walk reads manifests and indexes only, never layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+
+import anyio
+
+from ._context import Context, bound
+from ._descriptor import Descriptor, Platform
+from ._digest import Digest
+from ._engine import Engine
+from ._errors import BlobNotFoundError, InvalidError, OCICASError
+from ._json import DEFAULT_JSON_LIMIT, load_json
+from ._media_types import INDEX_MEDIA_TYPES, MANIFEST_MEDIA_TYPES, MEDIA_TYPE_DESCRIPTOR
+from ._models import Index, Manifest
+from ._tasks import task_group
+
+__all__ = ["DEFAULT_CONCURRENCY", "DescriptorPath", "Graph", "children", "is_node", "resolve_reference", "walk"]
+
+#: Manifests and indexes fetched at once by default.
+DEFAULT_CONCURRENCY = 16
+
+
+def is_node(descriptor: Descriptor) -> bool:
+    """Whether ``descriptor`` is of a media type that points at other content."""
+    media_type = descriptor.media_type
+    return media_type in MANIFEST_MEDIA_TYPES or media_type in INDEX_MEDIA_TYPES or media_type == MEDIA_TYPE_DESCRIPTOR
+
+
+def children(descriptor: Descriptor, data: bytes) -> list[Descriptor]:
+    """The descriptors the blob ``data`` (described by ``descriptor``) points at.
+
+    Raises :class:`~ocicas.InvalidError` if the blob does not parse as its media type.
+    """
+    media_type = descriptor.media_type
+    if media_type in MANIFEST_MEDIA_TYPES:
+        manifest = Manifest.from_json(data, media_type=media_type)
+        return [manifest.config, *manifest.layers, *([manifest.subject] if manifest.subject else [])]
+    if media_type in INDEX_MEDIA_TYPES:
+        index = Index.from_json(data, media_type=media_type)
+        return [*index.manifests, *([index.subject] if index.subject else [])]
+    if media_type == MEDIA_TYPE_DESCRIPTOR:
+        return [Descriptor.from_dict(load_json(data, "descriptor blob"))]
+    return []
+
+
+@dataclasses.dataclass
+class Graph:
+    """What a :func:`walk` reached."""
+
+    #: Every descriptor reached, by digest (the first descriptor seen for it).
+    descriptors: dict[Digest, Descriptor] = dataclasses.field(default_factory=dict)
+    #: The children of every node that was opened.
+    edges: dict[Digest, tuple[Descriptor, ...]] = dataclasses.field(default_factory=dict)
+    #: Nodes that were absent or unreadable, when the walk was told to treat them as leaves.
+    broken: dict[Digest, OCICASError] = dataclasses.field(default_factory=dict)
+
+    def __contains__(self, digest: object) -> bool:
+        return digest in self.descriptors
+
+    def __len__(self) -> int:
+        return len(self.descriptors)
+
+    def digests(self) -> set[Digest]:
+        """Every digest reached."""
+        return set(self.descriptors)
+
+    def bottom_up(self) -> list[Descriptor]:
+        """Every descriptor, children before the nodes that point at them (for copies)."""
+        order: list[Descriptor] = []
+        done: set[Digest] = set()
+        for root in list(self.descriptors):
+            stack: list[tuple[Digest, bool]] = [(root, False)]
+            while stack:
+                digest, expanded = stack.pop()
+                if digest in done:
+                    continue
+                if expanded:
+                    done.add(digest)
+                    order.append(self.descriptors[digest])
+                    continue
+                stack.append((digest, True))
+                for child in self.edges.get(digest, ()):
+                    if child.digest not in done:
+                        stack.append((child.digest, False))
+        return order
+
+
+async def walk(
+    engine: Engine,
+    roots: Iterable[Descriptor],
+    *,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    broken_ok: bool = False,
+    max_size: int = DEFAULT_JSON_LIMIT,
+    graph: Graph | None = None,
+    ctx: Context | None = None,
+) -> Graph:
+    """Walk the descriptor graph from ``roots`` and return everything reached.
+
+    Each manifest and index is fetched once (verified, capped at ``max_size``
+    bytes), however many roots share it, with at most ``concurrency`` fetches at a
+    time. A node that is missing or does not parse raises
+    :class:`~ocicas.BlobNotFoundError` or :class:`~ocicas.InvalidError` naming it and
+    the node that points at it, unless ``broken_ok`` is true: it is then recorded in
+    :attr:`Graph.broken` and treated as a leaf. Missing leaves (layers, configs) are
+    fine: partial layouts are legal. Pass ``graph`` to extend an earlier walk.
+    """
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be at least 1, not {concurrency}")
+    graph = Graph() if graph is None else graph
+    limiter = anyio.CapacityLimiter(concurrency)
+
+    async def visit(descriptor: Descriptor, parent: Descriptor | None) -> None:
+        where = f" (referenced by {parent.digest})" if parent is not None else ""
+        try:
+            async with limiter:
+                if descriptor.data is not None:  # embedded content was verified when parsed
+                    data = descriptor.data
+                else:
+                    if descriptor.size > max_size:
+                        raise InvalidError(
+                            f"{descriptor.media_type} {descriptor.digest} claims {descriptor.size} bytes, "
+                            f"over the cap of {max_size}"
+                        )
+                    data = await engine.read_blob(descriptor.digest, max_size=max_size, ctx=ctx)
+                    if len(data) != descriptor.size:
+                        raise InvalidError(
+                            f"{descriptor.digest} has {len(data)} bytes, but its descriptor says {descriptor.size}"
+                        )
+            found = children(descriptor, data)
+        except BlobNotFoundError as exc:
+            if not broken_ok:
+                raise BlobNotFoundError(f"{descriptor.media_type} {descriptor.digest}{where} is missing") from exc
+            graph.broken[descriptor.digest] = exc
+            return
+        except InvalidError as exc:
+            if not broken_ok:
+                raise type(exc)(f"{descriptor.media_type} {descriptor.digest}{where}: {exc}") from exc
+            graph.broken[descriptor.digest] = exc
+            return
+        graph.edges[descriptor.digest] = tuple(found)
+        for child in found:
+            reach(child, descriptor)
+
+    def reach(descriptor: Descriptor, parent: Descriptor | None) -> None:
+        if descriptor.digest in graph.descriptors:
+            return
+        graph.descriptors[descriptor.digest] = descriptor
+        if is_node(descriptor):
+            tg.start_soon(visit, descriptor, parent)
+
+    async with bound(ctx), task_group() as tg:
+        for root in roots:
+            reach(root, None)
+    return graph
+
+
+@dataclasses.dataclass(frozen=True)
+class DescriptorPath:
+    """A path through the graph: from a reference's descriptor down to a manifest."""
+
+    walk: tuple[Descriptor, ...]
+
+    @property
+    def root(self) -> Descriptor:
+        """The descriptor the path starts at (the reference's)."""
+        return self.walk[0]
+
+    @property
+    def descriptor(self) -> Descriptor:
+        """The descriptor the path ends at (a manifest)."""
+        return self.walk[-1]
+
+
+def _platform_matches(candidate: Platform | None, wanted: Platform) -> bool:
+    if candidate is None:
+        return False
+    return (
+        candidate.os == wanted.os
+        and candidate.architecture == wanted.architecture
+        and (wanted.variant is None or candidate.variant == wanted.variant)
+        and (wanted.os_version is None or candidate.os_version == wanted.os_version)
+    )
+
+
+def parse_platform(value: str | Platform) -> Platform:
+    """``"linux/arm64/v8"`` (os/architecture[/variant]) or a :class:`Platform` as a Platform."""
+    if isinstance(value, Platform):
+        return value
+    parts = value.split("/")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise InvalidError(f"invalid platform {value!r}: expected os/architecture[/variant]")
+    return Platform(os=parts[0], architecture=parts[1], variant=parts[2] if len(parts) == 3 else None)
+
+
+async def resolve_reference(
+    engine: Engine,
+    name: str,
+    *,
+    platform: str | Platform | None = None,
+    max_size: int = DEFAULT_JSON_LIMIT,
+    ctx: Context | None = None,
+) -> list[DescriptorPath]:
+    """Follow reference ``name`` through nested indexes to the manifests it names.
+
+    Returns one :class:`DescriptorPath` per manifest reached (umoci casext's
+    ``ResolveReference``). With ``platform`` (``"linux/amd64"``, ``"linux/arm/v7"``
+    or a :class:`Platform`), index entries for other platforms are not followed.
+    A reference straight to a manifest resolves to itself.
+    """
+    wanted = None if platform is None else parse_platform(platform)
+    root = await engine.get_reference(name, ctx=ctx)
+    found: list[DescriptorPath] = []
+    pending: list[tuple[Descriptor, ...]] = [(root,)]
+    seen: set[Digest] = set()
+    while pending:
+        path = pending.pop(0)
+        node = path[-1]
+        if node.media_type in MANIFEST_MEDIA_TYPES:
+            found.append(DescriptorPath(path))
+            continue
+        if node.media_type not in INDEX_MEDIA_TYPES or node.digest in seen:
+            continue
+        seen.add(node.digest)
+        data = node.data if node.data is not None else await engine.read_blob(node.digest, max_size=max_size, ctx=ctx)
+        for entry in Index.from_json(data, media_type=node.media_type).manifests:
+            if (
+                wanted is not None
+                and entry.media_type in MANIFEST_MEDIA_TYPES
+                and not _platform_matches(entry.platform, wanted)
+            ):
+                continue
+            pending.append((*path, entry))
+    return found

@@ -1,0 +1,311 @@
+"""The image-spec's own schema test cases, and what we write against its JSON Schemas.
+
+The cases and schemas are the image-spec v1.1.1 ``schema/`` data in
+``<repo>/../shared/reference/image-spec-v1.1.1``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final
+
+import jsonschema
+import pytest
+from referencing import Registry, Resource
+from referencing.exceptions import NoSuchResource
+from referencing.jsonschema import DRAFT4
+
+from ocicas import Descriptor, Digest, InvalidError, Platform
+from ocicas._json import dump_json, load_json
+from ocicas._layout_format import IndexDocument, layout_file, parse_layout_file
+from ocicas._media_types import (
+    EMPTY_DESCRIPTOR,
+    MEDIA_TYPE_IMAGE_CONFIG,
+    MEDIA_TYPE_IMAGE_LAYER_GZIP,
+    MEDIA_TYPE_IMAGE_LAYER_ZSTD,
+    MEDIA_TYPE_IMAGE_MANIFEST,
+)
+from ocicas._models import ContainerConfig, History, ImageConfig, Index, Manifest, RootFS
+
+REFERENCE: Final = Path(__file__).resolve().parents[2] / "shared" / "reference" / "image-spec-v1.1.1"
+
+pytestmark = pytest.mark.skipif(
+    not REFERENCE.is_dir(), reason=f"image-spec reference data not found at {REFERENCE} (shared/ beside the repo)"
+)
+
+SCHEMA_FILES: Final = {
+    "descriptor": "content-descriptor.json",
+    "manifest": "image-manifest-schema.json",
+    "index": "image-index-schema.json",
+    "config": "config-schema.json",
+    "layout": "image-layout-schema.json",
+}
+
+#: Invalid cases the JSON Schemas alone accept (the spec's Go validator refuses them; so do we).
+#: "uri" is only checked by jsonschema when the optional ``rfc3987`` package is installed.
+SCHEMA_BLIND: Final = {
+    "descriptor-14-invalid",  # uppercase sha256 hex (go-digest refuses it)
+    "descriptor-16-invalid",  # urls entry "value" is not a URI (format not enforced)
+    "descriptor-28-invalid",  # data is not padded base64 (the schema sets no pattern)
+    "config-64-invalid",  # Env entry "foo" is not KEY=VALUE (validator.go's envRegexp)
+}
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:70] or "unnamed"
+
+
+def _load_cases() -> list[dict[str, Any]]:
+    if not REFERENCE.is_dir():
+        return []
+    cases: list[dict[str, Any]] = json.loads((REFERENCE / "schema-cases.json").read_text())["cases"]
+    for number, case in enumerate(cases):
+        case["key"] = f"{case['kind']}-{number:02d}-{'valid' if case['valid'] else 'invalid'}"
+        case["id"] = f"{case['key']}-{_slug(case['why'])}"
+    return cases
+
+
+CASES: Final = _load_cases()
+VALID: Final = [c for c in CASES if c["valid"]]
+
+
+def _params(cases: list[dict[str, Any]]) -> list[Any]:
+    return [pytest.param(case, id=case["id"]) for case in cases]
+
+
+def _descriptor(data: bytes) -> Descriptor:
+    return Descriptor.from_dict(load_json(data, "descriptor"))
+
+
+PARSERS: Final[dict[str, Callable[[bytes], Any]]] = {
+    "descriptor": _descriptor,
+    "layout": parse_layout_file,
+    "manifest": Manifest.from_json,
+    "index": Index.from_json,
+    "config": ImageConfig.from_json,
+}
+
+
+def _registry() -> Registry[Any]:
+    """Every schema file, under its ``id`` and its file name; other URLs resolve by file name.
+
+    The schemas' relative ``$ref``s (``defs-descriptor.json#/...``) resolve against
+    nested ``id``s to URLs such as ``https://opencontainers.org/schema/image/defs-descriptor.json``,
+    so any URL whose last component names a file is mapped to that file, as the
+    spec's own Go loader does.
+    """
+    by_name: dict[str, Resource[Any]] = {}
+    pairs: list[tuple[str, Resource[Any]]] = []
+    for path in sorted(REFERENCE.glob("*.json")):
+        if path.name == "schema-cases.json":
+            continue
+        contents = json.loads(path.read_text())
+        resource = Resource.from_contents(contents, default_specification=DRAFT4)
+        by_name[path.name] = resource
+        pairs.append((path.name, resource))
+        if "id" in contents:
+            pairs.append((contents["id"], resource))
+
+    def retrieve(uri: str) -> Resource[Any]:
+        try:
+            return by_name[uri.rsplit("/", 1)[-1]]
+        except KeyError:
+            raise NoSuchResource(ref=uri) from None  # type: ignore[call-arg]
+
+    registry: Registry[Any] = Registry(retrieve=retrieve)  # type: ignore[call-arg]
+    return registry.with_resources(pairs)
+
+
+@pytest.fixture(scope="module")
+def validators() -> dict[str, Any]:
+    registry = _registry()
+    out = {}
+    for kind, name in SCHEMA_FILES.items():
+        schema = json.loads((REFERENCE / name).read_text())
+        jsonschema.Draft4Validator.check_schema(schema)
+        out[kind] = jsonschema.Draft4Validator(
+            schema, registry=registry, format_checker=jsonschema.Draft4Validator.FORMAT_CHECKER
+        )
+    return out
+
+
+def _schema_errors(validators: dict[str, Any], kind: str, document: object) -> list[str]:
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validators[kind].iter_errors(document)]
+
+
+def test_all_cases_are_present() -> None:
+    assert len(CASES) == 65
+    assert {c["kind"] for c in CASES} == set(PARSERS)
+
+
+@pytest.mark.parametrize("case", _params(CASES))
+def test_case_verdict(case: dict[str, Any]) -> None:
+    """Every valid case parses; every invalid one is refused with InvalidError."""
+    parse = PARSERS[case["kind"]]
+    data = case["document"].encode()
+    if case["valid"]:
+        parse(data)
+    else:
+        with pytest.raises(InvalidError):
+            parse(data)
+
+
+# Cases whose document is invalid twice over ("os": 123 besides the defect named by
+# the case): repaired, the named defect alone must still be refused.
+REPAIRABLE: Final = [
+    c for c in CASES if not c["valid"] and '"os": 123' in c["document"] and "os" not in c["why"].split('"')
+]
+
+
+def test_repairable_cases_are_the_expected_ones() -> None:
+    assert [c["key"] for c in REPAIRABLE] == ["config-58-invalid", "config-59-invalid", "config-60-invalid"]
+
+
+@pytest.mark.parametrize("case", _params(REPAIRABLE))
+def test_named_defect_alone_is_refused(case: dict[str, Any]) -> None:
+    document = case["document"].replace('"os": 123', '"os": "linux"')
+    json.loads(document)  # well-formed
+    with pytest.raises(InvalidError) as caught:
+        ImageConfig.from_json(document.encode())
+    assert "image config os" not in str(caught.value)
+
+
+@pytest.mark.parametrize("case", _params([c for c in VALID if c["kind"] != "layout"]))
+def test_valid_case_round_trips_losslessly(case: dict[str, Any]) -> None:
+    parsed = PARSERS[case["kind"]](case["document"].encode())
+    assert parsed.to_dict() == json.loads(case["document"])
+    assert PARSERS[case["kind"]](dump_json(parsed)) == parsed
+
+
+def test_layout_case_matches_what_we_write() -> None:
+    [case] = [c for c in VALID if c["kind"] == "layout"]
+    assert json.loads(layout_file()) == json.loads(case["document"])
+
+
+@pytest.mark.parametrize("case", _params(VALID))
+def test_valid_case_output_matches_schema(case: dict[str, Any], validators: dict[str, Any]) -> None:
+    if case["kind"] == "layout":
+        written: object = json.loads(layout_file())
+    else:
+        written = PARSERS[case["kind"]](case["document"].encode()).to_dict()
+    assert _schema_errors(validators, case["kind"], written) == []
+
+
+def test_schema_verdicts_differ_only_where_documented(validators: dict[str, Any]) -> None:
+    """A check of this harness: the schemas agree with the cases except the documented four."""
+    accepted_invalid = set()
+    for case in CASES:
+        try:
+            document = json.loads(case["document"])
+        except ValueError:
+            assert not case["valid"], case["id"]
+            continue
+        ok = not _schema_errors(validators, case["kind"], document)
+        if case["valid"]:
+            assert ok, case["id"]
+        elif ok:
+            accepted_invalid.add(case["key"])
+    assert accepted_invalid <= SCHEMA_BLIND
+    assert accepted_invalid >= SCHEMA_BLIND - {"descriptor-16-invalid"}
+
+
+# -- what we write ----------------------------------------------------------------------
+
+CONFIG_DIGEST: Final = Digest("sha256:c86f7763873b6c0aae22d963bab59b4f5debbed6685761b5951584f6efb0633b")
+LAYER_DIGEST: Final = Digest("sha256:9d3dd9504c685a304985025df4ed0283e47ac9ffa9bd0326fddf4d59513f0827")
+MANIFEST_DIGEST: Final = Digest("sha256:5b0bcabd1ed22e9fb1310cf6c2dec7cdef19f0ad69efa1f392e94a4333501270")
+
+
+def _written_documents() -> list[Any]:
+    config = ImageConfig(
+        created="2015-10-31T22:22:56.015925234Z",
+        author="Alyssa P. Hacker <alyspdev@example.com>",
+        architecture="arm64",
+        os="linux",
+        os_version="6.1",
+        os_features=("feature",),
+        variant="v8",
+        config=ContainerConfig(
+            user="1:1",
+            exposed_ports={"8080/tcp": {}},
+            env=("PATH=/usr/bin:/bin", "EMPTY="),
+            entrypoint=("/bin/sh",),
+            cmd=("-c", "true"),
+            volumes={"/data": {}},
+            working_dir="/home/alice",
+            labels={"org.example": "yes"},
+            stop_signal="SIGTERM",
+            args_escaped=False,
+        ),
+        rootfs=RootFS(diff_ids=(LAYER_DIGEST,)),
+        history=(
+            History(created="2015-10-31T22:22:54+01:00", created_by="ADD file", author="a", comment="c"),
+            History(created_by="CMD", empty_layer=True),
+        ),
+    )
+    config_descriptor = Descriptor(media_type=MEDIA_TYPE_IMAGE_CONFIG, digest=CONFIG_DIGEST, size=1470)
+    layer = Descriptor(
+        media_type=MEDIA_TYPE_IMAGE_LAYER_GZIP,
+        digest=LAYER_DIGEST,
+        size=675598,
+        urls=("https://example.com/layer",),
+        annotations={"org.example.layer": "1"},
+    )
+    subject = Descriptor(media_type=MEDIA_TYPE_IMAGE_MANIFEST, digest=MANIFEST_DIGEST, size=7682)
+    manifest = Manifest(
+        config=config_descriptor,
+        layers=(layer, layer.replace(media_type=MEDIA_TYPE_IMAGE_LAYER_ZSTD, urls=None)),
+        subject=subject,
+        annotations={"org.opencontainers.image.created": "2024-01-01T00:00:00Z"},
+    )
+    artifact = Manifest(
+        artifact_type="application/vnd.example+type", config=EMPTY_DESCRIPTOR, layers=(EMPTY_DESCRIPTOR,)
+    )
+    index = Index(
+        manifests=(
+            subject.replace(platform=Platform(architecture="amd64", os="linux")),
+            subject.replace(
+                platform=Platform(architecture="arm64", os="linux", variant="v8", os_features=("x",), os_version="1")
+            ),
+        ),
+        artifact_type="application/vnd.example+type",
+        subject=subject,
+        annotations={"k": "v"},
+    )
+    layout_index = IndexDocument.empty().apply({"v1.0": subject}, replace=False)
+    assert layout_index is not None
+    documents = [
+        ("config", "image-config", config.to_dict()),
+        ("manifest", "image-manifest", manifest.to_dict()),
+        ("manifest", "artifact-manifest-with-the-empty-descriptor", artifact.to_dict()),
+        ("index", "image-index", index.to_dict()),
+        ("index", "empty-image-index", Index().to_dict()),
+        ("descriptor", "empty-descriptor", EMPTY_DESCRIPTOR.to_dict()),
+        ("layout", "oci-layout", json.loads(layout_file())),
+        ("index", "new-index.json", json.loads(IndexDocument.empty().serialize())),
+        ("index", "index.json-with-a-reference", json.loads(layout_index.serialize())),
+    ]
+    return [pytest.param(kind, document, id=what) for kind, what, document in documents]
+
+
+@pytest.mark.parametrize(("kind", "document"), _written_documents())
+def test_what_we_write_matches_schema(kind: str, document: object, validators: dict[str, Any]) -> None:
+    assert _schema_errors(validators, kind, document) == []
+
+
+def test_schema_validation_is_live(validators: dict[str, Any]) -> None:
+    """The registry really resolves the cross-file $refs: a bad nested media type is caught."""
+    manifest = Manifest(
+        config=Descriptor(media_type=MEDIA_TYPE_IMAGE_CONFIG, digest=CONFIG_DIGEST, size=1), layers=(EMPTY_DESCRIPTOR,)
+    ).to_dict()
+    manifest["config"]["mediaType"] = "no-slash"
+    manifest["layers"][0]["size"] = "2"
+    errors = _schema_errors(validators, "manifest", manifest)
+    assert errors == [
+        "config/mediaType: 'no-slash' does not match "
+        + repr("^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}$"),
+        "layers/0/size: '2' is not of type 'integer'",
+    ]
