@@ -285,7 +285,7 @@ async def test_cancelled_put_leaves_no_temporary_file(layout: Path) -> None:
     ctx = ocicas.Context.background()
 
     async def source() -> AsyncIterator[bytes]:
-        yield b"a" * (3 * ocicas.CHUNK_SIZE)
+        yield b"a" * (5 * ocicas.CHUNK_SIZE)  # past one pipeline batch: the temp file exists
         ctx.cancel()
         yield b"b"
 

@@ -88,7 +88,7 @@ async def test_walk_refuses_a_forged_size_before_reading() -> None:
     engine = TracingEngine()
     image, _ = await put_image(engine, [b"x"])
     forged = image.replace(size=1 << 40)
-    with pytest.raises(ocicas.InvalidError, match="over the cap"):
+    with pytest.raises(ocicas.BlobTooLargeError, match="over the cap"):
         await ocicas.walk(engine, [forged])
     assert engine.reads == Counter()
 
@@ -96,8 +96,10 @@ async def test_walk_refuses_a_forged_size_before_reading() -> None:
 async def test_walk_refuses_a_descriptor_whose_size_disagrees() -> None:
     engine = ocicas.MemoryEngine()
     image, _ = await put_image(engine, [b"x"])
-    with pytest.raises(ocicas.InvalidError, match="descriptor says"):
+    with pytest.raises(ocicas.SizeMismatchError, match="larger than its descriptor"):
         await ocicas.walk(engine, [image.replace(size=image.size - 1)])
+    with pytest.raises(ocicas.SizeMismatchError, match="descriptor says"):
+        await ocicas.walk(engine, [image.replace(size=image.size + 1)])
 
 
 async def test_walk_uses_embedded_data_without_reading() -> None:

@@ -146,6 +146,31 @@ def _memory_reader(digest: Digest, data: bytes) -> BlobReader:
     return BlobReader(digest, len(data), pull)
 
 
+async def read_described(
+    engine: Engine, descriptor: Descriptor, *, max_size: int | None = DEFAULT_JSON_LIMIT, ctx: Context | None = None
+) -> bytes:
+    """The whole blob ``descriptor`` points at, verified against its digest *and* size.
+
+    Embedded ``data`` is used without touching the engine. A descriptor whose size
+    is over ``max_size`` is refused with :class:`~ocicas.BlobTooLargeError` before
+    anything is read, and no more than ``descriptor.size`` bytes are ever read.
+    """
+    digest = addressable(descriptor.digest)
+    if max_size is not None and descriptor.size > max_size:
+        raise BlobTooLargeError(
+            f"{descriptor.media_type} blob {digest} has {descriptor.size} bytes, over the cap of {max_size}"
+        )
+    if descriptor.data is not None:
+        return descriptor.data
+    try:  # never read more than the descriptor promises
+        data = await engine.read_blob(digest, max_size=descriptor.size, ctx=ctx)
+    except BlobTooLargeError:
+        raise SizeMismatchError(f"blob {digest} is larger than its descriptor's size {descriptor.size}") from None
+    if len(data) != descriptor.size:
+        raise SizeMismatchError(f"blob {digest} has {len(data)} bytes, but its descriptor says {descriptor.size}")
+    return data
+
+
 async def from_descriptor(
     engine: Engine,
     descriptor: Descriptor,
@@ -181,19 +206,7 @@ async def from_descriptor(
             raise SizeMismatchError(f"blob {digest} has {reader.size} bytes, but its descriptor says {descriptor.size}")
         return Blob(descriptor=descriptor, data=reader)
 
-    if max_size is not None and descriptor.size > max_size:
-        raise BlobTooLargeError(
-            f"{descriptor.media_type} blob {digest} has {descriptor.size} bytes, over the cap of {max_size}"
-        )
-    if descriptor.data is not None:
-        data = descriptor.data
-    else:
-        try:  # never read more than the descriptor promises
-            data = await engine.read_blob(digest, max_size=descriptor.size, ctx=ctx)
-        except BlobTooLargeError:
-            raise SizeMismatchError(f"blob {digest} is larger than its descriptor's size {descriptor.size}") from None
-        if len(data) != descriptor.size:
-            raise SizeMismatchError(f"blob {digest} has {len(data)} bytes, but its descriptor says {descriptor.size}")
+    data = await read_described(engine, descriptor, max_size=max_size, ctx=ctx)
     try:
         if len(data) >= _THREAD_PARSE_SIZE:
             value = await anyio.to_thread.run_sync(parser, data)

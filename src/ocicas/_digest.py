@@ -123,9 +123,13 @@ class Verifier:
     def update(self, chunk: bytes | bytearray | memoryview) -> None:
         """Hash ``chunk``; raise :class:`SizeMismatchError` once the expected size is passed."""
         self.received += len(chunk)
-        if self.size is not None and self.received > self.size:
-            raise SizeMismatchError(f"{self._what()} is larger than its expected size {self.size}")
+        self.check_total(self.received)
         self._hash.update(chunk)
+
+    def check_total(self, total: int) -> None:
+        """Raise :class:`SizeMismatchError` if ``total`` bytes are more than expected (before hashing them)."""
+        if self.size is not None and total > self.size:
+            raise SizeMismatchError(f"{self._what()} is larger than its expected size {self.size}")
 
     def _what(self) -> str:
         return f"blob {self.digest}" if self.digest is not None else "content"

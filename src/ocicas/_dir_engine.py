@@ -46,6 +46,7 @@ from ._errors import (
     ReferenceNotFoundError,
 )
 from ._layout_format import IndexDocument, layout_file, parse_layout_file, validate_reference_name
+from ._tasks import task_group
 
 __all__ = ["DirEngine", "create_layout", "open_layout"]
 
@@ -55,6 +56,8 @@ _T = TypeVar("_T")
 TEMP_PREFIX: Final = ".ocicas-"
 _INDEX_LIMIT: Final = 256 << 20
 _LAYOUT_FILE_LIMIT: Final = 64 << 10
+#: put_blob hands the worker threads this much at a time.
+_PIPELINE_BATCH: Final = 4 * CHUNK_SIZE
 _DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: opening a FIFO planted at a blob path must not hang
 _READ_FLAGS: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -167,6 +170,78 @@ def _read_small(dir_fd: int, name: str, limit: int, what: str) -> tuple[os.stat_
         os.close(fd)
 
 
+class _PendingBlob:
+    """A blob on its way in: a temporary file, hashed and written by two threads at once."""
+
+    def __init__(self, engine: DirEngine, verifier: Verifier, ctx: Context | None) -> None:
+        self._engine = engine
+        self._verifier = verifier
+        self._ctx = ctx
+        self._name = f"blob-{secrets.token_hex(8)}"
+        self._fd = -1
+
+    def _open(self) -> None:
+        if self._fd < 0:
+            temp = self._engine._temp_dir()
+            self._fd = os.open(self._name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=temp)
+
+    def _hash(self, batch: list[bytes | bytearray | memoryview]) -> None:
+        for chunk in batch:
+            if self._ctx is not None:
+                self._ctx.check()
+            self._verifier.update(chunk)
+
+    def _write(self, batch: list[bytes | bytearray | memoryview]) -> None:
+        self._open()
+        for chunk in batch:
+            if self._ctx is not None:
+                self._ctx.check()
+            _write_all(self._fd, chunk)
+
+    async def absorb(self, batch: list[bytes | bytearray | memoryview]) -> None:
+        """Hash and write a large batch, the two overlapping on two cores (hashlib and write drop the GIL)."""
+        async with task_group() as tg:
+            tg.start_soon(_run, self._hash, batch)
+            await _run(self._write, batch)
+
+    def commit(self, batch: list[bytes | bytearray | memoryview]) -> tuple[Digest, int]:
+        """Take the last batch, verify, fsync and move the file into ``blobs/`` (or freshen a present copy)."""
+        self._hash(batch)
+        self._write(batch)
+        digest = self._verifier.verify()
+        size = self._verifier.received
+        os.fsync(self._fd)
+        if self._ctx is not None:
+            self._ctx.check()
+        engine = self._engine
+        alg = engine._alg_dir(digest.algorithm, create=True)
+        try:
+            with engine._blob_lock:
+                try:
+                    st = os.stat(digest.encoded, dir_fd=alg, follow_symlinks=False)
+                except FileNotFoundError:
+                    st = None
+                if st is not None and not stat.S_ISREG(st.st_mode):
+                    raise InvalidError(f"blob path of {digest} holds something other than a regular file")
+                if st is not None and st.st_size == size:
+                    os.utime(digest.encoded, dir_fd=alg, follow_symlinks=False)  # freshen, as git does
+                else:  # absent, or a damaged copy of the wrong size
+                    os.rename(self._name, digest.encoded, src_dir_fd=engine._temp_fd, dst_dir_fd=alg)
+                    os.fsync(alg)
+        finally:
+            os.close(alg)
+        self.abandon()  # the temporary file is only still there when the blob was already present
+        return digest, size
+
+    def abandon(self) -> None:
+        """Close and remove the temporary file, if any. Idempotent."""
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                self._engine._unlink_temp(self._name)
+
+
 class DirEngine(Engine):
     """An :class:`Engine` over an OCI image layout directory. Open one with :func:`open_layout`."""
 
@@ -268,70 +343,28 @@ class DirEngine(Engine):
     ) -> tuple[Digest, int]:
         self._check_open()
         verifier = Verifier(None if expected_digest is None else addressable(expected_digest), expected_size)
+        blob = _PendingBlob(self, verifier, ctx)
         async with bound(ctx):
-            temp_dir = await _run(self._temp_dir)
-            name = f"blob-{secrets.token_hex(8)}"
-            fd = await _run(
-                lambda: os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=temp_dir)
-            )
             try:
-                batch: list[bytes | memoryview] = []
-                pending = 0
+                batch: list[bytes | bytearray | memoryview] = []
+                pending = total = 0
                 async with aclosing(iterate_source(source)) as chunks:
                     async for chunk in chunks:
                         batch.append(chunk)
                         pending += len(chunk)
-                        if pending >= CHUNK_SIZE:
-                            await _run(self._write_batch, fd, batch, verifier, ctx)
+                        total += len(chunk)
+                        verifier.check_total(total)  # an oversized stream stops now, not a batch later
+                        if pending >= _PIPELINE_BATCH:
+                            await blob.absorb(batch)
                             batch, pending = [], 0
-                result = await _run(self._commit_blob, fd, name, batch, verifier, ctx)
+                if pending >= CHUNK_SIZE:
+                    await blob.absorb(batch)
+                    batch = []
+                return await _run(blob.commit, batch)  # small blobs: open, write and commit in one hop
             except BaseException:
                 with anyio.CancelScope(shield=True):
-                    await _run(self._abandon, fd, name)
+                    await _run(blob.abandon)
                 raise
-            return result
-
-    @staticmethod
-    def _write_batch(fd: int, batch: list[bytes | memoryview], verifier: Verifier, ctx: Context | None) -> None:
-        for chunk in batch:
-            if ctx is not None:
-                ctx.check()
-            verifier.update(chunk)
-            _write_all(fd, chunk)
-
-    def _commit_blob(
-        self, fd: int, name: str, batch: list[bytes | memoryview], verifier: Verifier, ctx: Context | None
-    ) -> tuple[Digest, int]:
-        self._write_batch(fd, batch, verifier, ctx)
-        digest = verifier.verify()
-        size = verifier.received
-        os.fsync(fd)
-        if ctx is not None:
-            ctx.check()
-        alg = self._alg_dir(digest.algorithm, create=True)
-        try:
-            with self._blob_lock:
-                try:
-                    st = os.stat(digest.encoded, dir_fd=alg, follow_symlinks=False)
-                except FileNotFoundError:
-                    st = None
-                if st is not None and not stat.S_ISREG(st.st_mode):
-                    raise InvalidError(f"blob path of {digest} holds something other than a regular file")
-                if st is not None and st.st_size == size:
-                    os.utime(digest.encoded, dir_fd=alg, follow_symlinks=False)  # freshen, as git does
-                else:  # absent, or a damaged copy of the wrong size
-                    os.rename(name, digest.encoded, src_dir_fd=self._temp_fd, dst_dir_fd=alg)
-                    os.fsync(alg)
-        finally:
-            os.close(alg)
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            self._unlink_temp(name)  # only left when the blob was already present
-        return digest, size
-
-    def _abandon(self, fd: int, name: str) -> None:
-        os.close(fd)
-        self._unlink_temp(name)
 
     def _open_blob(self, digest: Digest) -> tuple[int, int]:
         """Open a blob for reading; return (fd, size)."""

@@ -52,7 +52,9 @@ class AsyncReadable(Protocol):
 BlobSource: TypeAlias = "bytes | bytearray | memoryview | AsyncIterable[bytes] | AsyncReadable"
 
 
-async def iterate_source(source: BlobSource, chunk_size: int = CHUNK_SIZE) -> AsyncGenerator[memoryview | bytes, None]:
+async def iterate_source(
+    source: BlobSource, chunk_size: int = CHUNK_SIZE
+) -> AsyncGenerator[bytes | bytearray | memoryview, None]:
     """Yield a :data:`BlobSource` as bytes-like chunks; use it under ``contextlib.aclosing``."""
     if isinstance(source, bytes | bytearray | memoryview):
         view = memoryview(source).cast("B")
@@ -62,6 +64,16 @@ async def iterate_source(source: BlobSource, chunk_size: int = CHUNK_SIZE) -> As
         return
     if isinstance(source, str):
         raise TypeError("put_blob takes bytes, not str: encode the text first")
+    read = getattr(source, "read", None)
+    # read(n) wins over iteration: files (anyio's AsyncFile, aiofiles) iterate by *lines*
+    if read is not None and inspect.iscoroutinefunction(read):
+        while True:
+            chunk = await read(4 * chunk_size)
+            if not isinstance(chunk, bytes | bytearray | memoryview):
+                raise TypeError(f"blob source read() returned {type(chunk).__name__}, expected bytes")
+            if not chunk:
+                return
+            yield chunk
     if isinstance(source, AsyncIterable):
         iterator = aiter(source)
         try:
@@ -75,15 +87,6 @@ async def iterate_source(source: BlobSource, chunk_size: int = CHUNK_SIZE) -> As
                 with anyio.CancelScope(shield=True):
                     await aclose()
         return
-    read = getattr(source, "read", None)
-    if read is not None and inspect.iscoroutinefunction(read):
-        while True:
-            chunk = await read(chunk_size)
-            if not isinstance(chunk, bytes | bytearray | memoryview):
-                raise TypeError(f"blob source read() returned {type(chunk).__name__}, expected bytes")
-            if not chunk:
-                return
-            yield chunk
     raise TypeError(
         f"cannot read a blob from {type(source).__name__}: pass bytes, an async iterable of bytes, "
         "or an object with `async read(n)`"

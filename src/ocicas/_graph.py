@@ -13,6 +13,7 @@ from collections.abc import Iterable
 
 import anyio
 
+from ._blob import read_described
 from ._context import Context, bound
 from ._descriptor import Descriptor, Platform
 from ._digest import Digest
@@ -123,19 +124,7 @@ async def walk(
         where = f" (referenced by {parent.digest})" if parent is not None else ""
         try:
             async with limiter:
-                if descriptor.data is not None:  # embedded content was verified when parsed
-                    data = descriptor.data
-                else:
-                    if descriptor.size > max_size:
-                        raise InvalidError(
-                            f"{descriptor.media_type} {descriptor.digest} claims {descriptor.size} bytes, "
-                            f"over the cap of {max_size}"
-                        )
-                    data = await engine.read_blob(descriptor.digest, max_size=max_size, ctx=ctx)
-                    if len(data) != descriptor.size:
-                        raise InvalidError(
-                            f"{descriptor.digest} has {len(data)} bytes, but its descriptor says {descriptor.size}"
-                        )
+                data = await read_described(engine, descriptor, max_size=max_size, ctx=ctx)
             found = children(descriptor, data)
         except BlobNotFoundError as exc:
             if not broken_ok:
@@ -231,7 +220,7 @@ async def resolve_reference(
         if node.media_type not in INDEX_MEDIA_TYPES or node.digest in seen:
             continue
         seen.add(node.digest)
-        data = node.data if node.data is not None else await engine.read_blob(node.digest, max_size=max_size, ctx=ctx)
+        data = await read_described(engine, node, max_size=max_size, ctx=ctx)
         for entry in Index.from_json(data, media_type=node.media_type).manifests:
             if (
                 wanted is not None

@@ -13,11 +13,11 @@ from typing import Any, Final
 from ._descriptor import Descriptor
 from ._errors import ClobberError, InvalidError
 from ._json import dump_json, load_json
+from ._media_types import MEDIA_TYPE_IMAGE_INDEX
 
 __all__ = [
     "ANNOTATION_REF_NAME",
     "IMAGE_LAYOUT_VERSION",
-    "INDEX_MEDIA_TYPE",
     "IndexDocument",
     "layout_file",
     "parse_layout_file",
@@ -28,7 +28,6 @@ __all__ = [
 IMAGE_LAYOUT_VERSION: Final = "1.0.0"
 #: The annotation that names a reference in ``index.json``.
 ANNOTATION_REF_NAME: Final = "org.opencontainers.image.ref.name"
-INDEX_MEDIA_TYPE: Final = "application/vnd.oci.image.index.v1+json"
 #: Longest reference name accepted (the grammar itself sets no bound).
 MAX_REFERENCE_NAME: Final = 1024
 
@@ -87,7 +86,7 @@ class IndexDocument:
     @classmethod
     def empty(cls) -> IndexDocument:
         """A new index with no entries."""
-        return cls({"schemaVersion": 2, "mediaType": INDEX_MEDIA_TYPE, "manifests": []})
+        return cls({"schemaVersion": 2, "mediaType": MEDIA_TYPE_IMAGE_INDEX, "manifests": []})
 
     @classmethod
     def parse(cls, data: bytes) -> IndexDocument:
@@ -97,8 +96,13 @@ class IndexDocument:
             raise InvalidError("index.json is not a JSON object")
         if doc.get("schemaVersion", 2) != 2 or type(doc.get("schemaVersion", 2)) is not int:
             raise InvalidError(f"index.json has schemaVersion {doc.get('schemaVersion')!r:.50}, expected 2")
-        if doc.get("mediaType", INDEX_MEDIA_TYPE) != INDEX_MEDIA_TYPE:
-            raise InvalidError(f"index.json has mediaType {doc.get('mediaType')!r:.100}, expected {INDEX_MEDIA_TYPE}")
+        if doc.get("mediaType", MEDIA_TYPE_IMAGE_INDEX) != MEDIA_TYPE_IMAGE_INDEX:
+            raise InvalidError(
+                f"index.json has mediaType {doc.get('mediaType')!r:.100}, expected {MEDIA_TYPE_IMAGE_INDEX}"
+            )
+        for key in ("config", "layers"):
+            if key in doc:  # CVE-2021-41190: a manifest posing as an index
+                raise InvalidError(f"index.json has a {key!r} member, as a manifest would: refusing an ambiguous index")
         manifests = doc.get("manifests")
         if manifests is None:
             manifests = doc["manifests"] = []

@@ -8,10 +8,13 @@ members given an explicit ``null``, are kept in ``extra``, so
 ``Model.from_dict(d).to_dict() == d`` for every valid ``d``.
 
 Strictness follows the image-spec and its own validator: what its JSON Schemas
-refuse is refused (wrong types, ``schemaVersion`` other than 2, an OCI manifest
-without layers), and so is what its Go validator refuses beyond them (an ``Env``
-entry that is not ``KEY=VALUE``, a timestamp that is not RFC 3339). An explicit
-``null`` for an optional member reads as absent, as Go's ``encoding/json`` reads it.
+refuse is refused (wrong types, a missing required member, ``schemaVersion`` other
+than 2), and so is what its Go validator refuses beyond them (an ``Env`` entry that
+is not ``KEY=VALUE``, a timestamp that is not RFC 3339). One exception: an empty
+``layers`` array, which the manifest schema refuses but the spec's text only
+advises against ("SHOULD have at least one entry") and ``docker build`` writes for
+an image ``FROM scratch``, is read and written. An explicit ``null`` for an
+optional member reads as absent, as Go's ``encoding/json`` reads it.
 Media-type confusion (CVE-2021-41190) is refused: a manifest carrying
 ``manifests``, an index carrying ``config`` or ``layers``, or a ``mediaType``
 member naming the other kind of document.
@@ -32,7 +35,6 @@ from ._media_types import (
     CONFIG_MEDIA_TYPES,
     INDEX_MEDIA_TYPES,
     MANIFEST_MEDIA_TYPES,
-    MEDIA_TYPE_DOCKER_MANIFEST,
     MEDIA_TYPE_IMAGE_INDEX,
     MEDIA_TYPE_IMAGE_MANIFEST,
 )
@@ -219,10 +221,11 @@ class _Model:
         extra = dict(self.extra)
         for member in self._MEMBERS:
             if member.key in extra:
-                value = getattr(self, member.attr)
-                # only an explicit null of an unset member may sit in extra (for the round trip)
-                if extra[member.key] is not None or (value is not None and value != ()):
+                if extra[member.key] is not None:
                     raise InvalidError(f"{self._WHAT} extra member {member.key!r} collides with field {member.attr}")
+                value = getattr(self, member.attr)
+                if value is not None and value != ():
+                    del extra[member.key]  # an explicit null only says how an unset member was written
         object.__setattr__(self, "extra", extra)
         self._validate()
 
@@ -465,9 +468,10 @@ class Manifest(_Document):
     """An image manifest (OCI, or Docker schema 2): a config and its layers.
 
     ``media_type`` defaults to the OCI manifest type for manifests you build and is
-    ``None`` for parsed ones that do not say. An OCI manifest needs at least one
-    layer (use :data:`~ocicas.EMPTY_DESCRIPTOR` for an artifact without content); a
-    Docker schema-2 manifest may have none.
+    ``None`` for parsed ones that do not say. ``layers`` SHOULD have at least one
+    entry (the spec's schema insists; an artifact without content uses
+    :data:`~ocicas.EMPTY_DESCRIPTOR`), but an empty array is accepted: ``docker
+    build`` writes one for an image ``FROM scratch``.
     """
 
     schema_version: int = 2
@@ -499,11 +503,6 @@ class Manifest(_Document):
     def _validate(self) -> None:
         _refuse_confusion(type(self), self.extra, ("manifests",))
         _check_media_type(type(self), self.media_type, INDEX_MEDIA_TYPES, "image index")
-        if not self.layers and self.media_type != MEDIA_TYPE_DOCKER_MANIFEST:
-            raise InvalidError(
-                "image manifest has no layers: the image-spec requires at least one "
-                "(an artifact without content uses the empty descriptor)"
-            )
 
     def __hash__(self) -> int:
         return hash((self.media_type, self.config, self.layers, self.subject))

@@ -1,0 +1,551 @@
+"""ocicas benchmarks: medians and ratios against references measured in the same run.
+
+    python benchmarks/run.py [--dir DIR] [--repeat N] [--size-mib N] [--quick] [--json FILE] [CASE ...]
+
+Every case builds its own inputs under a temporary directory inside ``--dir``
+(default: the system temp dir, which is on disk here; pass ``--dir /dev/shm`` to
+take the disk out of the picture). Absolute times drift on shared machines; the
+ratios against the reference measured in the same run are what to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+import ocicas
+
+MiB = 1 << 20
+MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+CONFIG = "application/vnd.oci.image.config.v1+json"
+LAYER = "application/vnd.oci.image.layer.v1.tar"
+
+
+@dataclass
+class Row:
+    case: str
+    ours: float
+    unit: str
+    reference: float | None = None
+    reference_name: str = ""
+    goal: str = ""
+    met: bool | None = None
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float | None:
+        return None if not self.reference else self.ours / self.reference
+
+
+def median(samples: list[float]) -> float:
+    return statistics.median(samples)
+
+
+def timed(func: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    func()
+    return time.perf_counter() - start
+
+
+def run_quiet(args: list[str], **kwargs: Any) -> float:
+    return timed(lambda: subprocess.run(args, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kwargs))
+
+
+def backends() -> list[tuple[str, str, dict[str, Any]]]:
+    out: list[tuple[str, str, dict[str, Any]]] = [("asyncio", "asyncio", {})]
+    try:
+        import uvloop  # noqa: F401
+
+        out.append(("uvloop", "asyncio", {"use_uvloop": True}))
+    except ImportError:
+        pass
+    out.append(("trio", "trio", {}))
+    return out
+
+
+# -- inputs written directly (fast, not durable: these are benchmark inputs) ---------------
+
+
+def write_blob(layout: Path, data: bytes) -> tuple[str, int]:
+    digest = hashlib.sha256(data).hexdigest()
+    (layout / "blobs" / "sha256" / digest).write_bytes(data)
+    return f"sha256:{digest}", len(data)
+
+
+def make_layout(path: Path) -> None:
+    anyio.run(ocicas.create_layout, path)
+
+
+def write_index(layout: Path, entries: list[dict[str, Any]]) -> None:
+    index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": entries}
+    (layout / "index.json").write_text(json.dumps(index))
+
+
+def make_gc_layout(path: Path, images: int, garbage: int) -> None:
+    """``images`` tagged images (3 layers each, one shared), plus ``garbage`` unreferenced 1 KiB blobs."""
+    make_layout(path)
+    shared = write_blob(path, b"shared base layer" * 64)
+    entries = []
+    for n in range(images):
+        layers = [shared, write_blob(path, f"image {n} layer 1".encode() * 64), write_blob(path, os.urandom(1024))]
+        config = write_blob(
+            path,
+            json.dumps(
+                {
+                    "architecture": "amd64",
+                    "os": "linux",
+                    "rootfs": {"type": "layers", "diff_ids": [d for d, _ in layers]},
+                }
+            ).encode(),
+        )
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": MANIFEST,
+            "config": {"mediaType": CONFIG, "digest": config[0], "size": config[1]},
+            "layers": [{"mediaType": LAYER, "digest": d, "size": s} for d, s in layers],
+        }
+        digest, size = write_blob(path, json.dumps(manifest).encode())
+        entries.append(
+            {
+                "mediaType": MANIFEST,
+                "digest": digest,
+                "size": size,
+                "annotations": {ocicas.ANNOTATION_REF_NAME: f"img{n}"},
+            }
+        )
+    write_index(path, entries)
+    for n in range(garbage):
+        write_blob(path, n.to_bytes(8, "big") + os.urandom(1016))
+    old = time.time() - 86400  # garbage older than any grace period
+    for entry in os.scandir(path / "blobs" / "sha256"):
+        os.utime(entry.path, (old, old))
+
+
+# -- cases -------------------------------------------------------------------------------
+
+
+def openssl_time(path: Path) -> float:
+    return run_quiet(["openssl", "dgst", "-sha256", str(path)])
+
+
+async def chunks(size: int) -> AsyncIterator[bytes]:
+    block = os.urandom(MiB)
+    for _ in range(size // MiB):
+        yield block
+
+
+def case_stream(workdir: Path, repeat: int, size: int) -> list[Row]:
+    """put_blob of a stream and verified get_blob of the same blob, against openssl dgst."""
+    source = workdir / "source.bin"
+    with open(source, "wb") as f:
+        block = os.urandom(MiB)
+        for _ in range(size // MiB):
+            f.write(block)  # the same bytes the async iterator yields
+    openssl = median([openssl_time(source) for _ in range(repeat)])
+    rows = []
+    for label, backend, options in backends():
+        puts, file_puts, gets = [], [], []
+        for i in range(repeat):
+            layout = workdir / f"stream-{label}-{i}"
+            make_layout(layout)
+
+            async def one() -> None:
+                async with await ocicas.open_layout(layout) as engine:
+                    block = os.urandom(MiB)
+
+                    async def same_block() -> AsyncIterator[bytes]:
+                        for _ in range(size // MiB):
+                            yield block
+
+                    start = time.perf_counter()
+                    digest, _ = await engine.put_blob(same_block())
+                    puts.append(time.perf_counter() - start)
+                    await engine.delete_blob(digest)
+                    start = time.perf_counter()
+                    async with await anyio.open_file(source, "rb") as f:
+                        digest, _ = await engine.put_blob(f)
+                    file_puts.append(time.perf_counter() - start)
+                    start = time.perf_counter()
+                    async with await engine.get_blob(digest) as reader:
+                        async for _ in reader:
+                            pass
+                    gets.append(time.perf_counter() - start)
+
+            anyio.run(one, backend=backend, backend_options=options)
+            shutil.rmtree(layout)
+        mib = size // MiB
+        for what, samples in (
+            ("put_blob stream", puts),
+            ("put_blob async file", file_puts),
+            ("get_blob verified", gets),
+        ):
+            ours = median(samples)
+            rows.append(
+                Row(
+                    f"{what}, {mib} MiB ({label})",
+                    ours,
+                    "s",
+                    openssl,
+                    "openssl dgst -sha256",
+                    "≤ 1.25×",
+                    ours <= 1.25 * openssl,
+                    extra={"MB/s": size / ours / 1e6},
+                )
+            )
+    # the disk's own limit for a durable write of the same bytes
+    target = workdir / "dd.out"
+    dd = median(
+        [run_quiet(["dd", f"if={source}", f"of={target}", "bs=1M", "conv=fsync"]) for _ in range(max(1, repeat - 1))]
+    )
+    target.unlink()
+    rows.append(
+        Row(
+            f"durable write limit, {size // MiB} MiB",
+            dd,
+            "s",
+            openssl,
+            "openssl dgst -sha256",
+            note="dd conv=fsync: the disk, not ocicas",
+        )
+    )
+    source.unlink()
+    return rows
+
+
+def case_small_blobs(workdir: Path, repeat: int, count: int) -> list[Row]:
+    """Many 1 KiB puts with bounded concurrency, against a plain write+fsync+rename loop."""
+    payloads = [n.to_bytes(8, "big") + os.urandom(1016) for n in range(count)]
+
+    def plain(target: Path) -> float:
+        target.mkdir()
+        start = time.perf_counter()
+        for data in payloads:
+            name = hashlib.sha256(data).hexdigest()
+            temp = target / f".tmp-{name}"
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            os.write(fd, data)
+            os.fsync(fd)
+            os.close(fd)
+            os.rename(temp, target / name)
+        return time.perf_counter() - start
+
+    references = []
+    for i in range(repeat):
+        references.append(plain(workdir / f"plain-{i}"))
+        shutil.rmtree(workdir / f"plain-{i}")
+    reference = median(references)
+    rows = []
+    for label, backend, options in backends():
+        samples = []
+        for i in range(repeat):
+            layout = workdir / f"small-{label}-{i}"
+            make_layout(layout)
+
+            async def one() -> None:
+                async with await ocicas.open_layout(layout) as engine:
+                    limiter = anyio.CapacityLimiter(16)
+
+                    async def put(data: bytes) -> None:
+                        async with limiter:
+                            await engine.put_blob(data)
+
+                    start = time.perf_counter()
+                    async with anyio.create_task_group() as tg:
+                        for data in payloads:
+                            tg.start_soon(put, data)
+                    samples.append(time.perf_counter() - start)
+
+            anyio.run(one, backend=backend, backend_options=options)
+            shutil.rmtree(layout)
+        ours = median(samples)
+        rows.append(
+            Row(
+                f"put_blob {count} × 1 KiB, 16 at once ({label})",
+                ours,
+                "s",
+                reference,
+                "sync write+fsync+rename loop",
+                "rate ≥ 1.0×",
+                ours <= reference,
+                extra={"blobs/s": count / ours},
+            )
+        )
+    return rows
+
+
+GC_SCRIPT = textwrap.dedent(
+    """
+    import sys, anyio, ocicas
+    async def main(path):
+        async with await ocicas.open_layout(path) as engine:
+            result = await ocicas.gc(engine)
+        print(len(result.removed))
+    anyio.run(main, sys.argv[1])
+    """
+)
+
+
+def case_gc(workdir: Path, repeat: int, images: int, garbage: int) -> list[Row]:
+    """Whole-process GC against umoci gc, each on a fresh copy of the same layout."""
+    base = workdir / "gc-base"
+    make_gc_layout(base, images, garbage)
+    umoci = shutil.which("umoci")
+    ours_samples, umoci_samples = [], []
+    for i in range(repeat):
+        copy = workdir / f"gc-ours-{i}"
+        shutil.copytree(base, copy)
+        start = time.perf_counter()
+        out = subprocess.run([sys.executable, "-c", GC_SCRIPT, str(copy)], check=True, capture_output=True, text=True)
+        ours_samples.append(time.perf_counter() - start)
+        assert int(out.stdout) == garbage, out.stdout
+        kept = set(os.listdir(copy / "blobs" / "sha256"))
+        shutil.rmtree(copy)
+        if umoci:
+            copy = workdir / f"gc-umoci-{i}"
+            shutil.copytree(base, copy)
+            umoci_samples.append(run_quiet([umoci, "gc", "--layout", str(copy)]))
+            assert set(os.listdir(copy / "blobs" / "sha256")) == kept
+            shutil.rmtree(copy)
+    shutil.rmtree(base)
+    ours = median(ours_samples)
+    reference = median(umoci_samples) if umoci_samples else None
+    return [
+        Row(
+            f"gc: {images} images + {garbage} garbage blobs, whole process",
+            ours,
+            "s",
+            reference,
+            "umoci gc" if umoci else "(umoci not installed)",
+            "≤ 1.0×",
+            None if reference is None else ours <= reference,
+        )
+    ]
+
+
+def case_gc_scaling(workdir: Path, sizes: list[int]) -> list[Row]:
+    rows = []
+    for garbage in sizes:
+        layout = workdir / f"gc-scale-{garbage}"
+        make_gc_layout(layout, 200, garbage)
+        seconds = timed(
+            lambda: subprocess.run([sys.executable, "-c", GC_SCRIPT, str(layout)], check=True, capture_output=True)
+        )  # noqa: B023
+        shutil.rmtree(layout)
+        rows.append(
+            Row(f"gc scaling: {garbage} garbage blobs", seconds, "s", extra={"µs/blob": seconds / garbage * 1e6})
+        )
+    return rows
+
+
+def case_tagging(workdir: Path, repeat: int, count: int) -> list[Row]:
+    batch_samples, one_samples = [], []
+    for i in range(repeat):
+        layout = workdir / f"tags-{i}"
+        make_layout(layout)
+
+        async def one() -> None:
+            async with await ocicas.open_layout(layout) as engine:
+                descriptors = {
+                    f"tag{n}": ocicas.Descriptor(
+                        media_type=MANIFEST,
+                        digest=ocicas.Digest("sha256:" + hashlib.sha256(str(n).encode()).hexdigest()),
+                        size=n,
+                    )
+                    for n in range(count + 1)
+                }
+                last = descriptors.pop(f"tag{count}")
+                start = time.perf_counter()
+                await engine.update_references(descriptors)
+                batch_samples.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                await engine.put_reference(f"tag{count}", last)
+                one_samples.append(time.perf_counter() - start)
+
+        anyio.run(one)
+        shutil.rmtree(layout)
+    batch, single = median(batch_samples), median(one_samples)
+    return [
+        Row(
+            f"tag {count} references in one batch",
+            batch,
+            "s",
+            0.195,
+            "oras-go: 500 manifests in 195 ms",
+            "< 0.5 s",
+            batch < 0.5,
+        ),
+        Row(f"one more tag on a {count}-entry index", single, "s", goal="< 20 ms", met=single < 0.020),
+    ]
+
+
+LAG_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, time, json, anyio, ocicas
+    size = int(sys.argv[2]) * 1024 * 1024
+    async def main(path, backend):
+        lags = []
+        done = False
+        async def ticker():
+            while not done:
+                start = time.perf_counter()
+                await anyio.sleep(0.001)
+                lags.append(time.perf_counter() - start - 0.001)
+        async def source():
+            block = os.urandom(1 << 20)
+            for _ in range(size >> 20):
+                yield block
+        async with await ocicas.open_layout(path) as engine:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(ticker)
+                async with anyio.create_task_group() as work:
+                    work.start_soon(engine.put_blob, source())
+                    work.start_soon(ocicas.gc, engine)
+                done = True
+        lags.sort()
+        print(json.dumps({"p99": lags[int(len(lags) * 0.99)], "max": lags[-1], "ticks": len(lags)}))
+    anyio.run(main, sys.argv[1], sys.argv[3], backend=sys.argv[3])
+    """
+)
+
+RSS_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, json, resource, anyio, ocicas
+    size = int(sys.argv[2]) * 1024 * 1024
+    async def main(path):
+        async with await ocicas.open_layout(path) as engine:
+            await engine.put_blob(b"warm-up")
+            baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            block = os.urandom(1 << 20)
+            async def source():
+                for _ in range(size >> 20):
+                    yield block
+            digest, _ = await engine.put_blob(source())
+            async with await engine.get_blob(digest) as reader:
+                async for _ in reader:
+                    pass
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(json.dumps({"baseline_kib": baseline, "peak_kib": peak}))
+    anyio.run(main, sys.argv[1])
+    """
+)
+
+
+def case_lag_and_rss(workdir: Path, size: int) -> list[Row]:
+    rows = []
+    for label, backend, _ in backends():
+        if label == "uvloop":
+            continue
+        layout = workdir / f"lag-{label}"
+        make_gc_layout(layout, 200, 20_000)
+        out = subprocess.run(
+            [sys.executable, "-c", LAG_SCRIPT, str(layout), str(size // MiB), backend],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        shutil.rmtree(layout)
+        lag = json.loads(out.stdout)
+        rows.append(
+            Row(
+                f"event-loop lag p99 / max during {size // MiB} MiB put + gc ({label})",
+                lag["p99"] * 1000,
+                "ms",
+                goal="p99 < 5 ms, max < 20 ms",
+                met=lag["p99"] < 0.005 and lag["max"] < 0.020,
+                extra={"max ms": lag["max"] * 1000, "ticks": lag["ticks"]},
+            )
+        )
+    layout = workdir / "rss"
+    make_layout(layout)
+    out = subprocess.run(
+        [sys.executable, "-c", RSS_SCRIPT, str(layout), str(size // MiB)], check=True, capture_output=True, text=True
+    )
+    shutil.rmtree(layout)
+    rss = json.loads(out.stdout)
+    over = (rss["peak_kib"] - rss["baseline_kib"]) / 1024
+    rows.append(
+        Row(f"peak RSS over baseline, {size // MiB} MiB put + read", over, "MiB", goal="< 64 MiB", met=over < 64)
+    )
+    return rows
+
+
+# -- driver ------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, anyio {anyio.__version__ if hasattr(anyio, '__version__') else ''}"
+
+
+def show(rows: list[Row]) -> None:
+    print(f"{'case':<62} {'ours':>10} {'reference':>10} {'ratio':>7}  {'goal':<24} met")
+    for row in rows:
+        reference = "" if row.reference is None else f"{row.reference:.3f}"
+        ratio = "" if row.ratio is None else f"{row.ratio:.2f}×"
+        met = "" if row.met is None else ("yes" if row.met else "NO")
+        print(f"{row.case:<62} {row.ours:>8.3f}{row.unit:<2} {reference:>10} {ratio:>7}  {row.goal:<24} {met}")
+        details = ", ".join(f"{k} {v:,.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.extra.items())
+        for text in filter(None, [row.reference_name and f"reference: {row.reference_name}", details, row.note]):
+            print(f"    {text}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("cases", nargs="*", default=["stream", "small", "gc", "tagging", "lag", "scaling"])
+    parser.add_argument("--dir", default=tempfile.gettempdir())
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--quick", action="store_true", help="small inputs: a smoke run, not a measurement")
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args()
+    size = (64 if args.quick else args.size_mib) * MiB
+    print(machine())
+    print(f"work dir: {args.dir}; repeats: {args.repeat}; medians shown\n")
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(dir=args.dir, prefix="ocicas-bench-") as tmp:
+        workdir = Path(tmp)
+        if "stream" in args.cases:
+            rows += case_stream(workdir, args.repeat, size)
+        if "small" in args.cases:
+            rows += case_small_blobs(workdir, args.repeat, 2_000 if args.quick else 20_000)
+        if "gc" in args.cases:
+            rows += case_gc(workdir, args.repeat, 20 if args.quick else 200, 2_000 if args.quick else 20_000)
+        if "tagging" in args.cases:
+            rows += case_tagging(workdir, args.repeat, 1_000 if args.quick else 10_000)
+        if "lag" in args.cases:
+            rows += case_lag_and_rss(workdir, size)
+        if "scaling" in args.cases:
+            rows += case_gc_scaling(workdir, [200, 2_000] if args.quick else [2_000, 20_000, 200_000])
+    show(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps([row.__dict__ | {"ratio": row.ratio} for row in rows], indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,438 @@
+"""Copy what a reference reaches from one engine to another.
+
+:func:`copy` works in three steps:
+
+1. **Plan.** Walk the descriptor graph in the source (indexes, manifests and
+   ``subject`` edges, as :func:`ocicas.walk` does), keeping the bytes of every
+   manifest and index it reads; with ``referrers=True`` also find the referrers of
+   what will be copied; then ask the destination which blobs it already has
+   (:meth:`Engine.stat_blobs`, one call) and the source whether it has the rest.
+   Nothing is written before the whole plan stands.
+2. **Land.** Move the missing blobs with at most ``concurrency`` transfers at once,
+   children before parents: a manifest starts only after its config and layers
+   landed, an index only after its manifests. Present blobs are never read.
+   Every byte is verified twice on the way: by the source's reader and by the
+   destination's ``put_blob(expected_digest=, expected_size=)``, which refuses to
+   store anything that does not match.
+3. **Tag.** Under the destination's :meth:`Engine.gc_lock`, check that every blob
+   is still there (a concurrent :func:`ocicas.gc` may have removed old garbage the
+   copy counted as present; it is copied again) and only then write the reference.
+
+So an interrupted copy never leaves a reference pointing at missing content, and
+running it again moves only what is still missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Final, Literal
+
+import anyio
+
+from ._context import Context, bound
+from ._descriptor import Descriptor, Platform
+from ._digest import Digest
+from ._engine import Engine
+from ._errors import BlobNotFoundError, InvalidError, NotFoundError, SizeMismatchError
+from ._gc import _as_referrer
+from ._graph import DEFAULT_CONCURRENCY, Graph, _platform_matches, children, is_node, parse_platform
+from ._json import DEFAULT_JSON_LIMIT
+from ._layout_format import validate_reference_name
+from ._media_types import INDEX_MEDIA_TYPES, MANIFEST_MEDIA_TYPES
+from ._models import Index
+from ._tasks import task_group
+
+__all__ = ["COPY_CHUNK_SIZE", "DEFAULT_COPY_CONCURRENCY", "CopyEvent", "CopyProgress", "CopyResult", "copy"]
+
+#: Blobs transferred at once by default.
+DEFAULT_COPY_CONCURRENCY: Final = 4
+#: Bytes read from the source per step: big enough that thread hops are noise.
+COPY_CHUNK_SIZE: Final = 4 << 20
+
+CopyEventKind = Literal["planned", "skipped", "started", "progress", "finished"]
+
+
+@dataclasses.dataclass(frozen=True)
+class CopyEvent:
+    """One step of a copy, with the running totals, as passed to a :data:`CopyProgress` callback.
+
+    ``kind`` is ``"planned"`` once, when the totals are known (``descriptor`` is
+    ``None``); then, per blob, either ``"skipped"`` (already at the destination) or
+    ``"started"``, any number of ``"progress"`` (``nbytes`` more bytes moved) and
+    ``"finished"``. Skipped blobs count as done. In the rare case that a blob
+    vanished from the destination during the copy and had to be moved again, it
+    is reported again and the totals grow to match.
+    """
+
+    kind: CopyEventKind
+    #: The blob concerned (``None`` for ``"planned"``).
+    descriptor: Descriptor | None
+    #: Bytes this event accounts for: the chunk of a ``"progress"``, the size of a ``"skipped"`` blob.
+    nbytes: int
+    blobs_done: int
+    blobs_total: int
+    bytes_done: int
+    bytes_total: int
+
+
+#: ``progress(event)``: called on the event loop thread at every step; must not block.
+CopyProgress = Callable[[CopyEvent], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class CopyResult:
+    """What :func:`copy` did."""
+
+    #: The descriptor that was copied (and that the destination reference now holds).
+    root: Descriptor
+    #: The reference written at the destination, or ``None``.
+    reference: str | None
+    #: Blobs moved, sorted.
+    copied: tuple[Digest, ...]
+    #: Blobs already at the destination (never read), sorted.
+    skipped: tuple[Digest, ...]
+    bytes_copied: int
+    bytes_skipped: int
+    #: Referrers found and copied (or present) with ``referrers=True``, sorted.
+    referrers: tuple[Digest, ...]
+    #: Index entries left out by the ``platforms`` filter, sorted.
+    excluded: tuple[Digest, ...]
+
+
+class _Plan:
+    """The graph to copy: what it holds, the bytes already read, who points at whom."""
+
+    def __init__(self, src: Engine, platforms: list[Platform] | None, max_size: int, ctx: Context | None) -> None:
+        self.src = src
+        self.platforms = platforms
+        self.max_size = max_size
+        self.ctx = ctx
+        self.graph = Graph()
+        self.data: dict[Digest, bytes] = {}  # manifests, indexes and embedded data, as read
+        self.parents: dict[Digest, set[Digest]] = {}
+        self.excluded: set[Digest] = set()
+        self.referrers: set[Digest] = set()
+
+    def _where(self, digest: Digest) -> str:
+        parents = sorted(self.parents.get(digest, ()))
+        return f" (referenced by {parents[0]})" if parents else ""
+
+    def _keep(self, parent: Descriptor, data: bytes) -> list[Descriptor]:
+        """The children of ``parent`` to copy: all of them, less index entries of other platforms."""
+        if self.platforms is None or parent.media_type not in INDEX_MEDIA_TYPES:
+            return children(parent, data)
+        index = Index.from_json(data, media_type=parent.media_type)
+        kept = []
+        for entry in index.manifests:
+            if entry.media_type in MANIFEST_MEDIA_TYPES and not any(
+                _platform_matches(entry.platform, wanted) for wanted in self.platforms
+            ):
+                self.excluded.add(entry.digest)
+            else:
+                kept.append(entry)
+        return [*kept, *([index.subject] if index.subject else [])]
+
+    async def walk(self, roots: Iterable[Descriptor]) -> None:
+        """Add ``roots`` and everything they reach to the plan, reading each node once."""
+        limiter = anyio.CapacityLimiter(DEFAULT_CONCURRENCY)
+        graph = self.graph
+
+        async def visit(descriptor: Descriptor) -> None:
+            digest = descriptor.digest
+            try:
+                # embedded content was verified when parsed; a referrer's was read while searching
+                known = descriptor.data if descriptor.data is not None else self.data.get(digest)
+                if known is not None:
+                    data = known
+                else:
+                    if descriptor.size > self.max_size:
+                        raise InvalidError(f"claims {descriptor.size} bytes, over the cap of {self.max_size}")
+                    async with limiter:
+                        data = await self.src.read_blob(digest, max_size=self.max_size, ctx=self.ctx)
+                    if len(data) != descriptor.size:
+                        raise SizeMismatchError(f"has {len(data)} bytes, but its descriptor says {descriptor.size}")
+                found = self._keep(descriptor, data)
+            except BlobNotFoundError as exc:
+                raise BlobNotFoundError(
+                    f"{descriptor.media_type} {digest}{self._where(digest)} is missing from the source"
+                ) from exc
+            except InvalidError as exc:
+                raise type(exc)(f"{descriptor.media_type} {digest}{self._where(digest)}: {exc}") from exc
+            self.data[digest] = data
+            graph.edges[digest] = tuple(found)
+            for child in found:
+                reach(child, digest)
+
+        def reach(descriptor: Descriptor, parent: Digest | None) -> None:
+            if parent is not None:
+                self.parents.setdefault(descriptor.digest, set()).add(parent)
+            if descriptor.digest in graph.descriptors:
+                return
+            graph.descriptors[descriptor.digest] = descriptor
+            if is_node(descriptor):
+                tg.start_soon(visit, descriptor)
+            elif descriptor.data is not None:
+                self.data[descriptor.digest] = descriptor.data
+
+        async with task_group() as tg:
+            for root in roots:
+                reach(root, None)
+
+    async def add_referrers(self) -> None:
+        """Add every manifest or index in the source whose ``subject`` is in the plan, to a fixed point."""
+        src, ctx = self.src, self.ctx
+        candidates = set(await src.list_blobs(ctx=ctx)) - self.graph.digests()
+        infos = await src.stat_blobs(sorted(candidates), ctx=ctx)
+        found: dict[Digest, tuple[Digest, Descriptor]] = {}
+        limiter = anyio.CapacityLimiter(DEFAULT_CONCURRENCY)
+
+        async def inspect(digest: Digest) -> None:
+            async with limiter:
+                try:
+                    data = await src.read_blob(digest, max_size=self.max_size, ctx=ctx)
+                except (InvalidError, BlobNotFoundError):
+                    return  # corrupt, or deleted meanwhile: nothing that could be copied anyway
+            referrer = _as_referrer(digest, data)
+            if referrer is not None:
+                subject, descriptor = referrer
+                found[digest] = subject, descriptor.replace(data=None)
+                self.data[digest] = data
+
+        async with task_group() as tg:
+            for digest in sorted(candidates):
+                if digest in infos and infos[digest].size <= self.max_size:
+                    tg.start_soon(inspect, digest)
+
+        while True:  # a referrer's graph may hold the subject of another
+            new = sorted(d for d, (subject, _) in found.items() if d not in self.graph and subject in self.graph)
+            if not new:
+                return
+            self.referrers.update(new)
+            await self.walk(found[d][1] for d in new)
+
+
+class _Mover:
+    """Lands blobs at the destination, children first, and reports progress."""
+
+    def __init__(
+        self,
+        src: Engine,
+        dst: Engine,
+        plan: _Plan,
+        concurrency: int,
+        progress: CopyProgress | None,
+        ctx: Context | None,
+    ) -> None:
+        self.src, self.dst, self.plan, self.ctx = src, dst, plan, ctx
+        self.limiter = anyio.CapacityLimiter(concurrency)
+        self.progress = progress
+        self.copied: dict[Digest, int] = {}
+        self.blobs_done = self.blobs_total = self.bytes_done = self.bytes_total = 0
+
+    def report(self, kind: CopyEventKind, descriptor: Descriptor | None, nbytes: int = 0) -> None:
+        if kind == "progress" or kind == "skipped":
+            self.bytes_done += nbytes
+        if kind == "finished" or kind == "skipped":
+            self.blobs_done += 1
+        if self.progress is not None:
+            self.progress(
+                CopyEvent(
+                    kind,
+                    descriptor,
+                    nbytes,
+                    self.blobs_done,
+                    self.blobs_total,
+                    self.bytes_done,
+                    self.bytes_total,
+                )
+            )
+
+    async def land(self, missing: list[Descriptor]) -> None:
+        """Copy ``missing`` (in bottom-up order); each starts once its missing children landed."""
+        waiting = {d.digest: 0 for d in missing}
+        for descriptor in missing:
+            for child in {c.digest for c in self.plan.graph.edges.get(descriptor.digest, ())}:
+                if child in waiting:
+                    waiting[descriptor.digest] += 1
+
+        async def run(descriptor: Descriptor) -> None:
+            async with self.limiter:
+                await self.transfer(descriptor)
+            for parent in sorted(self.plan.parents.get(descriptor.digest, ())):
+                if parent in waiting:
+                    waiting[parent] -= 1
+                    if waiting[parent] == 0:
+                        tg.start_soon(run, self.plan.graph.descriptors[parent])
+
+        async with task_group() as tg:
+            for descriptor in missing:
+                if waiting[descriptor.digest] == 0:
+                    tg.start_soon(run, descriptor)
+
+    async def transfer(self, descriptor: Descriptor) -> None:
+        digest, size, ctx = descriptor.digest, descriptor.size, self.ctx
+        data = self.plan.data.get(digest)
+        if data is not None:  # a manifest or index read while planning: no second read
+            self.report("started", descriptor)
+            await self.dst.put_blob(data, expected_digest=digest, expected_size=size, ctx=ctx)
+            self.report("progress", descriptor, size)
+        else:
+            reader = await self.src.get_blob(digest, ctx=ctx)
+            async with reader:
+                if reader.size != size:
+                    raise SizeMismatchError(
+                        f"blob {digest}{self.plan._where(digest)} has {reader.size} bytes in the source, "
+                        f"but its descriptor says {size}"
+                    )
+                self.report("started", descriptor)
+                # read ahead: the next chunk is read and hashed while the previous one is hashed and written
+                send, receive = anyio.create_memory_object_stream[bytes](1)
+
+                async def pump() -> None:
+                    while chunk := await reader.read(COPY_CHUNK_SIZE):
+                        await send.send(chunk)
+                    send.close()  # only at the verified end: on error the task group cancels put_blob
+
+                async def chunks() -> AsyncIterator[bytes]:
+                    async for chunk in receive:
+                        yield chunk
+                        self.report("progress", descriptor, len(chunk))  # put_blob took it: written
+
+                with send, receive:
+                    async with task_group() as tg:
+                        tg.start_soon(pump)
+                        await self.dst.put_blob(chunks(), expected_digest=digest, expected_size=size, ctx=ctx)
+        self.copied[digest] = size
+        self.report("finished", descriptor)
+
+
+async def copy(
+    src: Engine,
+    src_ref: str | Descriptor,
+    dst: Engine,
+    dst_ref: str | None = None,
+    *,
+    referrers: bool = False,
+    platforms: Iterable[str | Platform] | None = None,
+    replace: bool = True,
+    concurrency: int = DEFAULT_COPY_CONCURRENCY,
+    progress: CopyProgress | None = None,
+    max_size: int = DEFAULT_JSON_LIMIT,
+    ctx: Context | None = None,
+) -> CopyResult:
+    """Copy everything ``src_ref`` reaches in ``src`` to ``dst``, then name it ``dst_ref`` there.
+
+    ``src_ref`` is a reference name or a :class:`Descriptor`. ``dst_ref`` defaults
+    to the same name; a descriptor copied without ``dst_ref`` is not named (its
+    blobs are then only protected from :func:`ocicas.gc` by the grace period).
+    An existing ``dst_ref`` is moved unless ``replace=False``
+    (:class:`~ocicas.ClobberError`). Digests never change: blobs are copied byte
+    for byte, and verified.
+
+    ``referrers=True`` also copies every manifest or index stored in ``src``
+    (named or not) whose ``subject`` is copied content, and their referrers in
+    turn, with what they point at; the destination's reference does not name them
+    (:func:`ocicas.gc` keeps referrers of live content). Finding them reads every
+    blob of ``src`` up to ``max_size`` bytes that is not otherwise copied.
+
+    ``platforms`` (``["linux/amd64", "linux/arm/v7"]``) copies only the manifests
+    of those platforms out of every index: the index itself is copied unchanged,
+    so the destination holds a *partial* index whose other entries are missing, as
+    regclient's ``--platforms`` and containerd's ``--platform`` pulls do (legal in
+    an image layout; :func:`ocicas.gc` of it then needs ``broken_ok=True``).
+    Entries without a platform are left out; a manifest reference is copied
+    whatever its platform. To copy only the one manifest of a platform, as skopeo
+    and oras do, resolve it first and copy its descriptor::
+
+        path = (await ocicas.resolve_reference(src, "v1", platform="linux/amd64"))[0]
+        await ocicas.copy(src, path.descriptor, dst, "v1")
+
+    ``concurrency`` is the number of blobs moved at once (manifests are read up to
+    16 at once while planning); ``progress`` is called with a :class:`CopyEvent`
+    at every step. Raises :class:`~ocicas.BlobNotFoundError` before writing
+    anything if content the copy needs is in neither engine,
+    :class:`~ocicas.NotFoundError` if ``platforms`` matches no manifest, and the
+    engines' errors otherwise; whatever it raises, the destination reference is
+    untouched and what landed stays (a rerun skips it).
+    """
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be at least 1, not {concurrency}")
+    if dst_ref is None and isinstance(src_ref, str):
+        dst_ref = src_ref
+    if dst_ref is not None:
+        validate_reference_name(dst_ref)
+    wanted = None if platforms is None else [parse_platform(p) for p in platforms]
+
+    async with bound(ctx):
+        if isinstance(src_ref, Descriptor):
+            root = src_ref
+        elif isinstance(src_ref, str):
+            root = await src.get_reference(src_ref, ctx=ctx)
+        else:
+            raise TypeError(f"src_ref must be a reference name or a Descriptor, not {type(src_ref).__name__}")
+
+        plan = _Plan(src, wanted, max_size, ctx)
+        await plan.walk([root])
+        plan.excluded -= plan.graph.digests()
+        if plan.excluded and not any(d.media_type in MANIFEST_MEDIA_TYPES for d in plan.graph.descriptors.values()):
+            names = ", ".join(str(p) for p in wanted or ())
+            raise NotFoundError(f"no manifest of {root.digest} is for platform {names}")
+        if referrers:
+            await plan.add_referrers()
+        order = plan.graph.bottom_up()
+
+        present = await dst.stat_blobs([d.digest for d in order], ctx=ctx)
+        skipped = [d for d in order if d.digest in present and present[d.digest].size == d.size]
+        skipped_digests = {d.digest for d in skipped}
+        missing = [d for d in order if d.digest not in skipped_digests]
+        await _check_source(src, plan, missing, ctx)
+
+        mover = _Mover(src, dst, plan, concurrency, progress, ctx)
+        mover.blobs_total = len(order)
+        mover.bytes_total = sum(d.size for d in order)
+        mover.report("planned", None)
+        for descriptor in skipped:
+            mover.report("skipped", descriptor, descriptor.size)
+        await mover.land(missing)
+
+        if dst_ref is not None:
+            async with dst.gc_lock(ctx=ctx):  # no collection runs between this check and the tag
+                present = await dst.stat_blobs([d.digest for d in order], ctx=ctx)
+                lost = [d for d in order if d.digest not in present or present[d.digest].size != d.size]
+                if lost:
+                    await _check_source(src, plan, lost, ctx)
+                    mover.blobs_total += len(lost)
+                    mover.bytes_total += sum(d.size for d in lost)
+                    await mover.land(lost)
+                await dst.update_references({dst_ref: root}, replace=replace, ctx=ctx)
+
+    copied = mover.copied
+    return CopyResult(
+        root=root,
+        reference=dst_ref,
+        copied=tuple(sorted(copied)),
+        skipped=tuple(sorted(skipped_digests - set(copied))),
+        bytes_copied=sum(copied.values()),
+        bytes_skipped=sum(d.size for d in skipped if d.digest not in copied),
+        referrers=tuple(sorted(plan.referrers)),
+        excluded=tuple(sorted(plan.excluded - plan.graph.digests())),
+    )
+
+
+async def _check_source(src: Engine, plan: _Plan, needed: list[Descriptor], ctx: Context | None) -> None:
+    """Fail before moving anything if a blob to read from ``src`` is absent or of the wrong size there."""
+    to_read = [d for d in needed if d.digest not in plan.data]
+    infos = await src.stat_blobs([d.digest for d in to_read], ctx=ctx)
+    for descriptor in to_read:
+        digest = descriptor.digest
+        info = infos.get(digest)
+        if info is None:
+            raise BlobNotFoundError(
+                f"{descriptor.media_type} {digest}{plan._where(digest)} is missing from the source and the destination"
+            )
+        if info.size != descriptor.size:
+            raise SizeMismatchError(
+                f"blob {digest}{plan._where(digest)} has {info.size} bytes in the source, "
+                f"but its descriptor says {descriptor.size}"
+            )
