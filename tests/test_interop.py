@@ -1,9 +1,10 @@
 """Interoperability with the real OCI tools: umoci and skopeo read our layouts, we read theirs.
 
-Every test drives the installed binaries (``tests/tools.py``: skipped when they
-are missing, failed instead under ``OCICAS_REQUIRE_TOOLS=1``) and checks exact
-digests, bytes and sets. Expectations are computed independently of ocicas
-(``hashlib``, ``gzip``, plain ``json``) wherever ocicas is the thing under test.
+The tests drive the installed binaries (``tests/tools.py``: skipped when they
+are missing, failed instead under ``OCICAS_REQUIRE_TOOLS=1``) and check exact
+digests, bytes and sets; the first two pin down the build helpers on their own.
+Expectations are computed independently of ocicas (``hashlib``, ``gzip``, plain
+``json``) wherever ocicas is the thing under test.
 """
 
 from __future__ import annotations
@@ -27,12 +28,20 @@ import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 import ocicas
-from ocicas import Descriptor, Digest, Engine
-from ocicas._blob import from_descriptor
-from ocicas._build import build_image, build_index
-from ocicas._engine import BlobReader
-from ocicas._media_types import MEDIA_TYPE_IMAGE_LAYER, MEDIA_TYPE_IMAGE_LAYER_GZIP
-from ocicas._models import ImageConfig, Manifest
+from ocicas import (
+    MEDIA_TYPE_DOCKER_LAYER,
+    MEDIA_TYPE_IMAGE_LAYER,
+    MEDIA_TYPE_IMAGE_LAYER_GZIP,
+    BlobReader,
+    Descriptor,
+    Digest,
+    Engine,
+    ImageConfig,
+    Manifest,
+    RootFS,
+    from_descriptor,
+)
+from ocicas._build import build_image, build_index  # until ocicas exports them
 from tests.tools import Tool, ToolError, require
 
 pytestmark = pytest.mark.anyio
@@ -40,7 +49,7 @@ pytestmark = pytest.mark.anyio
 TAR = MEDIA_TYPE_IMAGE_LAYER
 GZIP = MEDIA_TYPE_IMAGE_LAYER_GZIP
 REF = ocicas.ANNOTATION_REF_NAME
-GZIP_TYPES = frozenset({GZIP, "application/vnd.docker.image.rootfs.diff.tar.gzip"})
+GZIP_TYPES = frozenset({GZIP, MEDIA_TYPE_DOCKER_LAYER})
 
 
 @pytest.fixture
@@ -220,8 +229,8 @@ async def test_build_image_writes_what_the_spec_says(tmp_path: Path) -> None:
     """Before any tool: the manifest and config we write, checked against hashlib and gzip."""
     await ocicas.create_layout(tmp_path / "layout")
     async with await ocicas.open_layout(tmp_path / "layout") as engine:
-        for media_type in (TAR, GZIP):
-            sample = await build_sample(engine, media_type, f"v-{media_type.rpartition('.')[2].replace('+', '-')}")
+        for media_type, name in ((TAR, "tar"), (GZIP, "gzip")):
+            sample = await build_sample(engine, media_type, name)
             assert [diff_id(blob, media_type) for blob in sample.blobs] == list(sample.diff_ids)
             manifest = Manifest.from_json(
                 await engine.read_blob(sample.manifest.digest), media_type=sample.manifest.media_type
@@ -238,6 +247,47 @@ async def test_build_image_writes_what_the_spec_says(tmp_path: Path) -> None:
                 "rootfs": {"type": "layers", "diff_ids": list(sample.diff_ids)},
             }
             assert manifest.annotations == {"org.opencontainers.image.title": "ocicas sample"}
+
+
+async def test_build_helpers_refuse_images_the_tools_would_reject() -> None:
+    """Wrong diff IDs (umoci unpack checks them), broken gzip, a platform the config denies, a dangling index."""
+    tar = make_tar({"f": file(b"f\n")})
+    compressed = gzip.compress(tar, mtime=0)
+    async with ocicas.MemoryEngine() as engine:
+        with pytest.raises(ocicas.InvalidError, match=r"diff_ids\[0\]"):
+            await build_image(
+                engine,
+                [compressed],
+                layer_media_type=GZIP,
+                config={"rootfs": RootFS(diff_ids=(Digest.from_bytes(compressed),)).to_dict()},
+            )
+        with pytest.raises(ocicas.InvalidError, match="2 entries for 1 layers"):
+            await build_image(
+                engine, [tar], config={"rootfs": {"type": "layers", "diff_ids": [Digest.from_bytes(tar)] * 2}}
+            )
+        with pytest.raises(ocicas.InvalidError, match="linux/amd64"):
+            await build_image(engine, [tar], config={"architecture": "amd64", "os": "linux"}, platform="linux/arm64")
+        stored = await engine.list_blobs()
+        with pytest.raises(ocicas.InvalidError, match="truncated"):
+            await build_image(engine, [chunked(compressed[:-4])], layer_media_type=GZIP)
+        with pytest.raises(ocicas.InvalidError, match="corrupt"):
+            await build_image(engine, [compressed + b"trailing garbage"], layer_media_type=GZIP)
+        assert await engine.list_blobs() == stored  # the broken layers were never stored
+
+        zstd = "application/vnd.oci.image.layer.v1.tar+zstd"
+        with pytest.raises(ocicas.UnsupportedError, match=r"rootfs\.diff_ids"):
+            await build_image(engine, [b"zstd frames"], layer_media_type=zstd)
+        given = {"rootfs": {"type": "layers", "diff_ids": [Digest.from_bytes(tar)]}}
+        image = await build_image(engine, [b"zstd frames"], layer_media_type=zstd, config=given, platform="linux/arm64")
+        config = Manifest.from_json(await engine.read_blob(image.digest)).config
+        assert ImageConfig.from_json(await engine.read_blob(config.digest)).rootfs.diff_ids == (Digest.from_bytes(tar),)
+
+        missing = image.replace(digest=Digest.from_bytes(b"not stored"))
+        with pytest.raises(ocicas.BlobNotFoundError):
+            await build_index(engine, [image, missing])
+        with pytest.raises(ocicas.SizeMismatchError):
+            await build_index(engine, [image.replace(size=image.size + 1)])
+        assert await engine.list_references() == []
 
 
 # -- umoci and skopeo read what we write ---------------------------------------------------
@@ -472,12 +522,15 @@ async def test_we_read_every_blob_of_layouts_umoci_and_skopeo_wrote(tmp_path: Pa
 # -- garbage collection agrees with umoci gc -------------------------------------------------
 
 
+NOTES = b"not part of the layout format; every tool must leave it alone\n"
+
+
 async def test_gc_keeps_exactly_what_umoci_gc_keeps_and_umoci_still_unpacks_every_tag(
     tmp_path: Path, umoci: Tool, skopeo: Tool
 ) -> None:
     layout, twin = tmp_path / "layout", tmp_path / "twin"
     await ocicas.create_layout(layout)
-    (layout / "NOTES.txt").write_bytes(b"not part of the layout format; every tool must leave it alone\n")
+    (layout / "NOTES.txt").write_bytes(NOTES)
     async with await ocicas.open_layout(layout) as engine:
         plain = await build_sample(engine, TAR, "plain")
         zipped = await build_sample(engine, GZIP, "gzip")
@@ -490,6 +543,7 @@ async def test_gc_keeps_exactly_what_umoci_gc_keeps_and_umoci_still_unpacks_ever
         await build_index(engine, [zipped.manifest], reference="single")
         doomed = await build_image(engine, [make_tar({"doomed": file(b"doomed\n")})], reference="doomed")
         # umoci and skopeo add to the same layout; umoci leaves intermediate manifests and configs behind
+        await umoci.run("new", "--image", f"{layout}:empty")  # a manifest with "layers": []
         await umoci.run("new", "--image", f"{layout}:scratch")
         scratch_before = await engine.get_reference("scratch")
         await umoci.run("insert", "--rootless", "--image", f"{layout}:scratch", layout / "NOTES.txt", "/NOTES.txt")
@@ -504,7 +558,7 @@ async def test_gc_keeps_exactly_what_umoci_gc_keeps_and_umoci_still_unpacks_ever
             b"a sha512 stray", expected_digest=Digest.from_bytes(b"a sha512 stray", "sha512")
         )
         tags = await engine.list_references()
-        assert tags == ["gzip", "multi", "plain", "recompressed", "scratch", "single"]
+        assert tags == ["empty", "gzip", "multi", "plain", "recompressed", "scratch", "single"]
         before = blob_files(layout)
         live = live_blobs(layout)
         assert {stray, stray_sha512, doomed.digest, scratch_before.digest} <= before - live
@@ -522,12 +576,12 @@ async def test_gc_keeps_exactly_what_umoci_gc_keeps_and_umoci_still_unpacks_ever
         assert sorted(await umoci.lines("ls", "--layout", layout)) == tags
 
         unpackable = [tag for tag in tags if len(await ocicas.resolve_reference(engine, tag)) == 1]
-    assert unpackable == ["gzip", "plain", "recompressed", "scratch", "single"]
+    assert unpackable == ["empty", "gzip", "plain", "recompressed", "scratch", "single"]
     for tag in unpackable:
         bundle = tmp_path / f"bundle-{tag}"
         await umoci.run("unpack", "--rootless", "--image", f"{layout}:{tag}", bundle)
-        if tag != "scratch":
-            assert snapshot(bundle / "rootfs") == ROOTFS
+        expected = {"empty": {}, "scratch": {"NOTES.txt": file(NOTES)}}.get(tag, ROOTFS)
+        assert snapshot(bundle / "rootfs") == expected
 
 
 async def test_umoci_gc_drops_the_content_of_docker_images_ocicas_keeps(

@@ -19,7 +19,7 @@ from typing import Any, Final, TypeAlias, cast
 import anyio.to_thread
 
 from ._context import Context, bound
-from ._descriptor import Descriptor, Platform
+from ._descriptor import Descriptor, Platform, _string_map, validate_media_type
 from ._digest import Digest
 from ._engine import CHUNK_SIZE, BlobSource, Engine, iterate_source
 from ._errors import BlobNotFoundError, InvalidError, SizeMismatchError, UnsupportedError
@@ -84,7 +84,6 @@ class _GzipDiffHasher:
         self._ctx = ctx
         self._hash = hashlib.sha256()
         self._inflater = zlib.decompressobj(31)
-        self.size = 0
 
     def feed(self, chunks: Sequence[_Chunk]) -> None:
         try:
@@ -105,7 +104,6 @@ class _GzipDiffHasher:
                 self._ctx.check()
             out = inflater.decompress(data, CHUNK_SIZE)
             self._hash.update(out)
-            self.size += len(out)
             if inflater.eof:
                 return inflater.unused_data
             data = inflater.unconsumed_tail
@@ -131,6 +129,7 @@ async def _teed(source: BlobSource, hasher: _GzipDiffHasher) -> AsyncIterator[_C
                 batch, pending = [], 0
             yield chunk
     await anyio.to_thread.run_sync(hasher.feed, batch)
+    hasher.result()  # a truncated stream fails here, inside put_blob, so nothing is stored
 
 
 async def _put_layer(
@@ -220,6 +219,9 @@ async def build_image(
         raise TypeError("layers must be an iterable of blob sources, not a single blob")
     if reference is not None:
         validate_reference_name(reference)
+    validate_media_type(layer_media_type, "layer_media_type")
+    if annotations is not None:
+        annotations = _string_map(annotations, "manifest annotations")  # refused before anything is stored
     wanted = None if platform is None else parse_platform(platform)
     image_config = _image_config(config, wanted)
     sources = list(layers)

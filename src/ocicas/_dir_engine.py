@@ -51,13 +51,15 @@ from ._tasks import task_group
 __all__ = ["DirEngine", "create_layout", "open_layout"]
 
 _T = TypeVar("_T")
+_K = TypeVar("_K")
+_V = TypeVar("_V")
 
 #: Prefix of this library's temporary directories inside a layout.
 TEMP_PREFIX: Final = ".ocicas-"
 _INDEX_LIMIT: Final = 256 << 20
 _LAYOUT_FILE_LIMIT: Final = 64 << 10
 #: put_blob hands the worker threads this much at a time.
-_PIPELINE_BATCH: Final = 4 * CHUNK_SIZE
+_PIPELINE_BATCH: Final = CHUNK_SIZE
 _DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: opening a FIFO planted at a blob path must not hang
 _READ_FLAGS: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -65,6 +67,25 @@ _READ_FLAGS: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 async def _run(func: Callable[..., _T], *args: object) -> _T:
     return await anyio.to_thread.run_sync(func, *args)
+
+
+async def _run_split(func: Callable[[list[_K]], dict[_K, _V]], items: list[_K], parts: int = 2) -> dict[_K, _V]:
+    """Run ``func`` over ``parts`` slices of ``items`` in as many threads; merge the results.
+
+    For syscall-bound loops over many blobs: the system calls run in parallel
+    while only the Python between them takes turns on the GIL.
+    """
+    if len(items) < 256:
+        return await _run(func, items)
+    results: list[dict[_K, _V]] = []
+
+    async def part(index: int) -> None:
+        results.append(await _run(func, items[index::parts]))
+
+    async with task_group() as tg:
+        for index in range(parts):
+            tg.start_soon(part, index)
+    return {k: v for result in results for k, v in result.items()}
 
 
 def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
@@ -170,6 +191,39 @@ def _read_small(dir_fd: int, name: str, limit: int, what: str) -> tuple[os.stat_
         os.close(fd)
 
 
+class _GroupSync:
+    """fsync one directory on behalf of every thread that changed it before the fsync began.
+
+    Concurrent puts each need their rename made durable; one directory fsync that
+    starts after a rename covers it, so callers arriving while one runs share the next.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._started = 0  # fsyncs begun
+        self._done = 0  # fsyncs finished (they finish in the order they begin)
+        self._running = False
+
+    def sync(self, fd: int) -> None:
+        with self._cond:
+            needed = self._started + 1  # one that begins after our change
+            while self._done < needed:
+                if self._running:
+                    self._cond.wait()
+                    continue
+                self._running = True
+                self._started += 1
+                mine = self._started
+                self._cond.release()
+                try:
+                    os.fsync(fd)
+                finally:
+                    self._cond.acquire()
+                    self._running = False
+                    self._done = mine
+                    self._cond.notify_all()
+
+
 class _PendingBlob:
     """A blob on its way in: a temporary file, hashed and written by two threads at once."""
 
@@ -225,9 +279,12 @@ class _PendingBlob:
                     raise InvalidError(f"blob path of {digest} holds something other than a regular file")
                 if st is not None and st.st_size == size:
                     os.utime(digest.encoded, dir_fd=alg, follow_symlinks=False)  # freshen, as git does
+                    renamed = False
                 else:  # absent, or a damaged copy of the wrong size
                     os.rename(self._name, digest.encoded, src_dir_fd=engine._temp_fd, dst_dir_fd=alg)
-                    os.fsync(alg)
+                    renamed = True
+            if renamed:
+                engine._dir_syncs[digest.algorithm].sync(alg)
         finally:
             os.close(alg)
         self.abandon()  # the temporary file is only still there when the blob was already present
@@ -253,6 +310,7 @@ class DirEngine(Engine):
         self._temp_lock = threading.Lock()
         # makes "freshen or create" in put_blob and "check age, then unlink" in delete_blobs atomic
         self._blob_lock = threading.Lock()
+        self._dir_syncs = {algorithm: _GroupSync() for algorithm in SUPPORTED_ALGORITHMS}
         self._index_lock = anyio.Lock()
         self._index_cache: tuple[tuple[int, int, int, int], IndexDocument] | None = None
 
@@ -357,7 +415,7 @@ class DirEngine(Engine):
                         if pending >= _PIPELINE_BATCH:
                             await blob.absorb(batch)
                             batch, pending = [], 0
-                if pending >= CHUNK_SIZE:
+                if pending >= CHUNK_SIZE // 4:
                     await blob.absorb(batch)
                     batch = []
                 return await _run(blob.commit, batch)  # small blobs: open, write and commit in one hop
@@ -485,23 +543,34 @@ class DirEngine(Engine):
             finally:
                 os.close(alg)
 
-    async def stat_blobs(self, digests: Iterable[Digest], *, ctx: Context | None = None) -> dict[Digest, BlobInfo]:
+    async def stat_blobs(
+        self, digests: Iterable[Digest], *, head: int = 0, ctx: Context | None = None
+    ) -> dict[Digest, BlobInfo]:
         self._check_open()
 
-        def stats() -> dict[Digest, BlobInfo]:  # one thread hop for the lot
+        def stats(digests: list[Digest]) -> dict[Digest, BlobInfo]:
             out = {}
             for alg, group in self._by_algorithm(digests):
                 for digest in group:
                     try:
-                        st = os.stat(digest.encoded, dir_fd=alg, follow_symlinks=False)
-                    except FileNotFoundError:
-                        continue
+                        if head:
+                            fd = os.open(digest.encoded, _READ_FLAGS, dir_fd=alg)
+                            try:
+                                st = os.fstat(fd)
+                                prefix = os.pread(fd, head, 0) if stat.S_ISREG(st.st_mode) else b""
+                            finally:
+                                os.close(fd)
+                        else:
+                            st = os.stat(digest.encoded, dir_fd=alg, follow_symlinks=False)
+                            prefix = b""
+                    except OSError:
+                        continue  # absent, or a symlink (ELOOP): not a blob
                     if stat.S_ISREG(st.st_mode):
-                        out[digest] = BlobInfo(st.st_size, st.st_mtime_ns / 1e9)
+                        out[digest] = BlobInfo(st.st_size, st.st_mtime_ns / 1e9, prefix)
             return out
 
         async with bound(ctx):
-            return await _run(stats)
+            return await _run_split(stats, list(digests))
 
     async def delete_blobs(
         self, digests: Iterable[Digest], *, unmodified_since: float | None = None, ctx: Context | None = None
@@ -562,7 +631,7 @@ class DirEngine(Engine):
                     with os.scandir(alg) as entries:
                         for entry in entries:
                             if shape.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
-                                out.append(Digest(f"{algorithm}:{entry.name}"))
+                                out.append(Digest._trusted(f"{algorithm}:{entry.name}"))  # the name matched the grammar
                 finally:
                     os.close(alg)
             out.sort()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Final
+from typing import Final, TypeVar
 
 import anyio
 
@@ -36,8 +36,13 @@ from ._tasks import task_group
 
 __all__ = ["DEFAULT_GRACE_PERIOD", "GCPolicy", "GCResult", "gc"]
 
+_T = TypeVar("_T")
+
 #: Seconds a new or freshened blob is safe from collection by default.
 DEFAULT_GRACE_PERIOD: Final = 3600.0
+
+#: Bytes read from each unreachable blob to tell JSON (a possible referrer) from anything else.
+_SNIFF: Final = 64
 
 #: ``async (digest) -> bool``: return ``False`` to keep a blob the collector would delete.
 GCPolicy = Callable[[Digest], Awaitable[bool]]
@@ -114,53 +119,69 @@ async def gc(
         raise ValueError(f"grace_period must not be negative, not {grace_period}")
     async with bound(ctx), engine.gc_lock(ctx=ctx):
         cutoff = time.time() - grace_period
-        graph = await walk(
-            engine,
-            await engine.list_roots(ctx=ctx),
-            concurrency=concurrency,
-            broken_ok=broken_ok,
-            max_size=max_size,
-            ctx=ctx,
-        )
-        candidates = set(await engine.list_blobs(ctx=ctx)) - graph.digests()
-        infos = await engine.stat_blobs(sorted(candidates), ctx=ctx)
-        candidates &= set(infos)  # vanished meanwhile: nothing to do
-        fresh = {d for d in candidates if grace_period and not _older(infos[d], cutoff)}
-        candidates -= fresh
+        roots = await engine.list_roots(ctx=ctx)
+        graph = await walk(engine, roots, concurrency=concurrency, broken_ok=broken_ok, max_size=max_size, ctx=ctx)
+        blobs = await engine.list_blobs(ctx=ctx)
+        # set arithmetic over every blob runs in a worker thread: O(n) work stays off the event loop
+        unreachable = await _compute(lambda: sorted(set(blobs) - graph.descriptors.keys()))
+        infos = await engine.stat_blobs(unreachable, head=_SNIFF if referrers else 0, ctx=ctx)
+
+        def triage() -> tuple[list[Digest], set[Digest]]:
+            old, fresh = [], set()
+            for digest in unreachable:
+                info = infos.get(digest)
+                if info is None:
+                    continue  # vanished meanwhile
+                if grace_period and not _older(info, cutoff):
+                    fresh.add(digest)
+                else:
+                    old.append(digest)
+            return old, fresh
+
+        candidates, fresh = await _compute(triage)
         kept_referrers: set[Digest] = set()
         if referrers:
             kept_referrers = await _keep_referrers(
                 engine, graph, candidates, infos, concurrency, broken_ok, max_size, ctx
             )
-            candidates -= graph.digests()
+            if kept_referrers:
+                candidates = [d for d in candidates if d not in graph.descriptors]
         vetoed: set[Digest] = set()
         if policy is not None:
             vetoed = await _vetoes(policy, candidates, concurrency)
-            candidates -= vetoed
+            candidates = [d for d in candidates if d not in vetoed]
         if dry_run:
             removed = {d: infos[d].size for d in candidates}
         else:
-            removed = await engine.delete_blobs(
-                sorted(candidates), unmodified_since=cutoff if grace_period else None, ctx=ctx
-            )
-            fresh |= candidates - set(removed)  # freshened by a writer while we worked
+            removed = await engine.delete_blobs(candidates, unmodified_since=cutoff if grace_period else None, ctx=ctx)
+            if len(removed) < len(candidates):
+                fresh.update(d for d in candidates if d not in removed)  # freshened by a writer meanwhile
             await engine.gc(ctx=ctx)
-    return GCResult(
-        removed=tuple(sorted(removed)),
-        bytes_freed=sum(removed.values()),
-        live=frozenset(graph.digests()),
-        referrers=frozenset(kept_referrers),
-        fresh=frozenset(fresh),
-        vetoed=frozenset(vetoed),
-        broken=frozenset(graph.broken),
-        dry_run=dry_run,
-    )
+
+    def result() -> GCResult:
+        return GCResult(
+            removed=tuple(sorted(removed)),
+            bytes_freed=sum(removed.values()),
+            live=frozenset(graph.descriptors),
+            referrers=frozenset(kept_referrers),
+            fresh=frozenset(fresh),
+            vetoed=frozenset(vetoed),
+            broken=frozenset(graph.broken),
+            dry_run=dry_run,
+        )
+
+    return await _compute(result)
+
+
+async def _compute(func: Callable[[], _T]) -> _T:
+    """Run pure-Python work over every blob in a worker thread."""
+    return await anyio.to_thread.run_sync(func)
 
 
 async def _keep_referrers(
     engine: Engine,
     graph: Graph,
-    candidates: set[Digest],
+    candidates: list[Digest],
     infos: Mapping[Digest, BlobInfo],
     concurrency: int,
     broken_ok: bool,
@@ -181,10 +202,13 @@ async def _keep_referrers(
         if found is not None:
             referrers[digest] = found
 
+    def json_like() -> list[Digest]:
+        # only JSON can be a manifest: tarballs and compressed layers are never opened
+        return [d for d in candidates if infos[d].size <= max_size and infos[d].head.lstrip()[:1] in (b"{", b"")]
+
     async with task_group() as tg:
-        for digest in sorted(candidates):
-            if infos[digest].size <= max_size:
-                tg.start_soon(inspect, digest)
+        for digest in await _compute(json_like):
+            tg.start_soon(inspect, digest)
 
     kept: set[Digest] = set()
     while True:  # to a fixed point: a referrer's graph may hold the subject of another
@@ -203,7 +227,7 @@ async def _keep_referrers(
         )
 
 
-async def _vetoes(policy: GCPolicy, candidates: set[Digest], concurrency: int) -> set[Digest]:
+async def _vetoes(policy: GCPolicy, candidates: list[Digest], concurrency: int) -> set[Digest]:
     vetoed: set[Digest] = set()
     limiter = anyio.CapacityLimiter(concurrency)
 
@@ -213,6 +237,6 @@ async def _vetoes(policy: GCPolicy, candidates: set[Digest], concurrency: int) -
                 vetoed.add(digest)
 
     async with task_group() as tg:
-        for digest in sorted(candidates):
+        for digest in candidates:
             tg.start_soon(ask, digest)
     return vetoed

@@ -96,12 +96,14 @@ class MemoryEngine(Engine):
             self._blobs.pop(digest, None)
             self._modified.pop(digest, None)
 
-    async def stat_blobs(self, digests: Iterable[Digest], *, ctx: Context | None = None) -> dict[Digest, BlobInfo]:
+    async def stat_blobs(
+        self, digests: Iterable[Digest], *, head: int = 0, ctx: Context | None = None
+    ) -> dict[Digest, BlobInfo]:
         self._check_open()
         async with bound(ctx):
             await anyio.lowlevel.checkpoint()
             return {
-                d: BlobInfo(len(self._blobs[d]), self._modified[d])
+                d: BlobInfo(len(self._blobs[d]), self._modified[d], self._blobs[d][:head])
                 for d in map(addressable, digests)
                 if d in self._blobs
             }

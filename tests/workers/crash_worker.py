@@ -191,7 +191,14 @@ def _reply(text: str) -> None:
     sys.stdout.flush()
 
 
+def _warm_up() -> None:
+    """Import and initialise each backend here, once, rather than in every forked child (saves ~100 ms each)."""
+    for backend in ("asyncio", "trio"):
+        anyio.run(anyio.sleep, 0, backend=backend)  # no worker threads: this process forks
+
+
 def main(layout: str, journal_path: str) -> None:
+    _warm_up()
     journal = os.open(journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)  # inherited by the writers
     holder = None
     for line in sys.stdin:

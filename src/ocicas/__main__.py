@@ -1,0 +1,5 @@
+"""``python -m ocicas``: the ``ocicas`` command."""
+
+from ocicas.cli import main
+
+main()

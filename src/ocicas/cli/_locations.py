@@ -1,0 +1,100 @@
+"""Where images live, as written on the command line, and opening them as engines.
+
+Today a location is an OCI image layout directory with an optional reference,
+``DIR[:REF]`` (skopeo's ``oci:DIR[:REF]`` spelling is accepted too). Registry
+locations will be parsed here as well: :func:`parse_location` is the one place
+that reads the syntax, and :func:`open_location` the one place that turns a
+location into an :class:`~ocicas.Engine`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+import click
+
+from .._dir_engine import create_layout, open_layout
+from .._engine import Engine
+from .._errors import InvalidError, LayoutExistsError, LayoutNotFoundError
+from .._layout_format import validate_reference_name
+
+__all__ = ["LOCATION", "Location", "open_location", "parse_location"]
+
+_SCHEME: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+if TYPE_CHECKING:  # generic since click 8.5; plain before
+    _ParamType = click.ParamType[Any, Any]
+else:
+    _ParamType = click.ParamType
+
+
+@dataclasses.dataclass(frozen=True)
+class Location:
+    """A place images are read from or written to."""
+
+    kind: Literal["layout"]
+    #: The layout directory.
+    path: str
+    #: The reference name, if one was given.
+    reference: str | None
+
+    def __str__(self) -> str:
+        return self.path if self.reference is None else f"{self.path}:{self.reference}"
+
+
+def parse_location(text: str) -> Location:
+    """Parse ``DIR[:REF]`` or ``oci:DIR[:REF]``; raise :class:`~ocicas.InvalidError` naming what is wrong.
+
+    The path ends at the first ``:`` (as in skopeo), so a reference name may hold
+    colons but a directory name written this way may not.
+    """
+    if _SCHEME.match(text):
+        raise InvalidError(f"unsupported location {text!r}: only OCI layout directories (DIR[:REF]) are supported")
+    if text.startswith("oci:"):
+        text = text[len("oci:") :]
+    path, colon, reference = text.partition(":")
+    if not path:
+        raise InvalidError(f"invalid location {text!r}: no directory")
+    if colon and not reference:
+        raise InvalidError(f"invalid location {text!r}: empty reference after ':'")
+    if colon:
+        validate_reference_name(reference)
+    return Location("layout", path, reference if colon else None)
+
+
+class _LocationType(_ParamType):
+    name = "location"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Location:
+        if isinstance(value, Location):
+            return value
+        try:
+            return parse_location(str(value))
+        except InvalidError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+#: A click parameter type for locations.
+LOCATION: Final = _LocationType()
+
+
+@asynccontextmanager
+async def open_location(location: Location | str, *, create: bool = False) -> AsyncIterator[Engine]:
+    """Open the engine of ``location`` (a layout directory), creating the layout first if ``create``."""
+    path = location.path if isinstance(location, Location) else location
+    try:
+        engine = await open_layout(path)
+    except LayoutNotFoundError:
+        if not create:
+            raise
+        try:
+            await create_layout(path)
+        except LayoutExistsError:
+            pass  # created by someone else meanwhile
+        engine = await open_layout(path)
+    async with engine:
+        yield engine
