@@ -39,9 +39,10 @@ from ocicas import (
     ImageConfig,
     Manifest,
     RootFS,
+    build_image,
+    build_index,
     from_descriptor,
 )
-from ocicas._build import build_image, build_index  # until ocicas exports them
 from tests.tools import Tool, ToolError, require
 
 pytestmark = pytest.mark.anyio

@@ -6,6 +6,7 @@ engine (:class:`MemoryEngine`), on anyio.
 """
 
 from ._blob import Blob, BlobParser, from_descriptor, read_described, register_media_type, unregister_media_type
+from ._build import build_image, build_index
 from ._context import Context
 from ._descriptor import Descriptor, Platform
 from ._digest import BLOB_ALGORITHM, SUPPORTED_ALGORITHMS, Digest
@@ -137,6 +138,8 @@ __all__ = [
     "SizeMismatchError",
     "UnsupportedAlgorithmError",
     "UnsupportedError",
+    "build_image",
+    "build_index",
     "children",
     "create_layout",
     "from_descriptor",

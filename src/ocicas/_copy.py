@@ -49,6 +49,8 @@ __all__ = ["COPY_CHUNK_SIZE", "DEFAULT_COPY_CONCURRENCY", "CopyEvent", "CopyProg
 DEFAULT_COPY_CONCURRENCY: Final = 4
 #: Bytes read from the source per step: big enough that thread hops are noise.
 COPY_CHUNK_SIZE: Final = 4 << 20
+#: Bytes looked at to tell a JSON document from anything else when searching for referrers.
+_SNIFF: Final = 64
 
 CopyEventKind = Literal["planned", "skipped", "started", "progress", "finished"]
 
@@ -183,7 +185,8 @@ class _Plan:
         """Add every manifest or index in the source whose ``subject`` is in the plan, to a fixed point."""
         src, ctx = self.src, self.ctx
         candidates = set(await src.list_blobs(ctx=ctx)) - self.graph.digests()
-        infos = await src.stat_blobs(sorted(candidates), ctx=ctx)
+        # the first bytes tell JSON (a possible referrer) from a tarball: layers are never read
+        infos = await src.stat_blobs(sorted(candidates), head=_SNIFF, ctx=ctx)
         found: dict[Digest, tuple[Digest, Descriptor]] = {}
         limiter = anyio.CapacityLimiter(DEFAULT_CONCURRENCY)
 
@@ -200,8 +203,8 @@ class _Plan:
                 self.data[digest] = data
 
         async with task_group() as tg:
-            for digest in sorted(candidates):
-                if digest in infos and infos[digest].size <= self.max_size:
+            for digest, info in sorted(infos.items()):
+                if info.size <= self.max_size and info.head.lstrip()[:1] in (b"{", b""):
                     tg.start_soon(inspect, digest)
 
         while True:  # a referrer's graph may hold the subject of another
@@ -334,7 +337,8 @@ async def copy(
     (named or not) whose ``subject`` is copied content, and their referrers in
     turn, with what they point at; the destination's reference does not name them
     (:func:`ocicas.gc` keeps referrers of live content). Finding them reads every
-    blob of ``src`` up to ``max_size`` bytes that is not otherwise copied.
+    blob of ``src`` that is not otherwise copied, is at most ``max_size`` bytes and
+    starts like JSON (the first bytes of every blob are looked at: layers are not read).
 
     ``platforms`` (``["linux/amd64", "linux/arm/v7"]``) copies only the manifests
     of those platforms out of every index: the index itself is copied unchanged,
