@@ -15,9 +15,19 @@ import anyio.lowlevel
 import pytest
 
 import ocicas
-from ocicas import BlobReader, Context, Descriptor, Digest, Engine, Platform
-from ocicas._copy import CopyEvent, CopyResult, copy
-from ocicas._engine import BlobInfo, BlobSource
+from ocicas import (
+    BlobInfo,
+    BlobReader,
+    BlobSource,
+    Context,
+    CopyEvent,
+    CopyResult,
+    Descriptor,
+    Digest,
+    Engine,
+    Platform,
+    copy,
+)
 from ocicas._media_types import EMPTY_DESCRIPTOR
 from tests.images import CONFIG, LAYER, MANIFEST, put, put_artifact, put_image, put_index, put_json
 
@@ -542,3 +552,19 @@ async def test_config_reference_is_a_leaf(engines: tuple[Engine, Engine]) -> Non
     await src.put_reference("config", config)
     result = await copy(src, "config", dst)
     assert result.copied == (config.digest,)
+
+
+async def test_a_large_index_is_filtered_and_copied(engines: tuple[Engine, Engine]) -> None:
+    src, dst = engines
+    image = await Image.put(src)
+    entries = [
+        m.replace(annotations={"entry": f"{n:06d}" * 20})
+        for n in range(3000)
+        for m in (image.amd64, image.arm64, image.armv7)
+    ]
+    large = await put_index(src, entries)
+    assert large.size > 1 << 20  # parsed in a worker thread
+    await src.put_reference("large", large)
+    result = await copy(src, "large", dst, platforms=["linux/amd64"])
+    assert set(await dst.list_blobs()) == {large.digest, *image.blobs[image.amd64]}
+    assert set(result.excluded) == {image.arm64.digest, image.armv7.digest}

@@ -372,3 +372,15 @@ async def test_a_large_gc_fetches_each_manifest_once_and_no_layer() -> None:
     assert max(engine.opened.values()) == 1
     assert set(engine.opened) == manifests | {i.digest for i in indexes}
     assert not layers & set(engine.opened)
+
+
+async def test_touched_blobs_are_fresh_again(engine: Engine) -> None:
+    reused = await put(engine, b"reused by a copy", "application/octet-stream")
+    other = await put(engine, b"left alone", "application/octet-stream")
+    await age_all(engine)
+    touched = await engine.touch_blobs([reused.digest, ocicas.testing.sha256(b"absent")])
+    assert set(touched) == {reused.digest}
+    assert touched[reused.digest].size == reused.size
+    result = await ocicas.gc(engine)
+    assert result.removed == (other.digest,)
+    assert result.fresh == {reused.digest}

@@ -31,8 +31,19 @@ from ._errors import (
     UnsupportedAlgorithmError,
     UnsupportedError,
 )
+from ._copy import DEFAULT_COPY_CONCURRENCY, CopyEvent, CopyProgress, CopyResult, copy
 from ._gc import DEFAULT_GRACE_PERIOD, GCPolicy, GCResult, gc
-from ._graph import DEFAULT_CONCURRENCY, DescriptorPath, Graph, children, is_node, resolve_reference, walk
+from ._graph import (
+    DEFAULT_CONCURRENCY,
+    DescriptorPath,
+    Graph,
+    children,
+    is_node,
+    parse_platform,
+    platform_matches,
+    resolve_reference,
+    walk,
+)
 from ._json import DEFAULT_JSON_LIMIT
 from ._layout_format import ANNOTATION_REF_NAME, IMAGE_LAYOUT_VERSION, validate_reference_name
 from ._media_types import (
@@ -71,6 +82,7 @@ __all__ = [
     "CHUNK_SIZE",
     "CONFIG_MEDIA_TYPES",
     "DEFAULT_CONCURRENCY",
+    "DEFAULT_COPY_CONCURRENCY",
     "DEFAULT_GRACE_PERIOD",
     "DEFAULT_JSON_LIMIT",
     "DEFAULT_READ_LIMIT",
@@ -111,6 +123,9 @@ __all__ = [
     "Context",
     "ContextCancelledError",
     "ContextError",
+    "CopyEvent",
+    "CopyProgress",
+    "CopyResult",
     "DeadlineExceededError",
     "Descriptor",
     "DescriptorPath",
@@ -138,19 +153,22 @@ __all__ = [
     "SizeMismatchError",
     "UnsupportedAlgorithmError",
     "UnsupportedError",
+    "__version__",
     "build_image",
     "build_index",
     "children",
+    "copy",
     "create_layout",
     "from_descriptor",
     "gc",
     "is_node",
     "open_layout",
+    "parse_platform",
+    "platform_matches",
     "read_described",
     "register_media_type",
     "resolve_reference",
     "unregister_media_type",
     "validate_reference_name",
     "walk",
-    "__version__",
 ]

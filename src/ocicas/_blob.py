@@ -21,7 +21,7 @@ from ._context import Context
 from ._descriptor import Descriptor, validate_media_type
 from ._digest import Digest, Verifier, addressable
 from ._engine import BlobReader, Engine
-from ._errors import BlobTooLargeError, ClobberError, InvalidError, SizeMismatchError
+from ._errors import BlobTooLargeError, ClobberError, DigestMismatchError, InvalidError, SizeMismatchError
 from ._json import DEFAULT_JSON_LIMIT, load_json
 from ._media_types import (
     CONFIG_MEDIA_TYPES,
@@ -166,6 +166,13 @@ async def read_described(
         data = await engine.read_blob(digest, max_size=descriptor.size, ctx=ctx)
     except BlobTooLargeError:
         raise SizeMismatchError(f"blob {digest} is larger than its descriptor's size {descriptor.size}") from None
+    except DigestMismatchError:  # a file shorter than described fails its hash first: name the size
+        stored = await engine.stat_blob(digest, ctx=ctx)
+        if stored != descriptor.size:
+            raise SizeMismatchError(
+                f"blob {digest} has {stored} bytes, but its descriptor says {descriptor.size}"
+            ) from None
+        raise
     if len(data) != descriptor.size:
         raise SizeMismatchError(f"blob {digest} has {len(data)} bytes, but its descriptor says {descriptor.size}")
     return data

@@ -34,13 +34,13 @@ from ._context import Context, bound
 from ._descriptor import Descriptor, Platform
 from ._digest import Digest
 from ._engine import Engine
-from ._errors import BlobNotFoundError, InvalidError, NotFoundError, SizeMismatchError
-from ._gc import _as_referrer
-from ._graph import DEFAULT_CONCURRENCY, Graph, _platform_matches, children, is_node, parse_platform
+from ._errors import BlobNotFoundError, NotFoundError, SizeMismatchError
+from ._graph import DEFAULT_CONCURRENCY, Graph, children, parse_platform, platform_matches, walk
 from ._json import DEFAULT_JSON_LIMIT
 from ._layout_format import validate_reference_name
 from ._media_types import INDEX_MEDIA_TYPES, MANIFEST_MEDIA_TYPES
 from ._models import Index
+from ._referrers import SNIFF_SIZE, find_referrers
 from ._tasks import task_group
 
 __all__ = ["COPY_CHUNK_SIZE", "DEFAULT_COPY_CONCURRENCY", "CopyEvent", "CopyProgress", "CopyResult", "copy"]
@@ -49,8 +49,6 @@ __all__ = ["COPY_CHUNK_SIZE", "DEFAULT_COPY_CONCURRENCY", "CopyEvent", "CopyProg
 DEFAULT_COPY_CONCURRENCY: Final = 4
 #: Bytes read from the source per step: big enough that thread hops are noise.
 COPY_CHUNK_SIZE: Final = 4 << 20
-#: Bytes looked at to tell a JSON document from anything else when searching for referrers.
-_SNIFF: Final = 64
 
 CopyEventKind = Literal["planned", "skipped", "started", "progress", "finished"]
 
@@ -103,7 +101,7 @@ class CopyResult:
 
 
 class _Plan:
-    """The graph to copy: what it holds, the bytes already read, who points at whom."""
+    """The graph to copy (with the bytes of every node read) and what the platform filter left out."""
 
     def __init__(self, src: Engine, platforms: list[Platform] | None, max_size: int, ctx: Context | None) -> None:
         self.src = src
@@ -111,14 +109,13 @@ class _Plan:
         self.max_size = max_size
         self.ctx = ctx
         self.graph = Graph()
-        self.data: dict[Digest, bytes] = {}  # manifests, indexes and embedded data, as read
-        self.parents: dict[Digest, set[Digest]] = {}
         self.excluded: set[Digest] = set()
         self.referrers: set[Digest] = set()
 
-    def _where(self, digest: Digest) -> str:
-        parents = sorted(self.parents.get(digest, ()))
-        return f" (referenced by {parents[0]})" if parents else ""
+    @property
+    def data(self) -> dict[Digest, bytes]:
+        """Manifests and indexes as read while planning: never read twice."""
+        return self.graph.data
 
     def _keep(self, parent: Descriptor, data: bytes) -> list[Descriptor]:
         """The children of ``parent`` to copy: all of them, less index entries of other platforms."""
@@ -128,91 +125,48 @@ class _Plan:
         kept = []
         for entry in index.manifests:
             if entry.media_type in MANIFEST_MEDIA_TYPES and not any(
-                _platform_matches(entry.platform, wanted) for wanted in self.platforms
+                platform_matches(entry.platform, wanted) for wanted in self.platforms
             ):
                 self.excluded.add(entry.digest)
             else:
                 kept.append(entry)
         return [*kept, *([index.subject] if index.subject else [])]
 
-    async def walk(self, roots: Iterable[Descriptor]) -> None:
+    async def walk(self, roots: list[Descriptor]) -> None:
         """Add ``roots`` and everything they reach to the plan, reading each node once."""
-        limiter = anyio.CapacityLimiter(DEFAULT_CONCURRENCY)
-        graph = self.graph
-
-        async def visit(descriptor: Descriptor) -> None:
-            digest = descriptor.digest
-            try:
-                # embedded content was verified when parsed; a referrer's was read while searching
-                known = descriptor.data if descriptor.data is not None else self.data.get(digest)
-                if known is not None:
-                    data = known
-                else:
-                    if descriptor.size > self.max_size:
-                        raise InvalidError(f"claims {descriptor.size} bytes, over the cap of {self.max_size}")
-                    async with limiter:
-                        data = await self.src.read_blob(digest, max_size=self.max_size, ctx=self.ctx)
-                    if len(data) != descriptor.size:
-                        raise SizeMismatchError(f"has {len(data)} bytes, but its descriptor says {descriptor.size}")
-                found = self._keep(descriptor, data)
-            except BlobNotFoundError as exc:
-                raise BlobNotFoundError(
-                    f"{descriptor.media_type} {digest}{self._where(digest)} is missing from the source"
-                ) from exc
-            except InvalidError as exc:
-                raise type(exc)(f"{descriptor.media_type} {digest}{self._where(digest)}: {exc}") from exc
-            self.data[digest] = data
-            graph.edges[digest] = tuple(found)
-            for child in found:
-                reach(child, digest)
-
-        def reach(descriptor: Descriptor, parent: Digest | None) -> None:
-            if parent is not None:
-                self.parents.setdefault(descriptor.digest, set()).add(parent)
-            if descriptor.digest in graph.descriptors:
-                return
-            graph.descriptors[descriptor.digest] = descriptor
-            if is_node(descriptor):
-                tg.start_soon(visit, descriptor)
-            elif descriptor.data is not None:
-                self.data[descriptor.digest] = descriptor.data
-
-        async with task_group() as tg:
-            for root in roots:
-                reach(root, None)
+        try:
+            await walk(
+                self.src,
+                roots,
+                graph=self.graph,
+                expand=self._keep,
+                keep_data=True,
+                max_size=self.max_size,
+                ctx=self.ctx,
+            )
+        except BlobNotFoundError as exc:
+            raise BlobNotFoundError(f"{exc} from the source") from exc
+        for digest, descriptor in self.graph.descriptors.items():
+            if descriptor.data is not None:  # embedded content: copied from memory
+                self.graph.data.setdefault(digest, descriptor.data)
 
     async def add_referrers(self) -> None:
         """Add every manifest or index in the source whose ``subject`` is in the plan, to a fixed point."""
         src, ctx = self.src, self.ctx
-        candidates = set(await src.list_blobs(ctx=ctx)) - self.graph.digests()
-        # the first bytes tell JSON (a possible referrer) from a tarball: layers are never read
-        infos = await src.stat_blobs(sorted(candidates), head=_SNIFF, ctx=ctx)
-        found: dict[Digest, tuple[Digest, Descriptor]] = {}
-        limiter = anyio.CapacityLimiter(DEFAULT_CONCURRENCY)
-
-        async def inspect(digest: Digest) -> None:
-            async with limiter:
-                try:
-                    data = await src.read_blob(digest, max_size=self.max_size, ctx=ctx)
-                except (InvalidError, BlobNotFoundError):
-                    return  # corrupt, or deleted meanwhile: nothing that could be copied anyway
-            referrer = _as_referrer(digest, data)
-            if referrer is not None:
-                subject, descriptor = referrer
-                found[digest] = subject, descriptor.replace(data=None)
-                self.data[digest] = data
-
-        async with task_group() as tg:
-            for digest, info in sorted(infos.items()):
-                if info.size <= self.max_size and info.head.lstrip()[:1] in (b"{", b""):
-                    tg.start_soon(inspect, digest)
-
-        while True:  # a referrer's graph may hold the subject of another
-            new = sorted(d for d, (subject, _) in found.items() if d not in self.graph and subject in self.graph)
-            if not new:
-                return
-            self.referrers.update(new)
-            await self.walk(found[d][1] for d in new)
+        blobs = await src.list_blobs(ctx=ctx)
+        candidates = sorted(set(blobs) - self.graph.descriptors.keys())
+        infos = await src.stat_blobs(candidates, head=SNIFF_SIZE, ctx=ctx)
+        found = await find_referrers(
+            src,
+            self.graph,
+            list(infos),
+            infos,
+            self.walk,
+            concurrency=DEFAULT_CONCURRENCY,
+            max_size=self.max_size,
+            ctx=ctx,
+        )
+        self.referrers.update(found)
 
 
 class _Mover:
@@ -262,7 +216,7 @@ class _Mover:
         async def run(descriptor: Descriptor) -> None:
             async with self.limiter:
                 await self.transfer(descriptor)
-            for parent in sorted(self.plan.parents.get(descriptor.digest, ())):
+            for parent in sorted(self.plan.graph.parents.get(descriptor.digest, ())):
                 if parent in waiting:
                     waiting[parent] -= 1
                     if waiting[parent] == 0:
@@ -285,7 +239,7 @@ class _Mover:
             async with reader:
                 if reader.size != size:
                     raise SizeMismatchError(
-                        f"blob {digest}{self.plan._where(digest)} has {reader.size} bytes in the source, "
+                        f"blob {digest}{self.plan.graph.where(digest)} has {reader.size} bytes in the source, "
                         f"but its descriptor says {size}"
                     )
                 self.report("started", descriptor)
@@ -386,7 +340,8 @@ async def copy(
             await plan.add_referrers()
         order = plan.graph.bottom_up()
 
-        present = await dst.stat_blobs([d.digest for d in order], ctx=ctx)
+        # touched, not just looked at: a concurrent GC's grace period now protects what we reuse
+        present = await dst.touch_blobs([d.digest for d in order], ctx=ctx)
         skipped = [d for d in order if d.digest in present and present[d.digest].size == d.size]
         skipped_digests = {d.digest for d in skipped}
         missing = [d for d in order if d.digest not in skipped_digests]
@@ -433,10 +388,11 @@ async def _check_source(src: Engine, plan: _Plan, needed: list[Descriptor], ctx:
         info = infos.get(digest)
         if info is None:
             raise BlobNotFoundError(
-                f"{descriptor.media_type} {digest}{plan._where(digest)} is missing from the source and the destination"
+                f"{descriptor.media_type} {digest}{plan.graph.where(digest)} "
+                "is missing from the source and the destination"
             )
         if info.size != descriptor.size:
             raise SizeMismatchError(
-                f"blob {digest}{plan._where(digest)} has {info.size} bytes in the source, "
+                f"blob {digest}{plan.graph.where(digest)} has {info.size} bytes in the source, "
                 f"but its descriptor says {descriptor.size}"
             )

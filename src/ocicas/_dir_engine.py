@@ -25,6 +25,7 @@ import os
 import secrets
 import stat
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from pathlib import Path
@@ -167,14 +168,30 @@ async def open_layout(path: str | os.PathLike[str]) -> DirEngine:
     return await _run(DirEngine._open, Path(path))
 
 
+def _open_regular(name: str, dir_fd: int, what: str) -> int:
+    """Open a regular file for reading; raise :class:`InvalidError` for anything else, unopened.
+
+    A symlink is never followed, and a device, socket or FIFO is never opened
+    (opening a device can have effects; sockets and devices without a driver
+    fail with ENXIO): the file's type is checked first. Callers still check the
+    opened file's type, in case the path was swapped meanwhile.
+    """
+    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    if stat.S_ISLNK(st.st_mode):
+        raise InvalidError(f"{what} is a symlink; refusing to follow it")
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidError(f"{what} is not a regular file")
+    try:
+        return os.open(name, _READ_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO, errno.ENODEV):  # swapped since the check
+            raise InvalidError(f"{what} is not a regular file") from None
+        raise
+
+
 def _read_small(dir_fd: int, name: str, limit: int, what: str) -> tuple[os.stat_result, bytes]:
     """Read a whole regular file that must not be a symlink or larger than ``limit``."""
-    try:
-        fd = os.open(name, _READ_FLAGS, dir_fd=dir_fd)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise InvalidError(f"{what} is a symlink") from None
-        raise
+    fd = _open_regular(name, dir_fd, what)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -429,7 +446,7 @@ class DirEngine(Engine):
         try:
             alg = self._alg_dir(digest.algorithm)
             try:
-                fd = os.open(digest.encoded, _READ_FLAGS, dir_fd=alg)
+                fd = _open_regular(digest.encoded, alg, f"blob {digest}")
             finally:
                 os.close(alg)
         except FileNotFoundError:
@@ -554,7 +571,7 @@ class DirEngine(Engine):
                 for digest in group:
                     try:
                         if head:
-                            fd = os.open(digest.encoded, _READ_FLAGS, dir_fd=alg)
+                            fd = _open_regular(digest.encoded, alg, f"blob {digest}")
                             try:
                                 st = os.fstat(fd)
                                 prefix = os.pread(fd, head, 0) if stat.S_ISREG(st.st_mode) else b""
@@ -563,14 +580,35 @@ class DirEngine(Engine):
                         else:
                             st = os.stat(digest.encoded, dir_fd=alg, follow_symlinks=False)
                             prefix = b""
-                    except OSError:
-                        continue  # absent, or a symlink (ELOOP): not a blob
+                    except (OSError, InvalidError):
+                        continue  # absent, or not a regular file: not a blob
                     if stat.S_ISREG(st.st_mode):
                         out[digest] = BlobInfo(st.st_size, st.st_mtime_ns / 1e9, prefix)
             return out
 
         async with bound(ctx):
             return await _run_split(stats, list(digests))
+
+    async def touch_blobs(self, digests: Iterable[Digest], *, ctx: Context | None = None) -> dict[Digest, BlobInfo]:
+        self._check_open()
+
+        def touch(digests: list[Digest]) -> dict[Digest, BlobInfo]:
+            out = {}
+            for alg, group in self._by_algorithm(digests):
+                for digest in group:
+                    with self._blob_lock:
+                        try:
+                            st = os.stat(digest.encoded, dir_fd=alg, follow_symlinks=False)
+                            if not stat.S_ISREG(st.st_mode):
+                                continue
+                            os.utime(digest.encoded, dir_fd=alg, follow_symlinks=False)
+                        except FileNotFoundError:
+                            continue
+                    out[digest] = BlobInfo(st.st_size, time.time())
+            return out
+
+        async with bound(ctx):
+            return await _run_split(touch, list(digests))
 
     async def delete_blobs(
         self, digests: Iterable[Digest], *, unmodified_since: float | None = None, ctx: Context | None = None
@@ -645,7 +683,7 @@ class DirEngine(Engine):
     def _load_index(self) -> IndexDocument:
         """The parsed ``index.json``, re-read only when the file's identity changed."""
         try:
-            fd = os.open("index.json", _READ_FLAGS, dir_fd=self._root)
+            fd = _open_regular("index.json", self._root, "index.json")
         except FileNotFoundError:
             raise InvalidError(f"not a layout: {str(self.path)!r} has no index.json") from None
         except OSError as exc:

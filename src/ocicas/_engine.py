@@ -292,6 +292,16 @@ class Engine(ABC):
             out[digest] = BlobInfo(size, None, prefix)
         return out
 
+    async def touch_blobs(self, digests: Iterable[Digest], *, ctx: Context | None = None) -> dict[Digest, BlobInfo]:
+        """Freshen the present blobs among ``digests``, as ``put_blob`` of present content does; return them.
+
+        A writer that reuses blobs it finds present (as :func:`ocicas.copy` does)
+        touches them so a concurrent GC's grace period protects them until it has
+        referenced them. Atomic with respect to :meth:`delete_blobs`. The default,
+        for engines without blob times, only reports them.
+        """
+        return await self.stat_blobs(digests, ctx=ctx)
+
     async def delete_blobs(
         self, digests: Iterable[Digest], *, unmodified_since: float | None = None, ctx: Context | None = None
     ) -> dict[Digest, int]:

@@ -17,9 +17,12 @@ also derives from the builtin exception a Python user would naturally catch::
     ├── UnsupportedError (NotImplementedError) ErrNotImplemented
     │   └── UnsupportedAlgorithmError          a digest algorithm we cannot compute
     ├── EngineClosedError (ValueError)         the engine was closed
-    └── ContextError                           a Context ended the operation
-        ├── ContextCancelledError              ``ctx.cancel()`` was called
-        └── DeadlineExceededError (TimeoutError)
+    ├── ContextError                           a Context ended the operation
+    │   ├── ContextCancelledError              ``ctx.cancel()`` was called
+    │   └── DeadlineExceededError (TimeoutError)
+    └── RegistryError                          a registry failed a request (status and error codes)
+        ├── AccessDeniedError (PermissionError)        credentials refused, or no access
+        └── RegistryUnreachableError (ConnectionError) refused, reset, TLS failure, timeout
 
 Operating-system failures (a full disk, a permission error) propagate as the
 ``OSError`` the system raised: they are not ocicas's verdict on the data.
@@ -28,6 +31,7 @@ Operating-system failures (a full disk, a permission error) propagate as the
 from __future__ import annotations
 
 __all__ = [
+    "AccessDeniedError",
     "BlobNotFoundError",
     "BlobTooLargeError",
     "ClobberError",
@@ -42,6 +46,8 @@ __all__ = [
     "NotFoundError",
     "OCICASError",
     "ReferenceNotFoundError",
+    "RegistryError",
+    "RegistryUnreachableError",
     "SizeMismatchError",
     "UnsupportedAlgorithmError",
     "UnsupportedError",
@@ -118,3 +124,24 @@ class ContextCancelledError(ContextError):
 
 class DeadlineExceededError(ContextError, TimeoutError):
     """The operation's context reached its deadline."""
+
+
+class RegistryError(OCICASError):
+    """A registry failed a request and ocicas has no more specific error for it.
+
+    :attr:`status` is the HTTP status (``None`` if no answer came) and :attr:`codes`
+    the distribution-spec error codes of the answer (``("MANIFEST_INVALID",)``).
+    """
+
+    def __init__(self, message: str, *, status: int | None = None, codes: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.status = status
+        self.codes = codes
+
+
+class AccessDeniedError(RegistryError, PermissionError):
+    """A registry refused the credentials, or they do not grant the access needed."""
+
+
+class RegistryUnreachableError(RegistryError, ConnectionError):
+    """A registry could not be reached: connection refused or dropped, TLS failure, timeout."""

@@ -19,19 +19,17 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import Final, TypeVar
 
 import anyio
 
 from ._context import Context, bound
-from ._descriptor import Descriptor
 from ._digest import Digest
 from ._engine import BlobInfo, Engine
-from ._errors import BlobNotFoundError, InvalidError, OCICASError
-from ._graph import DEFAULT_CONCURRENCY, Graph, walk
-from ._json import DEFAULT_JSON_LIMIT, load_json
-from ._media_types import INDEX_MEDIA_TYPES, MANIFEST_MEDIA_TYPES, MEDIA_TYPE_IMAGE_INDEX, MEDIA_TYPE_IMAGE_MANIFEST
+from ._graph import DEFAULT_CONCURRENCY, walk
+from ._json import DEFAULT_JSON_LIMIT
+from ._referrers import SNIFF_SIZE, find_referrers
 from ._tasks import task_group
 
 __all__ = ["DEFAULT_GRACE_PERIOD", "GCPolicy", "GCResult", "gc"]
@@ -40,9 +38,6 @@ _T = TypeVar("_T")
 
 #: Seconds a new or freshened blob is safe from collection by default.
 DEFAULT_GRACE_PERIOD: Final = 3600.0
-
-#: Bytes read from each unreachable blob to tell JSON (a possible referrer) from anything else.
-_SNIFF: Final = 64
 
 #: ``async (digest) -> bool``: return ``False`` to keep a blob the collector would delete.
 GCPolicy = Callable[[Digest], Awaitable[bool]]
@@ -67,26 +62,6 @@ class GCResult:
     #: Nodes treated as leaves because they were missing or broken (``broken_ok=True``).
     broken: frozenset[Digest]
     dry_run: bool
-
-
-def _as_referrer(digest: Digest, data: bytes) -> tuple[Digest, Descriptor] | None:
-    """If ``data`` is a manifest or index with a ``subject``: that subject, and a descriptor of it.
-
-    The descriptor embeds ``data``, so walking it later does not read the blob again.
-    """
-    try:
-        document = load_json(data, "blob")
-        if not isinstance(document, dict) or not isinstance(document.get("subject"), dict):
-            return None
-        subject = Descriptor.from_dict(document["subject"]).digest
-        media_type = document.get("mediaType")
-        if not isinstance(media_type, str):
-            media_type = MEDIA_TYPE_IMAGE_INDEX if "manifests" in document else MEDIA_TYPE_IMAGE_MANIFEST
-        if media_type not in MANIFEST_MEDIA_TYPES and media_type not in INDEX_MEDIA_TYPES:
-            return None
-        return subject, Descriptor(media_type=media_type, digest=digest, size=len(data), data=data)
-    except OCICASError:
-        return None
 
 
 def _older(info: BlobInfo, cutoff: float) -> bool:
@@ -124,7 +99,7 @@ async def gc(
         blobs = await engine.list_blobs(ctx=ctx)
         # set arithmetic over every blob runs in a worker thread: O(n) work stays off the event loop
         unreachable = await _compute(lambda: sorted(set(blobs) - graph.descriptors.keys()))
-        infos = await engine.stat_blobs(unreachable, head=_SNIFF if referrers else 0, ctx=ctx)
+        infos = await engine.stat_blobs(unreachable, head=SNIFF_SIZE if referrers else 0, ctx=ctx)
 
         def triage() -> tuple[list[Digest], set[Digest]]:
             old, fresh = [], set()
@@ -141,8 +116,17 @@ async def gc(
         candidates, fresh = await _compute(triage)
         kept_referrers: set[Digest] = set()
         if referrers:
-            kept_referrers = await _keep_referrers(
-                engine, graph, candidates, infos, concurrency, broken_ok, max_size, ctx
+            kept_referrers = await find_referrers(
+                engine,
+                graph,
+                candidates,
+                infos,
+                lambda roots: walk(
+                    engine, roots, graph=graph, concurrency=concurrency, broken_ok=broken_ok, max_size=max_size, ctx=ctx
+                ),
+                concurrency=concurrency,
+                max_size=max_size,
+                ctx=ctx,
             )
             if kept_referrers:
                 candidates = [d for d in candidates if d not in graph.descriptors]
@@ -176,55 +160,6 @@ async def gc(
 async def _compute(func: Callable[[], _T]) -> _T:
     """Run pure-Python work over every blob in a worker thread."""
     return await anyio.to_thread.run_sync(func)
-
-
-async def _keep_referrers(
-    engine: Engine,
-    graph: Graph,
-    candidates: list[Digest],
-    infos: Mapping[Digest, BlobInfo],
-    concurrency: int,
-    broken_ok: bool,
-    max_size: int,
-    ctx: Context | None,
-) -> set[Digest]:
-    """Find unreachable manifests whose subject is live; add them and their graphs to ``graph``."""
-    referrers: dict[Digest, tuple[Digest, Descriptor]] = {}
-    limiter = anyio.CapacityLimiter(concurrency)
-
-    async def inspect(digest: Digest) -> None:
-        async with limiter:
-            try:
-                data = await engine.read_blob(digest, max_size=max_size, ctx=ctx)
-            except (InvalidError, BlobNotFoundError):
-                return  # corrupt, or deleted meanwhile: nothing that can point anywhere
-        found = _as_referrer(digest, data)
-        if found is not None:
-            referrers[digest] = found
-
-    def json_like() -> list[Digest]:
-        # only JSON can be a manifest: tarballs and compressed layers are never opened
-        return [d for d in candidates if infos[d].size <= max_size and infos[d].head.lstrip()[:1] in (b"{", b"")]
-
-    async with task_group() as tg:
-        for digest in await _compute(json_like):
-            tg.start_soon(inspect, digest)
-
-    kept: set[Digest] = set()
-    while True:  # to a fixed point: a referrer's graph may hold the subject of another
-        found = [d for d, (subject, _) in referrers.items() if d not in kept and subject in graph.descriptors]
-        if not found:
-            return kept
-        kept.update(found)
-        await walk(
-            engine,
-            [referrers[d][1] for d in found],
-            concurrency=concurrency,
-            broken_ok=broken_ok,
-            max_size=max_size,
-            graph=graph,
-            ctx=ctx,
-        )
 
 
 async def _vetoes(policy: GCPolicy, candidates: list[Digest], concurrency: int) -> set[Digest]:

@@ -9,9 +9,11 @@ never opened, so a walk reads manifests and indexes only, never layers.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Final
 
 import anyio
+import anyio.to_thread
 
 from ._blob import read_described
 from ._context import Context, bound
@@ -24,7 +26,18 @@ from ._media_types import INDEX_MEDIA_TYPES, MANIFEST_MEDIA_TYPES, MEDIA_TYPE_DE
 from ._models import Index, Manifest
 from ._tasks import task_group
 
-__all__ = ["DEFAULT_CONCURRENCY", "DescriptorPath", "Graph", "children", "is_node", "resolve_reference", "walk"]
+__all__ = [
+    "DEFAULT_CONCURRENCY",
+    "DescriptorPath",
+    "Expand",
+    "Graph",
+    "children",
+    "is_node",
+    "parse_platform",
+    "platform_matches",
+    "resolve_reference",
+    "walk",
+]
 
 #: Manifests and indexes fetched at once by default.
 DEFAULT_CONCURRENCY = 16
@@ -63,6 +76,15 @@ class Graph:
     edges: dict[Digest, tuple[Descriptor, ...]] = dataclasses.field(default_factory=dict)
     #: Nodes that were absent or unreadable, when the walk was told to treat them as leaves.
     broken: dict[Digest, OCICASError] = dataclasses.field(default_factory=dict)
+    #: The nodes that point at each digest reached.
+    parents: dict[Digest, set[Digest]] = dataclasses.field(default_factory=dict)
+    #: The bytes of every node read, with ``walk(keep_data=True)``; a walk uses bytes found here instead of reading.
+    data: dict[Digest, bytes] = dataclasses.field(default_factory=dict)
+
+    def where(self, digest: Digest) -> str:
+        """`` (referenced by …)`` naming a node that points at ``digest``, for messages."""
+        parents = self.parents.get(digest)
+        return f" (referenced by {min(parents)})" if parents else ""
 
     def __contains__(self, digest: object) -> bool:
         return digest in self.descriptors
@@ -95,6 +117,13 @@ class Graph:
         return order
 
 
+#: ``expand(descriptor, data) -> children``: which edges of a node a walk follows.
+Expand = Callable[[Descriptor, bytes], list[Descriptor]]
+
+#: Documents at least this big are parsed in a worker thread, off the event loop.
+_THREAD_PARSE_SIZE: Final = 1 << 20
+
+
 async def walk(
     engine: Engine,
     roots: Iterable[Descriptor],
@@ -103,49 +132,66 @@ async def walk(
     broken_ok: bool = False,
     max_size: int = DEFAULT_JSON_LIMIT,
     graph: Graph | None = None,
+    expand: Expand = children,
+    keep_data: bool = False,
     ctx: Context | None = None,
 ) -> Graph:
     """Walk the descriptor graph from ``roots`` and return everything reached.
 
-    Each manifest and index is fetched once (verified, capped at ``max_size``
-    bytes), however many roots share it, with at most ``concurrency`` fetches at a
-    time. A node that is missing or does not parse raises
-    :class:`~ocicas.BlobNotFoundError` or :class:`~ocicas.InvalidError` naming it and
-    the node that points at it, unless ``broken_ok`` is true: it is then recorded in
-    :attr:`Graph.broken` and treated as a leaf. Missing leaves (layers, configs) are
-    fine: partial layouts are legal. Pass ``graph`` to extend an earlier walk.
+    Each manifest and index is fetched once (verified against its digest and
+    size, capped at ``max_size`` bytes), however many roots share it, with at most
+    ``concurrency`` fetches at a time. A node that is missing or does not parse
+    raises :class:`~ocicas.BlobNotFoundError` or :class:`~ocicas.InvalidError`
+    naming it and a node that points at it, unless ``broken_ok`` is true: it is
+    then recorded in :attr:`Graph.broken` and treated as a leaf. Missing leaves
+    (layers, configs) are fine: partial layouts are legal.
+
+    Pass ``graph`` to extend an earlier walk, ``expand`` to follow only some edges
+    (the default, :func:`children`, follows all), and ``keep_data=True`` to keep
+    the bytes of every node read in :attr:`Graph.data`.
     """
     if concurrency < 1:
         raise ValueError(f"concurrency must be at least 1, not {concurrency}")
     graph = Graph() if graph is None else graph
     limiter = anyio.CapacityLimiter(concurrency)
 
-    async def visit(descriptor: Descriptor, parent: Descriptor | None) -> None:
-        where = f" (referenced by {parent.digest})" if parent is not None else ""
+    async def visit(descriptor: Descriptor) -> None:
+        digest = descriptor.digest
         try:
-            async with limiter:
-                data = await read_described(engine, descriptor, max_size=max_size, ctx=ctx)
-            found = children(descriptor, data)
+            data = graph.data.get(digest)
+            if data is None:
+                async with limiter:
+                    data = await read_described(engine, descriptor, max_size=max_size, ctx=ctx)
+            if len(data) >= _THREAD_PARSE_SIZE:
+                found = await anyio.to_thread.run_sync(expand, descriptor, data)
+            else:
+                found = expand(descriptor, data)
         except BlobNotFoundError as exc:
             if not broken_ok:
-                raise BlobNotFoundError(f"{descriptor.media_type} {descriptor.digest}{where} is missing") from exc
-            graph.broken[descriptor.digest] = exc
+                raise BlobNotFoundError(f"{descriptor.media_type} {digest}{graph.where(digest)} is missing") from exc
+            graph.broken[digest] = exc
             return
         except InvalidError as exc:
             if not broken_ok:
-                raise type(exc)(f"{descriptor.media_type} {descriptor.digest}{where}: {exc}") from exc
-            graph.broken[descriptor.digest] = exc
+                raise type(exc)(f"{descriptor.media_type} {digest}{graph.where(digest)}: {exc}") from exc
+            graph.broken[digest] = exc
             return
-        graph.edges[descriptor.digest] = tuple(found)
+        if keep_data:
+            graph.data[digest] = data
+        else:
+            graph.data.pop(digest, None)
+        graph.edges[digest] = tuple(found)
         for child in found:
-            reach(child, descriptor)
+            reach(child, digest)
 
-    def reach(descriptor: Descriptor, parent: Descriptor | None) -> None:
+    def reach(descriptor: Descriptor, parent: Digest | None) -> None:
+        if parent is not None:
+            graph.parents.setdefault(descriptor.digest, set()).add(parent)
         if descriptor.digest in graph.descriptors:
             return
         graph.descriptors[descriptor.digest] = descriptor
         if is_node(descriptor):
-            tg.start_soon(visit, descriptor, parent)
+            tg.start_soon(visit, descriptor)
 
     async with bound(ctx), task_group() as tg:
         for root in roots:
@@ -170,7 +216,8 @@ class DescriptorPath:
         return self.walk[-1]
 
 
-def _platform_matches(candidate: Platform | None, wanted: Platform) -> bool:
+def platform_matches(candidate: Platform | None, wanted: Platform) -> bool:
+    """Whether an index entry's ``platform`` is ``wanted`` (a variant or OS version only if ``wanted`` names one)."""
     if candidate is None:
         return False
     return (
@@ -225,7 +272,7 @@ async def resolve_reference(
             if (
                 wanted is not None
                 and entry.media_type in MANIFEST_MEDIA_TYPES
-                and not _platform_matches(entry.platform, wanted)
+                and not platform_matches(entry.platform, wanted)
             ):
                 continue
             pending.append((*path, entry))

@@ -108,6 +108,18 @@ class MemoryEngine(Engine):
                 if d in self._blobs
             }
 
+    async def touch_blobs(self, digests: Iterable[Digest], *, ctx: Context | None = None) -> dict[Digest, BlobInfo]:
+        self._check_open()
+        async with bound(ctx):
+            await anyio.lowlevel.checkpoint()
+            now = time.time()
+            out = {}
+            for digest in map(addressable, digests):
+                if digest in self._blobs:
+                    self._modified[digest] = now
+                    out[digest] = BlobInfo(len(self._blobs[digest]), now)
+            return out
+
     async def delete_blobs(
         self, digests: Iterable[Digest], *, unmodified_since: float | None = None, ctx: Context | None = None
     ) -> dict[Digest, int]:

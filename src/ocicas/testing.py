@@ -14,7 +14,8 @@ module and providing an ``engine`` fixture (async, yielding a fresh, empty engin
 Every test runs on asyncio and on trio (override the ``anyio_backend`` fixture to
 change that). Operations an engine cannot perform are listed in
 :attr:`EngineConformance.unsupported`: the suite then checks that they raise
-:class:`~ocicas.UnsupportedError` and skips the tests that need them.
+:class:`~ocicas.UnsupportedError` and skips the tests that need them. Engines
+whose references are registry tags set :attr:`EngineConformance.references_are_tags`.
 Requires pytest and anyio's pytest plugin (``-p anyio``).
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, ClassVar
 
@@ -90,6 +92,10 @@ BAD_NAMES: tuple[str, ...] = (
 )
 
 
+#: The distribution-spec tag grammar.
+_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+
+
 def sha256(data: bytes) -> Digest:
     """The sha256 digest of ``data``."""
     return Digest("sha256:" + hashlib.sha256(data).hexdigest())
@@ -127,6 +133,12 @@ class EngineConformance:
     #: Operation names (``"list_blobs"``, ``"delete_blob"``, ``"gc"``, …) the engine cannot do.
     unsupported: ClassVar[frozenset[str]] = frozenset()
 
+    #: References are registry tags: a tag must name a manifest or index that is stored
+    #: (with what it needs), keeps only its media type, digest and size, and its name must
+    #: also be a tag (``[A-Za-z0-9_][A-Za-z0-9._-]{0,127}``). The reference tests then tag
+    #: real manifests (:meth:`target`), compare bare descriptors and use tag names.
+    references_are_tags: ClassVar[bool] = False
+
     pytestmark = pytest.mark.anyio
 
     @pytest.fixture(params=["asyncio", "trio"])
@@ -144,6 +156,27 @@ class EngineConformance:
         missing = sorted(set(operations) & self.unsupported)
         if missing:
             pytest.skip(f"engine does not support {', '.join(missing)}")
+
+    async def target(self, engine: Engine, seed: bytes, media_type: str = _MANIFEST) -> Descriptor:
+        """A descriptor to put under a reference, the same for the same ``seed``, distinct for others.
+
+        Usually of content that is never stored (references need not resolve); with
+        :attr:`references_are_tags`, of a real manifest (empty config, no layers) or
+        index (no entries) stored first, told apart by a ``seed`` annotation.
+        """
+        if not self.references_are_tags:
+            return _descriptor(seed, media_type)
+        annotations = {"org.example.seed": seed.hex()}
+        document: dict[str, Any]
+        if media_type == _INDEX:
+            document = {"schemaVersion": 2, "mediaType": _INDEX, "manifests": [], "annotations": annotations}
+        else:
+            empty, _ = await engine.put_blob(b"{}")
+            config = {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": 2}
+            document = {"schemaVersion": 2, "mediaType": _MANIFEST, "config": config, "layers": []}
+            document["annotations"] = annotations
+        digest, size = await engine.put_blob_json(document)
+        return Descriptor(media_type=media_type, digest=digest, size=size)
 
     # -- unsupported operations ---------------------------------------------------------
 
@@ -360,29 +393,30 @@ class EngineConformance:
     # -- references ---------------------------------------------------------------------
 
     async def test_put_and_get_reference(self, engine: Engine) -> None:
-        manifest, _ = await engine.put_blob(b"{}")
-        descriptor = Descriptor(
-            media_type=_MANIFEST,
-            digest=manifest,
-            size=2,
+        target = await self.target(engine, b"{}")
+        descriptor = target.replace(
             annotations={"org.example": "x"},
             platform=Platform(architecture="arm64", os="linux", variant="v8"),
             extra={"com.example.unknown": [1]},
         )
         await engine.put_reference("v1.0", descriptor)
-        assert await engine.get_reference("v1.0") == descriptor
+        # a registry tag holds the manifest itself: no descriptor fields beyond type, digest and size
+        assert await engine.get_reference("v1.0") == (target if self.references_are_tags else descriptor)
 
     async def test_put_reference_is_idempotent(self, engine: Engine) -> None:
-        descriptor = _descriptor(b"{}")
+        descriptor = await self.target(engine, b"{}")
         await engine.put_reference("latest", descriptor)
         await engine.put_reference("latest", descriptor)
         await engine.put_reference("latest", descriptor.replace(annotations={}))
         assert await engine.list_references() == ["latest"]
 
     async def test_put_reference_refuses_to_clobber(self, engine: Engine) -> None:
-        first = _descriptor(b"one")
+        first = await self.target(engine, b"one")
         await engine.put_reference("tag", first)
-        for other in (_descriptor(b"two"), first.replace(annotations={"a": "b"}), first.replace(media_type=_INDEX)):
+        others = [await self.target(engine, b"two"), first.replace(media_type=_INDEX)]
+        if not self.references_are_tags:  # a tag keeps no annotations, so these cannot differ there
+            others.append(first.replace(annotations={"a": "b"}))
+        for other in others:
             with pytest.raises(ClobberError) as info:
                 await engine.put_reference("tag", other)
             assert isinstance(info.value, FileExistsError)
@@ -397,8 +431,8 @@ class EngineConformance:
 
     async def test_delete_reference_is_idempotent(self, engine: Engine) -> None:
         self.need("delete_reference")
-        await engine.put_reference("a", _descriptor(b"a"))
-        await engine.put_reference("b", _descriptor(b"b"))
+        await engine.put_reference("a", await self.target(engine, b"a"))
+        await engine.put_reference("b", await self.target(engine, b"b"))
         await engine.delete_reference("a")
         await engine.delete_reference("a")
         await engine.delete_reference("never")
@@ -407,16 +441,21 @@ class EngineConformance:
             await engine.get_reference("a")
 
     async def test_list_references_is_exact_and_sorted(self, engine: Engine) -> None:
-        names = ["v1", "a/b:c", "A.b-c_d", "x@y+z", "a--b", "registry.example.com/ns/app:1.0"]
+        names = ["v1", "a/b:c", "A.b-c_d", "x@y+z", "a--b", "registry.example.com/ns/app:1.0", "1.0.0-rc.1"]
+        if self.references_are_tags:
+            for name in [n for n in names if not _TAG.fullmatch(n)]:
+                with pytest.raises(InvalidError):
+                    await engine.put_reference(name, await self.target(engine, name.encode()))
+            names = [n for n in names if _TAG.fullmatch(n)]
         for name in names:
-            await engine.put_reference(name, _descriptor(name.encode()))
+            await engine.put_reference(name, await self.target(engine, name.encode()))
         assert await engine.list_references() == sorted(names)
         for name in names:
-            assert (await engine.get_reference(name)).digest == sha256(name.encode())
+            assert (await engine.get_reference(name)).digest == (await self.target(engine, name.encode())).digest
 
     @pytest.mark.parametrize("bad", BAD_NAMES)
     async def test_invalid_reference_names_are_refused(self, engine: Engine, bad: str) -> None:
-        await engine.put_reference("good", _descriptor(b"good"))
+        await engine.put_reference("good", await self.target(engine, b"good"))
         with pytest.raises(InvalidError):
             await engine.put_reference(bad, _descriptor(b"x"))
         with pytest.raises(InvalidError):
@@ -433,38 +472,42 @@ class EngineConformance:
         assert await engine.list_references() == []
 
     async def test_update_references_applies_a_batch(self, engine: Engine) -> None:
-        await engine.update_references({f"t{i}": _descriptor(str(i).encode()) for i in range(100)})
-        await engine.update_references({"t0": None, "t1": None, "new": _descriptor(b"new")})
+        targets = [await self.target(engine, str(i).encode()) for i in range(100)]
+        await engine.update_references({f"t{i}": target for i, target in enumerate(targets)})
+        await engine.update_references({"t0": None, "t1": None, "new": await self.target(engine, b"new")})
         assert await engine.list_references() == sorted([f"t{i}" for i in range(2, 100)] + ["new"])
-        assert (await engine.get_reference("t42")).digest == sha256(b"42")
+        assert (await engine.get_reference("t42")).digest == targets[42].digest
 
     async def test_update_references_is_all_or_nothing(self, engine: Engine) -> None:
-        await engine.put_reference("held", _descriptor(b"one"))
+        one, two, fresh = [await self.target(engine, seed) for seed in (b"one", b"two", b"f")]
+        await engine.put_reference("held", one)
         with pytest.raises(ClobberError):
-            await engine.update_references({"fresh": _descriptor(b"f"), "held": _descriptor(b"two"), "gone": None})
+            await engine.update_references({"fresh": fresh, "held": two, "gone": None})
         assert await engine.list_references() == ["held"]
-        assert (await engine.get_reference("held")).digest == sha256(b"one")
+        assert (await engine.get_reference("held")).digest == one.digest
 
     async def test_update_references_with_replace_moves_names(self, engine: Engine) -> None:
-        await engine.put_reference("tag", _descriptor(b"one"))
-        await engine.update_references({"tag": _descriptor(b"two")}, replace=True)
-        assert await engine.get_reference("tag") == _descriptor(b"two")
+        await engine.put_reference("tag", await self.target(engine, b"one"))
+        two = await self.target(engine, b"two")
+        await engine.update_references({"tag": two}, replace=True)
+        assert await engine.get_reference("tag") == two
         assert await engine.list_references() == ["tag"]
 
     async def test_list_roots_names_every_root(self, engine: Engine) -> None:
         self.need("list_roots")
-        await engine.put_reference("a", _descriptor(b"a"))
-        await engine.put_reference("b", _descriptor(b"b", media_type=_INDEX))
+        a, b = await self.target(engine, b"a"), await self.target(engine, b"b", media_type=_INDEX)
+        await engine.put_reference("a", a)
+        await engine.put_reference("b", b)
         roots = await engine.list_roots()
         assert sorted(
             (r.digest, (r.annotations or {}).get("org.opencontainers.image.ref.name")) for r in roots
-        ) == sorted([(sha256(b"a"), "a"), (sha256(b"b"), "b")])
+        ) == sorted([(a.digest, "a"), (b.digest, "b")])
 
     # -- contexts and cancellation --------------------------------------------------------
 
     async def test_cancelled_context_refuses_every_operation(self, engine: Engine) -> None:
         digest, _ = await engine.put_blob(b"x")
-        await engine.put_reference("x", _descriptor(b"x"))
+        await engine.put_reference("x", await self.target(engine, b"x"))
         ctx = Context.background().with_cancel()
         ctx.cancel()
         calls = [
@@ -565,7 +608,7 @@ class EngineConformance:
     async def test_gc_never_removes_blobs_or_references(self, engine: Engine) -> None:
         self.need("gc")
         digest, _ = await engine.put_blob(b"unreferenced")
-        await engine.put_reference("r", _descriptor(b"not even stored"))
+        await engine.put_reference("r", await self.target(engine, b"not even stored"))
         await engine.gc()
         assert await engine.read_blob(digest) == b"unreferenced"
         assert await engine.list_references() == ["r"]

@@ -9,12 +9,21 @@ from ._blob_commands import blobs, cat, init, put, rm
 from ._copy_command import copy
 from ._maintenance_commands import fsck, gc
 from ._reference_commands import refs, tag, tree, untag
-from ._run import EXIT_CODES_HELP, settings
+from ._run import EXIT_CODES_HELP, StdoutClosed, settings
 
 __all__ = ["cli"]
 
 
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:  # click would turn it into status 1
+            raise StdoutClosed() from None
+
+
 @click.group(
+    cls=_Group,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     epilog=EXIT_CODES_HELP,
 )

@@ -13,10 +13,23 @@ from typing import TypeVar
 
 import anyio
 
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
+
 from .._errors import ClobberError, InvalidError, OCICASError
 from .._tasks import task_group
 
-__all__ = ["CommandError", "ExitCode", "Interrupted", "Settings", "exit_code", "report_error", "run", "settings"]
+__all__ = [
+    "CommandError",
+    "ExitCode",
+    "Interrupted",
+    "Settings",
+    "StdoutClosed",
+    "exit_code",
+    "report_error",
+    "run",
+    "settings",
+]
 
 _T = TypeVar("_T")
 
@@ -68,6 +81,13 @@ class CommandError(Exception):
         self.code = code
 
 
+class StdoutClosed(CommandError):
+    """Whoever read stdout went away (``ocicas cat … | head``): stop quietly."""
+
+    def __init__(self) -> None:
+        super().__init__("stdout was closed", ExitCode.BROKEN_PIPE)
+
+
 class Interrupted(Exception):
     """The work was stopped by SIGINT or SIGTERM (and cleaned up)."""
 
@@ -86,30 +106,35 @@ def run(work: Callable[[], Awaitable[_T]]) -> _T:
 
     async def guarded() -> _T:
         received: list[int] = []
-        try:
-            async with task_group() as tg:
-                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        work_scope = anyio.CancelScope()
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
 
-                    async def watch() -> None:
-                        async for signum in signals:
-                            received.append(signum)
-                            tg.cancel_scope.cancel()
-                            return
+            async def watch() -> None:
+                async for signum in signals:  # keep draining: trio redelivers unread signals on exit
+                    received.append(signum)
+                    work_scope.cancel()
 
+            try:
+                async with task_group() as tg:
                     tg.start_soon(watch)
-                    result = await work()
+                    with work_scope:
+                        result = await work()
                     tg.cancel_scope.cancel()
-        except Exception as exc:
-            if received:  # a failure while unwinding: the interruption is the news
-                raise Interrupted(received[0]) from exc
-            raise
-        if received:
+            except Exception as exc:
+                if received:  # a failure while unwinding: the interruption is the news
+                    raise Interrupted(received[0]) from exc
+                raise
+        if work_scope.cancelled_caught:
             raise Interrupted(received[0])
-        return result
+        return result  # a signal that came after the work was done interrupted nothing
 
     try:
         return anyio.run(guarded, backend=settings.backend)
     except KeyboardInterrupt:  # Ctrl-C before the receiver was installed or after it was removed
+        raise Interrupted(signal.SIGINT) from None
+    except BaseExceptionGroup as group:
+        if group.subgroup(KeyboardInterrupt) is None:
+            raise
         raise Interrupted(signal.SIGINT) from None
 
 
@@ -141,7 +166,7 @@ def _message(exc: BaseException) -> str:
 def report_error(exc: BaseException) -> ExitCode:
     """Print ``exc`` as one line on stderr (with a traceback under ``--debug``); return its exit status."""
     code = exit_code(exc)
-    if isinstance(exc, BrokenPipeError) or getattr(exc, "errno", None) == errno.EPIPE:
+    if code == ExitCode.BROKEN_PIPE or getattr(exc, "errno", None) == errno.EPIPE:
         return ExitCode.BROKEN_PIPE  # stdout's reader went away: nothing to say
     if settings.debug:
         traceback.print_exception(exc, file=sys.stderr)

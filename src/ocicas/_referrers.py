@@ -1,0 +1,98 @@
+"""Finding referrers: stored manifests and indexes whose ``subject`` is in a graph.
+
+A referrer (a signature, an SBOM) points at its subject, not the other way
+round, so nothing in the graph leads to it: it has to be found among the other
+blobs of the store. GC keeps referrers of live content, and copy can bring them
+along; both search the same way, reading only blobs that can be JSON documents.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Final
+
+import anyio
+
+from ._context import Context
+from ._descriptor import Descriptor
+from ._digest import Digest
+from ._engine import BlobInfo, Engine
+from ._errors import BlobNotFoundError, InvalidError, OCICASError
+from ._graph import Graph
+from ._json import load_json
+from ._media_types import INDEX_MEDIA_TYPES, MANIFEST_MEDIA_TYPES, MEDIA_TYPE_IMAGE_INDEX, MEDIA_TYPE_IMAGE_MANIFEST
+from ._tasks import task_group
+
+__all__ = ["SNIFF_SIZE", "find_referrers"]
+
+#: Bytes to ask :meth:`Engine.stat_blobs` for (``head=``) to tell JSON from anything else.
+SNIFF_SIZE: Final = 64
+
+
+def _as_referrer(digest: Digest, data: bytes) -> tuple[Digest, Descriptor] | None:
+    """If ``data`` is a manifest or index with a ``subject``: that subject's digest, and a descriptor of it."""
+    try:
+        document = load_json(data, "blob")
+        if not isinstance(document, dict) or not isinstance(document.get("subject"), dict):
+            return None
+        subject = Descriptor.from_dict(document["subject"]).digest
+        media_type = document.get("mediaType")
+        if not isinstance(media_type, str):
+            media_type = MEDIA_TYPE_IMAGE_INDEX if "manifests" in document else MEDIA_TYPE_IMAGE_MANIFEST
+        if media_type not in MANIFEST_MEDIA_TYPES and media_type not in INDEX_MEDIA_TYPES:
+            return None
+        return subject, Descriptor(media_type=media_type, digest=digest, size=len(data))
+    except OCICASError:
+        return None
+
+
+async def find_referrers(
+    engine: Engine,
+    graph: Graph,
+    candidates: Iterable[Digest],
+    infos: Mapping[Digest, BlobInfo],
+    grow: Callable[[list[Descriptor]], Awaitable[object]],
+    *,
+    concurrency: int,
+    max_size: int,
+    ctx: Context | None,
+) -> set[Digest]:
+    """Add to ``graph`` every candidate whose ``subject`` is in it, to a fixed point; return them.
+
+    ``infos`` must hold each candidate's :class:`BlobInfo` with at least
+    :data:`SNIFF_SIZE` bytes of ``head``: only candidates no larger than
+    ``max_size`` that start like JSON are read (tarballs and compressed layers
+    never are). ``grow(descriptors)`` walks new roots into ``graph``; the bytes
+    read here are left in :attr:`Graph.data`, so the walk does not read them again.
+    """
+    found: dict[Digest, tuple[Digest, Descriptor, bytes]] = {}
+    limiter = anyio.CapacityLimiter(concurrency)
+
+    async def inspect(digest: Digest) -> None:
+        async with limiter:
+            try:
+                data = await engine.read_blob(digest, max_size=max_size, ctx=ctx)
+            except (InvalidError, BlobNotFoundError):
+                return  # corrupt, or deleted meanwhile: nothing that can point anywhere
+        referrer = _as_referrer(digest, data)
+        if referrer is not None:
+            found[digest] = (*referrer, data)
+
+    def json_like() -> list[Digest]:
+        return [d for d in candidates if infos[d].size <= max_size and infos[d].head.lstrip()[:1] in (b"{", b"")]
+
+    async with task_group() as tg:
+        for digest in await anyio.to_thread.run_sync(json_like):  # O(blobs): off the event loop
+            tg.start_soon(inspect, digest)
+
+    kept: set[Digest] = set()
+    while True:  # a referrer's graph may hold the subject of another
+        new = sorted(
+            d for d, (subject, _, _) in found.items() if d not in graph.descriptors and subject in graph.descriptors
+        )
+        if not new:
+            return kept
+        kept.update(new)
+        for digest in new:
+            graph.data[digest] = found[digest][2]
+        await grow([found[digest][1] for digest in new])

@@ -1,0 +1,324 @@
+"""Requests to one registry repository: authentication, retries, bounded concurrency, errors.
+
+:meth:`RegistryClient.request` sends one API request and returns its response,
+having already dealt with what every call shares:
+
+- authorization (:class:`~ocicas.registry._auth.Authenticator`), answering a ``401``
+  once with new credentials or a token;
+- retries with exponential backoff and jitter of idempotent requests on ``429`` and
+  ``5xx`` (``Retry-After`` is honoured up to ``max_delay``) and on dropped
+  connections; non-idempotent ones (upload ``PATCH`` and the ``PUT`` that
+  completes an upload) are never sent twice;
+- at most ``concurrency`` requests in flight per engine (until their headers arrive);
+- ``401``/``403`` become :class:`~ocicas.AccessDeniedError`, network failures
+  :class:`~ocicas.RegistryUnreachableError`, both naming the registry and repository.
+
+Other statuses are the caller's to interpret (:meth:`RegistryClient.error` helps).
+
+Bodies are sent and read through :mod:`._streams` (see there why).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import email.utils
+import errno
+import json
+import os
+import random
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any, Final
+
+import anyio
+import httpx
+
+from .._errors import AccessDeniedError, InvalidError, OCICASError, RegistryError, RegistryUnreachableError
+from ._auth import Authenticator, parse_challenges
+from ._location import RegistryLocation
+from ._streams import BODIES, Body, body_of, read_body
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
+
+__all__ = ["RegistryClient", "RetryPolicy", "error_codes"]
+
+#: Statuses worth retrying an idempotent request on.
+_RETRY_STATUSES: Final = frozenset({408, 429, 500, 502, 503, 504})
+_IDEMPOTENT: Final = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
+#: Bytes of an error body read to find its error codes.
+_ERROR_BODY_LIMIT: Final = 64 << 10
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how patiently idempotent requests are retried."""
+
+    #: Retries after the first attempt (``0``: never retry).
+    retries: int = 4
+    #: Seconds before the first retry; doubled for each next one, with jitter.
+    backoff: float = 0.25
+    #: Longest wait between two attempts; a ``Retry-After`` asking for more ends the retries.
+    max_delay: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.retries < 0 or self.backoff < 0 or self.max_delay < 0:
+            raise ValueError(f"retry settings must not be negative: {self}")
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before retry number ``attempt`` (0-based): exponential, with jitter."""
+        return min(self.max_delay, self.backoff * 2.0**attempt) * random.uniform(0.5, 1.0)
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        pass
+    else:
+        return max(0.0, seconds)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _os_errors(exc: BaseException) -> Iterator[OSError]:
+    """Every OSError with an errno in the cause/context chain of ``exc`` (groups included)."""
+    seen: set[int] = set()
+    pending: list[BaseException] = [exc]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno is not None:
+            yield current
+        if isinstance(current, BaseExceptionGroup):
+            pending.extend(current.exceptions)
+        for linked in (current.__cause__, current.__context__):
+            if linked is not None:
+                pending.append(linked)
+
+
+def _connect_reason(exc: httpx.ConnectError) -> str:
+    """A backend-independent reason for a failed connection."""
+    text = str(exc)
+    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
+        detail = text.partition("certificate verify failed:")[2].strip(" )") or "certificate verify failed"
+        return f"TLS certificate verification failed ({detail}); pass verify= a CA bundle or ssl.SSLContext"
+    for error in _os_errors(exc):
+        if error.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT):
+            return os.strerror(error.errno).lower()
+    return text or type(exc).__name__
+
+
+class RegistryClient:
+    """Sends the requests of one engine to one repository. See the module documentation."""
+
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        location: RegistryLocation,
+        authenticator: Authenticator,
+        *,
+        concurrency: int,
+        retry: RetryPolicy,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, not {concurrency}")
+        self.http = http
+        self.location = location
+        self.auth = authenticator
+        self.retry = retry
+        self.limiter = anyio.CapacityLimiter(concurrency)
+        self.where = f"repository {location.repository!r} on registry {location.base_url}"
+
+    def url(self, path: str) -> str:
+        """The URL of ``path`` under this repository's API (``blobs/sha256:…``)."""
+        return f"{self.location.base_url}/v2/{self.location.repository}/{path}"
+
+    def scope(self, method: str, repository: str | None = None) -> str:
+        """The token scope a request needs: pull to read, push to write, delete to delete."""
+        action = {"GET": "pull", "HEAD": "pull", "DELETE": "delete"}.get(method, "pull,push")
+        return f"repository:{repository or self.location.repository}:{action}"
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        content: bytes | None = None,
+        params: Mapping[str, str] | None = None,
+        scope: str | None = None,
+        stream: bool = False,
+        follow_redirects: bool = False,
+        idempotent: bool | None = None,
+    ) -> httpx.Response:
+        """Send a request; see the module documentation. A ``stream=True`` response must be closed."""
+        retryable = method in _IDEMPOTENT if idempotent is None else idempotent
+        scope = scope or self.scope(method)
+        attempt = 0
+        answered_challenge = False
+        while True:
+            request = self.http.build_request(method, url, headers=headers, params=params)
+            if content is not None:
+                request.headers["Content-Length"] = str(len(content))
+                request.stream = Body(content)
+            authorization = self.auth.authorization(scope)
+            if authorization is not None:
+                request.headers["Authorization"] = authorization
+            try:
+                async with self.limiter:
+                    response = await self.http.send(request, stream=True, follow_redirects=follow_redirects)
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+                if retryable and attempt < self.retry.retries:
+                    await anyio.sleep(self.retry.delay(attempt))
+                    attempt += 1
+                    continue
+                reason = str(exc) or type(exc).__name__
+                raise RegistryUnreachableError(
+                    f"connection to {self.where} dropped during {method} {request.url.path}: {reason}"
+                ) from exc
+            except httpx.TransportError as exc:
+                raise self._transport_error(exc, method, request) from exc
+            status = response.status_code
+            if status == 401 and not answered_challenge:
+                answered_challenge = True
+                challenges = parse_challenges(response.headers.get_list("www-authenticate"))
+                await self._read_error_body(response)
+                if await self.auth.answer(challenges, scope, authorization, self._fetch_token):
+                    continue
+                raise self._denied(response, authorization)
+            if status in (401, 403):
+                await self._read_error_body(response)
+                raise self._denied(response, authorization)
+            if status in _RETRY_STATUSES and retryable and attempt < self.retry.retries:
+                delay = _retry_after(response)
+                await response.aclose()
+                if delay is None:
+                    delay = self.retry.delay(attempt)
+                elif delay > self.retry.max_delay:
+                    raise RegistryError(
+                        f"{self.where} answered HTTP {status} to {method} {request.url.path} and asked to retry "
+                        f"after {delay:.0f} s, over the limit of {self.retry.max_delay:.0f} s",
+                        status=status,
+                    )
+                await anyio.sleep(delay)
+                attempt += 1
+                continue
+            if not stream:
+                try:
+                    BODIES[response] = await read_body(response)
+                except httpx.TransportError as exc:
+                    raise RegistryUnreachableError(
+                        f"connection to {self.where} dropped while reading the answer to {method} "
+                        f"{request.url.path}: {exc or type(exc).__name__}"
+                    ) from exc
+            elif status >= 400:
+                await self._read_error_body(response)
+            if status in _RETRY_STATUSES:
+                raise self.error(response, f"{method} {request.url.path}")
+            return response
+
+    async def _fetch_token(
+        self, url: str, params: Mapping[str, str | list[str]], authorization: str | None
+    ) -> httpx.Response:
+        attempt = 0
+        while True:
+            headers = {"Authorization": authorization} if authorization else {}
+            try:
+                async with self.limiter:
+                    request = self.http.build_request("GET", url, params=params, headers=headers)
+                    response = await self.http.send(request, stream=True)
+                BODIES[response] = await read_body(response, _ERROR_BODY_LIMIT)
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+                if attempt < self.retry.retries:
+                    await anyio.sleep(self.retry.delay(attempt))
+                    attempt += 1
+                    continue
+                raise RegistryUnreachableError(f"connection to token service {url} dropped: {exc}") from exc
+            except httpx.TransportError as exc:
+                raise self._transport_error(exc, "GET", httpx.Request("GET", url)) from exc
+            if response.status_code in _RETRY_STATUSES and attempt < self.retry.retries:
+                await anyio.sleep(min(_retry_after(response) or self.retry.delay(attempt), self.retry.max_delay))
+                attempt += 1
+                continue
+            return response
+
+    def _transport_error(self, exc: httpx.TransportError, method: str, request: httpx.Request) -> OCICASError:
+        target = f"{request.url.scheme}://{request.url.netloc.decode('ascii')}"
+        if isinstance(exc, httpx.ConnectError):
+            return RegistryUnreachableError(f"cannot connect to the registry at {target}: {_connect_reason(exc)}")
+        if isinstance(exc, httpx.TimeoutException):
+            return RegistryUnreachableError(
+                f"the registry at {target} did not answer {method} {request.url.path} in time ({type(exc).__name__})"
+            )
+        if isinstance(exc, httpx.UnsupportedProtocol):
+            return InvalidError(f"cannot reach {request.url}: {exc}")
+        return RegistryUnreachableError(f"{method} {request.url} failed: {exc or type(exc).__name__}")
+
+    def _denied(self, response: httpx.Response, authorization: str | None) -> AccessDeniedError:
+        credentials = self.auth.credentials
+        status = response.status_code
+        codes = error_codes(response)
+        if status == 403:
+            who = f"user {credentials.username!r}" if credentials else "anonymous access"
+            reason = f"{who} is not allowed to {response.request.method} {response.request.url.path}"
+        elif credentials is None:
+            reason = "the registry requires authentication: pass username= and password=, or log in with docker/skopeo"
+        else:
+            reason = f"the registry refused the credentials of user {credentials.username!r}"
+        suffix = f" ({', '.join(codes)})" if codes else ""
+        return AccessDeniedError(
+            f"access denied to {self.where}: {reason} (HTTP {status}){suffix}", status=status, codes=codes
+        )
+
+    async def _read_error_body(self, response: httpx.Response) -> None:
+        """Read a streamed error answer (capped) so its error codes can be reported, then close it."""
+        try:
+            BODIES[response] = (await read_body(response, _ERROR_BODY_LIMIT))[:_ERROR_BODY_LIMIT]
+        except httpx.HTTPError:
+            BODIES[response] = b""
+
+    def error(self, response: httpx.Response, what: str) -> RegistryError:
+        """A :class:`RegistryError` for an answer nothing more specific fits."""
+        codes = error_codes(response)
+        messages = _error_messages(response)
+        detail = f": {'; '.join(messages)}" if messages else ""
+        return RegistryError(
+            f"{self.where} answered HTTP {response.status_code} to {what}{detail}",
+            status=response.status_code,
+            codes=codes,
+        )
+
+
+def _error_list(response: httpx.Response) -> list[dict[str, Any]]:
+    try:
+        body = json.loads(body_of(response) or b"null")
+    except ValueError:
+        return []
+    errors = body.get("errors") if isinstance(body, dict) else None
+    return [e for e in errors if isinstance(e, dict)] if isinstance(errors, list) else []
+
+
+def error_codes(response: httpx.Response) -> tuple[str, ...]:
+    """The distribution-spec error codes of an answer (``("BLOB_UNKNOWN",)``)."""
+    return tuple(str(e["code"]) for e in _error_list(response) if isinstance(e.get("code"), str))
+
+
+def _error_messages(response: httpx.Response) -> list[str]:
+    out = []
+    for error in _error_list(response):
+        text = f"{error.get('code', '?')}: {error.get('message', '')}"
+        detail = error.get("detail")
+        if detail not in (None, {}, "", []):
+            text += f" ({json.dumps(detail)[:200]})"
+        out.append(text)
+    return out

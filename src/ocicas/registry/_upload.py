@@ -1,0 +1,152 @@
+"""Blob upload sessions (distribution spec "pushing blobs"): monolithic, chunked, cancelled, mounted.
+
+A session is opened with ``POST /v2/<name>/blobs/uploads/``; every answer names
+the URL of the next step in its ``Location`` (distribution signs the upload state
+into it), so that header is followed rather than built. Content is verified
+locally before the closing ``PUT …?digest=`` commits it: on any failure, the
+session is cancelled with ``DELETE`` and nothing is committed.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import anyio
+import anyio.to_thread
+import httpx
+
+from .._digest import Digest, Verifier
+from .._errors import BlobNotFoundError, DigestMismatchError, InvalidError, RegistryError, UnsupportedAlgorithmError
+from .._tasks import task_group
+from ._transport import RegistryClient, error_codes
+
+__all__ = ["UploadSession", "mount_blob"]
+
+#: Seconds a cancelled upload's ``DELETE`` may take before it is abandoned (the registry purges it later).
+_CANCEL_TIMEOUT: Final = 5.0
+#: Chunks at least this big are hashed in a worker thread, overlapping the send.
+_THREAD_HASH: Final = 1 << 20
+
+
+def _octets(size: int) -> dict[str, str]:
+    return {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
+
+
+class UploadSession:
+    """One open upload: ``await start()``, any number of :meth:`append`, then :meth:`commit` or :meth:`cancel`."""
+
+    def __init__(self, client: RegistryClient) -> None:
+        self._client = client
+        self._location: str | None = None
+        self.offset = 0
+        #: The smallest chunk the registry accepts (``OCI-Chunk-Min-Length``), or 0.
+        self.min_chunk = 0
+
+    def _follow(self, response: httpx.Response) -> None:
+        location = response.headers.get("location")
+        if not location:
+            raise RegistryError(
+                f"{self._client.where} answered {response.request.method} of a blob upload without a Location",
+                status=response.status_code,
+            )
+        self._location = str(response.request.url.join(location))
+
+    async def start(self) -> None:
+        """Open the session (a retry-safe ``POST``: an orphan session is purged by the registry)."""
+        client = self._client
+        response = await client.request("POST", client.url("blobs/uploads/"), idempotent=True)
+        if response.status_code != 202:
+            raise self._failed(response, "start a blob upload")
+        self._follow(response)
+        try:
+            self.min_chunk = max(0, int(response.headers.get("oci-chunk-min-length", "0")))
+        except ValueError:
+            self.min_chunk = 0
+
+    async def append(self, data: bytes, verifier: Verifier) -> None:
+        """Send ``data`` as the next chunk (``PATCH``) while hashing it into ``verifier``."""
+        assert self._location is not None
+        headers = _octets(len(data))
+        headers["Content-Range"] = f"{self.offset}-{self.offset + len(data) - 1}"
+        async with task_group() as tg:
+            if len(data) >= _THREAD_HASH:
+                tg.start_soon(anyio.to_thread.run_sync, verifier.update, data)
+            else:
+                verifier.update(data)
+            response = await self._client.request("PATCH", self._location, headers=headers, content=data)
+        if response.status_code != 202:
+            raise self._failed(response, "upload a blob chunk")
+        self._follow(response)
+        self.offset += len(data)
+
+    async def commit(self, digest: Digest, last: bytes = b"") -> None:
+        """Close the session with ``PUT ?digest=``, carrying the ``last`` bytes; the blob is then stored."""
+        assert self._location is not None
+        url = httpx.URL(self._location).copy_add_param("digest", str(digest))
+        response = await self._client.request(
+            "PUT", str(url), headers=_octets(len(last)), content=last, idempotent=False
+        )
+        self._location = None  # used up, whatever the answer
+        if response.status_code in (200, 201, 204):
+            return
+        codes = error_codes(response)
+        if response.status_code == 400 and "DIGEST_INVALID" in codes:
+            if digest.algorithm != "sha256":
+                raise UnsupportedAlgorithmError(
+                    f"{self._client.where} does not accept {digest.algorithm} digests: it answered DIGEST_INVALID "
+                    f"for content that hashes to {digest}"
+                )
+            raise DigestMismatchError(
+                f"{self._client.where} refused blob {digest}: the content it received hashes to something else"
+            )
+        raise self._failed(response, f"commit blob {digest}")
+
+    async def cancel(self) -> None:
+        """Abandon the session (``DELETE``), shielded and bounded in time; failures are ignored."""
+        location, self._location = self._location, None
+        if location is None:
+            return
+        with anyio.move_on_after(_CANCEL_TIMEOUT, shield=True):
+            try:
+                response = await self._client.request("DELETE", location)
+                await response.aclose()
+            except Exception:  # the registry purges abandoned uploads itself
+                pass
+
+    def _failed(self, response: httpx.Response, what: str) -> Exception:
+        codes = error_codes(response)
+        if response.status_code == 404 and "BLOB_UPLOAD_UNKNOWN" in codes:
+            return RegistryError(
+                f"{self._client.where} forgot the upload session while trying to {what} (BLOB_UPLOAD_UNKNOWN)",
+                status=404,
+                codes=codes,
+            )
+        if response.status_code in (400, 416) and codes:
+            return InvalidError(str(self._client.error(response, what)))
+        return self._client.error(response, what)
+
+
+async def mount_blob(client: RegistryClient, digest: Digest, source: str) -> bool:
+    """Mount ``digest`` from repository ``source`` of the same registry; ``False`` if the registry would not.
+
+    A registry that cannot mount (the blob is not in ``source``, or no access to it)
+    opens an ordinary upload session instead: that session is cancelled.
+    """
+    scope = f"{client.scope('POST')} {client.scope('GET', source)}"
+    response = await client.request(
+        "POST",
+        client.url("blobs/uploads/"),
+        params={"mount": str(digest), "from": source},
+        scope=scope,
+        idempotent=True,
+    )
+    if response.status_code == 201:
+        return True
+    if response.status_code == 202:
+        session = UploadSession(client)
+        session._follow(response)
+        await session.cancel()
+        return False
+    if response.status_code == 404:
+        raise BlobNotFoundError(f"cannot mount blob {digest} from {source!r}: {client.error(response, 'mount')}")
+    raise client.error(response, f"mount blob {digest} from {source!r}")
