@@ -11,12 +11,10 @@ ratios against the reference measured in the same run are what to compare.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import hashlib
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -341,6 +339,95 @@ def case_gc(workdir: Path, repeat: int, images: int, garbage: int) -> list[Row]:
     ]
 
 
+def make_big_image(path: Path, size: int, layers: int = 4) -> None:
+    """One tagged image of ``layers`` layers adding up to ``size`` bytes."""
+    make_layout(path)
+    descriptors = []
+    for _ in range(layers):
+        block = os.urandom(MiB)
+        digest = hashlib.sha256()
+        target = path / "blobs" / "sha256" / "partial"
+        with open(target, "wb") as f:
+            for _ in range(size // layers // MiB):
+                f.write(block)
+                digest.update(block)
+        target.rename(path / "blobs" / "sha256" / digest.hexdigest())
+        descriptors.append({"mediaType": LAYER, "digest": f"sha256:{digest.hexdigest()}", "size": size // layers})
+    config = write_blob(
+        path,
+        json.dumps(
+            {
+                "architecture": "amd64",
+                "os": "linux",
+                "rootfs": {"type": "layers", "diff_ids": [d["digest"] for d in descriptors]},
+            }
+        ).encode(),
+    )
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": MANIFEST,
+        "config": {"mediaType": CONFIG, "digest": config[0], "size": config[1]},
+        "layers": descriptors,
+    }
+    manifest_digest, msize = write_blob(path, json.dumps(manifest).encode())
+    write_index(
+        path,
+        [
+            {
+                "mediaType": MANIFEST,
+                "digest": manifest_digest,
+                "size": msize,
+                "annotations": {ocicas.ANNOTATION_REF_NAME: "v1"},
+            }
+        ],
+    )
+
+
+def case_copy(workdir: Path, repeat: int, size: int) -> list[Row]:
+    """ocicas.copy of a layout's image into a new layout, against skopeo copy oci: → oci:."""
+    source = workdir / "copy-src"
+    make_big_image(source, size)
+    skopeo = shutil.which("skopeo")
+    reference_samples = []
+    for i in range(repeat if skopeo else 0):
+        target = workdir / f"copy-skopeo-{i}"
+        reference_samples.append(
+            run_quiet([skopeo, "--insecure-policy", "copy", f"oci:{source}:v1", f"oci:{target}:v1"])  # type: ignore[list-item]
+        )
+        shutil.rmtree(target)
+    reference = median(reference_samples) if reference_samples else None
+    rows = []
+    for label, backend, options in backends():
+        samples = []
+        for i in range(repeat):
+            target = workdir / f"copy-{label}-{i}"
+            make_layout(target)
+
+            async def one(target: Path = target) -> None:
+                async with await ocicas.open_layout(source) as src, await ocicas.open_layout(target) as dst:
+                    start = time.perf_counter()
+                    await ocicas.copy(src, "v1", dst)
+                    samples.append(time.perf_counter() - start)
+
+            anyio.run(one, backend=backend, backend_options=options)
+            shutil.rmtree(target)
+        ours = median(samples)
+        rows.append(
+            Row(
+                f"copy a {size // MiB} MiB image, layout to layout ({label})",
+                ours,
+                "s",
+                reference,
+                "skopeo copy oci: oci:" if skopeo else "(skopeo not installed)",
+                "≤ 0.5×",
+                None if reference is None else ours <= 0.5 * reference,
+                extra={"MB/s": size / ours / 1e6},
+            )
+        )
+    shutil.rmtree(source)
+    return rows
+
+
 def case_gc_scaling(workdir: Path, sizes: list[int]) -> list[Row]:
     rows = []
     for garbage in sizes:
@@ -348,7 +435,7 @@ def case_gc_scaling(workdir: Path, sizes: list[int]) -> list[Row]:
         make_gc_layout(layout, 200, garbage)
         seconds = timed(
             lambda: subprocess.run([sys.executable, "-c", GC_SCRIPT, str(layout)], check=True, capture_output=True)
-        )  # noqa: B023
+        )
         shutil.rmtree(layout)
         rows.append(
             Row(f"gc scaling: {garbage} garbage blobs", seconds, "s", extra={"µs/blob": seconds / garbage * 1e6})
@@ -500,7 +587,12 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, anyio {anyio.__version__ if hasattr(anyio, '__version__') else ''}"
+    from importlib.metadata import version
+
+    return (
+        f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores ({cpu}), "
+        f"Python {platform.python_version()}, anyio {version('anyio')}, trio {version('trio')}"
+    )
 
 
 def show(rows: list[Row]) -> None:
@@ -517,7 +609,7 @@ def show(rows: list[Row]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("cases", nargs="*", default=["stream", "small", "gc", "tagging", "lag", "scaling"])
+    parser.add_argument("cases", nargs="*", default=["stream", "small", "gc", "copy", "tagging", "lag", "scaling"])
     parser.add_argument("--dir", default=tempfile.gettempdir())
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--size-mib", type=int, default=1024)
@@ -536,6 +628,8 @@ def main() -> None:
             rows += case_small_blobs(workdir, args.repeat, 2_000 if args.quick else 20_000)
         if "gc" in args.cases:
             rows += case_gc(workdir, args.repeat, 20 if args.quick else 200, 2_000 if args.quick else 20_000)
+        if "copy" in args.cases:
+            rows += case_copy(workdir, args.repeat, size)
         if "tagging" in args.cases:
             rows += case_tagging(workdir, args.repeat, 1_000 if args.quick else 10_000)
         if "lag" in args.cases:

@@ -41,16 +41,16 @@ import re
 import signal
 import socket
 import stat
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any, Final, Protocol, TypeAlias, cast
+from typing import Final, Protocol, TypeAlias, cast
 
 import anyio
 import anyio.to_thread
 import hypercorn.asyncio
 import hypercorn.trio
 from hypercorn.config import Config
+from hypercorn.typing import ASGIFramework
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -67,6 +67,7 @@ API_VERSION: Final = {"Docker-Distribution-API-Version": "registry/2.0"}
 _REPOSITORY: Final = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*")
 _TAG: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 _RANGE: Final = re.compile(r"bytes=(\d*)-(\d*)")
+_METHODS: Final = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
 _SERVED_TYPES: Final = ocicas.MANIFEST_MEDIA_TYPES | ocicas.INDEX_MEDIA_TYPES
 
 #: A blob file's identity: what it was verified as.
@@ -106,9 +107,9 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
             raise Unsatisfiable
         return max(0, size - int(match[2])), size - 1
     first = int(match[1])
-    last = size - 1 if match[2] == "" else int(match[2])
+    last = max(first, size - 1) if match[2] == "" else int(match[2])
     if last < first:
-        return None
+        return None  # malformed
     if first >= size:
         raise Unsatisfiable
     return first, min(last, size - 1)
@@ -402,11 +403,11 @@ def create_app(root: str | os.PathLike[str]) -> Starlette:
             yield
 
     routes = [
-        Route("/v2/", _pull_only(registry.base), methods=None),
-        Route("/v2/{name:path}/manifests/{reference}", _pull_only(registry.manifest), methods=None),
-        Route("/v2/{name:path}/blobs/{digest}", _pull_only(registry.blob), methods=None),
-        Route("/v2/{name:path}/tags/list", _pull_only(registry.tags), methods=None),
-        Route("/{path:path}", _pull_only(registry.unsupported), methods=None),
+        Route("/v2/", _pull_only(registry.base), methods=_METHODS),
+        Route("/v2/{name:path}/manifests/{reference}", _pull_only(registry.manifest), methods=_METHODS),
+        Route("/v2/{name:path}/blobs/{digest}", _pull_only(registry.blob), methods=_METHODS),
+        Route("/v2/{name:path}/tags/list", _pull_only(registry.tags), methods=_METHODS),
+        Route("/{path:path}", _pull_only(registry.unsupported), methods=_METHODS),
     ]
     return Starlette(routes=routes, lifespan=lifespan)
 
@@ -432,7 +433,8 @@ async def serve(
     config = Config()
     config.bind = [f"fd://{sock.detach()}"]
     config.graceful_timeout = 2.0
-    app = cast(Any, create_app(root))
+    # Starlette types scopes as plain mappings, hypercorn as TypedDicts: the same ASGI app
+    app = cast(ASGIFramework, create_app(root))
     trigger = shutdown or _until_signalled
     try:
         asyncio.get_running_loop()

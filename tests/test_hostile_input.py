@@ -500,8 +500,9 @@ async def test_hostile_digests(arena: Arena, value: Any) -> None:
             on_disk = await attempt("digests", lambda: call(engine))  # noqa: B023 - awaited at once
             in_memory = await attempt("digests", lambda: call(memory))  # noqa: B023
             assert on_disk == in_memory, f"{name}({value!r:.100}): directory {on_disk}, memory {in_memory}"
-            if on_disk == "ok" and name not in ("delete_blob", "delete_blobs", "Digest()"):
-                assert value in PRISTINE_DIGESTS.values(), f"{name}({value!r:.100}) found a blob that is not there"
+            if on_disk == "ok" and name not in ("delete_blob", "delete_blobs", "Digest()", "stat_blobs"):
+                if not (name.startswith("put_blob") and value is None):  # no expected digest: any content goes
+                    assert value in PRISTINE_DIGESTS.values(), f"{name}({value!r:.100}): a blob that is not there"
         for data in PRISTINE.values():  # the deletes may have hit a pristine blob
             await engine.put_blob(data)
     arena.assert_untouched()

@@ -42,6 +42,7 @@ from ._media_types import INDEX_MEDIA_TYPES, MANIFEST_MEDIA_TYPES
 from ._models import Index
 from ._referrers import SNIFF_SIZE, find_referrers
 from ._tasks import task_group
+from .registry._engine import RegistryEngine
 
 __all__ = ["COPY_CHUNK_SIZE", "DEFAULT_COPY_CONCURRENCY", "CopyEvent", "CopyProgress", "CopyResult", "copy"]
 
@@ -230,6 +231,15 @@ class _Mover:
     async def transfer(self, descriptor: Descriptor) -> None:
         digest, size, ctx = descriptor.digest, descriptor.size, self.ctx
         data = self.plan.data.get(digest)
+        dst = self.dst
+        if data is None and isinstance(dst, RegistryEngine) and dst.can_mount_from(self.src):
+            # two repositories of one registry: the registry links the blob, no byte moves
+            if await dst.mount_blob(digest, self.src, expected_size=size, ctx=ctx):
+                self.report("started", descriptor)
+                self.report("progress", descriptor, size)
+                self.copied[digest] = size
+                self.report("finished", descriptor)
+                return
         if data is not None:  # a manifest or index read while planning: no second read
             self.report("started", descriptor)
             await self.dst.put_blob(data, expected_digest=digest, expected_size=size, ctx=ctx)

@@ -548,8 +548,8 @@ class DirEngine(Engine):
     def _by_algorithm(self, digests: Iterable[Digest]) -> Iterator[tuple[int, list[Digest]]]:
         """Group digests by algorithm, yielding each group with its open directory."""
         groups: dict[str, list[Digest]] = {}
-        for digest in digests:
-            groups.setdefault(addressable(digest).algorithm, []).append(digest)
+        for digest in map(addressable, digests):  # validated, and a Digest even if given a str
+            groups.setdefault(digest.algorithm, []).append(digest)
         for algorithm, group in groups.items():
             try:
                 alg = self._alg_dir(algorithm)

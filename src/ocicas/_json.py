@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 from typing import Any, Final
 
 from ._errors import InvalidError
@@ -26,15 +28,33 @@ def _no_constant(name: str) -> Any:
     raise InvalidError(f"JSON contains {name}, which is not JSON")
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # 1e999: valid syntax, but no double holds it, and it could never be written back
+        raise InvalidError(f"JSON number {text:.50} is out of range")
+    return value
+
+
+# a \uD800-\uDFFF escape: fine in a pair, but a lone one decodes to a str that is not UTF-8
+_SURROGATE_ESCAPE: Final = re.compile(r"\\u[dD][89a-fA-F]")
+
+
 def load_json(data: bytes | bytearray | memoryview | str, what: str) -> Any:
-    """Decode JSON text strictly: UTF-8, no duplicate keys, no NaN/Infinity.
+    """Decode JSON text strictly: UTF-8, no duplicate keys, no NaN/Infinity, no number
+    out of a double's range, no unpaired surrogate escape.
 
     Any failure (including nesting too deep to decode) raises :class:`InvalidError`
     naming ``what``.
     """
     try:
         text = data if isinstance(data, str) else bytes(data).decode("utf-8")
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant, parse_float=_finite)
+        if _SURROGATE_ESCAPE.search(text):  # rare: check the strings can be written back as UTF-8
+            try:
+                json.dumps(value, ensure_ascii=False).encode()
+            except UnicodeEncodeError:
+                raise InvalidError("JSON contains an unpaired surrogate escape") from None
+        return value
     except InvalidError as exc:
         raise InvalidError(f"{what}: {exc}") from None
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors

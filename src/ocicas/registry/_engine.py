@@ -35,7 +35,7 @@ import secrets
 import ssl
 from collections.abc import Iterable, Mapping
 from contextlib import aclosing
-from typing import Final
+from typing import Final, TypeGuard
 
 import anyio
 import anyio.lowlevel
@@ -221,7 +221,7 @@ class RegistryEngine(Engine):
             raise SizeMismatchError(f"mounted blob {digest} has {size} bytes, expected {expected_size}")
         return True
 
-    def can_mount_from(self, other: Engine) -> bool:
+    def can_mount_from(self, other: Engine) -> TypeGuard[RegistryEngine]:
         """Whether blobs of ``other`` can be mounted here: another repository of the same registry."""
         return (
             isinstance(other, RegistryEngine)
