@@ -23,8 +23,9 @@ the first range of a blob file is served the whole file is hashed once, and the
 verdict is cached by the file's identity (device, inode, size, mtime, ctime: any
 write or replacement changes it). Ranges are then read straight from the file
 descriptor that was checked, and the identity is checked again before the last
-chunk of each range goes out. The cost: the first range request of a blob reads it
-whole; the rest read only what they send.
+chunk of each range goes out (if it changed, say because ``gc`` unlinked the file
+meanwhile, the file is hashed again). The cost: the first range request of a blob
+reads it whole; the rest read only what they send.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ import ocicas
 
 #: Bytes read per worker-thread hop when serving ranges.
 CHUNK: Final = 1 << 20
+#: Manifests at least this big are parsed on a worker thread.
+PARSE_IN_THREAD: Final = 1 << 20
 #: Blob files whose hash verdict is remembered.
 VERDICTS: Final = 4096
 API_VERSION: Final = {"Docker-Distribution-API-Version": "registry/2.0"}
@@ -186,8 +189,8 @@ class _Body(Protocol):
 class RangeReader:
     """Bytes ``first..last`` of a verified blob file, read from its descriptor; closes it."""
 
-    def __init__(self, fd: int, key: FileKey, first: int, last: int) -> None:
-        self._fd, self._key, self._offset, self._last = fd, key, first, last
+    def __init__(self, fd: int, key: FileKey, first: int, last: int, verdicts: Verdicts) -> None:
+        self._fd, self._key, self._offset, self._last, self._verdicts = fd, key, first, last, verdicts
 
     def __aiter__(self) -> RangeReader:
         return self
@@ -198,10 +201,13 @@ class RangeReader:
         wanted = min(CHUNK, self._last + 1 - self._offset)
         chunk = await anyio.to_thread.run_sync(os.pread, self._fd, wanted, self._offset)
         self._offset += len(chunk)
-        if len(chunk) < wanted or (
-            self._offset > self._last and await anyio.to_thread.run_sync(_identity, self._fd, self._key[0]) != self._key
-        ):  # the last chunk goes out only if the file is still the one verified
-            raise ocicas.InvalidError(f"blob {self._key[0]} changed while it was being served")
+        if len(chunk) < wanted:
+            raise ocicas.SizeMismatchError(f"blob {self._key[0]} shrank while it was being served")
+        if self._offset > self._last:  # the last chunk goes out only if the file is (still) intact
+            key = await anyio.to_thread.run_sync(_identity, self._fd, self._key[0])
+            # an unlink (gc) changes the identity too: hash again rather than cut a good blob short
+            if key != self._key and not await self._verdicts.verified(self._fd, key):
+                raise ocicas.DigestMismatchError(f"blob {self._key[0]} changed while it was being served")
         return chunk
 
     async def aclose(self) -> None:
@@ -301,12 +307,19 @@ class Registry:
             if ":" in reference:
                 digest = _digest(reference)
                 data = await engine.read_blob(digest, max_size=ocicas.DEFAULT_JSON_LIMIT)
-                media_type = _media_type_of(data)
+                if len(data) < PARSE_IN_THREAD:
+                    media_type = _media_type_of(data)
+                else:  # big JSON parses slowly: off the event loop
+                    media_type = await anyio.to_thread.run_sync(_media_type_of, data)
                 if media_type is None:
                     raise unknown
             else:
                 if not _TAG.fullmatch(reference):
                     raise unknown
+                try:
+                    ocicas.validate_reference_name(reference)
+                except ocicas.InvalidError:
+                    raise unknown from None  # a tag no layout can hold
                 descriptor = await engine.get_reference(reference)
                 if descriptor.media_type not in _SERVED_TYPES:
                     raise unknown
@@ -341,6 +354,8 @@ class Registry:
     async def _range(
         self, engine: ocicas.DirEngine, digest: ocicas.Digest, header: str, headers: dict[str, str]
     ) -> Response:
+        if not digest.supported:
+            raise ocicas.UnsupportedAlgorithmError(f"cannot verify {digest}")
         fd, key = await anyio.to_thread.run_sync(_open_blob_file, engine.path, digest)
         try:
             size = key[3]
@@ -355,10 +370,12 @@ class Registry:
             os.close(fd)
             raise
         if selected is None:
-            return BlobResponse(RangeReader(fd, key, 0, size - 1), 200, {**headers, "Content-Length": str(size)})
+            return BlobResponse(
+                RangeReader(fd, key, 0, size - 1, self.verdicts), 200, {**headers, "Content-Length": str(size)}
+            )
         first, last = selected
         headers = {**headers, "Content-Length": str(last + 1 - first), "Content-Range": f"bytes {first}-{last}/{size}"}
-        return BlobResponse(RangeReader(fd, key, first, last), 206, headers)
+        return BlobResponse(RangeReader(fd, key, first, last, self.verdicts), 206, headers)
 
     async def tags(self, request: Request) -> Response:
         name = request.path_params["name"]

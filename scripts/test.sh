@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 
 # The real OCI tools the interoperability tests drive (Debian packages).
 need=()
-for pair in umoci:umoci skopeo:skopeo; do
+for pair in umoci:umoci skopeo:skopeo docker-registry:docker-registry; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair##*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then

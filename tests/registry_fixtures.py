@@ -164,19 +164,19 @@ def start_registry(
 
 
 class Recorder(httpx.AsyncBaseTransport):
-    """An httpx transport that records ``(method, path)`` of every request it passes on."""
+    """An httpx transport that records every request it passes on."""
 
     def __init__(self, inner: httpx.AsyncBaseTransport | None = None) -> None:
         self.inner = inner or httpx.AsyncHTTPTransport()
-        self.calls: list[tuple[str, str]] = []
+        self.requests: list[httpx.Request] = []
 
     def take(self) -> list[tuple[str, str]]:
-        """The calls recorded since the last ``take``."""
-        calls, self.calls = self.calls, []
-        return calls
+        """``(method, path)`` of the requests recorded since the last ``take``."""
+        requests, self.requests = self.requests, []
+        return [(request.method, request.url.path) for request in requests]
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        self.calls.append((request.method, request.url.path))
+        self.requests.append(request)
         return await self.inner.handle_async_request(request)
 
     async def aclose(self) -> None:

@@ -28,6 +28,7 @@ directory is left at all.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import threading
 import time
@@ -44,7 +45,6 @@ import pytest
 
 import ocicas
 from ocicas import Context, Descriptor, Digest, Engine
-from ocicas._blob import from_descriptor
 from ocicas.testing import blob_bytes, sha256
 from tests.images import MANIFEST, put, put_image, put_index
 
@@ -61,6 +61,8 @@ BATCH_SIZE = 20
 #: Images (each under its own tag, and all under one index) for walk and gc; garbage blobs per gc run.
 GRAPH_IMAGES = 6
 GC_GARBAGE = 6
+#: How long the lock tests wait before they cancel, in seconds.
+LOCK_WAIT = 0.05
 #: Real deadlines, in seconds, of the last test.
 REAL_DEADLINES = (0.0, 1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 
@@ -278,9 +280,9 @@ def operations(scenario: Scenario) -> dict[str, Operation]:
     async def read_typed(engine: Engine, trial: int, ctx: Context, tick: Callable[[], None]) -> object:
         assert scenario.manifest is not None
         assert scenario.layer is not None
-        manifest = await from_descriptor(engine, scenario.manifest, ctx=ctx)
+        manifest = await ocicas.from_descriptor(engine, scenario.manifest, ctx=ctx)
         assert isinstance(manifest.data, ocicas.Manifest)
-        async with await from_descriptor(engine, scenario.layer, ctx=ctx) as layer:
+        async with await ocicas.from_descriptor(engine, scenario.layer, ctx=ctx) as layer:
             assert isinstance(layer.data, ocicas.BlobReader)
             data = await layer.data.read()
         assert sha256(data) == scenario.layer.digest
@@ -429,3 +431,52 @@ async def test_real_short_deadlines(store: tuple[Path, Scenario], monkeypatch: p
         assert not outcome.fired
         stopped += not outcome.completed
     assert stopped > 0  # a zero deadline at least stops it
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("lock", ["index.json", "gc"])
+async def test_waiting_for_a_lock_another_process_holds_is_cancellable(tmp_path: Path, lock: str, mode: str) -> None:
+    """``update_references`` and ``gc`` wait, cancellably, for a ``flock`` held elsewhere."""
+    layout = tmp_path / "layout"
+    await ocicas.create_layout(layout)
+    before = (layout / "index.json").read_bytes()
+    # held as another process would hold it: another open file description of the same directory
+    held = os.open(layout if lock == "index.json" else layout / "blobs", os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    try:
+        async with await ocicas.open_layout(layout) as engine:
+            ctx = Context.background().with_timeout(LOCK_WAIT if mode == "deadline" else 3600)
+
+            async def operation() -> None:
+                if lock == "index.json":
+                    await engine.put_reference(
+                        "waiting", Descriptor(media_type=MANIFEST, digest=sha256(b"m"), size=1), ctx=ctx
+                    )
+                else:
+                    await ocicas.gc(engine, ctx=ctx)
+
+            started = time.monotonic()
+            with anyio.fail_after(10):
+                if mode == "cancel":
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(cancel_later, ctx)
+                        with pytest.raises(ocicas.ContextCancelledError):
+                            await operation()
+                elif mode == "deadline":
+                    with pytest.raises(ocicas.DeadlineExceededError):
+                        await operation()
+                else:
+                    with anyio.move_on_after(LOCK_WAIT) as scope:
+                        await operation()
+                    assert scope.cancelled_caught
+            assert time.monotonic() - started < 5
+            assert temp_files(layout) == []
+    finally:
+        os.close(held)
+    assert (layout / "index.json").read_bytes() == before
+    assert temp_dirs(layout) == []
+
+
+async def cancel_later(ctx: Context) -> None:
+    await anyio.sleep(LOCK_WAIT)
+    ctx.cancel()

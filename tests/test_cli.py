@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,8 @@ import ocicas.cli
 from ocicas import Descriptor, Digest, Engine, Platform
 from ocicas.cli._params import human_size
 from tests.images import CONFIG, LAYER, MANIFEST, put, put_artifact, put_image, put_index, put_json
+from tests.registry_fixtures import Registry, start_registry
+from tests.tools import require
 
 OCICAS = [sys.executable, "-m", "ocicas"]
 AMD64 = Platform(os="linux", architecture="amd64")
@@ -587,3 +589,37 @@ def test_a_reader_that_goes_away_stops_cat_quietly(tmp_path: Path) -> None:
         process.stdout.close()  # as `| head -c 10` does
         assert process.wait(timeout=30) == 141
         assert process.stderr.read() == b""
+
+
+# -- registry locations ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cli_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    started = start_registry(require("docker-registry").path, tmp_path_factory.mktemp("cli-registry"))
+    yield started
+    started.stop()
+
+
+def test_copy_to_a_registry_and_back_keeps_every_digest(tmp_path: Path, cli_registry: Registry) -> None:
+    images = build_images(tmp_path / "src")
+    remote = cli_registry.location(cli_registry.repository("cli"))
+    ocicas_run("copy", f"{tmp_path / 'src'}:solo", f"{remote}:solo")
+    refs = out("refs", "--json", remote)
+    assert [(r["name"], r["digest"]) for r in json.loads(refs)] == [("solo", images.solo.digest)]
+    ocicas_run("copy", f"{remote}:solo", f"{tmp_path / 'back'}:again")
+    assert blob_files(tmp_path / "back") == set(images.solo_blobs)
+    all_verify(tmp_path / "back")
+    docker_style = "docker://" + remote.partition("://")[2]
+    done = ocicas_run("copy", f"{docker_style}:solo", tmp_path / "never", code=1)  # docker:// means HTTPS
+    assert done.stderr.startswith(
+        f"ocicas: error: cannot connect to the registry at https://{cli_registry.host}".encode()
+    )
+    assert not (tmp_path / "never").exists()
+
+
+def test_registry_locations_are_parsed_strictly(tmp_path: Path) -> None:
+    done = ocicas_run("copy", "ftp://example/x", tmp_path / "dst", code=2)
+    assert b"ftp://example/x" in done.stderr
+    done = ocicas_run("copy", "http://127.0.0.1:1/UPPER/case:v1", tmp_path / "dst", code=2)
+    assert b"UPPER/case" in done.stderr

@@ -26,13 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
+import anyio.from_thread
 import anyio.lowlevel
+import anyio.to_thread
 import pytest
 
 import ocicas
 from ocicas import Digest
 from ocicas.testing import blob_bytes, sha256
-from tests.images import LAYER, put, put_image
+from tests.images import LAYER, MANIFEST, put, put_image
 
 pytestmark = pytest.mark.anyio
 
@@ -50,13 +52,19 @@ COLLECTOR_RUNS = 12
 COLLECTOR_HOLD_MS = 4
 COLLECTOR_GARBAGE = 6
 PROCESS_TIMEOUT = 120.0
+#: Rewrites of index.json by another engine, at most, waiting for the filesystem to reuse an inode.
+INODE_REUSE_ATTEMPTS = 50
+#: How long the forced race in the reuse test lets the writer run before the collector's unlink goes on.
+RACE_WINDOW = 0.3
 
 WORKERS = Path(__file__).parent / "workers"
 BACKENDS = ("asyncio", "trio")
 
 
 @contextmanager
-def processes(script: str, argvs: Sequence[Sequence[object]]) -> Iterator[list[subprocess.Popen[str]]]:
+def processes(
+    script: str, argvs: Sequence[Sequence[object]], cwds: Sequence[Path] | None = None
+) -> Iterator[list[subprocess.Popen[str]]]:
     """Start one worker per argv, wait until each says ``ready``; kill any left running on the way out."""
     started = [
         subprocess.Popen(
@@ -64,8 +72,9 @@ def processes(script: str, argvs: Sequence[Sequence[object]]) -> Iterator[list[s
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
+            cwd=None if cwds is None else cwds[n],
         )
-        for argv in argvs
+        for n, argv in enumerate(argvs)
     ]
     try:
         for process in started:
@@ -136,7 +145,10 @@ class Poller:
 def test_processes_tagging_at_once_lose_nothing_and_never_tear_the_index(tmp_path: Path) -> None:
     layout = new_layout(tmp_path / "layout")
     argvs = [(layout, w, TAGS_PER_PROCESS, BACKENDS[w % 2]) for w in range(TAGGER_PROCESSES)]
-    with processes("tagger.py", argvs) as taggers, Poller(layout / "index.json") as poller:
+    cwds = [tmp_path / f"cwd-{w}" for w in range(TAGGER_PROCESSES)]  # unrelated processes: each its own
+    for cwd in cwds:
+        cwd.mkdir()
+    with processes("tagger.py", argvs, cwds) as taggers, Poller(layout / "index.json") as poller:
         started = time.monotonic()
         go(taggers)
         for tagger in taggers:
@@ -238,6 +250,98 @@ async def test_gc_running_while_tasks_put_and_tag_loses_nothing_they_tagged(tmp_
         assert collections > 0
         assert not {d.digest for d in garbage[len(reused) :]} & present  # the plain garbage went
         assert result.removed == ()
+
+
+@pytest.mark.parametrize("reuse", ["put_blob", "touch_blobs"])
+async def test_a_collection_never_deletes_what_another_engine_is_reusing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reuse: str
+) -> None:
+    """Two engines on one layout, as two processes would be: one reuses old garbage the other collects.
+
+    The writer's ``put_blob`` of present content (or ``touch_blobs``, as ``ocicas.copy``
+    reuses blobs) freshens the blob; the collector's ``delete_blobs`` checks its age,
+    then unlinks it. The interleaving that loses data is forced: the writer freshens
+    right between the collector's check and its unlink. Each engine's own lock
+    cannot see the other engine; only a lock the two processes share can.
+    """
+    await ocicas.create_layout(tmp_path / "layout")
+    data = b"old garbage, about to be reused"
+    async with (
+        await ocicas.open_layout(tmp_path / "layout") as collector,
+        await ocicas.open_layout(tmp_path / "layout") as writer,
+    ):
+        digest, size = await writer.put_blob(data)
+        old = time.time() - 2 * ocicas.DEFAULT_GRACE_PERIOD
+        os.utime(tmp_path / "layout" / "blobs" / "sha256" / digest.encoded, (old, old))
+        token = anyio.lowlevel.current_token()
+        real_unlink = os.unlink
+        reused: list[object] = []
+
+        def reuse_now() -> None:
+            if reuse == "put_blob":
+                reused.append(anyio.from_thread.run(writer.put_blob, data, token=token))
+            else:
+                reused.append(anyio.from_thread.run(writer.touch_blobs, [digest], token=token))
+
+        racer = threading.Thread(target=reuse_now)
+
+        def unlink(path: str, *, dir_fd: int | None = None) -> None:
+            if path == digest.encoded and not racer.is_alive() and not reused:
+                racer.start()  # the writer reuses the blob now, between the age check and the unlink
+                racer.join(RACE_WINDOW)  # (a writer that must wait for the collector waits this long)
+            real_unlink(path, dir_fd=dir_fd)
+
+        monkeypatch.setattr(os, "unlink", unlink)
+        await ocicas.gc(collector)
+        monkeypatch.undo()
+        await anyio.to_thread.run_sync(racer.join, PROCESS_TIMEOUT)
+        assert reused, "the race was not forced"
+        if reuse == "put_blob":
+            assert reused == [(digest, size)]
+        elif digest not in reused[0]:  # type: ignore[operator]
+            await writer.put_blob(data)  # reported gone: a writer (ocicas.copy) then puts it again
+        await writer.put_reference("reused", ocicas.Descriptor(media_type=LAYER, digest=digest, size=size))
+        assert await writer.read_blob(digest) == data, "the collector deleted a blob the writer had reused"
+        assert (await ocicas.gc(collector)).removed == ()
+
+
+async def test_a_rewrite_within_one_clock_tick_is_never_mistaken_for_the_cached_index(tmp_path: Path) -> None:
+    """Two engines on one layout, as two processes would be: no stale read, and above all no lost update.
+
+    Engine A caches the parsed ``index.json`` by the file's (device, inode, size,
+    mtime). Engine B then rewrites it, keeping its size: each rewrite is a new file
+    renamed over the old one, and the filesystem is free to give a new file the
+    inode of one that was just freed (ext4 does, within a few rewrites). Within one
+    tick of a coarse file clock, that file also gets the same mtime: kernels before
+    6.13, and filesystems without fine-grained timestamps, stamp files at 1 to 10 ms
+    granularity, and several rewrites fit in one tick on a fast disk. The tick is
+    simulated by giving the file A's cached mtime back (``utime``). A must then
+    neither read the old index nor write its next change over B's.
+    """
+    await ocicas.create_layout(tmp_path / "layout")
+    index = tmp_path / "layout" / "index.json"
+
+    def target(n: int) -> ocicas.Descriptor:
+        data = f"manifest {n:04}".encode()  # the same size for every n
+        return ocicas.Descriptor(media_type=MANIFEST, digest=sha256(data), size=len(data))
+
+    async with (
+        await ocicas.open_layout(tmp_path / "layout") as a,
+        await ocicas.open_layout(tmp_path / "layout") as b,
+    ):
+        await a.put_reference("tag", target(0))
+        cached = index.stat()
+        latest = 0
+        while latest < INODE_REUSE_ATTEMPTS and (latest == 0 or index.stat().st_ino != cached.st_ino):
+            latest += 1
+            await b.update_references({"tag": target(latest)}, replace=True)
+        reused = index.stat().st_ino == cached.st_ino
+        assert index.stat().st_size == cached.st_size
+        os.utime(index, ns=(cached.st_atime_ns, cached.st_mtime_ns))  # the same clock tick
+        assert (await a.get_reference("tag")) == target(latest), f"stale read (inode reused: {reused})"
+        await a.put_reference("other", target(9999))
+        assert (await b.get_reference("tag")) == target(latest), f"lost update (inode reused: {reused})"
+        assert await b.list_references() == ["other", "tag"]
 
 
 def test_two_collecting_processes_never_overlap(tmp_path: Path) -> None:

@@ -28,7 +28,6 @@ import pytest
 
 import ocicas
 from ocicas import Descriptor, Digest, Engine
-from ocicas._blob import from_descriptor
 from ocicas.testing import blob_bytes
 from tests.images import put, put_image, put_index
 
@@ -142,7 +141,7 @@ async def read_whole(engine: Engine, descriptor: Descriptor) -> None:
 
 
 async def typed(engine: Engine, descriptor: Descriptor) -> None:
-    async with await from_descriptor(engine, descriptor) as blob:
+    async with await ocicas.from_descriptor(engine, descriptor) as blob:
         if isinstance(blob.data, ocicas.BlobReader):  # layers stream: the damage shows by the end
             await blob.data.read()
 
@@ -159,7 +158,7 @@ async def collect(engine: Engine, descriptor: Descriptor) -> None:
     await ocicas.gc(engine, grace_period=0)
 
 
-Reader = Callable[[Engine, Descriptor], Awaitable[None]]
+Reader = Callable[[Engine, Descriptor], Awaitable[object]]
 #: Every read path, and the blobs it reads (a walk opens manifests and indexes only;
 #: resolving a reference opens indexes only).
 READ_PATHS: dict[str, tuple[Reader, tuple[str, ...]]] = {

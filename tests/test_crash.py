@@ -128,7 +128,8 @@ class BlobChecker:
 
     def check(self) -> set[str]:
         blobs = self.layout / "blobs"
-        assert blobs.is_dir() and not blobs.is_symlink()
+        assert blobs.is_dir()
+        assert not blobs.is_symlink()
         assert {p.name for p in blobs.iterdir()} <= {"sha256", "sha512"}
         present = set()
         with os.scandir(blobs / "sha256") as entries:
@@ -168,7 +169,8 @@ class Server:
     """The fork server, spoken to line by line."""
 
     def __init__(self, process: Process) -> None:
-        assert process.stdin is not None and process.stdout is not None
+        assert process.stdin is not None
+        assert process.stdout is not None
         self._process = process
         self._lines = BufferedByteReceiveStream(process.stdout)
 
@@ -203,12 +205,13 @@ async def test_sigkilled_writers_lose_and_corrupt_nothing(tmp_path: Path, anyio_
         )
         async with process:
             server = Server(process)
-            _, holder_pid, holder_dir, holder_file, holder_size = await server.ask(f"live {anyio_backend}")
+            _, _, holder_dir, holder_file, holder_size = await server.ask(f"live {anyio_backend}")
             holder_path = layout / holder_dir / holder_file
             for trial in range(TRIALS):
                 delay = rng.randint(*KILL_DELAY_US)
                 reply = await server.ask(f"trial {trial} {anyio_backend} {rng.randrange(2**32)} {delay}")
-                assert reply[0] == "killed" and reply[3] != "-1", f"writer never got ready: see {stderr.name}"
+                assert reply[0] == "killed"
+                assert reply[3] != "-1", f"writer never got ready: see {stderr.name}"
                 assert reply[4] == "9", f"writer died before its SIGKILL: see {stderr.name}"
                 delays.append(int(reply[3]) / 1000)
 

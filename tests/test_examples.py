@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import importlib
+import inspect
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import anyio
 import pytest
+
+from ocicas.cli import cli
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 
@@ -21,3 +30,99 @@ def test_quickstart_stores_and_reads_back_an_image(tmp_path: Path, backend: str)
     assert lines[0].startswith("latest -> sha256:")
     assert lines[2] == "blobs: 3, references: ['latest']"
     assert (tmp_path / "layout" / "oci-layout").read_bytes() == b'{"imageLayoutVersion":"1.0.0"}'
+
+
+# -- the user guide (docs/) ----------------------------------------------------------------------
+#
+# Every ```python block of a page runs, in order, in one namespace per page, in a fresh
+# directory, with top-level await, on asyncio and on trio. ```py blocks are shown, not run
+# (they need a registry, a server, or code of your own).
+
+DOCS = Path(__file__).parents[1] / "docs"
+PAGES = sorted(p.name for p in (DOCS / "guide").glob("*.md"))
+GODOC = Path(__file__).resolve().parents[2] / "shared" / "reference" / "seed-umoci-oci-cas-godoc.txt"
+_BLOCK = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```$", re.MULTILINE | re.DOTALL)
+
+
+def _python_blocks(page: str) -> list[str]:
+    """The page's ```python blocks, each preceded by blank lines so line numbers match the page's."""
+    text = (DOCS / "guide" / page).read_text()
+    return ["\n" * (text.count("\n", 0, m.start()) + 1) + m[2] for m in _BLOCK.finditer(text) if m[1] == "python"]
+
+
+def test_the_user_guide_builds_with_mkdocs_strict(tmp_path: Path) -> None:
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    argv = [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(DOCS / "mkdocs.yml"), "-d", str(tmp_path)]
+    result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    built = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("index.html")}
+    assert built == {"index.html", *(f"{page[:-3]}/index.html" for page in PAGES if page != "index.md")}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("page", [p for p in PAGES if _python_blocks(p)])
+async def test_every_python_snippet_of_the_guide_runs(
+    page: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, object] = {"__name__": f"docs.{page}"}
+    for source in _python_blocks(page):
+        code = compile(source, f"docs/guide/{page}", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+        result = eval(code, namespace)
+        if inspect.iscoroutine(result):
+            with anyio.fail_after(30):
+                await result
+
+
+def _resolve(dotted: str) -> bool:
+    """Whether ``ocicas.X.Y…`` names something (a module, attribute or dataclass field)."""
+    parts = dotted.split(".")
+    target: object = importlib.import_module(parts[0])
+    for index, part in enumerate(parts[1:], start=1):
+        if hasattr(target, part):
+            target = getattr(target, part)
+        elif dataclasses.is_dataclass(target) and part in {f.name for f in dataclasses.fields(target)}:
+            return index == len(parts) - 1
+        else:
+            try:
+                target = importlib.import_module(".".join(parts[: index + 1]))
+            except ImportError:
+                return False
+    return True
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_ocicas_name_in_the_guide_exists(page: str) -> None:
+    names = set(re.findall(r"\bocicas(?:\.\w+)+", (DOCS / "guide" / page).read_text()))
+    assert [name for name in sorted(names) if not _resolve(name)] == []
+
+
+@pytest.mark.skipif(not GODOC.is_file(), reason=f"umoci's godoc not found at {GODOC} (shared/ beside the repo)")
+def test_the_umoci_page_maps_every_go_name_of_the_godoc() -> None:
+    godoc = GODOC.read_text()
+    engine = godoc[godoc.index("type Engine interface") :]
+    blob = godoc[godoc.index("type Blob struct") : godoc.index("Blob represents")]
+    go_names = {
+        *re.findall(r"\bfunc (\w+)", godoc),
+        *re.findall(r"\btype (\w+) (?:struct|interface)", godoc),
+        *re.findall(r"\b(\w+) = ", godoc),
+        *re.findall(r"\bconst (\w+)", godoc),
+        *re.findall(r"\b(\w+)\(ctx context\.Context", engine),
+        *re.findall(r"\b(\w+)\(\) \(err error\)", engine),
+        *re.findall(r"\b(\w+) (?:string|digest\.Digest|interface\{\})", blob),
+        *(f"{pkg}.{name}" for pkg, name in re.findall(r"\b(ispec|io|os|context|digest)\.(\w+)", godoc)),
+    }
+    assert {"PutBlob", "Close", "MediaType", "ErrClobber", "ispec.MediaTypeImageLayerGzip"} <= go_names
+    page = (DOCS / "guide" / "umoci.md").read_text()
+    rows = [line.split("|")[1:-1] for line in page.splitlines() if line.startswith("| `")]
+    go_column = " ".join(re.findall(r"`([^`]+)`", " ".join(" ".join(row[:-1]) for row in rows)))  # Python is last
+    mapped = set(re.findall(r"[\w.]+", go_column))
+    mapped |= {name.rpartition(".")[2] for name in mapped}
+    assert sorted(go_names - mapped) == []
+
+
+def test_every_command_the_guide_shows_exists() -> None:
+    shell = "".join(m[2] for m in _BLOCK.finditer((DOCS / "guide" / "index.md").read_text()) if m[1] == "sh")
+    shown = set(re.findall(r"^ocicas (\w+)", shell, re.MULTILINE))
+    assert {"init", "put", "tag", "gc"} <= shown
+    assert sorted(shown - set(cli.commands)) == []

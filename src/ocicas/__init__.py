@@ -8,11 +8,13 @@ engine (:class:`MemoryEngine`), on anyio.
 from ._blob import Blob, BlobParser, from_descriptor, read_described, register_media_type, unregister_media_type
 from ._build import build_image, build_index
 from ._context import Context
+from ._copy import DEFAULT_COPY_CONCURRENCY, CopyEvent, CopyProgress, CopyResult, copy
 from ._descriptor import Descriptor, Platform
 from ._digest import BLOB_ALGORITHM, SUPPORTED_ALGORITHMS, Digest
 from ._dir_engine import DirEngine, create_layout, open_layout
 from ._engine import CHUNK_SIZE, DEFAULT_READ_LIMIT, AsyncReadable, BlobInfo, BlobReader, BlobSource, Engine
 from ._errors import (
+    AccessDeniedError,
     BlobNotFoundError,
     BlobTooLargeError,
     ClobberError,
@@ -27,11 +29,12 @@ from ._errors import (
     NotFoundError,
     OCICASError,
     ReferenceNotFoundError,
+    RegistryError,
+    RegistryUnreachableError,
     SizeMismatchError,
     UnsupportedAlgorithmError,
     UnsupportedError,
 )
-from ._copy import DEFAULT_COPY_CONCURRENCY, CopyEvent, CopyProgress, CopyResult, copy
 from ._gc import DEFAULT_GRACE_PERIOD, GCPolicy, GCResult, gc
 from ._graph import (
     DEFAULT_CONCURRENCY,
@@ -73,6 +76,7 @@ from ._media_types import (
 )
 from ._memory_engine import MemoryEngine
 from ._models import ContainerConfig, History, ImageConfig, Index, Manifest, RootFS
+from .registry import RegistryEngine, RegistryLocation, RetryPolicy, open_registry, parse_registry_location
 
 __version__ = "0.1.0"
 
@@ -110,6 +114,7 @@ __all__ = [
     "MEDIA_TYPE_IMAGE_MANIFEST",
     "MEDIA_TYPE_LAYOUT_HEADER",
     "SUPPORTED_ALGORITHMS",
+    "AccessDeniedError",
     "AsyncReadable",
     "Blob",
     "BlobInfo",
@@ -149,6 +154,11 @@ __all__ = [
     "OCICASError",
     "Platform",
     "ReferenceNotFoundError",
+    "RegistryEngine",
+    "RegistryError",
+    "RegistryLocation",
+    "RegistryUnreachableError",
+    "RetryPolicy",
     "RootFS",
     "SizeMismatchError",
     "UnsupportedAlgorithmError",
@@ -163,7 +173,9 @@ __all__ = [
     "gc",
     "is_node",
     "open_layout",
+    "open_registry",
     "parse_platform",
+    "parse_registry_location",
     "platform_matches",
     "read_described",
     "register_media_type",

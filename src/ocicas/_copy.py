@@ -232,14 +232,17 @@ class _Mover:
         digest, size, ctx = descriptor.digest, descriptor.size, self.ctx
         data = self.plan.data.get(digest)
         dst = self.dst
-        if data is None and isinstance(dst, RegistryEngine) and dst.can_mount_from(self.src):
-            # two repositories of one registry: the registry links the blob, no byte moves
-            if await dst.mount_blob(digest, self.src, expected_size=size, ctx=ctx):
-                self.report("started", descriptor)
-                self.report("progress", descriptor, size)
-                self.copied[digest] = size
-                self.report("finished", descriptor)
-                return
+        if (  # two repositories of one registry: the registry links the blob, no byte moves
+            data is None
+            and isinstance(dst, RegistryEngine)
+            and dst.can_mount_from(self.src)
+            and await dst.mount_blob(digest, self.src, expected_size=size, ctx=ctx)
+        ):
+            self.report("started", descriptor)
+            self.report("progress", descriptor, size)
+            self.copied[digest] = size
+            self.report("finished", descriptor)
+            return
         if data is not None:  # a manifest or index read while planning: no second read
             self.report("started", descriptor)
             await self.dst.put_blob(data, expected_digest=digest, expected_size=size, ctx=ctx)

@@ -193,19 +193,24 @@ def _read_small(dir_fd: int, name: str, limit: int, what: str) -> tuple[os.stat_
     """Read a whole regular file that must not be a symlink or larger than ``limit``."""
     fd = _open_regular(name, dir_fd, what)
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise InvalidError(f"{what} is not a regular file")
-        if st.st_size > limit:
-            raise InvalidError(f"{what} has {st.st_size} bytes, over the limit of {limit}")
-        parts = []
-        while chunk := os.read(fd, max(st.st_size, CHUNK_SIZE)):
-            parts.append(chunk)
-            if sum(map(len, parts)) > limit:
-                raise InvalidError(f"{what} grew over the limit of {limit} bytes")
-        return st, b"".join(parts)
+        return _read_open(fd, limit, what)
     finally:
         os.close(fd)
+
+
+def _read_open(fd: int, limit: int, what: str) -> tuple[os.stat_result, bytes]:
+    """Read the whole regular file open as ``fd``, which must not be larger than ``limit``."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidError(f"{what} is not a regular file")
+    if st.st_size > limit:
+        raise InvalidError(f"{what} has {st.st_size} bytes, over the limit of {limit}")
+    parts = []
+    while chunk := os.read(fd, max(st.st_size, CHUNK_SIZE)):
+        parts.append(chunk)
+        if sum(map(len, parts)) > limit:
+            raise InvalidError(f"{what} grew over the limit of {limit} bytes")
+    return st, b"".join(parts)
 
 
 class _GroupSync:
@@ -239,6 +244,77 @@ class _GroupSync:
                     self._running = False
                     self._done = mine
                     self._cond.notify_all()
+
+
+def _held(alg: int, name: str, what: str, ctx: Context | None) -> int | None:
+    """Open blob file ``name`` under a shared ``flock``; ``None`` if there is none.
+
+    :func:`_unlink_unused` takes the exclusive lock, in whatever process, before
+    it checks a blob's age and unlinks it, so a blob held here is not collected
+    until it is released (freshen it meanwhile and it is kept); one collected while
+    this waited for the lock reads as absent. :class:`InvalidError` if the path
+    holds anything but a regular file. Waiting checks ``ctx``.
+    """
+    try:
+        fd = _open_regular(name, alg, what)
+    except FileNotFoundError:
+        return None
+    try:
+        delay = 0.0002
+        while not _try_flock(fd, fcntl.LOCK_SH):  # a collector holds it for microseconds; anyone else, ctx
+            if ctx is not None:
+                ctx.check()
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        if os.fstat(fd).st_nlink > 0:
+            return fd
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
+    return None
+
+
+def _try_flock(fd: int, operation: int) -> bool:
+    try:
+        fcntl.flock(fd, operation | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def _unlink_unused(alg: int, name: str, cutoff: int | None) -> os.stat_result | None:
+    """Unlink blob file ``name`` unless written or freshened at or after ``cutoff`` (ns); its stat if removed.
+
+    Under an exclusive ``flock``, so never while a writer in any process holds it
+    (:func:`_held`) to freshen or replace it: such a blob is kept.
+    """
+    try:
+        st = os.stat(name, dir_fd=alg, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(st.st_mode) or (cutoff is not None and st.st_mtime_ns >= cutoff):
+        return None  # young blobs are kept without opening them
+    try:
+        fd = os.open(name, _READ_FLAGS, dir_fd=alg)
+    except OSError:
+        return None  # gone meanwhile, or swapped for a symlink
+    try:
+        if not _try_flock(fd, fcntl.LOCK_EX):
+            return None  # being reused right now
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink == 0:
+            return None  # unlinked, or replaced by a new copy (which drops this one's last link), meanwhile
+        if cutoff is not None and st.st_mtime_ns >= cutoff:
+            return None  # freshened meanwhile
+        if st.st_nlink > 1 and os.stat(name, dir_fd=alg, follow_symlinks=False).st_ino != st.st_ino:
+            return None  # hard-linked elsewhere too, and no longer the file at this name
+        os.unlink(name, dir_fd=alg)
+        return st
+    except FileNotFoundError:
+        return None
+    finally:
+        os.close(fd)
 
 
 class _PendingBlob:
@@ -288,18 +364,17 @@ class _PendingBlob:
         alg = engine._alg_dir(digest.algorithm, create=True)
         try:
             with engine._blob_lock:
+                held = _held(alg, digest.encoded, f"blob path of {digest}", self._ctx)  # no collector unlinks it
                 try:
-                    st = os.stat(digest.encoded, dir_fd=alg, follow_symlinks=False)
-                except FileNotFoundError:
-                    st = None
-                if st is not None and not stat.S_ISREG(st.st_mode):
-                    raise InvalidError(f"blob path of {digest} holds something other than a regular file")
-                if st is not None and st.st_size == size:
-                    os.utime(digest.encoded, dir_fd=alg, follow_symlinks=False)  # freshen, as git does
-                    renamed = False
-                else:  # absent, or a damaged copy of the wrong size
-                    os.rename(self._name, digest.encoded, src_dir_fd=engine._temp_fd, dst_dir_fd=alg)
-                    renamed = True
+                    if held is not None and os.fstat(held).st_size == size:
+                        os.utime(held)  # freshen, as git does
+                        renamed = False
+                    else:  # absent, or a damaged copy of the wrong size
+                        os.rename(self._name, digest.encoded, src_dir_fd=engine._temp_fd, dst_dir_fd=alg)
+                        renamed = True
+                finally:
+                    if held is not None:
+                        os.close(held)
             if renamed:
                 engine._dir_syncs[digest.algorithm].sync(alg)
         finally:
@@ -330,6 +405,9 @@ class DirEngine(Engine):
         self._dir_syncs = {algorithm: _GroupSync() for algorithm in SUPPORTED_ALGORITHMS}
         self._index_lock = anyio.Lock()
         self._index_cache: tuple[tuple[int, int, int, int], IndexDocument] | None = None
+        # the cached file, held open: while it is, no other file can get its inode (see _load_index)
+        self._index_held: int | None = None
+        self._index_held_lock = threading.Lock()
 
     @classmethod
     def _open(cls, path: Path) -> DirEngine:
@@ -598,12 +676,16 @@ class DirEngine(Engine):
                 for digest in group:
                     with self._blob_lock:
                         try:
-                            st = os.stat(digest.encoded, dir_fd=alg, follow_symlinks=False)
-                            if not stat.S_ISREG(st.st_mode):
-                                continue
-                            os.utime(digest.encoded, dir_fd=alg, follow_symlinks=False)
-                        except FileNotFoundError:
+                            held = _held(alg, digest.encoded, f"blob {digest}", ctx)
+                        except InvalidError:
                             continue
+                        if held is None:
+                            continue
+                        try:
+                            st = os.fstat(held)
+                            os.utime(held)
+                        finally:
+                            os.close(held)
                     out[digest] = BlobInfo(st.st_size, time.time())
             return out
 
@@ -623,14 +705,9 @@ class DirEngine(Engine):
                     if ctx is not None:
                         ctx.check()
                     with self._blob_lock:
-                        try:
-                            st = os.stat(digest.encoded, dir_fd=alg, follow_symlinks=False)
-                        except FileNotFoundError:
-                            continue
-                        if not stat.S_ISREG(st.st_mode) or (cutoff is not None and st.st_mtime_ns >= cutoff):
-                            continue
-                        os.unlink(digest.encoded, dir_fd=alg)
-                    removed[digest] = st.st_size
+                        st = _unlink_unused(alg, digest.encoded, cutoff)  # atomic with _held, across processes
+                    if st is not None:
+                        removed[digest] = st.st_size
             return removed
 
         async with bound(ctx):
@@ -680,8 +757,23 @@ class DirEngine(Engine):
 
     # -- references ---------------------------------------------------------------------
 
+    def _hold_index(self, fd: int, st: os.stat_result, document: IndexDocument) -> None:
+        """Cache ``document`` as the content of the file open as ``fd``, and keep that file open."""
+        with self._index_held_lock:
+            released, self._index_held = self._index_held, fd
+            self._index_cache = ((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns), document)
+        if released is not None:
+            os.close(released)
+
     def _load_index(self) -> IndexDocument:
-        """The parsed ``index.json``, re-read only when the file's identity changed."""
+        """The parsed ``index.json``, re-read only when the file's identity changed.
+
+        The identity is (device, inode, size, mtime), and the cached file is kept
+        open: a file that was replaced and freed could otherwise hand its inode to a
+        new ``index.json`` of the same size written within the same tick of a coarse
+        file clock, which would read as unchanged (a stale read, and a lost update
+        when the stale index is rewritten).
+        """
         try:
             fd = _open_regular("index.json", self._root, "index.json")
         except FileNotFoundError:
@@ -696,12 +788,14 @@ class DirEngine(Engine):
             cached = self._index_cache
             if cached is not None and cached[0] == key:
                 return cached[1]
+            st, data = _read_open(fd, _INDEX_LIMIT, "index.json")
+            document = IndexDocument.parse(data)
+            self._hold_index(fd, st, document)
+            fd = -1  # held by the cache now
+            return document
         finally:
-            os.close(fd)
-        st, data = _read_small(self._root, "index.json", _INDEX_LIMIT, "index.json")
-        document = IndexDocument.parse(data)
-        self._index_cache = ((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns), document)
-        return document
+            if fd >= 0:
+                os.close(fd)
 
     async def _index(self, ctx: Context | None) -> IndexDocument:
         self._check_open()
@@ -730,7 +824,7 @@ class DirEngine(Engine):
             if descriptor is not None and not isinstance(descriptor, Descriptor):
                 raise TypeError(f"reference {name!r}: expected a Descriptor, not {type(descriptor).__name__}")
         async with bound(ctx), self._index_lock:
-            lock_fd = await _run(os.open, ".", _DIR_FLAGS, self._root)
+            lock_fd = await _run(_open_dir, ".", self._root, "the layout")  # the layout, not the working directory
             try:
                 delay = 0.001
                 while not await _run(self._try_lock, lock_fd):
@@ -756,15 +850,19 @@ class DirEngine(Engine):
             ctx.check()
         temp = self._temp_dir()
         name = f"index-{secrets.token_hex(8)}"
+        held = -1
         try:
             _write_file(temp, name, updated.serialize())
-            st = os.stat(name, dir_fd=temp)
+            held = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=temp)
+            st = os.fstat(held)
             os.rename(name, "index.json", src_dir_fd=temp, dst_dir_fd=self._root)
         except BaseException:
+            if held >= 0:
+                os.close(held)
             self._unlink_temp(name)
             raise
+        self._hold_index(held, st, updated)
         os.fsync(self._root)
-        self._index_cache = ((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns), updated)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -810,6 +908,9 @@ class DirEngine(Engine):
                     pass  # a later gc() retries once our flock is gone
                 os.close(self._temp_fd)  # drops the flock
                 self._temp_fd = None
+            if self._index_held is not None:
+                os.close(self._index_held)
+                self._index_held = None
             os.close(self._root)
 
         with anyio.CancelScope(shield=True):

@@ -12,7 +12,8 @@ The safety rules, each learnt from a peer's bug report:
 - Referrers are live: a manifest or index whose ``subject`` is live is kept, with
   what it points at (signatures, SBOMs; umoci #455, oras-go #1294).
 - The age check and the unlink are atomic with respect to the engine's own
-  ``put_blob``, and collections of one store never overlap (``Engine.gc_lock``).
+  ``put_blob`` (the directory engine's in any process: both ``flock`` the blob
+  file), and collections of one store never overlap (``Engine.gc_lock``).
 """
 
 from __future__ import annotations

@@ -62,7 +62,13 @@ def load_json(data: bytes | bytearray | memoryview | str, what: str) -> Any:
 
 
 def dump_json(obj: Any) -> bytes:
-    """Serialise ``obj`` compactly as UTF-8; objects with ``to_dict()`` (descriptors, models) included."""
+    """Serialise ``obj`` compactly as UTF-8; objects with ``to_dict()`` (descriptors, models) included.
+
+    Raises :class:`InvalidError` for what JSON cannot hold (NaN, infinities, unpaired
+    surrogates) and for values nested too deeply to serialise (how deep depends on
+    the caller's stack: a document read in a worker thread may be deeper than the
+    event loop's thread can write), ``TypeError`` for objects of other types.
+    """
 
     def default(value: Any) -> Any:
         to_dict = getattr(value, "to_dict", None)
@@ -70,4 +76,11 @@ def dump_json(obj: Any) -> bytes:
             raise TypeError(f"cannot serialise {type(value).__name__} as JSON")
         return to_dict()
 
-    return json.dumps(obj, default=default, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    try:
+        return json.dumps(obj, default=default, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    except RecursionError:
+        raise InvalidError("cannot serialise JSON nested this deeply") from None
+    except ValueError as exc:  # NaN or infinity (allow_nan), an unpaired surrogate (encode)
+        if isinstance(exc, InvalidError):
+            raise
+        raise InvalidError(f"cannot serialise as JSON: {exc}") from None

@@ -99,9 +99,12 @@ def copy(
     concurrency: int,
     as_json: bool,
 ) -> None:
-    """Copy reference REF of layout SRC, with everything it reaches, to layout DST.
+    """Copy reference REF of SRC, with everything it reaches, to DST.
 
-    Without REF, every reference of SRC is copied. DST's reference defaults to
+    SRC and DST are layout directories (DIR or oci:DIR) or repositories on a
+    registry (http://HOST:PORT/REPO, https://… or docker://HOST/REPO, which is
+    HTTPS; credentials from the Docker config.json, OCICAS_TLS_VERIFY=0 to skip
+    certificate checks). Without REF, every reference of SRC is copied. DST's reference defaults to
     the same name; DST is created if it does not exist. Blobs DST has already are
     not read again; every byte copied is verified; the reference is written
     last, so an interrupted copy leaves no reference to missing content, and a
@@ -115,6 +118,7 @@ def copy(
     \b
     Examples:
       ocicas copy ./images:v1.0 ./backup
+      ocicas copy ./images:v1.0 http://127.0.0.1:5000/team/app:v1.0
       ocicas copy oci:./images:v1.0 ./release:latest --referrers
       ocicas copy ./images:v1.0 ./amd64:v1.0 --platform linux/amd64 --single
       ocicas copy ./images ./mirror

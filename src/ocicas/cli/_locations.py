@@ -1,15 +1,18 @@
 """Where images live, as written on the command line, and opening them as engines.
 
-Today a location is an OCI image layout directory with an optional reference,
-``DIR[:REF]`` (skopeo's ``oci:DIR[:REF]`` spelling is accepted too). Registry
-locations will be parsed here as well: :func:`parse_location` is the one place
-that reads the syntax, and :func:`open_location` the one place that turns a
-location into an :class:`~ocicas.Engine`.
+A location is an OCI image layout directory with an optional reference,
+``DIR[:REF]`` (skopeo's ``oci:DIR[:REF]`` spelling is accepted too), or a
+repository on a registry, ``http[s]://HOST[:PORT]/REPO[:TAG]`` or
+``docker://HOST[:PORT]/REPO[:TAG]`` (HTTPS). :func:`parse_location` is the one
+place that reads the syntax, and :func:`open_location` the one place that turns
+a location into an :class:`~ocicas.Engine`. Registry credentials come from the
+Docker ``config.json``; ``OCICAS_TLS_VERIFY=0`` skips certificate checks.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,10 +24,12 @@ from .._dir_engine import create_layout, open_layout
 from .._engine import Engine
 from .._errors import InvalidError, LayoutExistsError, LayoutNotFoundError
 from .._layout_format import validate_reference_name
+from ..registry import open_registry, parse_registry_location
 
 __all__ = ["LOCATION", "Location", "open_location", "parse_location"]
 
 _SCHEME: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+_REGISTRY_SCHEMES: Final = ("http://", "https://", "docker://")
 
 if TYPE_CHECKING:  # generic since click 8.5; plain before
     _ParamType = click.ParamType[Any, Any]
@@ -36,8 +41,8 @@ else:
 class Location:
     """A place images are read from or written to."""
 
-    kind: Literal["layout"]
-    #: The layout directory.
+    kind: Literal["layout", "registry"]
+    #: The layout directory, or the repository's URL (``http://host:5000/team/app``).
     path: str
     #: The reference name, if one was given.
     reference: str | None
@@ -52,8 +57,16 @@ def parse_location(text: str) -> Location:
     The path ends at the first ``:`` (as in skopeo), so a reference name may hold
     colons but a directory name written this way may not.
     """
+    if text.startswith("docker://"):
+        text = "https://" + text[len("docker://") :]
+    if text.startswith(("http://", "https://")):
+        registry = parse_registry_location(text)
+        repository = str(dataclasses.replace(registry, reference=None))
+        return Location("registry", repository, registry.reference)
     if _SCHEME.match(text):
-        raise InvalidError(f"unsupported location {text!r}: only OCI layout directories (DIR[:REF]) are supported")
+        raise InvalidError(
+            f"unsupported location {text!r}: use DIR[:REF], http[s]://HOST/REPO[:TAG] or docker://HOST/REPO[:TAG]"
+        )
     if text.startswith("oci:"):
         text = text[len("oci:") :]
     path, colon, reference = text.partition(":")
@@ -84,8 +97,17 @@ LOCATION: Final = _LocationType()
 
 @asynccontextmanager
 async def open_location(location: Location | str, *, create: bool = False) -> AsyncIterator[Engine]:
-    """Open the engine of ``location`` (a layout directory), creating the layout first if ``create``."""
-    path = location.path if isinstance(location, Location) else location
+    """Open the engine of ``location``; a layout is created first if ``create`` (a registry needs nothing)."""
+    if isinstance(location, str):
+        location = (
+            parse_location(location) if location.startswith(_REGISTRY_SCHEMES) else Location("layout", location, None)
+        )
+    if location.kind == "registry":
+        verify = os.environ.get("OCICAS_TLS_VERIFY", "1").lower() not in ("0", "false", "no")
+        async with await open_registry(location.path, verify=verify) as registry:
+            yield registry
+        return
+    path = location.path
     try:
         engine = await open_layout(path)
     except LayoutNotFoundError:

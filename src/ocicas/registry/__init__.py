@@ -5,8 +5,9 @@ for how the protocol maps onto the distribution API and what a registry cannot d
 """
 
 from ._auth import Credentials, docker_config_path
-from ._engine import RegistryEngine, open_registry
+from ._engine import RegistryEngine
 from ._location import RegistryLocation, parse_registry_location
+from ._open import open_registry
 from ._transport import RetryPolicy
 
 __all__ = [

@@ -3,10 +3,12 @@
 How the protocol maps onto the distribution API (``/v2/<name>/…``):
 
 =========================  ==================================================================
-``put_blob``               blob store: ``HEAD`` (present content is never sent again), then one
-                           ``POST`` + ``PUT ?digest=`` (content up to 4 MiB), or ``POST``, chunked
-                           ``PATCH``es and ``PUT`` (larger streams). Verified locally first: on a
-                           mismatch the session is cancelled (``DELETE``) and nothing is stored
+``put_blob``               blob store. Content in hand (and streams that end within ``chunk_size``)
+                           is hashed first, then ``HEAD`` (present content is never sent again),
+                           ``POST`` and one ``PUT ?digest=``; longer streams go up as ``POST``,
+                           chunked ``PATCH``es and ``PUT``. With ``expected_digest``, a ``HEAD``
+                           comes first. Verified locally before the ``PUT``: on a mismatch the
+                           upload is cancelled (``DELETE``) and nothing is stored
 ``get_blob``/``stat_blob`` blob store, falling back to the manifest store (``/manifests/<digest>``),
                            so manifests pushed by other tools read like any blob
 ``delete_blob``            ``DELETE`` in the blob store and, for a manifest, in the manifest store
@@ -29,10 +31,6 @@ How the protocol maps onto the distribution API (``/v2/<name>/…``):
 
 from __future__ import annotations
 
-import json
-import os
-import secrets
-import ssl
 from collections.abc import Iterable, Mapping
 from contextlib import aclosing
 from typing import Final, TypeGuard
@@ -48,25 +46,20 @@ from .._digest import Digest, Verifier, addressable
 from .._engine import CHUNK_SIZE, BlobInfo, BlobReader, BlobSource, Engine, iterate_source
 from .._errors import (
     BlobNotFoundError,
-    BlobTooLargeError,
-    ClobberError,
     InvalidError,
     ReferenceNotFoundError,
-    RegistryUnreachableError,
     SizeMismatchError,
     UnsupportedError,
 )
-from .._json import DEFAULT_JSON_LIMIT
-from .._media_types import INDEX_MEDIA_TYPES
 from .._tasks import task_group
-from ._auth import Authenticator, Credentials, load_docker_credentials
-from ._location import RegistryLocation, parse_registry_location, validate_repository, validate_tag
-from ._manifests import ACCEPT, DocumentCache, check_document, child_manifests, describe, is_manifest_type
-from ._streams import body_of, read_body, release
-from ._transport import RegistryClient, RetryPolicy, error_codes
+from ._location import RegistryLocation, validate_repository, validate_tag
+from ._manifests import ACCEPT, DocumentCache, is_manifest_type
+from ._streams import read_body, release
+from ._tags import TagStore
+from ._transport import RegistryClient
 from ._upload import UploadSession, mount_blob
 
-__all__ = ["RegistryEngine", "open_registry"]
+__all__ = ["RegistryEngine"]
 
 #: Why :func:`ocicas.gc` cannot run on a registry (raised by ``list_roots``).
 _NO_GC: Final = (
@@ -75,9 +68,8 @@ _NO_GC: Final = (
     "neither the live set nor the garbage can be known from outside; run the registry's own collector "
     "(distribution: `registry garbage-collect`)"
 )
-#: Blob content is read from the network in pieces of about this size before it is hashed.
+#: Content at least this big is hashed in a worker thread, off the event loop.
 _THREAD_HASH: Final = 1 << 20
-_USER_AGENT: Final = "ocicas (python-httpx)"
 
 
 class RegistryEngine(Engine):
@@ -96,7 +88,10 @@ class RegistryEngine(Engine):
         self._chunk_size = chunk_size
         self._documents = DocumentCache()
         self._manifests: set[Digest] = set()  # digests known to be in the manifest store
-        self._tag_deletes: bool | None = None  # whether DELETE /manifests/<tag> works here
+        self._tags = TagStore(client, self._documents, self._manifests, self._read_whole)
+
+    async def _read_whole(self, digest: Digest, max_size: int) -> bytes:
+        return await self.read_blob(digest, max_size=max_size)
 
     @property
     def location(self) -> RegistryLocation:
@@ -229,19 +224,9 @@ class RegistryEngine(Engine):
             and other.location.repository != self.location.repository
         )
 
-    async def _head(self, path: str, *, accept: str | None = None) -> httpx.Response | None:
-        """``HEAD`` under this repository: the answer if 200, ``None`` if 404."""
-        headers = {"Accept": accept} if accept else None
-        response = await self._client.request("HEAD", self._client.url(path), headers=headers, follow_redirects=True)
-        if response.status_code == 200:
-            return response
-        if response.status_code == 404:
-            return None
-        raise self._client.error(response, f"HEAD {path}")
-
     async def _blob_size(self, digest: Digest) -> int | None:
         """The size of ``digest`` in the blob store, or ``None``."""
-        response = await self._head(f"blobs/{digest}")
+        response = await self._client.head(f"blobs/{digest}")
         return None if response is None else self._length(response, digest)
 
     def _length(self, response: httpx.Response, digest: Digest) -> int:
@@ -257,7 +242,7 @@ class RegistryEngine(Engine):
         """Size of ``digest`` as a blob or, failing that, as a manifest; :class:`BlobNotFoundError` if neither."""
         first_manifest = digest in self._manifests
         for path, accept in self._content_paths(digest, first_manifest):
-            response = await self._head(path, accept=accept)
+            response = await self._client.head(path, accept=accept)
             if response is not None:
                 return self._length(response, digest)
         self._manifests.discard(digest)
@@ -293,7 +278,7 @@ class RegistryEngine(Engine):
                 try:
                     prefix = (await read_body(response, head))[:head]
                 except httpx.TransportError as exc:
-                    raise self._dropped(f"reading the head of blob {digest}", exc) from exc
+                    raise self._client.dropped(f"reading the head of blob {digest}", exc) from exc
             found[digest] = BlobInfo(size, None, prefix)
 
         async with bound(ctx), task_group() as tg:
@@ -309,13 +294,19 @@ class RegistryEngine(Engine):
             headers["Range"] = f"bytes=0-{head - 1}"
         for path, accept in self._content_paths(digest, digest in self._manifests):
             response = await client.request(
-                "GET", client.url(path), headers={**headers, "Accept": accept} if accept else headers, stream=True
+                "GET",
+                client.url(path),
+                headers={**headers, "Accept": accept} if accept else headers,
+                stream=True,
+                follow_redirects=True,  # blob stores may send the content from elsewhere (S3, a CDN)
             )
             if response.status_code in (200, 206):
                 if path.startswith("manifests/"):
                     self._manifests.add(digest)
                 try:
-                    size = self._length(response, digest) if response.status_code == 200 else await self._stat(digest)
+                    size = self._length(response, digest) if response.status_code == 200 else self._total(response)
+                    if size is None:
+                        size = await self._stat(digest)
                 except BaseException:
                     await release(response)
                     raise
@@ -326,10 +317,11 @@ class RegistryEngine(Engine):
         self._manifests.discard(digest)
         raise BlobNotFoundError(f"blob {digest} not found in {client.where}")
 
-    def _dropped(self, what: str, exc: httpx.TransportError) -> RegistryUnreachableError:
-        return RegistryUnreachableError(
-            f"connection to {self._client.where} dropped while {what}: {exc or type(exc).__name__}"
-        )
+    @staticmethod
+    def _total(response: httpx.Response) -> int | None:
+        """The whole size a ``206`` answer's ``Content-Range: bytes a-b/total`` gives, or ``None``."""
+        total = response.headers.get("content-range", "").rpartition("/")[2].strip()
+        return int(total) if total.isdigit() else None
 
     async def get_blob(self, digest: Digest | str, *, ctx: Context | None = None) -> BlobReader:
         self._check_open()
@@ -351,7 +343,9 @@ class RegistryEngine(Engine):
                         parts.append(piece)
                         have += len(piece)
                 except httpx.TransportError as exc:
-                    raise self._dropped(f"reading blob {digest} at byte {verifier.received + have}", exc) from exc
+                    raise self._client.dropped(
+                        f"reading blob {digest} at byte {verifier.received + have}", exc
+                    ) from exc
             data = b"".join(parts)
             chunk, leftover = data[:n], data[n:]
             if len(chunk) >= _THREAD_HASH:
@@ -377,16 +371,9 @@ class RegistryEngine(Engine):
             for path in (f"blobs/{digest}", f"manifests/{digest}"):
                 response = await self._client.request("DELETE", self._client.url(path))
                 if response.status_code not in (200, 202, 204, 404):
-                    raise self._delete_error(response, path)
+                    raise self._client.delete_refused(response, path)
         self._documents.discard(digest)
         self._manifests.discard(digest)
-
-    def _delete_error(self, response: httpx.Response, path: str) -> Exception:
-        if response.status_code == 405 or "UNSUPPORTED" in error_codes(response):
-            return UnsupportedError(
-                f"{self._client.where} does not allow deletes (distribution: storage.delete.enabled is off)"
-            )
-        return self._client.error(response, f"DELETE {path}")
 
     async def list_blobs(self, *, ctx: Context | None = None) -> list[Digest]:
         """Unsupported: the distribution API has no way to list a repository's blobs."""
@@ -401,78 +388,16 @@ class RegistryEngine(Engine):
         self._check_open()
         validate_tag(name)
         async with bound(ctx):
-            found = await self._fetch_manifest(name)
+            found = await self._tags.fetch(name)
         if found is None:
             raise ReferenceNotFoundError(f"reference {name!r} not found in {self._client.where}")
         return found[0]
 
-    async def _fetch_manifest(self, reference: str) -> tuple[Descriptor, bytes] | None:
-        """``GET /manifests/<reference>`` (capped, verified): its descriptor and bytes, or ``None`` if absent."""
-        url = self._client.url(f"manifests/{reference}")
-        response = await self._client.request("GET", url, headers={"Accept": ACCEPT}, stream=True)
-        if response.status_code != 200:
-            await release(response)
-            if response.status_code == 404:
-                return None
-            raise self._client.error(response, f"GET manifest {reference}")
-        declared = response.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > DEFAULT_JSON_LIMIT:
-            await release(response)
-            raise BlobTooLargeError(
-                f"manifest {reference!r} in {self._client.where} has {declared} bytes, over the cap of "
-                f"{DEFAULT_JSON_LIMIT}"
-            )
-        try:
-            data = await read_body(response, DEFAULT_JSON_LIMIT)
-        except httpx.TransportError as exc:
-            raise self._dropped(f"reading manifest {reference!r}", exc) from exc
-        if len(data) > DEFAULT_JSON_LIMIT:
-            raise BlobTooLargeError(
-                f"manifest {reference!r} in {self._client.where} is over the cap of {DEFAULT_JSON_LIMIT}"
-            )
-        descriptor = describe(response, data, reference, self._client.where)
-        self._documents.offer(descriptor.digest, data)
-        self._manifests.add(descriptor.digest)
-        return descriptor, data
-
-    async def _tag_state(self, name: str) -> Descriptor | None:
-        """What tag ``name`` holds (media type, digest, size) from a ``HEAD``, or ``None``."""
-        response = await self._head(f"manifests/{name}", accept=ACCEPT)
-        if response is None:
-            return None
-        digest = response.headers.get("docker-content-digest")
-        media_type = response.headers.get("content-type", "").partition(";")[0].strip()
-        size = response.headers.get("content-length", "")
-        if digest and is_manifest_type(media_type) and size.isdigit():
-            return Descriptor(media_type=media_type, digest=digest, size=int(size))
-        found = await self._fetch_manifest(name)  # a registry that does not say: read it
-        return None if found is None else found[0]
-
     async def list_references(self, *, ctx: Context | None = None) -> list[str]:
         """Every tag of the repository, sorted (``[]`` if the repository does not exist yet)."""
         self._check_open()
-        tags: set[str] = set()
-        url: str | None = self._client.url("tags/list")
-        seen: set[str] = set()
         async with bound(ctx):
-            while url is not None and url not in seen:
-                seen.add(url)
-                response = await self._client.request("GET", url)
-                if response.status_code == 404:
-                    break  # NAME_UNKNOWN: nothing pushed yet
-                if response.status_code != 200:
-                    raise self._client.error(response, "GET tags/list")
-                try:
-                    body = json.loads(body_of(response))
-                except ValueError:
-                    raise InvalidError(f"{self._client.where} answered tags/list with invalid JSON") from None
-                listed = body.get("tags") if isinstance(body, dict) else None
-                if listed is not None and (not isinstance(listed, list) or not all(isinstance(t, str) for t in listed)):
-                    raise InvalidError(f"{self._client.where} answered tags/list with a malformed tag list")
-                tags.update(listed or ())
-                following = response.links.get("next", {}).get("url")
-                url = str(response.request.url.join(following)) if following else None
-        return sorted(tags)
+            return await self._tags.names()
 
     async def list_roots(self, *, ctx: Context | None = None) -> list[Descriptor]:
         """Unsupported: a registry cannot list its untagged manifests, so it has no knowable root set."""
@@ -498,175 +423,7 @@ class RegistryEngine(Engine):
                     f"reference {name!r}: a registry tag names a manifest or an index, not {descriptor.media_type}"
                 )
         async with bound(ctx):
-            current: dict[str, Descriptor | None] = {}
-
-            async def look(name: str) -> None:
-                current[name] = await self._tag_state(name)
-
-            async with task_group() as tg:
-                for name in changes:
-                    tg.start_soon(look, name)
-            puts: dict[str, Descriptor] = {}
-            deletes: dict[str, Digest] = {}
-            for name, descriptor in changes.items():
-                held = current[name]
-                if descriptor is None:
-                    if held is not None:
-                        deletes[name] = held.digest
-                elif held is None or (held.digest, held.media_type) != (descriptor.digest, descriptor.media_type):
-                    if held is not None and not replace:
-                        raise ClobberError(f"reference {name!r} already holds {held.digest}, not {descriptor.digest}")
-                    puts[name] = descriptor
-            bodies = await self._push_manifests(puts.values())
-            if deletes:
-                await self._delete_tags(deletes, puts, bodies)
-
-            async def tag(name: str, descriptor: Descriptor) -> None:
-                await self._put_manifest(name, descriptor, bodies[descriptor.digest])
-
-            async with task_group() as tg:
-                for name, descriptor in puts.items():
-                    tg.start_soon(tag, name, descriptor)
-
-    async def _push_manifests(self, roots: Iterable[Descriptor]) -> dict[Digest, bytes]:
-        """Make sure every root (and each index's children) is in the manifest store; return the roots' bytes."""
-        bodies: dict[Digest, bytes] = {}
-        started: dict[Digest, anyio.Event] = {}
-
-        async def push(descriptor: Descriptor, root: bool) -> None:
-            digest = descriptor.digest
-            if digest in started:
-                await started[digest].wait()
-                return
-            started[digest] = done = anyio.Event()
-            try:
-                if not root and (digest in self._manifests or await self._head(f"manifests/{digest}", accept=ACCEPT)):
-                    self._manifests.add(digest)
-                    return
-                data = await self._manifest_bytes(descriptor)
-                check_document(descriptor.media_type, data)
-                async with task_group() as tg:
-                    for child in child_manifests(descriptor.media_type, data):
-                        tg.start_soon(push, child, False)
-                await self._put_manifest(str(digest), descriptor, data)
-                if root:
-                    bodies[digest] = data
-            finally:
-                done.set()
-
-        unique = {d.digest: d for d in roots}
-        async with task_group() as tg:
-            for descriptor in unique.values():
-                tg.start_soon(push, descriptor, True)
-        for digest, descriptor in unique.items():  # a root that was also another root's child
-            if digest not in bodies:
-                bodies[digest] = await self._manifest_bytes(descriptor)
-        return bodies
-
-    async def _manifest_bytes(self, descriptor: Descriptor) -> bytes:
-        """The verified bytes of the manifest ``descriptor`` names, from wherever this engine can find them."""
-        digest = descriptor.digest
-        if descriptor.size > DEFAULT_JSON_LIMIT:
-            raise BlobTooLargeError(
-                f"{descriptor.media_type} {digest} has {descriptor.size} bytes, over the cap of {DEFAULT_JSON_LIMIT}"
-            )
-        data = self._documents.get(digest)
-        if data is None:
-            data = descriptor.data
-        if data is None:
-            try:
-                data = await self.read_blob(digest, max_size=DEFAULT_JSON_LIMIT)
-            except BlobNotFoundError:
-                raise BlobNotFoundError(
-                    f"{descriptor.media_type} {digest} is not stored in {self._client.where}: put_blob it first"
-                ) from None
-        if len(data) != descriptor.size:
-            raise SizeMismatchError(
-                f"{descriptor.media_type} {digest} has {len(data)} bytes, descriptor says {descriptor.size}"
-            )
-        return data
-
-    async def _put_manifest(self, reference: str, descriptor: Descriptor, data: bytes) -> None:
-        url = self._client.url(f"manifests/{reference}")
-        response = await self._client.request("PUT", url, headers={"Content-Type": descriptor.media_type}, content=data)
-        if response.status_code in (200, 201, 202, 204):
-            self._manifests.add(descriptor.digest)
-            return
-        codes = error_codes(response)
-        what = f"{descriptor.media_type} {descriptor.digest}"
-        if "MANIFEST_BLOB_UNKNOWN" in codes or "BLOB_UNKNOWN" in codes:
-            raise BlobNotFoundError(
-                f"{what} refers to content that is not in {self._client.where}: {self._client.error(response, 'PUT')}"
-            )
-        if response.status_code == 400 or "MANIFEST_INVALID" in codes or "TAG_INVALID" in codes:
-            raise InvalidError(f"{what} refused as {reference!r}: {self._client.error(response, 'PUT')}")
-        raise self._client.error(response, f"PUT manifest {reference}")
-
-    async def _delete_tags(
-        self, deletes: Mapping[str, Digest], puts: Mapping[str, Descriptor], bodies: Mapping[Digest, bytes]
-    ) -> None:
-        """Delete tags: one by one where the registry can; else their manifests, if nothing else needs them."""
-        if self._tag_deletes is None:  # probe once with a tag that does not exist
-            probe = f"ocicas-probe-{secrets.token_hex(8)}"
-            response = await self._client.request("DELETE", self._client.url(f"manifests/{probe}"))
-            self._tag_deletes = response.status_code in (200, 202, 204, 404)
-        if self._tag_deletes:
-            async with task_group() as tg:
-                for name in deletes:
-                    tg.start_soon(self._delete_manifest, name)
-            return
-        needed = await self._holders(set(deletes.values()), set(deletes) | set(puts), puts, bodies)
-        for name, digest in deletes.items():
-            if digest in needed:
-                raise UnsupportedError(
-                    f"cannot delete reference {name!r} alone in {self._client.where}: this registry deletes a tag "
-                    f"only by deleting its manifest {digest}, which {needed[digest]} still needs"
-                )
-        for digest in sorted(set(deletes.values())):
-            await self._delete_manifest(str(digest))
-            self._manifests.discard(digest)
-
-    async def _delete_manifest(self, reference: str) -> None:
-        response = await self._client.request("DELETE", self._client.url(f"manifests/{reference}"))
-        if response.status_code not in (200, 202, 204, 404):
-            raise self._delete_error(response, f"manifests/{reference}")
-
-    async def _holders(
-        self,
-        digests: set[Digest],
-        changing: set[str],
-        puts: Mapping[str, Descriptor],
-        bodies: Mapping[Digest, bytes],
-    ) -> dict[Digest, str]:
-        """Which of ``digests`` another tag (or an index it names) still needs after the change: digest → who."""
-        needed: dict[Digest, set[str]] = {}
-        opened: set[Digest] = set()
-
-        async def reach(descriptor: Descriptor, who: str) -> None:
-            if descriptor.digest in digests:
-                needed.setdefault(descriptor.digest, set()).add(who)
-            if descriptor.media_type not in INDEX_MEDIA_TYPES or descriptor.digest in opened:
-                return
-            opened.add(descriptor.digest)
-            data = bodies.get(descriptor.digest) or await self._manifest_bytes(descriptor)
-            for child in child_manifests(descriptor.media_type, data):
-                await reach(child, f"the index {descriptor.digest} named by {who}")
-
-        others = [t for t in await self.list_references() if t not in changing]
-        held: dict[str, Descriptor | None] = {}
-
-        async def look(name: str) -> None:
-            held[name] = await self._tag_state(name)
-
-        async with task_group() as tg:
-            for name in others:
-                tg.start_soon(look, name)
-        roots = [(d, f"tag {n!r}") for n, d in held.items() if d is not None]
-        roots += [(d, f"tag {n!r}") for n, d in puts.items()]
-        async with task_group() as tg:
-            for descriptor, who in roots:
-                tg.start_soon(reach, descriptor, who)
-        return {digest: sorted(whos)[0] for digest, whos in needed.items()}
+            await self._tags.update(changes, replace=replace)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -693,91 +450,3 @@ class RegistryEngine(Engine):
         self._closed = True
         with anyio.CancelScope(shield=True):
             await self._client.http.aclose()
-
-
-def _ssl_context(verify: bool | str | os.PathLike[str] | ssl.SSLContext) -> ssl.SSLContext:
-    """Build the TLS context (reads CA files: run it in a worker thread)."""
-    if isinstance(verify, ssl.SSLContext):
-        return verify
-    if verify is True:
-        return httpx.create_ssl_context()
-    if verify is False:
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        return context
-    path = os.fspath(verify)
-    if os.path.isdir(path):
-        return ssl.create_default_context(capath=path)
-    return ssl.create_default_context(cafile=path)
-
-
-async def open_registry(
-    location: str | RegistryLocation,
-    *,
-    username: str | None = None,
-    password: str | None = None,
-    docker_config: bool | str | os.PathLike[str] = True,
-    verify: bool | str | os.PathLike[str] | ssl.SSLContext = True,
-    request_timeout: float | httpx.Timeout = 60.0,
-    concurrency: int = 8,
-    retry: RetryPolicy | None = None,
-    chunk_size: int = CHUNK_SIZE,
-    transport: httpx.AsyncBaseTransport | None = None,
-    check: bool = True,
-) -> RegistryEngine:
-    """Open repository ``location`` (``http://127.0.0.1:5000/team/app``; ``https`` by default) as an engine.
-
-    Credentials are ``username``/``password``, or else those a Docker ``config.json``
-    holds for the registry (``docker_config``: ``True`` for ``$DOCKER_CONFIG`` or
-    ``~/.docker/config.json``, a path, or ``False``); anonymous otherwise. ``verify``
-    is ``True`` (system CAs), ``False``, a CA bundle path or an ``ssl.SSLContext``.
-    ``request_timeout`` bounds each network wait (seconds, or an ``httpx.Timeout``),
-    ``concurrency`` bounds the requests in flight, ``retry`` sets the retries of
-    idempotent requests, ``chunk_size`` the size of chunked uploads, and
-    ``transport`` replaces httpx's network transport (tests). With ``check``, the
-    registry is asked ``GET /v2/`` first: :class:`~ocicas.RegistryUnreachableError`,
-    :class:`~ocicas.AccessDeniedError` or :class:`~ocicas.InvalidError` say why it
-    cannot be used.
-    """
-    if isinstance(location, str):
-        location = parse_registry_location(location)
-    if location.reference is not None:
-        raise InvalidError(f"open_registry takes a repository, not a tag or digest: {location}")
-    if (username is None) != (password is None):
-        raise ValueError("pass both username and password, or neither")
-    credentials: Credentials | None = None
-    if username is not None and password is not None:
-        credentials = Credentials(username, password)
-    elif docker_config is not False:
-        path = None if docker_config is True else docker_config
-        credentials = await load_docker_credentials(location.host, path)
-
-    timeouts = (
-        request_timeout
-        if isinstance(request_timeout, httpx.Timeout)
-        else httpx.Timeout(request_timeout, connect=min(request_timeout, 15.0))
-    )
-
-    def client() -> httpx.AsyncClient:  # reads CA files and the environment: off the event loop
-        return httpx.AsyncClient(
-            verify=_ssl_context(verify),
-            timeout=timeouts,
-            transport=transport,
-            headers={"User-Agent": _USER_AGENT},
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=concurrency),
-        )
-
-    http = await anyio.to_thread.run_sync(client)
-    authenticator = Authenticator(credentials, f"repository {location.repository!r} on registry {location.base_url}")
-    engine = RegistryEngine(
-        RegistryClient(http, location, authenticator, concurrency=concurrency, retry=retry or RetryPolicy()),
-        chunk_size=chunk_size,
-    )
-    if check:
-        try:
-            await engine.ping()
-        except BaseException:
-            await engine.close()
-            raise
-    return engine

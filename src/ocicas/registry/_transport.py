@@ -26,6 +26,7 @@ import errno
 import json
 import os
 import random
+import ssl
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -34,7 +35,14 @@ from typing import Any, Final
 import anyio
 import httpx
 
-from .._errors import AccessDeniedError, InvalidError, OCICASError, RegistryError, RegistryUnreachableError
+from .._errors import (
+    AccessDeniedError,
+    InvalidError,
+    OCICASError,
+    RegistryError,
+    RegistryUnreachableError,
+    UnsupportedError,
+)
 from ._auth import Authenticator, parse_challenges
 from ._location import RegistryLocation
 from ._streams import BODIES, Body, body_of, read_body
@@ -42,7 +50,7 @@ from ._streams import BODIES, Body, body_of, read_body
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
-__all__ = ["RegistryClient", "RetryPolicy", "error_codes"]
+__all__ = ["RegistryClient", "RetryPolicy", "error_codes", "error_list"]
 
 #: Statuses worth retrying an idempotent request on.
 _RETRY_STATUSES: Final = frozenset({408, 429, 500, 502, 503, 504})
@@ -88,8 +96,8 @@ def _retry_after(response: httpx.Response) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _os_errors(exc: BaseException) -> Iterator[OSError]:
-    """Every OSError with an errno in the cause/context chain of ``exc`` (groups included)."""
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and every exception in its cause/context chain, exception groups included."""
     seen: set[int] = set()
     pending: list[BaseException] = [exc]
     while pending:
@@ -97,8 +105,7 @@ def _os_errors(exc: BaseException) -> Iterator[OSError]:
         if id(current) in seen:
             continue
         seen.add(id(current))
-        if isinstance(current, OSError) and current.errno is not None:
-            yield current
+        yield current
         if isinstance(current, BaseExceptionGroup):
             pending.extend(current.exceptions)
         for linked in (current.__cause__, current.__context__):
@@ -107,15 +114,26 @@ def _os_errors(exc: BaseException) -> Iterator[OSError]:
 
 
 def _connect_reason(exc: httpx.ConnectError) -> str:
-    """A backend-independent reason for a failed connection."""
-    text = str(exc)
-    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
-        detail = text.partition("certificate verify failed:")[2].strip(" )") or "certificate verify failed"
-        return f"TLS certificate verification failed ({detail}); pass verify= a CA bundle or ssl.SSLContext"
-    for error in _os_errors(exc):
-        if error.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT):
+    """A backend-independent reason for a failed connection (asyncio and trio word them differently)."""
+    chain = list(_chain(exc))
+    for error in chain:
+        if isinstance(error, ssl.SSLCertVerificationError):
+            return (
+                f"TLS certificate verification failed: {error.verify_message}; "
+                "pass verify= a CA bundle path or an ssl.SSLContext"
+            )
+    for error in chain:
+        if isinstance(error, ssl.SSLError):
+            return f"TLS handshake failed: {error.reason or error}"
+    for error in chain:
+        if isinstance(error, OSError) and error.errno in (
+            errno.ECONNREFUSED,
+            errno.EHOSTUNREACH,
+            errno.ENETUNREACH,
+            errno.ETIMEDOUT,
+        ):
             return os.strerror(error.errno).lower()
-    return text or type(exc).__name__
+    return str(exc) or type(exc).__name__
 
 
 class RegistryClient:
@@ -272,13 +290,14 @@ class RegistryClient:
             who = f"user {credentials.username!r}" if credentials else "anonymous access"
             reason = f"{who} is not allowed to {response.request.method} {response.request.url.path}"
         elif credentials is None:
-            reason = "the registry requires authentication: pass username= and password=, or log in with docker/skopeo"
+            reason = (
+                "the registry requires authentication: pass username= and password=, or add them to a Docker "
+                "config.json"
+            )
         else:
             reason = f"the registry refused the credentials of user {credentials.username!r}"
-        suffix = f" ({', '.join(codes)})" if codes else ""
-        return AccessDeniedError(
-            f"access denied to {self.where}: {reason} (HTTP {status}){suffix}", status=status, codes=codes
-        )
+        answer = " ".join([f"HTTP {status}", *codes])
+        return AccessDeniedError(f"access denied to {self.where}: {reason} ({answer})", status=status, codes=codes)
 
     async def _read_error_body(self, response: httpx.Response) -> None:
         """Read a streamed error answer (capped) so its error codes can be reported, then close it."""
@@ -286,6 +305,28 @@ class RegistryClient:
             BODIES[response] = (await read_body(response, _ERROR_BODY_LIMIT))[:_ERROR_BODY_LIMIT]
         except httpx.HTTPError:
             BODIES[response] = b""
+
+    async def head(self, path: str, *, accept: str | None = None) -> httpx.Response | None:
+        """``HEAD`` of ``path`` under the repository: the answer if 200, ``None`` if 404."""
+        headers = {"Accept": accept} if accept else None
+        response = await self.request("HEAD", self.url(path), headers=headers, follow_redirects=True)
+        if response.status_code == 200:
+            return response
+        if response.status_code == 404:
+            return None
+        raise self.error(response, f"HEAD {path}")
+
+    def dropped(self, what: str, exc: httpx.TransportError) -> RegistryUnreachableError:
+        """The error for a connection lost while ``what`` (``"reading blob …"``) was under way."""
+        return RegistryUnreachableError(f"connection to {self.where} dropped while {what}: {exc or type(exc).__name__}")
+
+    def delete_refused(self, response: httpx.Response, path: str) -> OCICASError:
+        """The error for a ``DELETE`` the registry refused: unsupported if deletes are off."""
+        if response.status_code == 405 or "UNSUPPORTED" in error_codes(response):
+            return UnsupportedError(
+                f"{self.where} does not allow deletes (distribution: storage.delete.enabled is off)"
+            )
+        return self.error(response, f"DELETE {path}")
 
     def error(self, response: httpx.Response, what: str) -> RegistryError:
         """A :class:`RegistryError` for an answer nothing more specific fits."""
@@ -299,7 +340,8 @@ class RegistryClient:
         )
 
 
-def _error_list(response: httpx.Response) -> list[dict[str, Any]]:
+def error_list(response: httpx.Response) -> list[dict[str, Any]]:
+    """The ``errors`` of a distribution-spec error answer (objects with ``code``, ``message``, ``detail``)."""
     try:
         body = json.loads(body_of(response) or b"null")
     except ValueError:
@@ -310,12 +352,12 @@ def _error_list(response: httpx.Response) -> list[dict[str, Any]]:
 
 def error_codes(response: httpx.Response) -> tuple[str, ...]:
     """The distribution-spec error codes of an answer (``("BLOB_UNKNOWN",)``)."""
-    return tuple(str(e["code"]) for e in _error_list(response) if isinstance(e.get("code"), str))
+    return tuple(str(e["code"]) for e in error_list(response) if isinstance(e.get("code"), str))
 
 
 def _error_messages(response: httpx.Response) -> list[str]:
     out = []
-    for error in _error_list(response):
+    for error in error_list(response):
         text = f"{error.get('code', '?')}: {error.get('message', '')}"
         detail = error.get("detail")
         if detail not in (None, {}, "", []):
