@@ -17,7 +17,7 @@ from pathlib import Path
 import anyio
 
 import ocicas
-from ocicas.registry import open_registry, parse_registry_location
+from ocicas.registry import parse_registry_location
 
 
 async def push(layout: Path, tag: str, destination: str) -> ocicas.CopyResult:
@@ -28,7 +28,7 @@ async def push(layout: Path, tag: str, destination: str) -> ocicas.CopyResult:
         raise ValueError(f"{destination}: push to a tag, not a digest")
     async with (
         await ocicas.open_layout(layout) as src,
-        await open_registry(dataclasses.replace(location, reference=None)) as dst,
+        await ocicas.open_registry(dataclasses.replace(location, reference=None)) as dst,
     ):
         started: list[str] = []
 

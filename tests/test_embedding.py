@@ -34,7 +34,6 @@ from blockbuster import blockbuster_ctx
 
 import ocicas
 from ocicas import MEDIA_TYPE_IMAGE_INDEX, MEDIA_TYPE_IMAGE_LAYER_GZIP, MEDIA_TYPE_IMAGE_MANIFEST, Descriptor, Digest
-from ocicas.registry import open_registry
 from tests.registry_fixtures import Registry, start_registry
 from tests.tools import require
 
@@ -569,7 +568,7 @@ async def test_a_push_sends_every_blob_once_and_tags_it(
     again = await push_to_registry.push(layout, "v1", f"{registry.url}/{repository}:release")
     assert (again.copied, set(again.skipped)) == ((), set(stored))
 
-    async with await open_registry(registry.location(repository), docker_config=False) as pushed:
+    async with await ocicas.open_registry(registry.location(repository), docker_config=False) as pushed:
         assert await pushed.list_references() == ["release"]
         assert await pushed.get_reference("release") == Descriptor(
             media_type=index.media_type, digest=index.digest, size=index.size
