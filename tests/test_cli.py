@@ -141,7 +141,7 @@ def test_usage_errors_name_the_value(tmp_path: Path) -> None:
     for args, value in [
         (("cat", tmp_path, "sha256:1234"), "sha256:1234"),
         (("tag", tmp_path, "not a name", "0" * 64), "not a name"),
-        (("copy", "docker://registry.example/x:1", tmp_path), "docker://registry.example/x:1"),
+        (("copy", "s3://bucket/x:1", tmp_path), "s3://bucket/x:1"),
         (("copy", f"{tmp_path}:bad name", tmp_path), "bad name"),
         (("gc", "--grace", "soon", tmp_path), "soon"),
         (("copy", "--platform", "linux", f"{tmp_path}:a", tmp_path), "linux"),

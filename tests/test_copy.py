@@ -286,7 +286,7 @@ async def test_a_copy_cancelled_within_a_blob_leaves_no_part_of_it(
         await copy(src, "v1", dst, concurrency=1, progress=cancel_midway, ctx=ctx)
     assert chunks == [4 << 20]
     landed = await _intact(dst)
-    assert max((await dst.stat_blobs(landed)).values(), key=lambda info: info.size).size < 1 << 20
+    assert all(info.size < 1 << 20 for info in (await dst.stat_blobs(landed)).values())  # no part of the big one
     if isinstance(dst, ocicas.DirEngine):
         assert not [p for p in (tmp_path / "dst").iterdir() if p.name.startswith(".ocicas-") and any(p.iterdir())]
     await copy(src, "v1", dst)

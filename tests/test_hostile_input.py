@@ -56,9 +56,9 @@ pytestmark = pytest.mark.anyio
 
 #: Examples per test and backend (each test runs on asyncio and on trio).
 DIGEST_EXAMPLES = 300
-NAME_EXAMPLES = 300
-INDEX_EXAMPLES = 300
-DOCUMENT_EXAMPLES = 250
+NAME_EXAMPLES = 250
+INDEX_EXAMPLES = 250
+DOCUMENT_EXAMPLES = 200
 #: Seconds any single call may take before it counts as a hang.
 CALL_TIMEOUT = 10.0
 

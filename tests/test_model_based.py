@@ -154,17 +154,12 @@ class EngineModel(RuleBasedStateMachine):
 
     # -- blobs -------------------------------------------------------------------------
 
-    @rule(name=BLOB_NAMES)
-    def put_blob(self, name: str) -> None:
-        self.both("put_blob", lambda e: e.put_blob(BLOBS[name]))
+    @rule(names=st.lists(BLOB_NAMES, min_size=1, max_size=len(BLOBS), unique=True))
+    def put_blobs(self, names: list[str]) -> None:
+        async def put(engine: Engine) -> list[tuple[ocicas.Digest, int]]:
+            return [await engine.put_blob(BLOBS[name]) for name in names]
 
-    @rule()
-    def put_every_blob(self) -> None:
-        async def put_all(engine: Engine) -> None:
-            for data in BLOBS.values():
-                await engine.put_blob(data)
-
-        self.both("put every blob", put_all)
+        self.both("put_blob", put)
 
     @rule(name=BLOB_NAMES, lie=st.booleans())
     def put_blob_expecting(self, name: str, lie: bool) -> None:
