@@ -26,10 +26,10 @@ import secrets
 import stat
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from pathlib import Path
-from typing import Final, TypeVar
+from typing import Final
 
 import anyio
 import anyio.to_thread
@@ -46,14 +46,25 @@ from ._errors import (
     LayoutNotFoundError,
     ReferenceNotFoundError,
 )
+from ._fs import (
+    DIR_FLAGS,
+    GroupSync,
+    hold_blob,
+    open_dir,
+    open_regular,
+    read_open,
+    read_small,
+    remove_temp_dir,
+    run_split,
+    run_sync,
+    unlink_unused,
+    write_all,
+    write_file,
+)
 from ._layout_format import IndexDocument, layout_file, parse_layout_file, validate_reference_name
 from ._tasks import task_group
 
 __all__ = ["DirEngine", "create_layout", "open_layout"]
-
-_T = TypeVar("_T")
-_K = TypeVar("_K")
-_V = TypeVar("_V")
 
 #: Prefix of this library's temporary directories inside a layout.
 TEMP_PREFIX: Final = ".ocicas-"
@@ -61,70 +72,6 @@ _INDEX_LIMIT: Final = 256 << 20
 _LAYOUT_FILE_LIMIT: Final = 64 << 10
 #: put_blob hands the worker threads this much at a time.
 _PIPELINE_BATCH: Final = CHUNK_SIZE
-_DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-# O_NONBLOCK: opening a FIFO planted at a blob path must not hang
-_READ_FLAGS: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-
-
-async def _run(func: Callable[..., _T], *args: object) -> _T:
-    return await anyio.to_thread.run_sync(func, *args)
-
-
-async def _run_split(func: Callable[[list[_K]], dict[_K, _V]], items: list[_K], parts: int = 2) -> dict[_K, _V]:
-    """Run ``func`` over ``parts`` slices of ``items`` in as many threads; merge the results.
-
-    For syscall-bound loops over many blobs: the system calls run in parallel
-    while only the Python between them takes turns on the GIL.
-    """
-    if len(items) < 256:
-        return await _run(func, items)
-    results: list[dict[_K, _V]] = []
-
-    async def part(index: int) -> None:
-        results.append(await _run(func, items[index::parts]))
-
-    async with task_group() as tg:
-        for index in range(parts):
-            tg.start_soon(part, index)
-    return {k: v for result in results for k, v in result.items()}
-
-
-def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
-    view = memoryview(data).cast("B")
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _write_file(dir_fd: int, name: str, data: bytes) -> None:
-    """Create ``name`` with ``data``, durably (fsync)."""
-    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
-    try:
-        _write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _open_dir(name: str, dir_fd: int, what: str) -> int:
-    try:
-        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
-    except NotADirectoryError:
-        raise InvalidError(f"{what} is not a directory (or is a symlink)") from None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise InvalidError(f"{what} is a symlink") from None
-        raise
-
-
-def _remove_temp_dir(parent_fd: int, name: str, fd: int) -> None:
-    """Remove one of our temporary directories (flat: files only) opened as ``fd``."""
-    with os.scandir(fd) as entries:
-        for entry in entries:
-            try:
-                os.unlink(entry.name, dir_fd=fd)
-            except FileNotFoundError:
-                pass
-    os.rmdir(name, dir_fd=parent_fd)
 
 
 async def create_layout(path: str | os.PathLike[str]) -> None:
@@ -133,7 +80,7 @@ async def create_layout(path: str | os.PathLike[str]) -> None:
     Parent directories are created as needed; :class:`~ocicas.LayoutExistsError`
     (a ``FileExistsError``) if ``path`` already exists.
     """
-    await _run(_create_layout, Path(path))
+    await run_sync(_create_layout, Path(path))
 
 
 def _create_layout(path: Path) -> None:
@@ -142,17 +89,17 @@ def _create_layout(path: Path) -> None:
         path.mkdir()
     except FileExistsError:
         raise LayoutExistsError(f"cannot create layout: {str(path)!r} already exists") from None
-    fd = os.open(path, _DIR_FLAGS)
+    fd = os.open(path, DIR_FLAGS)
     try:
         os.mkdir("blobs", dir_fd=fd)
-        blobs = os.open("blobs", _DIR_FLAGS, dir_fd=fd)
+        blobs = os.open("blobs", DIR_FLAGS, dir_fd=fd)
         try:
             os.mkdir("sha256", dir_fd=blobs)
             os.fsync(blobs)
         finally:
             os.close(blobs)
-        _write_file(fd, "index.json", IndexDocument.empty().serialize())
-        _write_file(fd, "oci-layout", layout_file())  # last: its presence marks a complete layout
+        write_file(fd, "index.json", IndexDocument.empty().serialize())
+        write_file(fd, "oci-layout", layout_file())  # last: its presence marks a complete layout
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -165,156 +112,7 @@ async def open_layout(path: str | os.PathLike[str]) -> DirEngine:
     :class:`~ocicas.InvalidError` if it is not a valid layout (no or a wrong
     ``oci-layout``, an unreadable ``index.json``, no ``blobs`` directory).
     """
-    return await _run(DirEngine._open, Path(path))
-
-
-def _open_regular(name: str, dir_fd: int, what: str) -> int:
-    """Open a regular file for reading; raise :class:`InvalidError` for anything else, unopened.
-
-    A symlink is never followed, and a device, socket or FIFO is never opened
-    (opening a device can have effects; sockets and devices without a driver
-    fail with ENXIO): the file's type is checked first. Callers still check the
-    opened file's type, in case the path was swapped meanwhile.
-    """
-    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    if stat.S_ISLNK(st.st_mode):
-        raise InvalidError(f"{what} is a symlink; refusing to follow it")
-    if not stat.S_ISREG(st.st_mode):
-        raise InvalidError(f"{what} is not a regular file")
-    try:
-        return os.open(name, _READ_FLAGS, dir_fd=dir_fd)
-    except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENXIO, errno.ENODEV):  # swapped since the check
-            raise InvalidError(f"{what} is not a regular file") from None
-        raise
-
-
-def _read_small(dir_fd: int, name: str, limit: int, what: str) -> tuple[os.stat_result, bytes]:
-    """Read a whole regular file that must not be a symlink or larger than ``limit``."""
-    fd = _open_regular(name, dir_fd, what)
-    try:
-        return _read_open(fd, limit, what)
-    finally:
-        os.close(fd)
-
-
-def _read_open(fd: int, limit: int, what: str) -> tuple[os.stat_result, bytes]:
-    """Read the whole regular file open as ``fd``, which must not be larger than ``limit``."""
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        raise InvalidError(f"{what} is not a regular file")
-    if st.st_size > limit:
-        raise InvalidError(f"{what} has {st.st_size} bytes, over the limit of {limit}")
-    parts = []
-    while chunk := os.read(fd, max(st.st_size, CHUNK_SIZE)):
-        parts.append(chunk)
-        if sum(map(len, parts)) > limit:
-            raise InvalidError(f"{what} grew over the limit of {limit} bytes")
-    return st, b"".join(parts)
-
-
-class _GroupSync:
-    """fsync one directory on behalf of every thread that changed it before the fsync began.
-
-    Concurrent puts each need their rename made durable; one directory fsync that
-    starts after a rename covers it, so callers arriving while one runs share the next.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._started = 0  # fsyncs begun
-        self._done = 0  # fsyncs finished (they finish in the order they begin)
-        self._running = False
-
-    def sync(self, fd: int) -> None:
-        with self._cond:
-            needed = self._started + 1  # one that begins after our change
-            while self._done < needed:
-                if self._running:
-                    self._cond.wait()
-                    continue
-                self._running = True
-                self._started += 1
-                mine = self._started
-                self._cond.release()
-                try:
-                    os.fsync(fd)
-                finally:
-                    self._cond.acquire()
-                    self._running = False
-                    self._done = mine
-                    self._cond.notify_all()
-
-
-def _held(alg: int, name: str, what: str, ctx: Context | None) -> int | None:
-    """Open blob file ``name`` under a shared ``flock``; ``None`` if there is none.
-
-    :func:`_unlink_unused` takes the exclusive lock, in whatever process, before
-    it checks a blob's age and unlinks it, so a blob held here is not collected
-    until it is released (freshen it meanwhile and it is kept); one collected while
-    this waited for the lock reads as absent. :class:`InvalidError` if the path
-    holds anything but a regular file. Waiting checks ``ctx``.
-    """
-    try:
-        fd = _open_regular(name, alg, what)
-    except FileNotFoundError:
-        return None
-    try:
-        delay = 0.0002
-        while not _try_flock(fd, fcntl.LOCK_SH):  # a collector holds it for microseconds; anyone else, ctx
-            if ctx is not None:
-                ctx.check()
-            time.sleep(delay)
-            delay = min(delay * 2, 0.05)
-        if os.fstat(fd).st_nlink > 0:
-            return fd
-    except BaseException:
-        os.close(fd)
-        raise
-    os.close(fd)
-    return None
-
-
-def _try_flock(fd: int, operation: int) -> bool:
-    try:
-        fcntl.flock(fd, operation | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-
-
-def _unlink_unused(alg: int, name: str, cutoff: int | None) -> os.stat_result | None:
-    """Unlink blob file ``name`` unless written or freshened at or after ``cutoff`` (ns); its stat if removed.
-
-    Under an exclusive ``flock``, so never while a writer in any process holds it
-    (:func:`_held`) to freshen or replace it: such a blob is kept.
-    """
-    try:
-        st = os.stat(name, dir_fd=alg, follow_symlinks=False)
-    except FileNotFoundError:
-        return None
-    if not stat.S_ISREG(st.st_mode) or (cutoff is not None and st.st_mtime_ns >= cutoff):
-        return None  # young blobs are kept without opening them
-    try:
-        fd = os.open(name, _READ_FLAGS, dir_fd=alg)
-    except OSError:
-        return None  # gone meanwhile, or swapped for a symlink
-    try:
-        if not _try_flock(fd, fcntl.LOCK_EX):
-            return None  # being reused right now
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_nlink == 0:
-            return None  # unlinked, or replaced by a new copy (which drops this one's last link), meanwhile
-        if cutoff is not None and st.st_mtime_ns >= cutoff:
-            return None  # freshened meanwhile
-        if st.st_nlink > 1 and os.stat(name, dir_fd=alg, follow_symlinks=False).st_ino != st.st_ino:
-            return None  # hard-linked elsewhere too, and no longer the file at this name
-        os.unlink(name, dir_fd=alg)
-        return st
-    except FileNotFoundError:
-        return None
-    finally:
-        os.close(fd)
+    return await run_sync(DirEngine._open, Path(path))
 
 
 class _PendingBlob:
@@ -343,13 +141,13 @@ class _PendingBlob:
         for chunk in batch:
             if self._ctx is not None:
                 self._ctx.check()
-            _write_all(self._fd, chunk)
+            write_all(self._fd, chunk)
 
     async def absorb(self, batch: list[bytes | bytearray | memoryview]) -> None:
         """Hash and write a large batch, the two overlapping on two cores (hashlib and write drop the GIL)."""
         async with task_group() as tg:
-            tg.start_soon(_run, self._hash, batch)
-            await _run(self._write, batch)
+            tg.start_soon(run_sync, self._hash, batch)
+            await run_sync(self._write, batch)
 
     def commit(self, batch: list[bytes | bytearray | memoryview]) -> tuple[Digest, int]:
         """Take the last batch, verify, fsync and move the file into ``blobs/`` (or freshen a present copy)."""
@@ -363,18 +161,17 @@ class _PendingBlob:
         engine = self._engine
         alg = engine._alg_dir(digest.algorithm, create=True)
         try:
-            with engine._blob_lock:
-                held = _held(alg, digest.encoded, f"blob path of {digest}", self._ctx)  # no collector unlinks it
-                try:
-                    if held is not None and os.fstat(held).st_size == size:
-                        os.utime(held)  # freshen, as git does
-                        renamed = False
-                    else:  # absent, or a damaged copy of the wrong size
-                        os.rename(self._name, digest.encoded, src_dir_fd=engine._temp_fd, dst_dir_fd=alg)
-                        renamed = True
-                finally:
-                    if held is not None:
-                        os.close(held)
+            held = hold_blob(alg, digest.encoded, f"blob path of {digest}", self._ctx)  # no collector unlinks it
+            try:
+                if held is not None and os.fstat(held).st_size == size:
+                    os.utime(held)  # freshen, as git does
+                    renamed = False
+                else:  # absent, or a damaged copy of the wrong size
+                    os.rename(self._name, digest.encoded, src_dir_fd=engine._temp_fd, dst_dir_fd=alg)
+                    renamed = True
+            finally:
+                if held is not None:
+                    os.close(held)
             if renamed:
                 engine._dir_syncs[digest.algorithm].sync(alg)
         finally:
@@ -400,9 +197,7 @@ class DirEngine(Engine):
         self._temp_fd: int | None = None
         self._temp_name: str | None = None
         self._temp_lock = threading.Lock()
-        # makes "freshen or create" in put_blob and "check age, then unlink" in delete_blobs atomic
-        self._blob_lock = threading.Lock()
-        self._dir_syncs = {algorithm: _GroupSync() for algorithm in SUPPORTED_ALGORITHMS}
+        self._dir_syncs = {algorithm: GroupSync() for algorithm in SUPPORTED_ALGORITHMS}
         self._index_lock = anyio.Lock()
         self._index_cache: tuple[tuple[int, int, int, int], IndexDocument] | None = None
         # the cached file, held open: while it is, no other file can get its inode (see _load_index)
@@ -419,11 +214,11 @@ class DirEngine(Engine):
             raise InvalidError(f"not a layout: {str(path)!r} is not a directory") from None
         try:
             try:
-                parse_layout_file(_read_small(fd, "oci-layout", _LAYOUT_FILE_LIMIT, "oci-layout")[1])
+                parse_layout_file(read_small(fd, "oci-layout", _LAYOUT_FILE_LIMIT, "oci-layout")[1])
             except FileNotFoundError:
                 raise InvalidError(f"not a layout: {str(path)!r} has no oci-layout file") from None
             try:
-                os.close(_open_dir("blobs", fd, "blobs"))
+                os.close(open_dir("blobs", fd, "blobs"))
             except FileNotFoundError:
                 raise InvalidError(f"not a layout: {str(path)!r} has no blobs directory") from None
             engine = cls(path, fd)
@@ -439,10 +234,10 @@ class DirEngine(Engine):
     # -- helpers (worker threads) -------------------------------------------------------
 
     def _alg_dir(self, algorithm: str, *, create: bool = False) -> int:
-        blobs = _open_dir("blobs", self._root, "blobs")
+        blobs = open_dir("blobs", self._root, "blobs")
         try:
             try:
-                return _open_dir(algorithm, blobs, f"blobs/{algorithm}")
+                return open_dir(algorithm, blobs, f"blobs/{algorithm}")
             except FileNotFoundError:
                 if not create:
                     raise
@@ -451,7 +246,7 @@ class DirEngine(Engine):
                 os.fsync(blobs)
             except FileExistsError:
                 pass
-            return _open_dir(algorithm, blobs, f"blobs/{algorithm}")
+            return open_dir(algorithm, blobs, f"blobs/{algorithm}")
         finally:
             os.close(blobs)
 
@@ -463,7 +258,7 @@ class DirEngine(Engine):
             while True:
                 name = f"{TEMP_PREFIX}{secrets.token_hex(8)}"
                 os.mkdir(name, 0o700, dir_fd=self._root)
-                fd = os.open(name, _DIR_FLAGS, dir_fd=self._root)
+                fd = os.open(name, DIR_FLAGS, dir_fd=self._root)
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     # another engine's gc() may have removed it between mkdir and flock
@@ -513,10 +308,10 @@ class DirEngine(Engine):
                 if pending >= CHUNK_SIZE // 4:
                     await blob.absorb(batch)
                     batch = []
-                return await _run(blob.commit, batch)  # small blobs: open, write and commit in one hop
+                return await run_sync(blob.commit, batch)  # small blobs: open, write and commit in one hop
             except BaseException:
                 with anyio.CancelScope(shield=True):
-                    await _run(blob.abandon)
+                    await run_sync(blob.abandon)
                 raise
 
     def _open_blob(self, digest: Digest) -> tuple[int, int]:
@@ -524,7 +319,7 @@ class DirEngine(Engine):
         try:
             alg = self._alg_dir(digest.algorithm)
             try:
-                fd = _open_regular(digest.encoded, alg, f"blob {digest}")
+                fd = open_regular(digest.encoded, alg, f"blob {digest}")
             finally:
                 os.close(alg)
         except FileNotFoundError:
@@ -543,7 +338,7 @@ class DirEngine(Engine):
         self._check_open()
         digest = addressable(digest)
         async with bound(ctx):
-            fd, size = await _run(self._open_blob, digest)
+            fd, size = await run_sync(self._open_blob, digest)
 
         def pull(n: int, verifier: Verifier) -> bytes:
             chunk = os.read(fd, n)
@@ -553,7 +348,7 @@ class DirEngine(Engine):
         async def close() -> None:
             os.close(fd)  # never blocks on a regular file opened for reading
 
-        return BlobReader(digest, size, lambda n, v: _run(pull, n, v), close=close, ctx=ctx)
+        return BlobReader(digest, size, lambda n, v: run_sync(pull, n, v), close=close, ctx=ctx)
 
     async def read_blob(
         self, digest: Digest | str, *, max_size: int | None = DEFAULT_READ_LIMIT, ctx: Context | None = None
@@ -582,7 +377,7 @@ class DirEngine(Engine):
                 os.close(fd)
 
         async with bound(ctx):
-            return await _run(read)
+            return await run_sync(read)
 
     async def stat_blob(self, digest: Digest | str, *, ctx: Context | None = None) -> int:
         self._check_open()
@@ -602,7 +397,7 @@ class DirEngine(Engine):
             return st.st_size
 
         async with bound(ctx):
-            return await _run(size)
+            return await run_sync(size)
 
     async def delete_blob(self, digest: Digest | str, *, ctx: Context | None = None) -> None:
         self._check_open()
@@ -621,7 +416,7 @@ class DirEngine(Engine):
                 raise InvalidError(f"blob path of {digest} is a directory; not removing it") from None
 
         async with bound(ctx):
-            await _run(delete)
+            await run_sync(delete)
 
     def _by_algorithm(self, digests: Iterable[Digest]) -> Iterator[tuple[int, list[Digest]]]:
         """Group digests by algorithm, yielding each group with its open directory."""
@@ -649,7 +444,7 @@ class DirEngine(Engine):
                 for digest in group:
                     try:
                         if head:
-                            fd = _open_regular(digest.encoded, alg, f"blob {digest}")
+                            fd = open_regular(digest.encoded, alg, f"blob {digest}")
                             try:
                                 st = os.fstat(fd)
                                 prefix = os.pread(fd, head, 0) if stat.S_ISREG(st.st_mode) else b""
@@ -665,7 +460,7 @@ class DirEngine(Engine):
             return out
 
         async with bound(ctx):
-            return await _run_split(stats, list(digests))
+            return await run_split(stats, list(digests))
 
     async def touch_blobs(self, digests: Iterable[Digest], *, ctx: Context | None = None) -> dict[Digest, BlobInfo]:
         self._check_open()
@@ -674,23 +469,22 @@ class DirEngine(Engine):
             out = {}
             for alg, group in self._by_algorithm(digests):
                 for digest in group:
-                    with self._blob_lock:
-                        try:
-                            held = _held(alg, digest.encoded, f"blob {digest}", ctx)
-                        except InvalidError:
-                            continue
-                        if held is None:
-                            continue
-                        try:
-                            st = os.fstat(held)
-                            os.utime(held)
-                        finally:
-                            os.close(held)
+                    try:
+                        held = hold_blob(alg, digest.encoded, f"blob {digest}", ctx)
+                    except InvalidError:
+                        continue
+                    if held is None:
+                        continue
+                    try:
+                        st = os.fstat(held)
+                        os.utime(held)
+                    finally:
+                        os.close(held)
                     out[digest] = BlobInfo(st.st_size, time.time())
             return out
 
         async with bound(ctx):
-            return await _run_split(touch, list(digests))
+            return await run_split(touch, list(digests))
 
     async def delete_blobs(
         self, digests: Iterable[Digest], *, unmodified_since: float | None = None, ctx: Context | None = None
@@ -704,14 +498,15 @@ class DirEngine(Engine):
                 for digest in group:
                     if ctx is not None:
                         ctx.check()
-                    with self._blob_lock:
-                        st = _unlink_unused(alg, digest.encoded, cutoff)  # atomic with _held, across processes
+                    st = unlink_unused(
+                        alg, digest.encoded, cutoff
+                    )  # atomic with hold_blob, across processes and threads
                     if st is not None:
                         removed[digest] = st.st_size
             return removed
 
         async with bound(ctx):
-            return await _run(delete)
+            return await run_sync(delete)
 
     def gc_lock(self, *, ctx: Context | None = None) -> AbstractAsyncContextManager[None]:
         """Excludes other collections of this layout, in this process and in others (flock on ``blobs/``)."""
@@ -720,11 +515,11 @@ class DirEngine(Engine):
     @asynccontextmanager
     async def _exclusive_gc(self, ctx: Context | None) -> AsyncIterator[None]:
         async with super().gc_lock(ctx=ctx):
-            blobs = await _run(_open_dir, "blobs", self._root, "blobs")
+            blobs = await run_sync(open_dir, "blobs", self._root, "blobs")
             try:
                 async with bound(ctx):
                     delay = 0.001
-                    while not await _run(self._try_lock, blobs):
+                    while not await run_sync(self._try_lock, blobs):
                         await anyio.sleep(delay)
                         delay = min(delay * 2, 0.1)
                 yield
@@ -753,7 +548,7 @@ class DirEngine(Engine):
             return out
 
         async with bound(ctx):
-            return await _run(listing)
+            return await run_sync(listing)
 
     # -- references ---------------------------------------------------------------------
 
@@ -775,7 +570,7 @@ class DirEngine(Engine):
         when the stale index is rewritten).
         """
         try:
-            fd = _open_regular("index.json", self._root, "index.json")
+            fd = open_regular("index.json", self._root, "index.json")
         except FileNotFoundError:
             raise InvalidError(f"not a layout: {str(self.path)!r} has no index.json") from None
         except OSError as exc:
@@ -788,7 +583,7 @@ class DirEngine(Engine):
             cached = self._index_cache
             if cached is not None and cached[0] == key:
                 return cached[1]
-            st, data = _read_open(fd, _INDEX_LIMIT, "index.json")
+            st, data = read_open(fd, _INDEX_LIMIT, "index.json")
             document = IndexDocument.parse(data)
             self._hold_index(fd, st, document)
             fd = -1  # held by the cache now
@@ -800,7 +595,7 @@ class DirEngine(Engine):
     async def _index(self, ctx: Context | None) -> IndexDocument:
         self._check_open()
         async with bound(ctx):
-            return await _run(self._load_index)
+            return await run_sync(self._load_index)
 
     async def get_reference(self, name: str, *, ctx: Context | None = None) -> Descriptor:
         validate_reference_name(name)
@@ -824,13 +619,13 @@ class DirEngine(Engine):
             if descriptor is not None and not isinstance(descriptor, Descriptor):
                 raise TypeError(f"reference {name!r}: expected a Descriptor, not {type(descriptor).__name__}")
         async with bound(ctx), self._index_lock:
-            lock_fd = await _run(_open_dir, ".", self._root, "the layout")  # the layout, not the working directory
+            lock_fd = await run_sync(open_dir, ".", self._root, "the layout")  # the layout, not the working directory
             try:
                 delay = 0.001
-                while not await _run(self._try_lock, lock_fd):
+                while not await run_sync(self._try_lock, lock_fd):
                     await anyio.sleep(delay)  # another process holds the lock: wait, cancellably
                     delay = min(delay * 2, 0.05)
-                await _run(self._rewrite_index, changes, replace, ctx)
+                await run_sync(self._rewrite_index, changes, replace, ctx)
             finally:
                 os.close(lock_fd)  # releases the flock
 
@@ -852,7 +647,7 @@ class DirEngine(Engine):
         name = f"index-{secrets.token_hex(8)}"
         held = -1
         try:
-            _write_file(temp, name, updated.serialize())
+            write_file(temp, name, updated.serialize())
             held = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=temp)
             st = os.fstat(held)
             os.rename(name, "index.json", src_dir_fd=temp, dst_dir_fd=self._root)
@@ -877,7 +672,7 @@ class DirEngine(Engine):
                 if ctx is not None:
                     ctx.check()
                 try:
-                    fd = os.open(name, _DIR_FLAGS, dir_fd=self._root)
+                    fd = os.open(name, DIR_FLAGS, dir_fd=self._root)
                 except OSError:
                     continue  # vanished, or not a plain directory: not ours to judge
                 try:
@@ -886,14 +681,14 @@ class DirEngine(Engine):
                     os.close(fd)
                     continue  # a live engine holds it
                 try:
-                    _remove_temp_dir(self._root, name, fd)
+                    remove_temp_dir(self._root, name, fd)
                 except (FileNotFoundError, IsADirectoryError, OSError):
                     pass  # gone already, or holding something we did not put there: leave it
                 finally:
                     os.close(fd)
 
         async with bound(ctx):
-            await _run(collect)
+            await run_sync(collect)
 
     async def close(self) -> None:
         if self._closed:
@@ -903,7 +698,7 @@ class DirEngine(Engine):
         def release() -> None:
             if self._temp_fd is not None and self._temp_name is not None:
                 try:
-                    _remove_temp_dir(self._root, self._temp_name, self._temp_fd)
+                    remove_temp_dir(self._root, self._temp_name, self._temp_fd)
                 except OSError:
                     pass  # a later gc() retries once our flock is gone
                 os.close(self._temp_fd)  # drops the flock
@@ -914,4 +709,4 @@ class DirEngine(Engine):
             os.close(self._root)
 
         with anyio.CancelScope(shield=True):
-            await _run(release)
+            await run_sync(release)

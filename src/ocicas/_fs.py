@@ -1,0 +1,243 @@
+"""File-system primitives of the directory engine.
+
+Everything here runs on worker threads (:func:`run_sync`) and works relative to
+directory descriptors: opens that refuse symlinks and special files, durable
+writes, the per-blob ``flock`` that makes GC's age check and unlink atomic with
+a writer's freshening in any process, and a group-committed directory fsync.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable
+from typing import Final, TypeVar
+
+import anyio.to_thread
+
+from ._context import Context
+from ._engine import CHUNK_SIZE
+from ._errors import InvalidError
+from ._tasks import task_group
+
+_T = TypeVar("_T")
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: opening a FIFO planted at a blob path must not hang
+READ_FLAGS: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+async def run_sync(func: Callable[..., _T], *args: object) -> _T:
+    return await anyio.to_thread.run_sync(func, *args)
+
+
+async def run_split(func: Callable[[list[_K]], dict[_K, _V]], items: list[_K], parts: int = 2) -> dict[_K, _V]:
+    """Run ``func`` over ``parts`` slices of ``items`` in as many threads; merge the results.
+
+    For syscall-bound loops over many blobs: the system calls run in parallel
+    while only the Python between them takes turns on the GIL.
+    """
+    if len(items) < 256:
+        return await run_sync(func, items)
+    results: list[dict[_K, _V]] = []
+
+    async def part(index: int) -> None:
+        results.append(await run_sync(func, items[index::parts]))
+
+    async with task_group() as tg:
+        for index in range(parts):
+            tg.start_soon(part, index)
+    return {k: v for result in results for k, v in result.items()}
+
+
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def write_file(dir_fd: int, name: str, data: bytes) -> None:
+    """Create ``name`` with ``data``, durably (fsync)."""
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
+    try:
+        write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def open_dir(name: str, dir_fd: int, what: str) -> int:
+    try:
+        return os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+    except NotADirectoryError:
+        raise InvalidError(f"{what} is not a directory (or is a symlink)") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise InvalidError(f"{what} is a symlink") from None
+        raise
+
+
+def remove_temp_dir(parent_fd: int, name: str, fd: int) -> None:
+    """Remove one of our temporary directories (flat: files only) opened as ``fd``."""
+    with os.scandir(fd) as entries:
+        for entry in entries:
+            try:
+                os.unlink(entry.name, dir_fd=fd)
+            except FileNotFoundError:
+                pass
+    os.rmdir(name, dir_fd=parent_fd)
+
+
+def open_regular(name: str, dir_fd: int, what: str) -> int:
+    """Open a regular file for reading; raise :class:`InvalidError` for anything else, unopened.
+
+    A symlink is never followed, and a device, socket or FIFO is never opened
+    (opening a device can have effects; sockets and devices without a driver
+    fail with ENXIO): the file's type is checked first. Callers still check the
+    opened file's type, in case the path was swapped meanwhile.
+    """
+    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    if stat.S_ISLNK(st.st_mode):
+        raise InvalidError(f"{what} is a symlink; refusing to follow it")
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidError(f"{what} is not a regular file")
+    try:
+        return os.open(name, READ_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO, errno.ENODEV):  # swapped since the check
+            raise InvalidError(f"{what} is not a regular file") from None
+        raise
+
+
+def read_small(dir_fd: int, name: str, limit: int, what: str) -> tuple[os.stat_result, bytes]:
+    """Read a whole regular file that must not be a symlink or larger than ``limit``."""
+    fd = open_regular(name, dir_fd, what)
+    try:
+        return read_open(fd, limit, what)
+    finally:
+        os.close(fd)
+
+
+def read_open(fd: int, limit: int, what: str) -> tuple[os.stat_result, bytes]:
+    """Read the whole regular file open as ``fd``, which must not be larger than ``limit``."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidError(f"{what} is not a regular file")
+    if st.st_size > limit:
+        raise InvalidError(f"{what} has {st.st_size} bytes, over the limit of {limit}")
+    parts = []
+    while chunk := os.read(fd, max(st.st_size, CHUNK_SIZE)):
+        parts.append(chunk)
+        if sum(map(len, parts)) > limit:
+            raise InvalidError(f"{what} grew over the limit of {limit} bytes")
+    return st, b"".join(parts)
+
+
+class GroupSync:
+    """fsync one directory on behalf of every thread that changed it before the fsync began.
+
+    Concurrent puts each need their rename made durable; one directory fsync that
+    starts after a rename covers it, so callers arriving while one runs share the next.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._started = 0  # fsyncs begun
+        self._done = 0  # fsyncs finished (they finish in the order they begin)
+        self._running = False
+
+    def sync(self, fd: int) -> None:
+        with self._cond:
+            needed = self._started + 1  # one that begins after our change
+            while self._done < needed:
+                if self._running:
+                    self._cond.wait()
+                    continue
+                self._running = True
+                self._started += 1
+                mine = self._started
+                self._cond.release()
+                try:
+                    os.fsync(fd)
+                finally:
+                    self._cond.acquire()
+                    self._running = False
+                    self._done = mine
+                    self._cond.notify_all()
+
+
+def hold_blob(alg: int, name: str, what: str, ctx: Context | None) -> int | None:
+    """Open blob file ``name`` under a shared ``flock``; ``None`` if there is none.
+
+    :func:`unlink_unused` takes the exclusive lock, in whatever process, before
+    it checks a blob's age and unlinks it, so a blob held here is not collected
+    until it is released (freshen it meanwhile and it is kept); one collected while
+    this waited for the lock reads as absent. :class:`InvalidError` if the path
+    holds anything but a regular file. Waiting checks ``ctx``.
+    """
+    try:
+        fd = open_regular(name, alg, what)
+    except FileNotFoundError:
+        return None
+    try:
+        delay = 0.0002
+        while not try_flock(fd, fcntl.LOCK_SH):  # a collector holds it for microseconds; anyone else, ctx
+            if ctx is not None:
+                ctx.check()
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        if os.fstat(fd).st_nlink > 0:
+            return fd
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
+    return None
+
+
+def try_flock(fd: int, operation: int) -> bool:
+    try:
+        fcntl.flock(fd, operation | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def unlink_unused(alg: int, name: str, cutoff: int | None) -> os.stat_result | None:
+    """Unlink blob file ``name`` unless written or freshened at or after ``cutoff`` (ns); its stat if removed.
+
+    Under an exclusive ``flock``, so never while a writer in any process holds it
+    (:func:`hold_blob`) to freshen or replace it: such a blob is kept.
+    """
+    try:
+        st = os.stat(name, dir_fd=alg, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(st.st_mode) or (cutoff is not None and st.st_mtime_ns >= cutoff):
+        return None  # young blobs are kept without opening them
+    try:
+        fd = os.open(name, READ_FLAGS, dir_fd=alg)
+    except OSError:
+        return None  # gone meanwhile, or swapped for a symlink
+    try:
+        if not try_flock(fd, fcntl.LOCK_EX):
+            return None  # being reused right now
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink == 0:
+            return None  # unlinked, or replaced by a new copy (which drops this one's last link), meanwhile
+        if cutoff is not None and st.st_mtime_ns >= cutoff:
+            return None  # freshened meanwhile
+        if st.st_nlink > 1 and os.stat(name, dir_fd=alg, follow_symlinks=False).st_ino != st.st_ino:
+            return None  # hard-linked elsewhere too, and no longer the file at this name
+        os.unlink(name, dir_fd=alg)
+        return st
+    except FileNotFoundError:
+        return None
+    finally:
+        os.close(fd)
