@@ -19,7 +19,7 @@ import anyio.to_thread
 
 from ._context import Context
 from ._descriptor import Descriptor, validate_media_type
-from ._digest import Digest, Verifier, addressable
+from ._digest import Digest, addressable
 from ._engine import BlobReader, Engine
 from ._errors import BlobTooLargeError, ClobberError, DigestMismatchError, InvalidError, SizeMismatchError
 from ._json import DEFAULT_JSON_LIMIT, load_json
@@ -131,21 +131,6 @@ class Blob:
             await self.aclose()
 
 
-def _memory_reader(digest: Digest, data: bytes) -> BlobReader:
-    """A verified reader over bytes already in hand (a descriptor's embedded ``data``)."""
-    position = 0
-
-    async def pull(n: int, verifier: Verifier) -> bytes:
-        nonlocal position
-        await anyio.lowlevel.checkpoint()
-        chunk = data[position : position + n]
-        position += len(chunk)
-        verifier.update(chunk)
-        return chunk
-
-    return BlobReader(digest, len(data), pull)
-
-
 async def read_described(
     engine: Engine, descriptor: Descriptor, *, max_size: int | None = DEFAULT_JSON_LIMIT, ctx: Context | None = None
 ) -> bytes:
@@ -205,7 +190,7 @@ async def from_descriptor(
     parser = _PARSERS.get(descriptor.media_type)
     if parser is None:
         if descriptor.data is not None:
-            return Blob(descriptor=descriptor, data=_memory_reader(digest, descriptor.data))
+            return Blob(descriptor=descriptor, data=BlobReader.from_bytes(digest, descriptor.data))
         reader = await engine.get_blob(digest, ctx=ctx)
         if reader.size != descriptor.size:
             with anyio.CancelScope(shield=True):

@@ -122,6 +122,21 @@ class BlobReader:
         self._eof = False
         self._closed = False
 
+    @classmethod
+    def from_bytes(cls, digest: Digest, data: bytes, *, ctx: Context | None = None) -> BlobReader:
+        """A reader over content already in memory, verified like any other (checkpointing per chunk)."""
+        position = 0
+
+        async def pull(n: int, verifier: Verifier) -> bytes:
+            nonlocal position
+            await anyio.lowlevel.checkpoint()
+            chunk = data[position : position + n]
+            position += len(chunk)
+            verifier.update(chunk)
+            return chunk
+
+        return cls(digest, len(data), pull, ctx=ctx)
+
     @property
     def bytes_read(self) -> int:
         """How many bytes have passed through so far."""

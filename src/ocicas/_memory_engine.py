@@ -71,17 +71,7 @@ class MemoryEngine(Engine):
         async with bound(ctx):
             await anyio.lowlevel.checkpoint()
             digest, data = self._get(digest)
-        position = 0
-
-        async def pull(n: int, verifier: Verifier) -> bytes:
-            nonlocal position
-            await anyio.lowlevel.checkpoint()
-            chunk = data[position : position + n]
-            position += len(chunk)
-            verifier.update(chunk)
-            return chunk
-
-        return BlobReader(digest, len(data), pull, ctx=ctx)
+        return BlobReader.from_bytes(digest, data, ctx=ctx)
 
     async def stat_blob(self, digest: Digest | str, *, ctx: Context | None = None) -> int:
         async with bound(ctx):
