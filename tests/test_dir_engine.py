@@ -283,15 +283,26 @@ async def test_temporary_directory_lives_with_the_engine(layout: Path) -> None:
 
 async def test_cancelled_put_leaves_no_temporary_file(layout: Path) -> None:
     ctx = ocicas.Context.background()
+    seen: list[str] = []
 
     async def source() -> AsyncIterator[bytes]:
-        yield b"a" * (5 * ocicas.CHUNK_SIZE)  # past one pipeline batch: the temp file exists
+        for _ in range(3):  # past one pipeline batch: the writer creates the temp file
+            yield b"a" * ocicas.CHUNK_SIZE
+        with anyio.fail_after(10):
+            while not seen:  # looked at from a thread: this runs inside put_blob, on the event loop
+                seen.extend(
+                    await anyio.to_thread.run_sync(
+                        lambda: [p.name for t in layout.glob(".ocicas-*") for p in t.iterdir()]
+                    )
+                )
+                await anyio.sleep(0.005)
         ctx.cancel()
         yield b"b"
 
     async with await ocicas.open_layout(layout) as engine:
         with pytest.raises(ocicas.ContextCancelledError):
             await engine.put_blob(source(), ctx=ctx)
+        assert seen[0].startswith("blob-")
         temps = [p for p in layout.iterdir() if p.name.startswith(".ocicas-")]
         assert [list(t.iterdir()) for t in temps] == [[]]
         assert await engine.list_blobs() == []

@@ -72,6 +72,10 @@ _INDEX_LIMIT: Final = 256 << 20
 _LAYOUT_FILE_LIMIT: Final = 64 << 10
 #: put_blob hands the worker threads this much at a time.
 _PIPELINE_BATCH: Final = CHUNK_SIZE
+#: Batches waiting between the stages of put_blob's pipeline (with those in work: ≈ 7 batches in memory).
+_PIPELINE_DEPTH: Final = 2
+#: put_blob syncs each time this much more is written, so the disk works while hashing goes on.
+_SYNC_EVERY: Final = 64 << 20
 
 
 async def create_layout(path: str | os.PathLike[str]) -> None:
@@ -115,8 +119,27 @@ async def open_layout(path: str | os.PathLike[str]) -> DirEngine:
     return await run_sync(DirEngine._open, Path(path))
 
 
+_Chunk = bytes | bytearray | memoryview
+_Batch = list[_Chunk]
+
+
+def _frozen(chunk: _Chunk) -> bytes | memoryview:
+    """``chunk``, copied if its bytes could change while it waits in the pipeline (a reused buffer)."""
+    if isinstance(chunk, bytes) or (isinstance(chunk, memoryview) and chunk.readonly):
+        return chunk
+    return bytes(chunk)
+
+
 class _PendingBlob:
-    """A blob on its way in: a temporary file, hashed and written by two threads at once."""
+    """A blob on its way in: a temporary file, fed by a pipeline of reading, hashing and writing.
+
+    Large blobs flow through three stages at once, each on its own worker thread
+    when it runs (hashlib and write release the GIL): the source is read while
+    the previous batch is hashed and the one before it is written. The writer
+    also syncs as it goes, so the disk flushes while hashing continues and the
+    final fsync has little left to do. A blob smaller than one batch takes a
+    single thread hop from open to rename.
+    """
 
     def __init__(self, engine: DirEngine, verifier: Verifier, ctx: Context | None) -> None:
         self._engine = engine
@@ -124,32 +147,79 @@ class _PendingBlob:
         self._ctx = ctx
         self._name = f"blob-{secrets.token_hex(8)}"
         self._fd = -1
+        self._unsynced = 0
 
     def _open(self) -> None:
         if self._fd < 0:
             temp = self._engine._temp_dir()
             self._fd = os.open(self._name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=temp)
 
-    def _hash(self, batch: list[bytes | bytearray | memoryview]) -> None:
+    def _hash(self, batch: _Batch) -> None:
         for chunk in batch:
             if self._ctx is not None:
                 self._ctx.check()
             self._verifier.update(chunk)
 
-    def _write(self, batch: list[bytes | bytearray | memoryview]) -> None:
+    def _write(self, batch: _Batch) -> None:
         self._open()
         for chunk in batch:
             if self._ctx is not None:
                 self._ctx.check()
             write_all(self._fd, chunk)
+            self._unsynced += len(chunk)
+        if self._unsynced >= _SYNC_EVERY:
+            os.fdatasync(self._fd)
+            self._unsynced = 0
 
-    async def absorb(self, batch: list[bytes | bytearray | memoryview]) -> None:
-        """Hash and write a large batch, the two overlapping on two cores (hashlib and write drop the GIL)."""
+    async def take(self, source: BlobSource) -> _Batch:
+        """Consume ``source``: hash and write all of it but a tail smaller than a batch, which is returned."""
+        batch: _Batch = []
+        pending = total = 0
+        async with aclosing(iterate_source(source)) as chunks:
+            async for chunk in chunks:
+                batch.append(_frozen(chunk))
+                pending += len(chunk)
+                total += len(chunk)
+                self._verifier.check_total(total)  # an oversized stream stops now, not a batch later
+                if pending >= _PIPELINE_BATCH:
+                    return await self._pipeline(batch, total, chunks)
+        return batch
+
+    async def _pipeline(
+        self, first: _Batch, total: int, chunks: AsyncIterator[bytes | bytearray | memoryview]
+    ) -> _Batch:
+        to_hash, hashing = anyio.create_memory_object_stream[_Batch](_PIPELINE_DEPTH)
+        to_write, writing = anyio.create_memory_object_stream[_Batch](_PIPELINE_DEPTH)
+
+        async def hasher() -> None:
+            async with hashing, to_write:
+                async for batch in hashing:
+                    await run_sync(self._hash, batch)
+                    await to_write.send(batch)
+
+        async def writer() -> None:
+            async with writing:
+                async for batch in writing:
+                    await run_sync(self._write, batch)
+
+        batch: _Batch = []
+        pending = 0
         async with task_group() as tg:
-            tg.start_soon(run_sync, self._hash, batch)
-            await run_sync(self._write, batch)
+            tg.start_soon(hasher)
+            tg.start_soon(writer)
+            async with to_hash:
+                await to_hash.send(first)
+                async for chunk in chunks:
+                    batch.append(_frozen(chunk))
+                    pending += len(chunk)
+                    total += len(chunk)
+                    self._verifier.check_total(total)
+                    if pending >= _PIPELINE_BATCH:
+                        await to_hash.send(batch)
+                        batch, pending = [], 0
+        return batch
 
-    def commit(self, batch: list[bytes | bytearray | memoryview]) -> tuple[Digest, int]:
+    def commit(self, batch: _Batch) -> tuple[Digest, int]:
         """Take the last batch, verify, fsync and move the file into ``blobs/`` (or freshen a present copy)."""
         self._hash(batch)
         self._write(batch)
@@ -294,21 +364,8 @@ class DirEngine(Engine):
         blob = _PendingBlob(self, verifier, ctx)
         async with bound(ctx):
             try:
-                batch: list[bytes | bytearray | memoryview] = []
-                pending = total = 0
-                async with aclosing(iterate_source(source)) as chunks:
-                    async for chunk in chunks:
-                        batch.append(chunk)
-                        pending += len(chunk)
-                        total += len(chunk)
-                        verifier.check_total(total)  # an oversized stream stops now, not a batch later
-                        if pending >= _PIPELINE_BATCH:
-                            await blob.absorb(batch)
-                            batch, pending = [], 0
-                if pending >= CHUNK_SIZE // 4:
-                    await blob.absorb(batch)
-                    batch = []
-                return await run_sync(blob.commit, batch)  # small blobs: open, write and commit in one hop
+                tail = await blob.take(source)
+                return await run_sync(blob.commit, tail)  # small blobs: open, write and commit in one hop
             except BaseException:
                 with anyio.CancelScope(shield=True):
                     await run_sync(blob.abandon)
