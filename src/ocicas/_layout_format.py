@@ -71,13 +71,22 @@ class IndexDocument:
     another tool does not make the rest of the layout unreadable.
     """
 
-    __slots__ = ("_doc", "_entries", "_names")
+    __slots__ = ("_doc", "_encoded", "_entries", "_names")
 
-    def __init__(self, doc: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        doc: dict[str, Any],
+        encoded: list[bytes | None] | None = None,
+        names: dict[str, list[int]] | None = None,
+        scan_from: int = 0,
+    ) -> None:
         self._doc = doc
         self._entries: list[Any] = doc["manifests"]
-        self._names: dict[str, list[int]] = {}
-        for position, entry in enumerate(self._entries):
+        # each entry's JSON, once written: a rewrite re-encodes only the entries that changed
+        self._encoded: list[bytes | None] = [None] * len(self._entries) if encoded is None else encoded
+        self._names: dict[str, list[int]] = {} if names is None else names
+        for position in range(scan_from, len(self._entries)):  # names before scan_from are known
+            entry = self._entries[position]
             annotations = entry.get("annotations") if isinstance(entry, dict) else None
             name = annotations.get(ANNOTATION_REF_NAME) if isinstance(annotations, dict) else None
             if isinstance(name, str):
@@ -114,8 +123,16 @@ class IndexDocument:
         return cls(doc)
 
     def serialize(self) -> bytes:
-        """The bytes to write (``manifests`` is always an array)."""
-        return dump_json(self._doc)
+        """The bytes to write (``manifests`` is always an array), members in their original order."""
+        encoded = self._encoded
+        for position, known in enumerate(encoded):
+            if known is None:
+                encoded[position] = dump_json(self._entries[position])
+        members = []
+        for key, value in self._doc.items():
+            data = b"[" + b",".join(encoded) + b"]" if key == "manifests" else dump_json(value)  # type: ignore[arg-type]
+            members.append(dump_json(key) + b":" + data)
+        return b"{" + b",".join(members) + b"}"
 
     def names(self) -> list[str]:
         """Every reference name, sorted."""
@@ -175,5 +192,10 @@ class IndexDocument:
         if not drop and not added:
             return None
         doc = dict(self._doc)
-        doc["manifests"] = [e for p, e in enumerate(self._entries) if p not in drop] + added
-        return IndexDocument(doc)
+        if not drop:  # only additions (the common tag): nothing to re-scan or re-encode
+            doc["manifests"] = [*self._entries, *added]
+            # added names are new (a changed name is dropped first), so the old lists are never touched
+            return IndexDocument(doc, [*self._encoded, *([None] * len(added))], dict(self._names), len(self._entries))
+        kept = [p for p in range(len(self._entries)) if p not in drop]
+        doc["manifests"] = [self._entries[p] for p in kept] + added
+        return IndexDocument(doc, [self._encoded[p] for p in kept] + [None] * len(added))
