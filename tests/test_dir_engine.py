@@ -407,3 +407,25 @@ async def test_processes_tagging_at_once_lose_nothing(layout: Path) -> None:
 async def test_blocking_calls_on_the_event_loop_are_caught(tmp_path: Path) -> None:
     with pytest.raises(BlockingError):
         _dir_engine._create_layout(tmp_path / "x")  # the synchronous half, called on the loop
+
+
+async def test_a_verified_reader_is_trusted_but_still_refuses_bad_content(tmp_path: Path) -> None:
+    data = blob_bytes(3 * ocicas.CHUNK_SIZE + 5)
+    await ocicas.create_layout(tmp_path / "a")
+    await ocicas.create_layout(tmp_path / "b")
+    async with await ocicas.open_layout(tmp_path / "a") as src, await ocicas.open_layout(tmp_path / "b") as dst:
+        digest, size = await src.put_blob(data)
+        async with await src.get_blob(digest) as reader:
+            assert reader.vouches_for(digest, size)
+            assert await dst.put_blob(reader, expected_digest=digest, expected_size=size) == (digest, size)
+        assert await dst.read_blob(digest, max_size=None) == data
+        await dst.delete_blob(digest)
+        blob_path(tmp_path / "a", digest).write_bytes(bytes([data[0] ^ 1]) + data[1:])  # same size, one bit off
+        async with await src.get_blob(digest) as reader:
+            with pytest.raises(ocicas.DigestMismatchError):
+                await dst.put_blob(reader, expected_digest=digest, expected_size=size)
+        assert await dst.list_blobs() == []
+        async with await src.get_blob(digest) as reader:
+            assert not reader.vouches_for(sha256(b"other"), size)  # another digest: hashed as usual
+            with pytest.raises(ocicas.DigestMismatchError):
+                await dst.put_blob(reader, expected_digest=sha256(b"other"))

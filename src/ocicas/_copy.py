@@ -25,7 +25,7 @@ running it again moves only what is still missing.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Callable, Iterable
 from typing import Final, Literal
 
 import anyio
@@ -256,23 +256,9 @@ class _Mover:
                         f"but its descriptor says {size}"
                     )
                 self.report("started", descriptor)
-                # read ahead: the next chunk is read and hashed while the previous one is hashed and written
-                send, receive = anyio.create_memory_object_stream[bytes](1)
-
-                async def pump() -> None:
-                    while chunk := await reader.read(COPY_CHUNK_SIZE):
-                        await send.send(chunk)
-                    send.close()  # only at the verified end: on error the task group cancels put_blob
-
-                async def chunks() -> AsyncIterator[bytes]:
-                    async for chunk in receive:
-                        yield chunk
-                        self.report("progress", descriptor, len(chunk))  # put_blob took it: written
-
-                with send, receive:
-                    async with task_group() as tg:
-                        tg.start_soon(pump)
-                        await self.dst.put_blob(chunks(), expected_digest=digest, expected_size=size, ctx=ctx)
+                reader.on_read = lambda n: self.report("progress", descriptor, n)
+                # the reader verifies as it goes: an engine may take its word rather than hash again
+                await dst.put_blob(reader, expected_digest=digest, expected_size=size, ctx=ctx)
         self.copied[digest] = size
         self.report("finished", descriptor)
 

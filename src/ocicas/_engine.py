@@ -119,6 +119,8 @@ class BlobReader:
         self._close = close
         self._ctx = ctx
         self._verifier = Verifier(digest, size)
+        #: Called with the size of each chunk as it is handed out (progress displays).
+        self.on_read: Callable[[int], None] | None = None
         self._eof = False
         self._closed = False
 
@@ -164,7 +166,18 @@ class BlobReader:
         elif not chunk:
             verifier.verify()
             self._eof = True
+        if chunk and self.on_read is not None:
+            self.on_read(len(chunk))
         return chunk
+
+    def vouches_for(self, digest: Digest | None, size: int | None) -> bool:
+        """Whether reading this reader to its end proves content of ``digest`` (and ``size``).
+
+        True for a reader that has handed out nothing yet: it raises before
+        signalling the end of content that does not match, so a consumer that
+        commits only at the end need not hash again.
+        """
+        return self.bytes_read == 0 and digest == self.digest and size in (None, self.size)
 
     def __aiter__(self) -> Self:
         return self
