@@ -157,7 +157,9 @@ def case_stream(workdir: Path, repeat: int, size: int) -> list[Row]:
     with open(source, "wb") as f:
         block = os.urandom(MiB)
         for _ in range(size // MiB):
-            f.write(block)  # the same bytes the async iterator yields
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())  # flushed now, so its writeback does not compete with the puts measured
     openssl = median([openssl_time(source) for _ in range(repeat)])
     rows = []
     for label, backend, options in backends():
