@@ -3,8 +3,10 @@
 A blocking read of a pipe cannot be cancelled. It runs in a daemon thread of its
 own (not in anyio's worker threads, which an exiting interpreter waits for), on
 the raw file descriptor (a buffered reader's lock would deadlock interpreter
-shutdown), and hands chunks over through a memory stream. When the reader goes
-away, the thread ends at its next hand-over, or with the process.
+shutdown), and hands chunks over through a memory stream with a plain callback
+on the event loop (no coroutine that a loop shutting down would leave unawaited),
+at most two chunks ahead of the reader. When the reader goes away, the thread
+ends at its next hand-over, or with the process.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ import anyio.lowlevel
 import anyio.to_thread
 
 __all__ = ["stdin_chunks"]
+
+#: Chunks read ahead of the consumer.
+_AHEAD = 2
 
 
 def _read_up_to(fd: int, size: int) -> bytes:
@@ -36,17 +41,19 @@ def _read_up_to(fd: int, size: int) -> bytes:
 
 async def stdin_chunks(chunk_size: int, fd: int = 0) -> AsyncIterator[bytes]:
     """Yield stdin in chunks of up to ``chunk_size`` bytes until end of file."""
-    send, receive = anyio.create_memory_object_stream[bytes | OSError](1)
+    send, receive = anyio.create_memory_object_stream[bytes | OSError](_AHEAD)
+    slots = threading.Semaphore(_AHEAD)  # so send_nowait always has room
     token = anyio.lowlevel.current_token()
 
     def pump() -> None:
         try:
             while True:
+                slots.acquire()
                 try:
                     item: bytes | OSError = _read_up_to(fd, chunk_size)
                 except OSError as exc:
                     item = exc
-                anyio.from_thread.run(send.send, item, token=token)
+                anyio.from_thread.run_sync(send.send_nowait, item, token=token)
                 if not item or isinstance(item, OSError):
                     return
         except BaseException:
@@ -56,6 +63,7 @@ async def stdin_chunks(chunk_size: int, fd: int = 0) -> AsyncIterator[bytes]:
     await anyio.to_thread.run_sync(thread.start)
     with send, receive:
         async for item in receive:
+            slots.release()
             if isinstance(item, OSError):
                 raise item
             if not item:
