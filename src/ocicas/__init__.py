@@ -1,8 +1,11 @@
 """ocicas: an asyncio- and trio-native content-addressable store for OCI images.
 
-The Python port of umoci's ``oci/cas``: an :class:`Engine` protocol with a
-directory engine (the OCI image layout, :func:`open_layout`) and an in-memory
-engine (:class:`MemoryEngine`), on anyio.
+The Python port of umoci's ``oci/cas``, on anyio: an :class:`Engine` protocol
+with a directory engine (the OCI image layout, :func:`open_layout`), an in-memory
+engine (:class:`MemoryEngine`) and a registry engine (:func:`open_registry`); typed
+OCI models and :func:`from_descriptor`; the descriptor graph (:func:`walk`,
+:func:`resolve_reference`); :func:`gc`; :func:`copy` between engines; and
+:func:`build_image`. The ``ocicas`` command is in :mod:`ocicas.cli`.
 """
 
 from ._blob import Blob, BlobParser, from_descriptor, read_described, register_media_type, unregister_media_type
