@@ -137,6 +137,13 @@ async def _hold(layout: str, ready: int) -> None:
             await anyio.sleep(0.01)
             found = partial_temp_file()
             if found is not None:
+                while True:  # put_blob writes in a pipeline: report the size once the queued batches landed
+                    await anyio.sleep(0.05)
+                    settled = partial_temp_file()
+                    if settled == found:
+                        break
+                    found = settled
+                assert found is not None
                 os.write(ready, " ".join(map(str, found)).encode())
                 os.close(ready)
                 await anyio.sleep_forever()
