@@ -21,7 +21,7 @@ Both engines are damaged the same way (the memory engine's bytes are replaced).
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -61,17 +61,6 @@ CORRUPTIONS: dict[str, Callable[[bytes], bytes]] = {
 }
 #: Of those, the ones that change the size (a descriptor's size then catches them).
 RESIZING = {"truncated-by-one", "truncated-to-half", "emptied", "extended-by-one", "extended-by-a-chunk"}
-
-
-@pytest.fixture(params=["dir", "memory"])
-async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Engine]:
-    if request.param == "memory":
-        async with ocicas.MemoryEngine() as memory:
-            yield memory
-    else:
-        await ocicas.create_layout(tmp_path / "layout")
-        async with await ocicas.open_layout(tmp_path / "layout") as directory:
-            yield directory
 
 
 def _path(engine: ocicas.DirEngine, digest: Digest) -> Path:

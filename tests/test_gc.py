@@ -6,7 +6,7 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +20,6 @@ from ocicas import Descriptor, Digest, Engine
 from tests.images import MANIFEST, put, put_artifact, put_image, put_index, put_json
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(params=["memory", "dir"])
-async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Engine]:
-    if request.param == "memory":
-        async with ocicas.MemoryEngine() as memory:
-            yield memory
-    else:
-        await ocicas.create_layout(tmp_path / "layout")
-        async with await ocicas.open_layout(tmp_path / "layout") as directory:
-            yield directory
 
 
 def age(engine: Engine, digests: Iterable[Digest], seconds: float = 7200) -> None:
