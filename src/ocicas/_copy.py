@@ -11,9 +11,10 @@
 2. **Land.** Move the missing blobs with at most ``concurrency`` transfers at once,
    children before parents: a manifest starts only after its config and layers
    landed, an index only after its manifests. Present blobs are never read.
-   Every byte is verified twice on the way: by the source's reader and by the
-   destination's ``put_blob(expected_digest=, expected_size=)``, which refuses to
-   store anything that does not match.
+   Every byte is verified: the source's reader streams into the destination's
+   ``put_blob(expected_digest=, expected_size=)``, which stores nothing that does
+   not match (the directory engine takes the verifying reader's word rather than
+   hashing every byte a second time; other engines hash again).
 3. **Tag.** Under the destination's :meth:`Engine.gc_lock`, check that every blob
    is still there (a concurrent :func:`ocicas.gc` may have removed old garbage the
    copy counted as present; it is copied again) and only then write the reference.
@@ -44,12 +45,10 @@ from ._referrers import SNIFF_SIZE, find_referrers
 from ._tasks import task_group
 from .registry._engine import RegistryEngine
 
-__all__ = ["COPY_CHUNK_SIZE", "DEFAULT_COPY_CONCURRENCY", "CopyEvent", "CopyProgress", "CopyResult", "copy"]
+__all__ = ["DEFAULT_COPY_CONCURRENCY", "CopyEvent", "CopyProgress", "CopyResult", "copy"]
 
 #: Blobs transferred at once by default.
 DEFAULT_COPY_CONCURRENCY: Final = 4
-#: Bytes read from the source per step: big enough that thread hops are noise.
-COPY_CHUNK_SIZE: Final = 4 << 20
 
 CopyEventKind = Literal["planned", "skipped", "started", "progress", "finished"]
 
