@@ -15,7 +15,7 @@ import pytest
 from blockbuster import BlockingError
 
 import ocicas
-from ocicas import _dir_engine
+from ocicas._dir import engine as _dir_engine
 from ocicas.testing import blob_bytes, sha256
 
 pytestmark = pytest.mark.anyio

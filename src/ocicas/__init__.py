@@ -14,7 +14,7 @@ from ._context import Context
 from ._copy import DEFAULT_COPY_CONCURRENCY, CopyEvent, CopyProgress, CopyResult, copy
 from ._descriptor import Descriptor, Platform
 from ._digest import BLOB_ALGORITHM, SUPPORTED_ALGORITHMS, Digest
-from ._dir_engine import DirEngine, create_layout, open_layout
+from ._dir import DirEngine, create_layout, open_layout
 from ._engine import CHUNK_SIZE, DEFAULT_READ_LIMIT, AsyncReadable, BlobInfo, BlobReader, BlobSource, Engine
 from ._errors import (
     AccessDeniedError,

@@ -8,7 +8,7 @@ import anyio
 import click
 
 from .._digest import Digest
-from .._dir_engine import create_layout
+from .._dir import create_layout
 from .._engine import Engine
 from .._errors import BlobNotFoundError
 from .._graph import walk

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 import click
 
-from .._dir_engine import create_layout, open_layout
+from .._dir import create_layout, open_layout
 from .._engine import Engine
 from .._errors import InvalidError, LayoutExistsError, LayoutNotFoundError
 from .._layout_format import validate_reference_name

@@ -19,10 +19,10 @@ from typing import Final, TypeVar
 
 import anyio.to_thread
 
-from ._context import Context
-from ._engine import CHUNK_SIZE
-from ._errors import InvalidError
-from ._tasks import task_group
+from .._context import Context
+from .._engine import CHUNK_SIZE
+from .._errors import InvalidError
+from .._tasks import task_group
 
 _T = TypeVar("_T")
 _K = TypeVar("_K")

@@ -34,11 +34,11 @@ from typing import Final
 import anyio
 import anyio.to_thread
 
-from ._context import Context, bound
-from ._descriptor import Descriptor
-from ._digest import _ENCODED, SUPPORTED_ALGORITHMS, Digest, Verifier, addressable
-from ._engine import CHUNK_SIZE, DEFAULT_READ_LIMIT, BlobInfo, BlobReader, BlobSource, Engine, iterate_source
-from ._errors import (
+from .._context import Context, bound
+from .._descriptor import Descriptor
+from .._digest import _ENCODED, SUPPORTED_ALGORITHMS, Digest, Verifier, addressable
+from .._engine import CHUNK_SIZE, DEFAULT_READ_LIMIT, BlobInfo, BlobReader, BlobSource, Engine, iterate_source
+from .._errors import (
     BlobNotFoundError,
     BlobTooLargeError,
     InvalidError,
@@ -46,7 +46,9 @@ from ._errors import (
     LayoutNotFoundError,
     ReferenceNotFoundError,
 )
-from ._fs import (
+from .._layout_format import IndexDocument, layout_file, parse_layout_file, validate_reference_name
+from .._tasks import task_group
+from .fs import (
     DIR_FLAGS,
     GroupSync,
     hold_blob,
@@ -61,8 +63,6 @@ from ._fs import (
     write_all,
     write_file,
 )
-from ._layout_format import IndexDocument, layout_file, parse_layout_file, validate_reference_name
-from ._tasks import task_group
 
 __all__ = ["DirEngine", "create_layout", "open_layout"]
 

@@ -1,0 +1,134 @@
+"""Argument checks at the door: every public function checks what it is given here.
+
+A wrong type raises ``TypeError`` naming the parameter; a value of the right type
+that is out of range raises :class:`~ocicas.InvalidError` (a ``ValueError``), also
+naming it. Nothing reaches the internals unchecked, so a careless call never
+deletes, stores or half-does anything.
+"""
+
+from __future__ import annotations
+
+import datetime
+import inspect
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Literal, TypeVar, overload
+
+from ._context import Context
+from ._descriptor import Descriptor
+from ._digest import Digest, addressable
+from ._errors import InvalidError
+
+__all__ = [
+    "check_async_callable",
+    "check_bool",
+    "check_ctx",
+    "check_descriptor",
+    "check_digest",
+    "check_digests",
+    "check_instance",
+    "check_int",
+    "check_path",
+    "check_seconds",
+    "type_name",
+]
+
+_T = TypeVar("_T")
+
+
+def type_name(value: object) -> str:
+    """``value``'s type as an error message shows it."""
+    return "None" if value is None else type(value).__name__
+
+
+def check_instance(value: Any, types: type[_T] | tuple[type[_T], ...], name: str, what: str | None = None) -> _T:
+    """``value`` if it is an instance of ``types``; ``TypeError`` naming ``name`` otherwise."""
+    if not isinstance(value, types):
+        if what is None:
+            what = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+        raise TypeError(f"{name} must be {what}, not {type_name(value)}")
+    return value
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """A real ``bool`` (not a truthy object)."""
+    return check_instance(value, bool, name, "True or False")
+
+
+@overload
+def check_int(value: Any, name: str, *, minimum: int = 0, optional: Literal[False] = False) -> int: ...
+@overload
+def check_int(value: Any, name: str, *, minimum: int = 0, optional: bool) -> int | None: ...
+def check_int(value: Any, name: str, *, minimum: int = 0, optional: bool = False) -> int | None:
+    """An ``int`` (``bool`` refused) of at least ``minimum``; ``None`` passes when ``optional``."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int{' or None' if optional else ''}, not {type_name(value)}")
+    if value < minimum:
+        raise InvalidError(f"{name} must be at least {minimum}, not {value}")
+    return value
+
+
+def check_seconds(value: Any, name: str) -> float:
+    """A non-negative duration in seconds: an ``int``, a ``float`` or a ``datetime.timedelta``."""
+    if isinstance(value, datetime.timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        raise TypeError(f"{name} must be seconds (int or float) or a datetime.timedelta, not {type_name(value)}")
+    if not seconds >= 0:  # also refuses NaN
+        raise InvalidError(f"{name} must not be negative, not {value!r}")
+    return seconds
+
+
+def check_ctx(ctx: Any) -> Context | None:
+    """A :class:`~ocicas.Context` or ``None``."""
+    if ctx is not None and not isinstance(ctx, Context):
+        raise TypeError(f"ctx must be an ocicas.Context or None, not {type_name(ctx)}")
+    return ctx
+
+
+def check_digest(value: Any, name: str = "digest") -> Digest:
+    """An addressable digest from a ``Digest`` or ``str`` (:class:`InvalidError` for a malformed one)."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a digest string, not {type_name(value)}")
+    return addressable(value)
+
+
+def check_descriptor(value: Any, name: str = "descriptor") -> Descriptor:
+    """A :class:`~ocicas.Descriptor`."""
+    return check_instance(value, Descriptor, name, "an ocicas.Descriptor")
+
+
+def check_digests(values: Any, name: str = "digests") -> list[Digest]:
+    """An iterable of digests (not a single ``str``), as a list of addressable digests."""
+    if isinstance(values, str | bytes) or not isinstance(values, Iterable):
+        raise TypeError(f"{name} must be an iterable of digests, not {type_name(values)}")
+    return [check_digest(value, f"each of {name}") for value in values]
+
+
+def check_path(value: Any, name: str = "path") -> Path:
+    """A non-empty ``str`` or ``os.PathLike`` path (an empty one would mean the working directory)."""
+    if not isinstance(value, str | os.PathLike):
+        raise TypeError(f"{name} must be a str or os.PathLike, not {type_name(value)}")
+    text = os.fspath(value)
+    if not isinstance(text, str):
+        raise TypeError(f"{name} must be a text path, not {type_name(text)}")
+    if not text:
+        raise InvalidError(f"{name} must not be empty")
+    if "\x00" in text:
+        raise InvalidError(f"{name} must not contain NUL: {text!r}")
+    return Path(text)
+
+
+def check_async_callable(value: Any, name: str, *, optional: bool = True) -> Callable[..., Any] | None:
+    """A coroutine function (or an object whose ``__call__`` is one); ``None`` passes when ``optional``."""
+    if value is None and optional:
+        return None
+    call = getattr(value, "__call__", None)  # noqa: B004 - a class with async __call__ counts too
+    if not (inspect.iscoroutinefunction(value) or inspect.iscoroutinefunction(call)):
+        raise TypeError(f"{name} must be an async function (async def), not {type_name(value)}")
+    return value  # type: ignore[no-any-return]
