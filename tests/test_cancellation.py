@@ -6,7 +6,7 @@ and cancelled at its k-th checkpoint for k = 0, 1, 2, … until a run completes
 without reaching k. Checkpoints are counted by wrapping, for the duration of the
 operation only, the seams every await of ocicas goes through:
 
-- ``anyio.to_thread.run_sync`` (every worker-thread hop): one checkpoint before
+- ``ocicas._threads`` (the one seam every worker-thread hop goes through): one checkpoint before
   the hop, and one *inside* the worker thread once its function returned (so the
   cancellation arrives while the hop is in flight and lands after it did its work);
 - ``anyio.lowlevel.checkpoint`` (what ocicas awaits between items);
@@ -118,7 +118,7 @@ class Seams:
     active: Canceller | None = None
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        real_run_sync = anyio.to_thread.run_sync
+        real_run_sync = ocicas._threads._run_in_thread
         real_checkpoint = anyio.lowlevel.checkpoint
         seams = self
 
@@ -140,7 +140,7 @@ class Seams:
                 seams.active.tick()
             await real_checkpoint()
 
-        monkeypatch.setattr(anyio.to_thread, "run_sync", run_sync)
+        monkeypatch.setattr(ocicas._threads, "_run_in_thread", run_sync)
         monkeypatch.setattr(anyio.lowlevel, "checkpoint", checkpoint)
         monkeypatch.setattr(ocicas._context, "time", self.clock)
 

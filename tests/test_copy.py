@@ -6,7 +6,6 @@ import os
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Mapping
-from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +16,6 @@ import pytest
 import ocicas
 from ocicas import (
     BlobInfo,
-    BlobReader,
-    BlobSource,
     Context,
     CopyEvent,
     CopyResult,
@@ -26,9 +23,11 @@ from ocicas import (
     Digest,
     Engine,
     Platform,
+    RawBlob,
     copy,
 )
 from ocicas._media_types import EMPTY_DESCRIPTOR
+from tests.delegating import Delegating
 from tests.images import CONFIG, LAYER, MANIFEST, put, put_artifact, put_image, put_index, put_json
 
 pytestmark = pytest.mark.anyio
@@ -38,69 +37,16 @@ ARM64 = Platform(os="linux", architecture="arm64")
 ARMV7 = Platform(os="linux", architecture="arm", variant="v7")
 
 
-class Recording(Engine):
+class Recording(Delegating):
     """Delegates to another engine, counting the blobs opened and read."""
 
     def __init__(self, inner: Engine) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.reads: Counter[Digest] = Counter()
 
-    async def put_blob(
-        self,
-        source: BlobSource,
-        *,
-        expected_digest: Digest | str | None = None,
-        expected_size: int | None = None,
-        ctx: Context | None = None,
-    ) -> tuple[Digest, int]:
-        return await self.inner.put_blob(source, expected_digest=expected_digest, expected_size=expected_size, ctx=ctx)
-
-    async def get_blob(self, digest: Digest | str, *, ctx: Context | None = None) -> BlobReader:
-        self.reads[Digest(digest)] += 1
-        return await self.inner.get_blob(digest, ctx=ctx)
-
-    async def read_blob(
-        self, digest: Digest | str, *, max_size: int | None = None, ctx: Context | None = None
-    ) -> bytes:
-        self.reads[Digest(digest)] += 1
-        return await self.inner.read_blob(digest, max_size=max_size, ctx=ctx)
-
-    async def stat_blob(self, digest: Digest | str, *, ctx: Context | None = None) -> int:
-        return await self.inner.stat_blob(digest, ctx=ctx)
-
-    async def stat_blobs(
-        self, digests: Iterable[Digest], *, head: int = 0, ctx: Context | None = None
-    ) -> dict[Digest, BlobInfo]:
-        return await self.inner.stat_blobs(digests, head=head, ctx=ctx)
-
-    async def delete_blob(self, digest: Digest | str, *, ctx: Context | None = None) -> None:
-        await self.inner.delete_blob(digest, ctx=ctx)
-
-    async def list_blobs(self, *, ctx: Context | None = None) -> list[Digest]:
-        return await self.inner.list_blobs(ctx=ctx)
-
-    def gc_lock(self, *, ctx: Context | None = None) -> AbstractAsyncContextManager[None]:
-        return self.inner.gc_lock(ctx=ctx)
-
-    async def update_references(
-        self, changes: Mapping[str, Descriptor | None], *, replace: bool = False, ctx: Context | None = None
-    ) -> None:
-        await self.inner.update_references(changes, replace=replace, ctx=ctx)
-
-    async def get_reference(self, name: str, *, ctx: Context | None = None) -> Descriptor:
-        return await self.inner.get_reference(name, ctx=ctx)
-
-    async def list_references(self, *, ctx: Context | None = None) -> list[str]:
-        return await self.inner.list_references(ctx=ctx)
-
-    async def list_roots(self, *, ctx: Context | None = None) -> list[Descriptor]:
-        return await self.inner.list_roots(ctx=ctx)
-
-    async def gc(self, *, ctx: Context | None = None) -> None:
-        await self.inner.gc(ctx=ctx)
-
-    async def close(self) -> None:
-        await self.inner.close()
+    async def _open_blob(self, digest: Digest) -> RawBlob:
+        self.reads[digest] += 1
+        return await super()._open_blob(digest)
 
 
 async def _engine(kind: str, path: Path) -> Engine:
@@ -482,10 +428,8 @@ async def test_garbage_a_collector_removes_during_the_copy_is_copied_again(engin
     class Collected(Recording):
         """A collector deletes the blob right after the copy saw it present."""
 
-        async def stat_blobs(
-            self, digests: Iterable[Digest], *, head: int = 0, ctx: Context | None = None
-        ) -> dict[Digest, BlobInfo]:
-            found = await super().stat_blobs(digests, head=head, ctx=ctx)
+        async def _touch_blobs(self, digests: list[Digest]) -> dict[Digest, BlobInfo]:
+            found = await super()._touch_blobs(digests)
             await self.inner.delete_blob(config)
             return found
 

@@ -8,7 +8,6 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -331,9 +330,9 @@ class CountingEngine(ocicas.MemoryEngine):
         super().__init__()
         self.opened: Counter[Digest] = Counter()
 
-    async def get_blob(self, digest: Digest | str, **kwargs: Any) -> ocicas.BlobReader:
-        self.opened[Digest(digest)] += 1
-        return await super().get_blob(digest, **kwargs)
+    async def _open_blob(self, digest: Digest) -> ocicas.RawBlob:
+        self.opened[digest] += 1
+        return await super()._open_blob(digest)
 
 
 @pytest.mark.parametrize("referrers", [True, False])

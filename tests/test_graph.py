@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
 
 import anyio
 import pytest
@@ -24,13 +23,13 @@ class TracingEngine(ocicas.MemoryEngine):
         self.in_flight = 0
         self.most_in_flight = 0
 
-    async def read_blob(self, digest: Digest | str, **kwargs: Any) -> bytes:
-        self.reads[Digest(digest)] += 1
+    async def _open_blob(self, digest: Digest) -> ocicas.RawBlob:
+        self.reads[digest] += 1
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
         try:
             await anyio.sleep(0.001)
-            return await super().read_blob(digest, **kwargs)
+            return await super()._open_blob(digest)
         finally:
             self.in_flight -= 1
 

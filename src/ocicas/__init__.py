@@ -15,7 +15,7 @@ from ._copy import DEFAULT_COPY_CONCURRENCY, CopyEvent, CopyProgress, CopyResult
 from ._descriptor import Descriptor, Platform
 from ._digest import BLOB_ALGORITHM, SUPPORTED_ALGORITHMS, Digest
 from ._dir import DirEngine, create_layout, open_layout
-from ._engine import CHUNK_SIZE, DEFAULT_READ_LIMIT, AsyncReadable, BlobInfo, BlobReader, BlobSource, Engine
+from ._engine import CHUNK_SIZE, DEFAULT_READ_LIMIT, AsyncReadable, BlobInfo, BlobReader, BlobSource, Engine, RawBlob
 from ._errors import (
     AccessDeniedError,
     BlobNotFoundError,
@@ -125,6 +125,7 @@ __all__ = [
     "BlobParser",
     "BlobReader",
     "BlobSource",
+    "RawBlob",
     "BlobTooLargeError",
     "ClobberError",
     "ContainerConfig",

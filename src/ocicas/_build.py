@@ -21,7 +21,7 @@ import anyio.to_thread
 from ._context import Context, bound
 from ._descriptor import Descriptor, Platform, _string_map, validate_media_type
 from ._digest import Digest
-from ._engine import CHUNK_SIZE, BlobSource, Engine, iterate_source
+from ._engine import CHUNK_SIZE, Engine
 from ._errors import BlobNotFoundError, InvalidError, SizeMismatchError, UnsupportedError
 from ._graph import parse_platform
 from ._layout_format import validate_reference_name
@@ -37,6 +37,7 @@ from ._media_types import (
     MEDIA_TYPE_IMAGE_MANIFEST,
 )
 from ._models import ImageConfig, Index, Manifest, RootFS
+from ._source import BlobSource, iterate_source
 
 __all__ = ["build_image", "build_index"]
 

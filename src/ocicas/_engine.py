@@ -1,29 +1,62 @@
-"""The Engine protocol every backend implements, and the verified blob reader."""
+"""The Engine protocol: the public methods every engine has, and the hooks a backend implements.
+
+Every public method of :class:`Engine` is concrete and takes the same path:
+its arguments are checked (``TypeError`` naming a wrong-typed parameter,
+:class:`~ocicas.InvalidError` for a bad value), it runs as one operation of the
+engine's :class:`~ocicas._lifecycle.Lifecycle` (refused once closed, bound to its
+``ctx``, cancelled by ``close()``), and only then calls the backend's hook.
+Readers come from :class:`~ocicas.BlobReader`, which verifies what any backend
+supplies. A backend thus implements raw access and nothing it could forget:
+
+==========================  ==================================================
+hook                        does
+==========================  ==================================================
+``_put_blob``               store a stream, verified by the given ``Verifier``
+``_open_blob``              a :class:`RawBlob` of a blob's bytes
+``_stat_blob``              a blob's size
+``_delete_blob``            remove one blob
+``_list_blobs``             every digest stored
+``_update_references``      apply reference changes, all or nothing
+``_get_reference``          one descriptor, or ``None``
+``_list_references``        every name
+``_list_roots``             the root descriptors
+``_gc``                     remove engine-level garbage (temporary files)
+``_release``                free the engine's resources (after every operation left)
+==========================  ==================================================
+
+Optional hooks with defaults: ``_stat_blobs``, ``_touch_blobs``, ``_delete_blobs``,
+``_gc_lock`` and ``_mount_blob``.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import sys
 from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from types import TracebackType
-from typing import Any, Final, Protocol, TypeAlias, runtime_checkable
+from typing import Any, Final
 
 import anyio
-import anyio.lowlevel
 
 if sys.version_info >= (3, 11):
     from typing import Self
 else:
     from typing_extensions import Self
 
-from ._context import Context, bound
+from ._checks import check_bool, check_ctx, check_descriptor, check_digest, check_digests, check_int, type_name
+from ._context import Context
 from ._descriptor import Descriptor
 from ._digest import Digest, Verifier
-from ._errors import BlobNotFoundError, BlobTooLargeError, EngineClosedError
+from ._errors import BlobNotFoundError, BlobTooLargeError, SizeMismatchError
 from ._json import dump_json
+from ._layout_format import validate_reference_name
+from ._lifecycle import Lifecycle
+from ._reader import BlobReader, RawBlob
+from ._source import AsyncReadable, BlobSource, check_source
+from ._tasks import bounded_shield
+from ._threads import CHUNK_SIZE
 
 __all__ = [
     "CHUNK_SIZE",
@@ -33,177 +66,13 @@ __all__ = [
     "BlobReader",
     "BlobSource",
     "Engine",
+    "RawBlob",
 ]
 
-#: Bytes moved per worker-thread hop, and the largest chunk a reader yields: large
-#: enough that the ≈100 µs hop is noise next to hashing it (≈2.5 ms).
-CHUNK_SIZE: Final = 4 << 20
 #: Default cap of :meth:`Engine.read_blob`.
 DEFAULT_READ_LIMIT: Final = 64 << 20
-
-
-@runtime_checkable
-class AsyncReadable(Protocol):
-    """Anything with ``async read(n) -> bytes`` (anyio streams' wrappers, aiofiles files, …)."""
-
-    def read(self, size: int = ..., /) -> Awaitable[bytes]: ...
-
-
-#: What :meth:`Engine.put_blob` accepts.
-BlobSource: TypeAlias = "bytes | bytearray | memoryview | AsyncIterable[bytes] | AsyncReadable"
-
-
-async def iterate_source(
-    source: BlobSource, chunk_size: int = CHUNK_SIZE
-) -> AsyncGenerator[bytes | bytearray | memoryview, None]:
-    """Yield a :data:`BlobSource` as bytes-like chunks; use it under ``contextlib.aclosing``."""
-    if isinstance(source, bytes | bytearray | memoryview):
-        view = memoryview(source).cast("B")
-        for start in range(0, len(view), chunk_size):
-            await anyio.lowlevel.checkpoint()
-            yield view[start : start + chunk_size]
-        return
-    if isinstance(source, str):
-        raise TypeError("put_blob takes bytes, not str: encode the text first")
-    read = getattr(source, "read", None)
-    # read(n) wins over iteration: files (anyio's AsyncFile, aiofiles) iterate by *lines*
-    if read is not None and inspect.iscoroutinefunction(read):
-        while True:
-            chunk = await read(chunk_size)
-            if not isinstance(chunk, bytes | bytearray | memoryview):
-                raise TypeError(f"blob source read() returned {type(chunk).__name__}, expected bytes")
-            if not chunk:
-                return
-            yield chunk
-    if isinstance(source, AsyncIterable):
-        iterator = aiter(source)
-        try:
-            async for chunk in iterator:
-                if not isinstance(chunk, bytes | bytearray | memoryview):
-                    raise TypeError(f"blob source yielded {type(chunk).__name__}, expected bytes")
-                yield chunk
-        finally:
-            aclose = getattr(iterator, "aclose", None)
-            if aclose is not None:  # an abandoned async generator must be finalised here, not by the GC
-                with anyio.CancelScope(shield=True):
-                    await aclose()
-        return
-    raise TypeError(
-        f"cannot read a blob from {type(source).__name__}: pass bytes, an async iterable of bytes, "
-        "or an object with `async read(n)`"
-    )
-
-
-class BlobReader:
-    """An async reader of one blob that verifies its digest and size as it goes.
-
-    Iterate it (``async for chunk in reader``) or call :meth:`read`. Reads are
-    clamped to the expected size; the chunk that completes the blob is returned
-    only after the digest checked out, and a blob that is too short, too long or
-    different raises :class:`SizeMismatchError` or :class:`DigestMismatchError`
-    instead of signalling the end. Close it with ``async with`` or :meth:`aclose`.
-    """
-
-    def __init__(
-        self,
-        digest: Digest,
-        size: int,
-        pull: Callable[[int, Verifier], Awaitable[bytes]],
-        *,
-        close: Callable[[], Awaitable[None]] | None = None,
-        ctx: Context | None = None,
-    ) -> None:
-        self.digest = digest
-        self.size = size
-        self._pull = pull
-        self._close = close
-        self._ctx = ctx
-        self._verifier = Verifier(digest, size)
-        #: Called with the size of each chunk as it is handed out (progress displays).
-        self.on_read: Callable[[int], None] | None = None
-        self._eof = False
-        self._closed = False
-
-    @classmethod
-    def from_bytes(cls, digest: Digest, data: bytes, *, ctx: Context | None = None) -> BlobReader:
-        """A reader over content already in memory, verified like any other (checkpointing per chunk)."""
-        position = 0
-
-        async def pull(n: int, verifier: Verifier) -> bytes:
-            nonlocal position
-            await anyio.lowlevel.checkpoint()
-            chunk = data[position : position + n]
-            position += len(chunk)
-            verifier.update(chunk)
-            return chunk
-
-        return cls(digest, len(data), pull, ctx=ctx)
-
-    @property
-    def bytes_read(self) -> int:
-        """How many bytes have passed through so far."""
-        return self._verifier.received
-
-    async def read(self, n: int = -1) -> bytes:
-        """Return up to ``n`` bytes (all that remain if ``n < 0``); ``b""`` at the verified end."""
-        if n < 0:
-            parts = []
-            while chunk := await self.read(CHUNK_SIZE):
-                parts.append(chunk)
-            return b"".join(parts)
-        if self._closed:
-            raise EngineClosedError(f"reader of {self.digest} is closed")
-        if self._eof or n == 0:
-            return b""
-        if self._ctx is not None:
-            self._ctx.check()
-        verifier = self._verifier
-        remaining = self.size - verifier.received
-        # one byte past the end is asked for too, so a longer file is caught
-        chunk = await self._pull(min(n, remaining) if remaining > 0 else 1, verifier)
-        if verifier.received == self.size and chunk:
-            verifier.verify()  # before handing out the chunk that completes the blob
-        elif not chunk:
-            verifier.verify()
-            self._eof = True
-        if chunk and self.on_read is not None:
-            self.on_read(len(chunk))
-        return chunk
-
-    def vouches_for(self, digest: Digest | None, size: int | None) -> bool:
-        """Whether reading this reader to its end proves content of ``digest`` (and ``size``).
-
-        True for a reader that has handed out nothing yet: it raises before
-        signalling the end of content that does not match, so a consumer that
-        commits only at the end need not hash again.
-        """
-        return self.bytes_read == 0 and digest == self.digest and size in (None, self.size)
-
-    def __aiter__(self) -> Self:
-        return self
-
-    async def __anext__(self) -> bytes:
-        chunk = await self.read(CHUNK_SIZE)
-        if not chunk:
-            raise StopAsyncIteration
-        return chunk
-
-    async def aclose(self) -> None:
-        """Release the underlying file or connection. Idempotent."""
-        if not self._closed:
-            self._closed = True
-            if self._close is not None:
-                await self._close()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        with anyio.CancelScope(shield=True):
-            await self.aclose()
-
-    def __repr__(self) -> str:
-        return f"<BlobReader {self.digest} {self.bytes_read}/{self.size}>"
+#: Seconds ``async with engine`` may spend closing it while the block is being cancelled.
+_CLOSE_TIMEOUT: Final = 30.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,14 +86,18 @@ class BlobInfo:
     head: bytes = b""
 
 
-@asynccontextmanager
-async def _locked(lock: anyio.Lock, ctx: Context | None) -> AsyncIterator[None]:
-    async with bound(ctx):
-        await lock.acquire()
-    try:
-        yield
-    finally:
-        lock.release()
+def _target(value: Any, name: str = "digest") -> tuple[Digest, int | None]:
+    """A digest (and the size to expect) from a digest string or a :class:`Descriptor`."""
+    if isinstance(value, Descriptor):
+        return check_digest(value.digest, f"{name}.digest"), value.size
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a digest string or an ocicas.Descriptor, not {type_name(value)}")
+    return check_digest(value, name), None
+
+
+def _check_size(digest: Digest, size: int, expected: int | None) -> None:
+    if expected is not None and size != expected:
+        raise SizeMismatchError(f"blob {digest} has {size} bytes, but its descriptor says {expected}")
 
 
 class Engine(ABC):
@@ -232,17 +105,27 @@ class Engine(ABC):
 
     The Python form of umoci's ``cas.Engine``. Every method takes an optional
     keyword-only ``ctx`` (:class:`~ocicas.Context`). Engines are async context
-    managers; after :meth:`close`, methods raise :class:`~ocicas.EngineClosedError`.
+    managers. :meth:`close` refuses new calls at once, cancels the calls still
+    running (they raise :class:`~ocicas.EngineClosedError`), waits for them to
+    leave and then frees the engine's resources; every later call, and every
+    reader it handed out, raises :class:`~ocicas.EngineClosedError`.
 
-    Backends implement the abstract methods; :meth:`put_blob_json` and
-    :meth:`read_blob` have shared implementations on top of them.
+    Backends subclass it and implement the hooks listed in the module
+    documentation; the public methods below are the same for every engine.
     """
 
-    _closed: bool = False
+    @property
+    def _lifecycle(self) -> Lifecycle:
+        life: Lifecycle | None = self.__dict__.get("_life")
+        if life is None:
+            life = self.__dict__["_life"] = Lifecycle(self, self._release)
+        return life
+
+    def _operation(self, ctx: Context | None) -> AbstractAsyncContextManager[None]:
+        return self._lifecycle.operation(ctx)
 
     # -- blobs ---------------------------------------------------------------------
 
-    @abstractmethod
     async def put_blob(
         self,
         source: BlobSource,
@@ -259,107 +142,170 @@ class Engine(ABC):
         the content is checked as it streams (the digest's algorithm is used), and
         a mismatch raises before anything is stored.
         """
+        ctx = check_ctx(ctx)
+        check_source(source)
+        expected = None if expected_digest is None else check_digest(expected_digest, "expected_digest")
+        size = check_int(expected_size, "expected_size", optional=True)
+        async with self._operation(ctx):
+            return await self._put_blob(source, Verifier(expected, size))
 
     async def put_blob_json(self, obj: Any, *, ctx: Context | None = None) -> tuple[Digest, int]:
         """Store ``obj`` serialised as compact JSON (objects with ``to_dict()`` allowed)."""
-        return await self.put_blob(dump_json(obj), ctx=ctx)
+        return await self.put_blob(dump_json(obj), ctx=check_ctx(ctx))
 
-    @abstractmethod
-    async def get_blob(self, digest: Digest | str, *, ctx: Context | None = None) -> BlobReader:
-        """Open a verified reader of a blob; :class:`~ocicas.BlobNotFoundError` if absent."""
+    async def get_blob(self, digest: Digest | str | Descriptor, *, ctx: Context | None = None) -> BlobReader:
+        """Open a verified reader of a blob; :class:`~ocicas.BlobNotFoundError` if absent.
+
+        ``digest`` may be a :class:`Descriptor`: its size is checked too
+        (:class:`~ocicas.SizeMismatchError`). Read the reader to its end or close it
+        (``async with``); one dropped unclosed is freed when collected, with a
+        ``ResourceWarning``.
+        """
+        ctx = check_ctx(ctx)
+        digest, expected = _target(digest)
+        async with self._operation(ctx):
+            raw = await self._open_blob(digest)
+            try:
+                _check_size(digest, raw.size, expected)
+                return BlobReader(digest, raw, ctx=ctx, lifecycle=self._lifecycle)
+            except BaseException:
+                with bounded_shield():
+                    await raw.aclose()
+                raise
 
     async def read_blob(
-        self, digest: Digest | str, *, max_size: int | None = DEFAULT_READ_LIMIT, ctx: Context | None = None
+        self,
+        digest: Digest | str | Descriptor,
+        *,
+        max_size: int | None = DEFAULT_READ_LIMIT,
+        ctx: Context | None = None,
     ) -> bytes:
         """Return a whole blob, verified before it is returned.
 
         Blobs larger than ``max_size`` bytes (``None``: no cap) are refused with
-        :class:`~ocicas.BlobTooLargeError` before any byte is read.
+        :class:`~ocicas.BlobTooLargeError` before any byte is read. ``digest`` may
+        be a :class:`Descriptor`, whose size is checked too.
         """
-        reader = await self.get_blob(digest, ctx=ctx)
-        async with reader:
-            if max_size is not None and reader.size > max_size:
-                raise BlobTooLargeError(f"blob {reader.digest} has {reader.size} bytes, over the cap of {max_size}")
-            return await reader.read()
+        ctx = check_ctx(ctx)
+        max_size = check_int(max_size, "max_size", optional=True)
+        digest, expected = _target(digest)
+        async with self._operation(ctx):
+            raw = await self._open_blob(digest)
+            async with BlobReader(digest, raw, ctx=ctx, lifecycle=self._lifecycle) as reader:
+                _check_size(digest, raw.size, expected)
+                if max_size is not None and reader.size > max_size:
+                    raise BlobTooLargeError(f"blob {digest} has {reader.size} bytes, over the cap of {max_size}")
+                return await reader.read()
 
-    @abstractmethod
-    async def stat_blob(self, digest: Digest | str, *, ctx: Context | None = None) -> int:
-        """Return a blob's size without reading it; :class:`~ocicas.BlobNotFoundError` if absent."""
+    async def stat_blob(self, digest: Digest | str | Descriptor, *, ctx: Context | None = None) -> int:
+        """Return a blob's size without reading it; :class:`~ocicas.BlobNotFoundError` if absent.
 
-    @abstractmethod
+        ``digest`` may be a :class:`Descriptor`, whose size is checked too.
+        """
+        ctx = check_ctx(ctx)
+        digest, expected = _target(digest)
+        async with self._operation(ctx):
+            size = await self._stat_blob(digest)
+        _check_size(digest, size, expected)
+        return size
+
     async def delete_blob(self, digest: Digest | str, *, ctx: Context | None = None) -> None:
         """Remove a blob. Idempotent: an absent blob is not an error."""
+        ctx = check_ctx(ctx)
+        digest = check_digest(digest)
+        async with self._operation(ctx):
+            await self._delete_blob(digest)
 
-    @abstractmethod
     async def list_blobs(self, *, ctx: Context | None = None) -> list[Digest]:
         """Every blob digest in the store, sorted."""
-
-    # -- optional capabilities, with generic defaults --------------------------------
+        ctx = check_ctx(ctx)
+        async with self._operation(ctx):
+            return await self._list_blobs()
 
     async def stat_blobs(
-        self, digests: Iterable[Digest], *, head: int = 0, ctx: Context | None = None
+        self, digests: Iterable[Digest | str], *, head: int = 0, ctx: Context | None = None
     ) -> dict[Digest, BlobInfo]:
         """Size and modification time of many blobs at once; absent blobs are left out.
 
         Engines that know when a blob was last written or freshened report it as
         :attr:`BlobInfo.modified` (GC's grace period relies on it). With ``head``,
         the first ``head`` bytes of each blob come along, unverified: enough to tell
-        a JSON document from a tarball without reading either. The default asks
-        :meth:`stat_blob` (and :meth:`get_blob`) one by one and reports no time.
+        a JSON document from a tarball without reading either.
         """
-        out: dict[Digest, BlobInfo] = {}
-        for digest in digests:
-            try:
-                size = await self.stat_blob(digest, ctx=ctx)
-                prefix = b""
-                if head:
-                    async with await self.get_blob(digest, ctx=ctx) as reader:
-                        prefix = await reader.read(head)
-            except BlobNotFoundError:
-                continue
-            out[digest] = BlobInfo(size, None, prefix)
-        return out
+        ctx = check_ctx(ctx)
+        wanted = check_digests(digests)
+        head = check_int(head, "head")
+        async with self._operation(ctx):
+            return await self._stat_blobs(wanted, head)
 
-    async def touch_blobs(self, digests: Iterable[Digest], *, ctx: Context | None = None) -> dict[Digest, BlobInfo]:
+    async def touch_blobs(
+        self, digests: Iterable[Digest | str], *, ctx: Context | None = None
+    ) -> dict[Digest, BlobInfo]:
         """Freshen the present blobs among ``digests``, as ``put_blob`` of present content does; return them.
 
         A writer that reuses blobs it finds present (as :func:`ocicas.copy` does)
         touches them so a concurrent GC's grace period protects them until it has
-        referenced them. Atomic with respect to :meth:`delete_blobs`. The default,
-        for engines without blob times, only reports them.
+        referenced them. Atomic with respect to :meth:`delete_blobs`. Engines
+        without blob times only report them.
         """
-        return await self.stat_blobs(digests, ctx=ctx)
+        ctx = check_ctx(ctx)
+        wanted = check_digests(digests)
+        async with self._operation(ctx):
+            return await self._touch_blobs(wanted)
 
     async def delete_blobs(
-        self, digests: Iterable[Digest], *, unmodified_since: float | None = None, ctx: Context | None = None
+        self,
+        digests: Iterable[Digest | str],
+        *,
+        unmodified_since: float | None = None,
+        ctx: Context | None = None,
     ) -> dict[Digest, int]:
         """Delete many blobs; return the ones removed with their sizes.
 
         With ``unmodified_since`` (a POSIX time), a blob written or freshened at or
         after it is kept: the check and the removal are atomic with respect to this
         engine's own :meth:`put_blob`. Engines without blob times keep every blob
-        when it is given. The default deletes one by one.
+        when it is given.
         """
-        if unmodified_since is not None:
-            return {}
-        removed: dict[Digest, int] = {}
-        for digest in digests:
-            try:
-                size = await self.stat_blob(digest, ctx=ctx)
-            except BlobNotFoundError:
-                continue
-            await self.delete_blob(digest, ctx=ctx)
-            removed[digest] = size
-        return removed
+        ctx = check_ctx(ctx)
+        wanted = check_digests(digests)
+        if unmodified_since is not None and (
+            isinstance(unmodified_since, bool) or not isinstance(unmodified_since, int | float)
+        ):
+            raise TypeError(f"unmodified_since must be a POSIX time or None, not {type_name(unmodified_since)}")
+        async with self._operation(ctx):
+            return await self._delete_blobs(wanted, unmodified_since)
 
     def gc_lock(self, *, ctx: Context | None = None) -> AbstractAsyncContextManager[None]:
         """Held by :func:`ocicas.gc` while it runs, so two collections never overlap.
 
         The default is a lock of this engine object; the directory engine also
-        excludes collections in other processes.
+        excludes collections in other processes. Held as one operation of the
+        engine: closing the engine ends it.
         """
-        lock = self.__dict__.setdefault("_gc_mutex", anyio.Lock())
-        return _locked(lock, ctx)
+        return self._held_gc_lock(check_ctx(ctx))
+
+    @asynccontextmanager
+    async def _held_gc_lock(self, ctx: Context | None) -> AsyncIterator[None]:
+        async with self._operation(ctx), self._gc_lock():
+            yield
+
+    async def mount_blob_from(
+        self, source: Engine, digest: Digest | str, *, size: int, ctx: Context | None = None
+    ) -> bool:
+        """Make ``digest`` (of ``size`` bytes) present here by linking it from ``source``, moving no bytes.
+
+        Returns ``False`` when this engine cannot (the default: :func:`ocicas.copy`
+        then moves the bytes). A registry engine mounts blobs across repositories
+        of one registry.
+        """
+        ctx = check_ctx(ctx)
+        if not isinstance(source, Engine):
+            raise TypeError(f"source must be an ocicas.Engine, not {type_name(source)}")
+        digest = check_digest(digest)
+        size = check_int(size, "size")
+        async with self._operation(ctx):
+            return await self._mount_blob(source, digest, size)
 
     # -- references ----------------------------------------------------------------
 
@@ -369,13 +315,17 @@ class Engine(ABC):
         Idempotent; raises :class:`~ocicas.ClobberError` if ``name`` already holds a
         different descriptor (delete it first to move a name).
         """
+        ctx = check_ctx(ctx)
+        validate_reference_name(name)
+        check_descriptor(descriptor)
         await self.update_references({name: descriptor}, ctx=ctx)
 
     async def delete_reference(self, name: str, *, ctx: Context | None = None) -> None:
         """Remove a reference. Idempotent: an absent name is not an error."""
+        ctx = check_ctx(ctx)
+        validate_reference_name(name)
         await self.update_references({name: None}, ctx=ctx)
 
-    @abstractmethod
     async def update_references(
         self, changes: Mapping[str, Descriptor | None], *, replace: bool = False, ctx: Context | None = None
     ) -> None:
@@ -386,46 +336,162 @@ class Engine(ABC):
         with ``replace=True`` names are moved. The directory engine writes
         ``index.json`` once for the whole batch.
         """
+        ctx = check_ctx(ctx)
+        if not isinstance(changes, Mapping):
+            raise TypeError(f"changes must be a mapping of name to Descriptor or None, not {type_name(changes)}")
+        replace = check_bool(replace, "replace")
+        checked: dict[str, Descriptor | None] = {}
+        for name, descriptor in changes.items():
+            validate_reference_name(name)
+            if descriptor is not None and not isinstance(descriptor, Descriptor):
+                raise TypeError(f"changes[{name!r}] must be an ocicas.Descriptor or None, not {type_name(descriptor)}")
+            checked[name] = descriptor
+        async with self._operation(ctx):
+            await self._update_references(checked, replace)
 
-    @abstractmethod
     async def get_reference(self, name: str, *, ctx: Context | None = None) -> Descriptor:
         """The descriptor stored under ``name``; :class:`~ocicas.ReferenceNotFoundError` if absent."""
+        ctx = check_ctx(ctx)
+        validate_reference_name(name)
+        async with self._operation(ctx):
+            return await self._get_reference(name)
 
-    @abstractmethod
     async def list_references(self, *, ctx: Context | None = None) -> list[str]:
         """Every reference name, sorted."""
+        ctx = check_ctx(ctx)
+        async with self._operation(ctx):
+            return await self._list_references()
 
-    @abstractmethod
     async def list_roots(self, *, ctx: Context | None = None) -> list[Descriptor]:
         """Every descriptor the store keeps as a root, named or not (GC's root set).
 
         Named ones carry their ``org.opencontainers.image.ref.name`` annotation.
         """
+        ctx = check_ctx(ctx)
+        async with self._operation(ctx):
+            return await self._list_roots()
 
     # -- lifecycle -----------------------------------------------------------------
 
-    @abstractmethod
     async def gc(self, *, ctx: Context | None = None) -> None:
         """Remove engine-level garbage (stale temporary files); never a blob or reference."""
+        ctx = check_ctx(ctx)
+        async with self._operation(ctx):
+            await self._gc()
 
-    @abstractmethod
     async def close(self) -> None:
-        """Release the engine's resources. Idempotent."""
+        """Close the engine: refuse new calls, cancel running ones, then free its resources. Idempotent.
+
+        Calls still running when ``close()`` begins raise
+        :class:`~ocicas.EngineClosedError` at their next checkpoint (a worker thread
+        checks between chunks); ``close()`` returns once they all left and the
+        engine's files, descriptors or connections, and its open readers, are released.
+        """
+        await self._lifecycle.close()
 
     @property
     def closed(self) -> bool:
         """Whether :meth:`close` was called."""
-        return self._closed
+        return self._lifecycle.closed
 
     def _check_open(self) -> None:
-        if self._closed:
-            raise EngineClosedError(f"{self!r} is closed")
+        self._lifecycle.check()
 
     async def __aenter__(self) -> Self:
+        self._check_open()
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        with anyio.CancelScope(shield=True):
+        with bounded_shield(_CLOSE_TIMEOUT):
             await self.close()
+
+    # -- what a backend implements ----------------------------------------------------
+
+    @abstractmethod
+    async def _put_blob(self, source: BlobSource, verifier: Verifier) -> tuple[Digest, int]:
+        """Store ``source``, fed through ``verifier``; store nothing unless ``verifier.verify()`` passes."""
+
+    @abstractmethod
+    async def _open_blob(self, digest: Digest) -> RawBlob:
+        """The raw bytes of ``digest``; :class:`~ocicas.BlobNotFoundError` if absent."""
+
+    @abstractmethod
+    async def _stat_blob(self, digest: Digest) -> int:
+        """The size of ``digest``; :class:`~ocicas.BlobNotFoundError` if absent."""
+
+    @abstractmethod
+    async def _delete_blob(self, digest: Digest) -> None:
+        """Remove ``digest``; nothing if absent."""
+
+    @abstractmethod
+    async def _list_blobs(self) -> list[Digest]:
+        """Every stored digest, sorted."""
+
+    async def _stat_blobs(self, digests: list[Digest], head: int) -> dict[Digest, BlobInfo]:
+        """Default: one :meth:`_stat_blob` (and, for ``head``, one read) each, with no times."""
+        out: dict[Digest, BlobInfo] = {}
+        for digest in digests:
+            try:
+                size = await self._stat_blob(digest)
+                prefix = b""
+                if head:
+                    raw = await self._open_blob(digest)
+                    async with BlobReader(digest, raw) as reader:
+                        prefix = await reader.read(head)
+            except BlobNotFoundError:
+                continue
+            out[digest] = BlobInfo(size, None, prefix)
+        return out
+
+    async def _touch_blobs(self, digests: list[Digest]) -> dict[Digest, BlobInfo]:
+        """Default, for engines without blob times: only report them."""
+        return await self._stat_blobs(digests, 0)
+
+    async def _delete_blobs(self, digests: list[Digest], unmodified_since: float | None) -> dict[Digest, int]:
+        """Default: without blob times nothing is old enough with ``unmodified_since``; else one by one."""
+        if unmodified_since is not None:
+            return {}
+        removed: dict[Digest, int] = {}
+        for digest in digests:
+            try:
+                size = await self._stat_blob(digest)
+            except BlobNotFoundError:
+                continue
+            await self._delete_blob(digest)
+            removed[digest] = size
+        return removed
+
+    def _gc_lock(self) -> AbstractAsyncContextManager[None]:
+        """Default: a lock of this engine object."""
+        lock: anyio.Lock = self.__dict__.setdefault("_gc_mutex", anyio.Lock())
+        return lock
+
+    async def _mount_blob(self, source: Engine, digest: Digest, size: int) -> bool:
+        """Default: no mounting."""
+        return False
+
+    @abstractmethod
+    async def _update_references(self, changes: Mapping[str, Descriptor | None], replace: bool) -> None:
+        """Apply ``changes`` (names validated, values ``Descriptor`` or ``None``), all or nothing."""
+
+    @abstractmethod
+    async def _get_reference(self, name: str) -> Descriptor:
+        """The descriptor under ``name``; :class:`~ocicas.ReferenceNotFoundError` if absent."""
+
+    @abstractmethod
+    async def _list_references(self) -> list[str]:
+        """Every name, sorted."""
+
+    @abstractmethod
+    async def _list_roots(self) -> list[Descriptor]:
+        """The root descriptors (named ones annotated)."""
+
+    @abstractmethod
+    async def _gc(self) -> None:
+        """Remove engine-level garbage."""
+
+    @abstractmethod
+    async def _release(self) -> None:
+        """Free the engine's resources; called once, after every operation left."""

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from contextlib import aclosing
 
 import anyio.lowlevel
 
-from ._context import Context, bound
 from ._descriptor import Descriptor
-from ._digest import Digest, Verifier, addressable
-from ._engine import BlobInfo, BlobReader, BlobSource, Engine, iterate_source
+from ._digest import Digest, Verifier
+from ._engine import BlobInfo, Engine
 from ._errors import BlobNotFoundError, ReferenceNotFoundError
-from ._layout_format import IndexDocument, validate_reference_name
+from ._layout_format import IndexDocument
+from ._reader import BytesRaw, RawBlob
+from ._source import BlobSource, iterate_source
+from ._threads import run_sync
 
 __all__ = ["MemoryEngine"]
+
+#: Chunks at least this big are hashed in a worker thread, off the event loop.
+_THREAD_HASH = 1 << 20
 
 
 class MemoryEngine(Engine):
@@ -29,147 +34,100 @@ class MemoryEngine(Engine):
     def __init__(self) -> None:
         self._blobs: dict[Digest, bytes] = {}
         self._modified: dict[Digest, float] = {}
-        self._index = IndexDocument.empty()
+        self._document = IndexDocument.empty()
 
     def __repr__(self) -> str:
-        return f"<MemoryEngine {len(self._blobs)} blobs{' closed' if self._closed else ''}>"
+        return f"<MemoryEngine {len(self._blobs)} blobs{' closed' if self.closed else ''}>"
 
-    async def put_blob(
-        self,
-        source: BlobSource,
-        *,
-        expected_digest: Digest | str | None = None,
-        expected_size: int | None = None,
-        ctx: Context | None = None,
-    ) -> tuple[Digest, int]:
-        self._check_open()
-        verifier = Verifier(None if expected_digest is None else addressable(expected_digest), expected_size)
+    async def _put_blob(self, source: BlobSource, verifier: Verifier) -> tuple[Digest, int]:
         parts = []
-        async with bound(ctx):
-            async with aclosing(iterate_source(source)) as chunks:
-                async for chunk in chunks:
-                    if ctx is not None:
-                        ctx.check()
+        async with aclosing(iterate_source(source)) as chunks:
+            async for chunk in chunks:
+                if len(chunk) >= _THREAD_HASH:
+                    await run_sync(verifier.update, chunk)
+                else:
                     verifier.update(chunk)
-                    parts.append(bytes(chunk))
-            digest = verifier.verify()
-            if ctx is not None:
-                ctx.check()
+                parts.append(bytes(chunk))
+        digest = verifier.verify()
+        await anyio.lowlevel.checkpoint()  # the last chance to cancel before it is stored
         self._blobs.setdefault(digest, b"".join(parts))
         self._modified[digest] = time.time()
         return digest, verifier.received
 
-    def _get(self, digest: Digest | str) -> tuple[Digest, bytes]:
-        self._check_open()
-        digest = addressable(digest)
+    def _get(self, digest: Digest) -> bytes:
         try:
-            return digest, self._blobs[digest]
+            return self._blobs[digest]
         except KeyError:
             raise BlobNotFoundError(f"blob {digest} not found") from None
 
-    async def get_blob(self, digest: Digest | str, *, ctx: Context | None = None) -> BlobReader:
-        async with bound(ctx):
-            await anyio.lowlevel.checkpoint()
-            digest, data = self._get(digest)
-        return BlobReader.from_bytes(digest, data, ctx=ctx)
+    async def _open_blob(self, digest: Digest) -> RawBlob:
+        await anyio.lowlevel.checkpoint()
+        return BytesRaw(self._get(digest))
 
-    async def stat_blob(self, digest: Digest | str, *, ctx: Context | None = None) -> int:
-        async with bound(ctx):
-            await anyio.lowlevel.checkpoint()
-            return len(self._get(digest)[1])
+    async def _stat_blob(self, digest: Digest) -> int:
+        await anyio.lowlevel.checkpoint()
+        return len(self._get(digest))
 
-    async def delete_blob(self, digest: Digest | str, *, ctx: Context | None = None) -> None:
-        self._check_open()
-        digest = addressable(digest)
-        async with bound(ctx):
-            await anyio.lowlevel.checkpoint()
-            self._blobs.pop(digest, None)
-            self._modified.pop(digest, None)
+    async def _delete_blob(self, digest: Digest) -> None:
+        await anyio.lowlevel.checkpoint()
+        self._blobs.pop(digest, None)
+        self._modified.pop(digest, None)
 
-    async def stat_blobs(
-        self, digests: Iterable[Digest], *, head: int = 0, ctx: Context | None = None
-    ) -> dict[Digest, BlobInfo]:
-        self._check_open()
-        async with bound(ctx):
-            await anyio.lowlevel.checkpoint()
-            return {
-                d: BlobInfo(len(self._blobs[d]), self._modified[d], self._blobs[d][:head])
-                for d in map(addressable, digests)
-                if d in self._blobs
-            }
+    async def _stat_blobs(self, digests: list[Digest], head: int) -> dict[Digest, BlobInfo]:
+        await anyio.lowlevel.checkpoint()
+        return {
+            d: BlobInfo(len(self._blobs[d]), self._modified[d], self._blobs[d][:head])
+            for d in digests
+            if d in self._blobs
+        }
 
-    async def touch_blobs(self, digests: Iterable[Digest], *, ctx: Context | None = None) -> dict[Digest, BlobInfo]:
-        self._check_open()
-        async with bound(ctx):
-            await anyio.lowlevel.checkpoint()
-            now = time.time()
-            out = {}
-            for digest in map(addressable, digests):
-                if digest in self._blobs:
-                    self._modified[digest] = now
-                    out[digest] = BlobInfo(len(self._blobs[digest]), now)
-            return out
+    async def _touch_blobs(self, digests: list[Digest]) -> dict[Digest, BlobInfo]:
+        await anyio.lowlevel.checkpoint()
+        now = time.time()
+        out = {}
+        for digest in digests:
+            if digest in self._blobs:
+                self._modified[digest] = now
+                out[digest] = BlobInfo(len(self._blobs[digest]), now)
+        return out
 
-    async def delete_blobs(
-        self, digests: Iterable[Digest], *, unmodified_since: float | None = None, ctx: Context | None = None
-    ) -> dict[Digest, int]:
-        self._check_open()
+    async def _delete_blobs(self, digests: list[Digest], unmodified_since: float | None) -> dict[Digest, int]:
+        await anyio.lowlevel.checkpoint()
         removed = {}
-        async with bound(ctx):
-            await anyio.lowlevel.checkpoint()
-            for digest in map(addressable, digests):
-                if digest in self._blobs and (unmodified_since is None or self._modified[digest] < unmodified_since):
-                    removed[digest] = len(self._blobs.pop(digest))
-                    del self._modified[digest]
+        for digest in digests:
+            if digest in self._blobs and (unmodified_since is None or self._modified[digest] < unmodified_since):
+                removed[digest] = len(self._blobs.pop(digest))
+                del self._modified[digest]
         return removed
 
-    async def list_blobs(self, *, ctx: Context | None = None) -> list[Digest]:
-        self._check_open()
-        async with bound(ctx):
-            await anyio.lowlevel.checkpoint()
-            return sorted(self._blobs)
+    async def _list_blobs(self) -> list[Digest]:
+        await anyio.lowlevel.checkpoint()
+        return sorted(self._blobs)
 
-    async def update_references(
-        self, changes: Mapping[str, Descriptor | None], *, replace: bool = False, ctx: Context | None = None
-    ) -> None:
-        self._check_open()
-        for name, descriptor in changes.items():
-            validate_reference_name(name)
-            if descriptor is not None and not isinstance(descriptor, Descriptor):
-                raise TypeError(f"reference {name!r}: expected a Descriptor, not {type(descriptor).__name__}")
-        async with bound(ctx):
-            await anyio.lowlevel.checkpoint()
-            updated = self._index.apply(changes, replace=replace)
-            if updated is not None:
-                self._index = updated
+    async def _update_references(self, changes: Mapping[str, Descriptor | None], replace: bool) -> None:
+        await anyio.lowlevel.checkpoint()
+        updated = self._document.apply(changes, replace=replace)
+        if updated is not None:
+            self._document = updated
 
-    async def get_reference(self, name: str, *, ctx: Context | None = None) -> Descriptor:
-        self._check_open()
-        validate_reference_name(name)
-        async with bound(ctx):
-            await anyio.lowlevel.checkpoint()
-            descriptor = self._index.get(name)
+    async def _get_reference(self, name: str) -> Descriptor:
+        await anyio.lowlevel.checkpoint()
+        descriptor = self._document.get(name)
         if descriptor is None:
             raise ReferenceNotFoundError(f"reference {name!r} not found")
         return descriptor
 
-    async def list_references(self, *, ctx: Context | None = None) -> list[str]:
-        self._check_open()
-        async with bound(ctx):
-            await anyio.lowlevel.checkpoint()
-            return self._index.names()
+    async def _list_references(self) -> list[str]:
+        await anyio.lowlevel.checkpoint()
+        return self._document.names()
 
-    async def list_roots(self, *, ctx: Context | None = None) -> list[Descriptor]:
-        self._check_open()
-        async with bound(ctx):
-            await anyio.lowlevel.checkpoint()
-            return self._index.roots()
+    async def _list_roots(self) -> list[Descriptor]:
+        await anyio.lowlevel.checkpoint()
+        return self._document.roots()
 
-    async def gc(self, *, ctx: Context | None = None) -> None:
+    async def _gc(self) -> None:
         """Nothing to collect: a memory engine leaves no temporary files."""
-        self._check_open()
-        async with bound(ctx):
-            await anyio.lowlevel.checkpoint()
+        await anyio.lowlevel.checkpoint()
 
-    async def close(self) -> None:
-        self._closed = True
+    async def _release(self) -> None:
+        """Nothing to release but memory, which stays readable by nobody."""

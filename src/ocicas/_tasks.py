@@ -1,7 +1,10 @@
-"""A task group that raises the first real error rather than an exception group.
+"""Task groups that raise the error callers catch, and shields that end.
 
 A walk or a sweep fails for one reason that callers want to catch by type
-(``except BlobNotFoundError``), not wrapped in a ``BaseExceptionGroup``.
+(``except BlobNotFoundError``), not wrapped in a ``BaseExceptionGroup``; the
+other failures of the same group are chained to it, never dropped. Code that
+must run even when cancelled (closing a foreign generator or a connection)
+runs under :func:`bounded_shield`, so a stuck peer cannot hold a task forever.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Final
 
 import anyio
 import anyio.abc
@@ -16,7 +20,10 @@ import anyio.abc
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
-__all__ = ["task_group"]
+__all__ = ["SHIELD_TIMEOUT", "bounded_shield", "task_group"]
+
+#: Seconds clean-up of foreign resources may take while shielded from cancellation.
+SHIELD_TIMEOUT: Final = 5.0
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
@@ -28,12 +35,28 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 
 @asynccontextmanager
 async def task_group() -> AsyncIterator[anyio.abc.TaskGroup]:
-    """``anyio.create_task_group()``, re-raising the first ``Exception`` a task raised."""
+    """``anyio.create_task_group()``, re-raising the first ``Exception`` a task raised.
+
+    Any other failures of the group come along: as the first error's ``__cause__``
+    (the whole group) when it has none of its own, else in its ``__notes__``.
+    """
     try:
         async with anyio.create_task_group() as tg:
             yield tg
     except BaseExceptionGroup as group:
-        first = next((e for e in _leaves(group) if isinstance(e, Exception)), None)
-        if first is None:
+        leaves = [e for e in _leaves(group) if isinstance(e, Exception)]
+        if not leaves:
             raise
-        raise first from None
+        first = leaves[0]
+        if len(leaves) == 1:
+            raise first from None
+        if first.__cause__ is None:
+            raise first from group
+        notes = first.__dict__.setdefault("__notes__", [])
+        notes.extend(f"also failed: {type(e).__name__}: {e}" for e in leaves[1:])
+        raise first from first.__cause__
+
+
+def bounded_shield(seconds: float = SHIELD_TIMEOUT) -> anyio.CancelScope:
+    """A cancel scope shielded from outside cancellation, that gives up after ``seconds``."""
+    return anyio.move_on_after(seconds, shield=True)

@@ -1,6 +1,6 @@
 """File-system primitives of the directory engine.
 
-Everything here runs on worker threads (:func:`run_sync`) and works relative to
+Everything here runs on worker threads (``_threads.run_sync``) and works relative to
 directory descriptors: opens that refuse symlinks and special files, durable
 writes, the per-blob ``flock`` that makes GC's age check and unlink atomic with
 a writer's freshening in any process, and a group-committed directory fsync.
@@ -13,47 +13,14 @@ import fcntl
 import os
 import stat
 import threading
-import time
-from collections.abc import Callable
-from typing import Final, TypeVar
+from typing import Final
 
-import anyio.to_thread
-
-from .._context import Context
-from .._engine import CHUNK_SIZE
 from .._errors import InvalidError
-from .._tasks import task_group
-
-_T = TypeVar("_T")
-_K = TypeVar("_K")
-_V = TypeVar("_V")
+from .._threads import CHUNK_SIZE, wait_for
 
 DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: opening a FIFO planted at a blob path must not hang
 READ_FLAGS: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-
-
-async def run_sync(func: Callable[..., _T], *args: object) -> _T:
-    return await anyio.to_thread.run_sync(func, *args)
-
-
-async def run_split(func: Callable[[list[_K]], dict[_K, _V]], items: list[_K], parts: int = 2) -> dict[_K, _V]:
-    """Run ``func`` over ``parts`` slices of ``items`` in as many threads; merge the results.
-
-    For syscall-bound loops over many blobs: the system calls run in parallel
-    while only the Python between them takes turns on the GIL.
-    """
-    if len(items) < 256:
-        return await run_sync(func, items)
-    results: list[dict[_K, _V]] = []
-
-    async def part(index: int) -> None:
-        results.append(await run_sync(func, items[index::parts]))
-
-    async with task_group() as tg:
-        for index in range(parts):
-            tg.start_soon(part, index)
-    return {k: v for result in results for k, v in result.items()}
 
 
 def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
@@ -172,26 +139,22 @@ class GroupSync:
                     self._cond.notify_all()
 
 
-def hold_blob(alg: int, name: str, what: str, ctx: Context | None) -> int | None:
+def hold_blob(alg: int, name: str, what: str) -> int | None:
     """Open blob file ``name`` under a shared ``flock``; ``None`` if there is none.
 
     :func:`unlink_unused` takes the exclusive lock, in whatever process, before
     it checks a blob's age and unlinks it, so a blob held here is not collected
     until it is released (freshen it meanwhile and it is kept); one collected while
     this waited for the lock reads as absent. :class:`InvalidError` if the path
-    holds anything but a regular file. Waiting checks ``ctx``.
+    holds anything but a regular file. The wait (a collector holds the lock for
+    microseconds; anyone else longer) stops when the operation is cancelled.
     """
     try:
         fd = open_regular(name, alg, what)
     except FileNotFoundError:
         return None
     try:
-        delay = 0.0002
-        while not try_flock(fd, fcntl.LOCK_SH):  # a collector holds it for microseconds; anyone else, ctx
-            if ctx is not None:
-                ctx.check()
-            time.sleep(delay)
-            delay = min(delay * 2, 0.05)
+        wait_for(lambda: try_flock(fd, fcntl.LOCK_SH))
         if os.fstat(fd).st_nlink > 0:
             return fd
     except BaseException:
@@ -223,8 +186,12 @@ def unlink_unused(alg: int, name: str, cutoff: int | None) -> os.stat_result | N
         return None  # young blobs are kept without opening them
     try:
         fd = os.open(name, READ_FLAGS, dir_fd=alg)
-    except OSError:
-        return None  # gone meanwhile, or swapped for a symlink
+    except FileNotFoundError:
+        return None  # gone meanwhile
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO, errno.ENODEV):
+            return None  # swapped for a symlink or a special file: not a blob of ours to remove
+        raise
     try:
         if not try_flock(fd, fcntl.LOCK_EX):
             return None  # being reused right now

@@ -31,19 +31,19 @@ How the protocol maps onto the distribution API (``/v2/<name>/…``):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import aclosing
-from typing import Final, TypeGuard
+from typing import Any, Final, TypeGuard
 
 import anyio
 import anyio.lowlevel
-import anyio.to_thread
 import httpx
 
-from .._context import Context, bound
+from .._checks import check_ctx, check_digest, check_int
+from .._context import Context
 from .._descriptor import Descriptor
-from .._digest import Digest, Verifier, addressable
-from .._engine import CHUNK_SIZE, BlobInfo, BlobReader, BlobSource, Engine, iterate_source
+from .._digest import Digest, Verifier
+from .._engine import BlobInfo, Engine
 from .._errors import (
     BlobNotFoundError,
     InvalidError,
@@ -51,7 +51,10 @@ from .._errors import (
     SizeMismatchError,
     UnsupportedError,
 )
-from .._tasks import task_group
+from .._reader import RawBlob
+from .._source import BlobSource, iterate_source
+from .._tasks import bounded_shield, task_group
+from .._threads import CHUNK_SIZE, run_sync
 from ._location import RegistryLocation, validate_repository, validate_tag
 from ._manifests import ACCEPT, DocumentCache, is_manifest_type
 from ._streams import read_body, release
@@ -99,37 +102,27 @@ class RegistryEngine(Engine):
         return self._client.location
 
     def __repr__(self) -> str:
-        return f"<RegistryEngine {self.location}{' closed' if self._closed else ''}>"
+        return f"<RegistryEngine {self.location}{' closed' if self.closed else ''}>"
 
     # -- blobs ----------------------------------------------------------------------------
 
-    async def put_blob(
-        self,
-        source: BlobSource,
-        *,
-        expected_digest: Digest | str | None = None,
-        expected_size: int | None = None,
-        ctx: Context | None = None,
-    ) -> tuple[Digest, int]:
-        self._check_open()
-        expected = None if expected_digest is None else addressable(expected_digest)
-        verifier = Verifier(expected, expected_size)
-        async with bound(ctx):
-            if isinstance(source, bytes | bytearray | memoryview):
-                return await self._put_whole(bytes(source), verifier)
-            if expected is not None:  # known in advance: present content is not sent again
-                size = await self._blob_size(expected)
-                if size is not None:
-                    if expected_size is not None and size != expected_size:
-                        raise SizeMismatchError(f"blob {expected} has {size} bytes here, expected {expected_size}")
-                    return expected, size
-            return await self._put_stream(source, verifier, ctx, absent=expected is not None)
+    async def _put_blob(self, source: BlobSource, verifier: Verifier) -> tuple[Digest, int]:
+        if isinstance(source, bytes | bytearray | memoryview):
+            return await self._put_whole(bytes(source), verifier)
+        expected = verifier.digest
+        if expected is not None:  # known in advance: present content is not sent again
+            size = await self._blob_size(expected)
+            if size is not None:
+                if verifier.size is not None and size != verifier.size:
+                    raise SizeMismatchError(f"blob {expected} has {size} bytes here, expected {verifier.size}")
+                return expected, size
+        return await self._put_stream(source, verifier, absent=expected is not None)
 
     async def _put_whole(self, data: bytes, verifier: Verifier, *, absent: bool = False) -> tuple[Digest, int]:
         """Store content in hand: hashed first, then skipped if present, else one ``POST`` + ``PUT``."""
         verifier.check_total(len(data))
         if len(data) >= _THREAD_HASH:
-            await anyio.to_thread.run_sync(verifier.update, data)
+            await run_sync(verifier.update, data)
         else:
             verifier.update(data)
         digest = verifier.verify()
@@ -144,9 +137,7 @@ class RegistryEngine(Engine):
         self._documents.offer(digest, data)
         return digest, len(data)
 
-    async def _put_stream(
-        self, source: BlobSource, verifier: Verifier, ctx: Context | None, *, absent: bool
-    ) -> tuple[Digest, int]:
+    async def _put_stream(self, source: BlobSource, verifier: Verifier, *, absent: bool) -> tuple[Digest, int]:
         """Store a stream: a short one as a whole, a long one as chunked ``PATCH``es."""
         session: UploadSession | None = None
         try:
@@ -154,8 +145,6 @@ class RegistryEngine(Engine):
             size = total = 0
             async with aclosing(iterate_source(source)) as chunks:
                 async for chunk in chunks:
-                    if ctx is not None:
-                        ctx.check()
                     total += len(chunk)
                     verifier.check_total(total)  # an oversized stream stops here, before it is sent
                     pending.append(bytes(chunk))
@@ -171,12 +160,11 @@ class RegistryEngine(Engine):
             if session is None:
                 return await self._put_whole(last, verifier, absent=absent)
             if len(last) >= _THREAD_HASH:
-                await anyio.to_thread.run_sync(verifier.update, last)
+                await run_sync(verifier.update, last)
             else:
                 verifier.update(last)
             digest = verifier.verify()
-            if ctx is not None:
-                ctx.check()
+            await anyio.lowlevel.checkpoint()  # the last chance to cancel before it is committed
             await session.commit(digest, last)
             return digest, verifier.received
         except BaseException:
@@ -198,18 +186,29 @@ class RegistryEngine(Engine):
         name. Returns ``False`` if the registry would not mount it (it is absent
         there, or the credentials cannot read it); the caller then copies it.
         """
-        self._check_open()
-        digest = addressable(digest)
+        ctx = check_ctx(ctx)
+        digest = check_digest(digest)
+        expected_size = check_int(expected_size, "expected_size", optional=True)
         if isinstance(source, RegistryEngine):
             if source.location.base_url != self.location.base_url:
                 raise InvalidError(f"cannot mount from {source.location}: it is on another registry than {self}")
             repository = source.location.repository
-        else:
+        elif isinstance(source, str):
             repository = validate_repository(source)
-        async with bound(ctx):
-            if not await mount_blob(self._client, digest, repository):
-                return False
-            size = await self._blob_size(digest)
+        else:
+            raise TypeError(f"source must be a RegistryEngine or a repository name, not {type(source).__name__}")
+        async with self._operation(ctx):
+            return await self._mount(digest, repository, expected_size)
+
+    async def _mount_blob(self, source: Engine, digest: Digest, size: int) -> bool:
+        if not self.can_mount_from(source):
+            return False
+        return await self._mount(digest, source.location.repository, size)
+
+    async def _mount(self, digest: Digest, repository: str, expected_size: int | None) -> bool:
+        if not await mount_blob(self._client, digest, repository):
+            return False
+        size = await self._blob_size(digest)
         if size is None:
             return False
         if expected_size is not None and size != expected_size:
@@ -253,18 +252,12 @@ class RegistryEngine(Engine):
         paths: list[tuple[str, str | None]] = [(f"blobs/{digest}", None), (f"manifests/{digest}", ACCEPT)]
         return paths[::-1] if manifest_first else paths
 
-    async def stat_blob(self, digest: Digest | str, *, ctx: Context | None = None) -> int:
-        self._check_open()
-        digest = addressable(digest)
-        async with bound(ctx):
-            return await self._stat(digest)
+    async def _stat_blob(self, digest: Digest) -> int:
+        return await self._stat(digest)
 
-    async def stat_blobs(
-        self, digests: Iterable[Digest], *, head: int = 0, ctx: Context | None = None
-    ) -> dict[Digest, BlobInfo]:
+    async def _stat_blobs(self, digests: list[Digest], head: int) -> dict[Digest, BlobInfo]:
         """Sizes of many blobs, looked up concurrently; registries do not tell blob ages (``modified=None``)."""
-        self._check_open()
-        wanted = sorted(set(map(addressable, digests)))
+        wanted = sorted(set(digests))
         found: dict[Digest, BlobInfo] = {}
 
         async def one(digest: Digest) -> None:
@@ -281,7 +274,7 @@ class RegistryEngine(Engine):
                     raise self._client.dropped(f"reading the head of blob {digest}", exc) from exc
             found[digest] = BlobInfo(size, None, prefix)
 
-        async with bound(ctx), task_group() as tg:
+        async with task_group() as tg:
             for digest in wanted:
                 tg.start_soon(one, digest)
         return found
@@ -323,120 +316,72 @@ class RegistryEngine(Engine):
         total = response.headers.get("content-range", "").rpartition("/")[2].strip()
         return int(total) if total.isdigit() else None
 
-    async def get_blob(self, digest: Digest | str, *, ctx: Context | None = None) -> BlobReader:
-        self._check_open()
-        digest = addressable(digest)
-        async with bound(ctx):
-            response, size = await self._open(digest)
-        iterator = aiter(response.aiter_bytes())
-        leftover = b""
+    async def _open_blob(self, digest: Digest) -> RawBlob:
+        response, size = await self._open(digest)
+        return _HttpRaw(
+            response, size, lambda received, exc: self._client.dropped(f"reading blob {digest} at byte {received}", exc)
+        )
 
-        async def pull(n: int, verifier: Verifier) -> bytes:
-            nonlocal leftover
-            parts, have = [leftover] if leftover else [], len(leftover)
-            async with bound(ctx):
-                try:
-                    while have < n:
-                        piece = await anext(iterator, b"")
-                        if not piece:
-                            break
-                        parts.append(piece)
-                        have += len(piece)
-                except httpx.TransportError as exc:
-                    raise self._client.dropped(
-                        f"reading blob {digest} at byte {verifier.received + have}", exc
-                    ) from exc
-            data = b"".join(parts)
-            chunk, leftover = data[:n], data[n:]
-            if len(chunk) >= _THREAD_HASH:
-                await anyio.to_thread.run_sync(verifier.update, chunk)
-            else:
-                verifier.update(chunk)
-            return chunk
-
-        async def close() -> None:
-            await release(response, iterator)
-
-        return BlobReader(digest, size, pull, close=close, ctx=ctx)
-
-    async def delete_blob(self, digest: Digest | str, *, ctx: Context | None = None) -> None:
+    async def _delete_blob(self, digest: Digest) -> None:
         """Delete ``digest`` from the blob store and, if it is a manifest, from the manifest store.
 
         A registry drops every tag on a manifest it deletes. Raises
         :class:`~ocicas.UnsupportedError` if the registry does not allow deletes.
         """
-        self._check_open()
-        digest = addressable(digest)
-        async with bound(ctx):
-            for path in (f"blobs/{digest}", f"manifests/{digest}"):
-                response = await self._client.request("DELETE", self._client.url(path))
-                if response.status_code not in (200, 202, 204, 404):
-                    raise self._client.delete_refused(response, path)
+        for path in (f"blobs/{digest}", f"manifests/{digest}"):
+            response = await self._client.request("DELETE", self._client.url(path))
+            if response.status_code not in (200, 202, 204, 404):
+                raise self._client.delete_refused(response, path)
         self._documents.discard(digest)
         self._manifests.discard(digest)
 
-    async def list_blobs(self, *, ctx: Context | None = None) -> list[Digest]:
+    async def _list_blobs(self) -> list[Digest]:
         """Unsupported: the distribution API has no way to list a repository's blobs."""
-        self._check_open()
         raise UnsupportedError(
             f"cannot list the blobs of {self._client.where}: the distribution API has no blob listing"
         )
 
     # -- references -------------------------------------------------------------------------
 
-    async def get_reference(self, name: str, *, ctx: Context | None = None) -> Descriptor:
-        self._check_open()
+    async def _get_reference(self, name: str) -> Descriptor:
         validate_tag(name)
-        async with bound(ctx):
-            found = await self._tags.fetch(name)
+        found = await self._tags.fetch(name)
         if found is None:
             raise ReferenceNotFoundError(f"reference {name!r} not found in {self._client.where}")
         return found[0]
 
-    async def list_references(self, *, ctx: Context | None = None) -> list[str]:
+    async def _list_references(self) -> list[str]:
         """Every tag of the repository, sorted (``[]`` if the repository does not exist yet)."""
-        self._check_open()
-        async with bound(ctx):
-            return await self._tags.names()
+        return await self._tags.names()
 
-    async def list_roots(self, *, ctx: Context | None = None) -> list[Descriptor]:
+    async def _list_roots(self) -> list[Descriptor]:
         """Unsupported: a registry cannot list its untagged manifests, so it has no knowable root set."""
-        self._check_open()
         raise UnsupportedError(f"cannot list the roots of {self._client.where}: {_NO_GC}")
 
-    async def update_references(
-        self, changes: Mapping[str, Descriptor | None], *, replace: bool = False, ctx: Context | None = None
-    ) -> None:
+    async def _update_references(self, changes: Mapping[str, Descriptor | None], replace: bool) -> None:
         """Apply tag changes: every check first (names, clobbers, content, safe deletes), then the changes.
 
         Registries have no transactions: a failure while the tags are being written
         (a dropped connection) can leave some written. Tags keep only the media
         type, digest and size of a descriptor.
         """
-        self._check_open()
         for name, descriptor in changes.items():
             validate_tag(name)
-            if descriptor is not None and not isinstance(descriptor, Descriptor):
-                raise TypeError(f"reference {name!r}: expected a Descriptor, not {type(descriptor).__name__}")
             if descriptor is not None and not is_manifest_type(descriptor.media_type):
                 raise InvalidError(
                     f"reference {name!r}: a registry tag names a manifest or an index, not {descriptor.media_type}"
                 )
-        async with bound(ctx):
-            await self._tags.update(changes, replace=replace)
+        await self._tags.update(changes, replace=replace)
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    async def gc(self, *, ctx: Context | None = None) -> None:
+    async def _gc(self) -> None:
         """Nothing to collect: this engine leaves nothing behind, and registries purge abandoned uploads."""
-        self._check_open()
-        async with bound(ctx):
-            await anyio.lowlevel.checkpoint()
+        await anyio.lowlevel.checkpoint()
 
     async def ping(self, *, ctx: Context | None = None) -> None:
         """Check that the registry answers the distribution API (``GET /v2/``) and lets us in."""
-        self._check_open()
-        async with bound(ctx):
+        async with self._operation(check_ctx(ctx)):
             base = self.location.base_url
             response = await self._client.request("GET", f"{base}/v2/", scope=self._client.scope("GET"))
         if response.status_code != 200:
@@ -444,9 +389,74 @@ class RegistryEngine(Engine):
                 f"{base} is not an OCI distribution registry: GET /v2/ answered HTTP {response.status_code}"
             )
 
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        with anyio.CancelScope(shield=True):
+    async def _release(self) -> None:
+        with bounded_shield():
             await self._client.http.aclose()
+
+
+class _HttpRaw(RawBlob):
+    """A blob's bytes as a streamed HTTP answer: pieces regrouped into the chunks asked for."""
+
+    def __init__(
+        self,
+        response: httpx.Response,
+        size: int,
+        dropped: Callable[[int, httpx.TransportError], Exception],
+    ) -> None:
+        super().__init__(size)
+        self._response: httpx.Response | None = response
+        self._iterator: AsyncIterator[bytes] | None = None
+        self._leftover = b""
+        self._received = 0
+        self._dropped = dropped
+        self._token = anyio.lowlevel.current_token()
+
+    async def read(self, n: int) -> bytes:
+        response = self._response
+        if response is None:
+            return b""
+        if self._iterator is None:
+            self._iterator = aiter(response.aiter_bytes())
+        parts, have = ([self._leftover] if self._leftover else []), len(self._leftover)
+        try:
+            while have < n:
+                piece = await anext(self._iterator, b"")
+                if not piece:
+                    break
+                parts.append(piece)
+                have += len(piece)
+        except httpx.TransportError as exc:
+            raise self._dropped(self._received + have, exc) from exc
+        data = b"".join(parts)
+        chunk, self._leftover = data[:n], data[n:]
+        self._received += len(chunk)
+        return chunk
+
+    async def aclose(self) -> None:
+        response, self._response = self._response, None
+        if response is not None:
+            await release(response, self._iterator)
+
+    def close_now(self) -> None:
+        """From a finaliser: close the answer on its event loop, soon (closing a connection awaits)."""
+        response, self._response = self._response, None
+        if response is None:
+            return
+        iterator = self._iterator
+
+        async def close() -> None:
+            try:
+                await release(response, iterator)
+            except Exception:
+                pass
+
+        native: Any = self._token.native_token
+        try:
+            if hasattr(native, "call_soon_threadsafe"):  # asyncio
+                native.call_soon_threadsafe(lambda: native.create_task(close()))
+            else:  # trio
+                import trio.lowlevel
+
+                native.run_sync_soon(lambda: trio.lowlevel.spawn_system_task(close))
+        except RuntimeError:
+            pass  # the loop has finished: the connection went with it

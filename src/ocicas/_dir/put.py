@@ -1,0 +1,184 @@
+"""The directory engine's put: a pipeline from the source into a temporary file, then a rename.
+
+Large blobs flow through three stages at once, each on its own worker thread
+when it runs (hashlib and write release the GIL): the source is read while the
+previous batch is hashed and the one before it is written. The writer also
+syncs as it goes, so the disk flushes while hashing continues and the final
+fsync has little left to do. A blob smaller than one batch takes a single
+thread hop from open to rename.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import TYPE_CHECKING, Final
+
+import anyio
+
+from .._digest import Digest, Verifier
+from .._source import BlobSource, iterate_source
+from .._tasks import task_group
+from .._threads import CHUNK_SIZE, checkpoint, run_sync
+from .fs import hold_blob, write_all
+
+if TYPE_CHECKING:
+    from .engine import DirEngine
+
+__all__ = ["PendingBlob"]
+
+#: put_blob hands the worker threads this much at a time.
+_PIPELINE_BATCH: Final = CHUNK_SIZE
+#: Batches waiting between the stages of put_blob's pipeline (with those in work: ≈ 7 batches in memory).
+_PIPELINE_DEPTH: Final = 2
+#: put_blob syncs each time this much more is written, so the disk works while hashing goes on.
+_SYNC_EVERY: Final = 64 << 20
+
+_Chunk = bytes | bytearray | memoryview
+_Batch = list[_Chunk]
+
+
+def _frozen(chunk: _Chunk) -> bytes | memoryview:
+    """``chunk``, copied if its bytes could change while it waits in the pipeline (a reused buffer)."""
+    if isinstance(chunk, bytes) or (isinstance(chunk, memoryview) and chunk.readonly):
+        return chunk
+    return bytes(chunk)
+
+
+class PendingBlob:
+    """A blob on its way in: a temporary file, fed by a pipeline of reading, hashing and writing."""
+
+    def __init__(self, engine: DirEngine, verifier: Verifier, *, vouched: bool = False) -> None:
+        self._engine = engine
+        self._verifier = verifier
+        # the source is a BlobReader of this very digest: it verifies, so the bytes are only counted here
+        self._vouched = vouched
+        self._name = f"blob-{secrets.token_hex(8)}"
+        self._fd = -1
+        self._unsynced = 0
+
+    async def put(self, source: BlobSource) -> tuple[Digest, int]:
+        """Consume ``source`` and commit it; on any failure, leave nothing behind."""
+        try:
+            tail = await self._take(source)
+            return await run_sync(self._commit, tail)  # small blobs: open, write and commit in one hop
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await run_sync(self._abandon)
+            raise
+
+    def _open(self) -> None:
+        if self._fd < 0:
+            temp = self._engine._temp_dir()
+            self._fd = os.open(self._name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=temp)
+
+    def _hash(self, batch: _Batch) -> None:
+        account = self._verifier.count if self._vouched else self._verifier.update
+        for chunk in batch:
+            checkpoint()
+            account(chunk)
+
+    def _write(self, batch: _Batch) -> None:
+        self._open()
+        for chunk in batch:
+            checkpoint()
+            write_all(self._fd, chunk)
+            self._unsynced += len(chunk)
+        if self._unsynced >= _SYNC_EVERY:
+            os.fdatasync(self._fd)
+            self._unsynced = 0
+
+    async def _take(self, source: BlobSource) -> _Batch:
+        """Consume ``source``: hash and write all of it but a tail smaller than a batch, which is returned."""
+        batch: _Batch = []
+        pending = total = 0
+        async with aclosing(iterate_source(source)) as chunks:
+            async for chunk in chunks:
+                batch.append(_frozen(chunk))
+                pending += len(chunk)
+                total += len(chunk)
+                self._verifier.check_total(total)  # an oversized stream stops now, not a batch later
+                if pending >= _PIPELINE_BATCH:
+                    return await self._pipeline(batch, total, chunks)
+        return batch
+
+    async def _pipeline(
+        self, first: _Batch, total: int, chunks: AsyncIterator[bytes | bytearray | memoryview]
+    ) -> _Batch:
+        to_hash, hashing = anyio.create_memory_object_stream[_Batch](_PIPELINE_DEPTH)
+        to_write, writing = anyio.create_memory_object_stream[_Batch](_PIPELINE_DEPTH)
+
+        async def hasher() -> None:
+            async with hashing, to_write:
+                async for batch in hashing:
+                    await run_sync(self._hash, batch)
+                    await to_write.send(batch)
+
+        async def writer() -> None:
+            async with writing:
+                async for batch in writing:
+                    await run_sync(self._write, batch)
+
+        batch: _Batch = []
+        pending = 0
+        async with task_group() as tg:
+            tg.start_soon(hasher)
+            tg.start_soon(writer)
+            async with to_hash:
+                await to_hash.send(first)
+                async for chunk in chunks:
+                    batch.append(_frozen(chunk))
+                    pending += len(chunk)
+                    total += len(chunk)
+                    self._verifier.check_total(total)
+                    if pending >= _PIPELINE_BATCH:
+                        await to_hash.send(batch)
+                        batch, pending = [], 0
+        return batch
+
+    def _commit(self, batch: _Batch) -> tuple[Digest, int]:
+        """Take the last batch, verify, fsync and move the file into ``blobs/`` (or freshen a present copy)."""
+        self._hash(batch)
+        self._write(batch)
+        verifier = self._verifier
+        if self._vouched:  # the reader raised before its end had the content been wrong
+            if verifier.size is not None and verifier.received != verifier.size:
+                verifier.verify()  # raises SizeMismatchError
+            assert verifier.digest is not None
+            digest = verifier.digest
+        else:
+            digest = verifier.verify()
+        size = verifier.received
+        os.fsync(self._fd)
+        checkpoint()
+        engine = self._engine
+        alg = engine._alg_dir(digest.algorithm, create=True)
+        try:
+            held = hold_blob(alg, digest.encoded, f"blob path of {digest}")  # no collector unlinks it
+            try:
+                if held is not None and os.fstat(held).st_size == size:
+                    os.utime(held)  # freshen, as git does
+                    renamed = False
+                else:  # absent, or a damaged copy of the wrong size
+                    os.rename(self._name, digest.encoded, src_dir_fd=engine._temp_dir(), dst_dir_fd=alg)
+                    renamed = True
+            finally:
+                if held is not None:
+                    os.close(held)
+            if renamed:
+                engine._dir_syncs[digest.algorithm].sync(alg)
+        finally:
+            os.close(alg)
+        self._abandon()  # the temporary file is only still there when the blob was already present
+        return digest, size
+
+    def _abandon(self) -> None:
+        """Close and remove the temporary file, if any. Idempotent."""
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._name, dir_fd=self._engine._temp_dir())

@@ -1,0 +1,76 @@
+"""What ``put_blob`` accepts, and the one loop that reads it as chunks."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncGenerator, AsyncIterable, Awaitable
+from typing import Protocol, TypeAlias, runtime_checkable
+
+import anyio.lowlevel
+
+from ._checks import type_name
+from ._tasks import bounded_shield
+from ._threads import CHUNK_SIZE
+
+__all__ = ["AsyncReadable", "BlobSource", "check_source", "iterate_source"]
+
+
+@runtime_checkable
+class AsyncReadable(Protocol):
+    """Anything with ``async read(n) -> bytes`` (anyio streams' wrappers, aiofiles files, …)."""
+
+    def read(self, size: int = ..., /) -> Awaitable[bytes]: ...
+
+
+#: What :meth:`Engine.put_blob` accepts.
+BlobSource: TypeAlias = "bytes | bytearray | memoryview | AsyncIterable[bytes] | AsyncReadable"
+
+
+def _async_read(source: object) -> bool:
+    read = getattr(source, "read", None)
+    return read is not None and inspect.iscoroutinefunction(read)
+
+
+def check_source(source: object) -> None:
+    """``TypeError`` naming ``source`` unless it is a :data:`BlobSource`."""
+    if isinstance(source, str):
+        raise TypeError("source must be bytes, not str: encode the text first")
+    if not (isinstance(source, bytes | bytearray | memoryview | AsyncIterable) or _async_read(source)):
+        raise TypeError(
+            f"source must be bytes, an async iterable of bytes, or an object with `async read(n)`, "
+            f"not {type_name(source)}"
+        )
+
+
+async def iterate_source(
+    source: BlobSource, chunk_size: int = CHUNK_SIZE
+) -> AsyncGenerator[bytes | bytearray | memoryview, None]:
+    """Yield a :data:`BlobSource` as bytes-like chunks; use it under ``contextlib.aclosing``."""
+    check_source(source)
+    if isinstance(source, bytes | bytearray | memoryview):
+        view = memoryview(source).cast("B")
+        for start in range(0, len(view), chunk_size):
+            await anyio.lowlevel.checkpoint()
+            yield view[start : start + chunk_size]
+        return
+    # read(n) wins over iteration: files (anyio's AsyncFile, aiofiles) iterate by *lines*
+    if _async_read(source):
+        read = source.read  # type: ignore[union-attr]
+        while True:
+            chunk = await read(chunk_size)
+            if not isinstance(chunk, bytes | bytearray | memoryview):
+                raise TypeError(f"blob source read() returned {type_name(chunk)}, expected bytes")
+            if not chunk:
+                return
+            yield chunk
+    iterator = aiter(source)  # type: ignore[arg-type]
+    try:
+        async for chunk in iterator:
+            if not isinstance(chunk, bytes | bytearray | memoryview):
+                raise TypeError(f"blob source yielded {type_name(chunk)}, expected bytes")
+            yield chunk
+    finally:
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is not None:  # an abandoned async generator must be finalised here, not by the GC
+            with bounded_shield():  # foreign code: it may not hold us forever
+                await aclose()

@@ -1,0 +1,111 @@
+"""The one way into a worker thread.
+
+Every blocking call ocicas makes (file I/O, hashing large buffers, ``flock``
+waits) goes through :func:`run_sync`. Work sent there calls :func:`checkpoint`
+between chunks, which raises if the operation's :class:`~ocicas.Context` is done
+*or* the host task was cancelled (``anyio.from_thread.check_cancelled``): a cancel
+scope around any call stops a long copy at its next chunk, not at its end. Waits
+inside a thread (a lock another process holds) poll with :func:`wait_for`, which
+checks the same way at least every :data:`POLL_INTERVAL`.
+
+The context of the running engine operation travels in :data:`current_ctx`
+(set by the engine's lifecycle for the duration of each call), so no thread
+function needs to be handed one.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from contextvars import ContextVar
+from typing import Final, TypeVar
+
+import anyio.from_thread
+import anyio.to_thread
+
+from ._context import Context
+from ._tasks import task_group
+
+__all__ = ["CHUNK_SIZE", "POLL_INTERVAL", "checkpoint", "current_ctx", "run_split", "run_sync", "wait_for"]
+
+_T = TypeVar("_T")
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+#: Bytes moved per worker-thread hop, and the largest chunk a reader yields: large
+#: enough that the ≈100 µs hop is noise next to hashing it (≈2.5 ms), small enough
+#: that a cancelled operation stops within a few milliseconds.
+CHUNK_SIZE: Final = 4 << 20
+#: The longest a thread waits (for a lock) between two cancellation checks, in seconds.
+POLL_INTERVAL: Final = 0.02
+
+#: The Context of the engine operation running in this task (or thread), if any.
+current_ctx: ContextVar[Context | None] = ContextVar("ocicas_current_ctx", default=None)
+
+_local = threading.local()
+
+
+async def run_sync(func: Callable[..., _T], *args: object, limiter: anyio.CapacityLimiter | None = None) -> _T:
+    """Run ``func(*args)`` in a worker thread, where :func:`checkpoint` sees this task's cancellation."""
+    ctx = current_ctx.get()
+
+    def call() -> _T:
+        _local.ctx = ctx
+        _local.hosted = True
+        try:
+            return func(*args)
+        finally:
+            _local.ctx = None
+            _local.hosted = False
+
+    return await _run_in_thread(call, limiter=limiter)
+
+
+#: What :func:`run_sync` hands its work to (tests wrap it to count and interrupt every hop).
+_run_in_thread = anyio.to_thread.run_sync
+
+
+def checkpoint() -> None:
+    """In a worker thread: raise if the operation's Context is done or the host task was cancelled.
+
+    Outside :func:`run_sync` (a synchronous call on the event loop thread, in
+    tests) it checks only :data:`current_ctx`.
+    """
+    if getattr(_local, "hosted", False):
+        ctx = _local.ctx
+        if ctx is not None:
+            ctx.check()
+        anyio.from_thread.check_cancelled()
+    else:
+        ctx = current_ctx.get()
+        if ctx is not None:
+            ctx.check()
+
+
+def wait_for(attempt: Callable[[], bool]) -> None:
+    """In a worker thread: call ``attempt`` until it returns true, backing off, checking for cancellation."""
+    delay = 0.0002
+    while not attempt():
+        checkpoint()
+        time.sleep(delay)
+        delay = min(delay * 2, POLL_INTERVAL)
+
+
+async def run_split(func: Callable[[list[_K]], dict[_K, _V]], items: list[_K], parts: int = 2) -> dict[_K, _V]:
+    """Run ``func`` over ``parts`` slices of ``items`` in as many threads; merge the results.
+
+    For syscall-bound loops over many blobs: the system calls run in parallel
+    while only the Python between them takes turns on the GIL.
+    """
+    if len(items) < 256:
+        return await run_sync(func, items)
+    results: list[dict[_K, _V]] = []
+
+    async def part(index: int) -> None:
+        results.append(await run_sync(func, items[index::parts]))
+
+    async with task_group() as tg:
+        for index in range(parts):
+            tg.start_soon(part, index)
+    return {k: v for result in results for k, v in result.items()}
