@@ -177,16 +177,18 @@ def _parse_docker_reference(rest: str) -> RegistryLocation:
 
 
 def _split_reference(path: str) -> tuple[str, str | None, Digest | None]:
-    """``repository[:tag][@digest]`` into its parts, each checked."""
+    """``repository[:tag][@digest]`` into its parts, each checked, left to right."""
     name, at, digest_text = path.partition("@")
-    digest = _check_digest(digest_text) if at else None
     colon = name.find(":", name.rfind("/") + 1)
     tag = None
     if colon >= 0:
-        name, tag = name[:colon], validate_tag(name[colon + 1 :])
+        name, tag = name[:colon], name[colon + 1 :]
     if not name:
         raise InvalidError("no repository before the tag or digest")
-    return validate_repository(name), tag, digest
+    validate_repository(name)
+    if tag is not None:
+        validate_tag(tag)
+    return name, tag, _check_digest(digest_text) if at else None
 
 
 def _check_digest(text: str) -> Digest:
@@ -231,7 +233,7 @@ def _check_host(host: str) -> None:
 def _check_name_length(domain: str, repository: str) -> None:
     name = f"{domain}/{repository}"
     if len(name) > _MAX_NAME:
-        raise InvalidError(f"name {name!r:.120}… is {len(name)} characters, over {_MAX_NAME} (host/repository)")
+        raise InvalidError(f"name {name[:80] + '…'!r} is {len(name)} characters, over {_MAX_NAME} (host/repository)")
 
 
 def _location(base_url: str, repository: str, tag: str | None, digest: Digest | None) -> RegistryLocation:
