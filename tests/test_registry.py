@@ -846,7 +846,7 @@ def test_registry_locations(text: str, expected: tuple[str, str, str | None]) ->
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("ftp://host/app", "scheme must be http or https, not 'ftp'"),
+        ("ftp://host/app", "scheme must be http, https or docker, not 'ftp'"),
         ("http://host", "no repository"),
         ("http://host/Team/App", "invalid repository name 'Team/App'"),
         ("http://host/app:bad/tag", "invalid repository name"),

@@ -2,8 +2,9 @@
 
 A location is an OCI image layout directory with an optional reference,
 ``DIR[:REF]`` (skopeo's ``oci:DIR[:REF]`` spelling is accepted too), or a
-repository on a registry, ``http[s]://HOST[:PORT]/REPO[:TAG]`` or
-``docker://HOST[:PORT]/REPO[:TAG]`` (HTTPS). :func:`parse_location` is the one
+repository on a registry, ``http[s]://HOST[:PORT]/REPO[:TAG][@DIGEST]`` or a
+Docker reference ``docker://[HOST[:PORT]/]REPO[:TAG][@DIGEST]`` (HTTPS; Docker Hub
+when the first component is not a host, as in ``docker pull``). :func:`parse_location` is the one
 place that reads the syntax, and :func:`open_location` the one place that turns
 a location into an :class:`~ocicas.Engine`. Registry credentials come from the
 Docker ``config.json``; ``OCICAS_TLS_VERIFY=0`` skips certificate checks.
@@ -57,11 +58,9 @@ def parse_location(text: str) -> Location:
     The path ends at the first ``:`` (as in skopeo), so a reference name may hold
     colons but a directory name written this way may not.
     """
-    if text.startswith("docker://"):
-        text = "https://" + text[len("docker://") :]
-    if text.startswith(("http://", "https://")):
-        registry = parse_registry_location(text)
-        repository = str(dataclasses.replace(registry, reference=None))
+    if text.startswith(_REGISTRY_SCHEMES):
+        registry = parse_registry_location(text)  # with a tag and a digest, the digest is the reference
+        repository = str(dataclasses.replace(registry, reference=None, tag=None))
         return Location("registry", repository, registry.reference)
     if _SCHEME.match(text):
         raise InvalidError(
