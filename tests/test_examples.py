@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import importlib
-import inspect
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
-import anyio
 import pytest
 
 from ocicas.cli import cli
@@ -34,19 +31,11 @@ def test_quickstart_stores_and_reads_back_an_image(tmp_path: Path, backend: str)
 
 # -- the user guide (docs/) ----------------------------------------------------------------------
 #
-# Every ```python block of a page runs, in order, in one namespace per page, in a fresh
-# directory, with top-level await, on asyncio and on trio. ```py blocks are shown, not run
-# (they need a registry, a server, or code of your own).
+# Every ```python block of a page runs in tests/test_docs.py.
 
 DOCS = Path(__file__).parents[1] / "docs"
 PAGES = sorted(p.name for p in (DOCS / "guide").glob("*.md"))
 _BLOCK = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```$", re.MULTILINE | re.DOTALL)
-
-
-def _python_blocks(page: str) -> list[str]:
-    """The page's ```python blocks, each preceded by blank lines so line numbers match the page's."""
-    text = (DOCS / "guide" / page).read_text()
-    return ["\n" * (text.count("\n", 0, m.start()) + 1) + m[2] for m in _BLOCK.finditer(text) if m[1] == "python"]
 
 
 def test_the_user_guide_builds_with_mkdocs_strict(tmp_path: Path) -> None:
@@ -56,21 +45,6 @@ def test_the_user_guide_builds_with_mkdocs_strict(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     built = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("index.html")}
     assert built == {"index.html", *(f"{page[:-3]}/index.html" for page in PAGES if page != "index.md")}
-
-
-@pytest.mark.anyio
-@pytest.mark.parametrize("page", [p for p in PAGES if _python_blocks(p)])
-async def test_every_python_snippet_of_the_guide_runs(
-    page: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.chdir(tmp_path)
-    namespace: dict[str, object] = {"__name__": f"docs.{page}"}
-    for source in _python_blocks(page):
-        code = compile(source, f"docs/guide/{page}", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
-        result = eval(code, namespace)
-        if inspect.iscoroutine(result):
-            with anyio.fail_after(30):
-                await result
 
 
 def _resolve(dotted: str) -> bool:

@@ -199,8 +199,9 @@ def test_go_table_reader_keeps_comments_and_defaults() -> None:
     by_key = {c["key"]: c for c in CASES}
     assert by_key["descriptor-25-invalid"]["why"] == "fail: repeated separators in algorithm"
     assert by_key["descriptor-20-valid"]["why"] == ""
-    assert '"digest": "sha256+b64:c86f7763873b6c0aae22d963bab59b4f5debbed6685761b5951584f6efb0633b"' in (
-        by_key["descriptor-20-valid"]["document"]
+    assert (
+        '"digest": "sha256+b64:c86f7763873b6c0aae22d963bab59b4f5debbed6685761b5951584f6efb0633b"'
+        in (by_key["descriptor-20-valid"]["document"])
     )
     assert by_key["layout-41-invalid"]["document"] == '\n{\n  "imageLayoutVersion": 1.0.0\n}\n'
 
