@@ -206,6 +206,38 @@ def test_go_table_reader_keeps_comments_and_defaults() -> None:
     assert by_key["layout-41-invalid"]["document"] == '\n{\n  "imageLayoutVersion": 1.0.0\n}\n'
 
 
+def test_go_table_reader_is_not_fooled_by_braces_and_refuses_what_it_cannot_read(tmp_path: Path) -> None:
+    table = """package schema_test
+// a comment with range []struct { in it
+func TestDescriptor(t *testing.T) {
+\tfor i, tt := range []struct {
+\t\tdescriptor string
+\t\tfail       bool
+\t}{
+\t\t// first } with a brace
+\t\t{
+\t\t\tdescriptor: `{"a": "}{`, fail: true,
+\t\t},
+\t\t{descriptor: `{}`},
+\t} {
+\t\t_ = "}{`"
+\t}
+}
+"""
+    for name in TEST_FILES:
+        (tmp_path / name).write_text(table)
+    assert read_go_cases(tmp_path)[:2] == [
+        GoCase(kind="descriptor", valid=False, why="first } with a brace", document='{"a": "}{'),
+        GoCase(kind="descriptor", valid=True, why="", document="{}"),
+    ]
+    (tmp_path / "config_test.go").write_text(table.replace("fail: true", "fail: maybe"))
+    with pytest.raises(ValueError, match="fail: true/false"):
+        read_go_cases(tmp_path)
+    (tmp_path / "config_test.go").write_text(table.replace("`{}`", '"{}"'))
+    with pytest.raises(ValueError, match="raw-string document"):
+        read_go_cases(tmp_path)
+
+
 def _debian_schema_dir() -> Path:
     """Debian's image-spec ``schema/``; skip without it, fail under CI (``CI=true`` or ``OCICAS_REQUIRE_TOOLS=1``)."""
     if (DEBIAN_SCHEMA / "descriptor_test.go").is_file():
