@@ -3,10 +3,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The real OCI tools the interoperability tests drive (Debian packages).
+# The real OCI tools the interoperability tests drive, and the image-spec's own schema/
+# (its Go test tables, which tests/test_schema_cases.py checks its copy against): Debian
+# packages, each found by a command or, for a path, a file it installs.
 need=()
-for pair in umoci:umoci skopeo:skopeo docker-registry:docker-registry; do
-    command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair##*:}")
+for pair in umoci:umoci skopeo:skopeo docker-registry:docker-registry \
+    /usr/share/gocode/src/github.com/opencontainers/image-spec/schema/descriptor_test.go:golang-github-opencontainers-image-spec-dev; do
+    marker="${pair%:*}" package="${pair##*:}"
+    if [[ "$marker" == /* ]]; then
+        [ -e "$marker" ] || need+=("$package")
+    else
+        command -v "$marker" >/dev/null 2>&1 || need+=("$package")
+    fi
 done
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

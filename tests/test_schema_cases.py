@@ -1,12 +1,18 @@
 """The image-spec's own schema test cases, and what we write against its JSON Schemas.
 
-The cases and schemas are the image-spec v1.1.1 ``schema/`` data in
-``<repo>/../shared/reference/image-spec-v1.1.1``.
+The cases and schemas are the image-spec v1.1.1 ``schema/`` files, verbatim, in
+``tests/data/image-spec-v1.1.1`` (see its README): the cases are read from the Go test
+tables (``*_test.go``) themselves. Debian's ``golang-github-opencontainers-image-spec-dev``
+(1.1.0~rc2, installed by ``scripts/test.sh``) ships an older ``schema/``; its cases must be
+a subset of ours with the same verdicts, which checks both the copy and the reader.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import json
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -30,11 +36,9 @@ from ocicas._media_types import (
 )
 from ocicas._models import ContainerConfig, History, ImageConfig, Index, Manifest, RootFS
 
-REFERENCE: Final = Path(__file__).resolve().parents[2] / "shared" / "reference" / "image-spec-v1.1.1"
-
-pytestmark = pytest.mark.skipif(
-    not REFERENCE.is_dir(), reason=f"image-spec reference data not found at {REFERENCE} (shared/ beside the repo)"
-)
+REFERENCE: Final = Path(__file__).parent / "data" / "image-spec-v1.1.1"
+#: Debian's golang-github-opencontainers-image-spec-dev (scripts/test.sh installs it).
+DEBIAN_SCHEMA: Final = Path("/usr/share/gocode/src/github.com/opencontainers/image-spec/schema")
 
 SCHEMA_FILES: Final = {
     "descriptor": "content-descriptor.json",
@@ -54,14 +58,115 @@ SCHEMA_BLIND: Final = {
 }
 
 
+# -- reading the spec's Go test tables -----------------------------------------------------------
+
+#: The spec's test files and the kind of document each one's table holds, in the order cases are numbered.
+TEST_FILES: Final = {
+    "descriptor_test.go": "descriptor",
+    "imageindex_test.go": "index",
+    "imagelayout_test.go": "layout",
+    "manifest_test.go": "manifest",
+    "config_test.go": "config",
+}
+
+_GO_TOKEN: Final = re.compile(
+    r"""
+      (?P<space>\s+)
+    | (?P<comment>//[^\n]*)
+    | (?P<block>/\*.*?\*/)
+    | (?P<raw>`[^`]*`)
+    | (?P<string>"(?:[^"\\\n]|\\.)*")
+    | (?P<rune>'(?:[^'\\\n]|\\.)*')
+    | (?P<word>[A-Za-z_][A-Za-z0-9_]*)
+    | (?P<punct>.)
+    """,
+    re.VERBOSE | re.DOTALL,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class GoCase:
+    """One row of a schema test table: ``{<kind>: `document`, fail: true|false}`` (no ``fail`` is false)."""
+
+    kind: str
+    valid: bool
+    why: str  # the row's comments, joined ("" if it has none)
+    document: str  # the raw string's text, sometimes deliberately malformed JSON
+
+
+def _go_table_rows(path: Path) -> list[list[tuple[str, str]]]:
+    """The tokens of each element of the file's one ``range []struct{...}{...}`` table.
+
+    A small Go lexer (comments, raw and interpreted strings, runes) keeps braces and
+    backquotes inside documents and comments from being mistaken for structure.
+    """
+    tokens = [(m.lastgroup or "", m[0]) for m in _GO_TOKEN.finditer(path.read_text()) if m.lastgroup != "space"]
+    words = [text for _, text in tokens]
+    starts = [i for i in range(len(words) - 3) if words[i : i + 4] == ["range", "[", "]", "struct"]]
+    if len(starts) != 1:
+        raise ValueError(f"{path}: expected one 'range []struct' table, found {len(starts)}")
+
+    def after_braces(i: int) -> int:  # tokens[i] is "{": the index after its matching "}"
+        depth = 0
+        while True:
+            depth += {("punct", "{"): 1, ("punct", "}"): -1}.get(tokens[i], 0)
+            i += 1
+            if depth == 0:
+                return i
+
+    i = after_braces(starts[0] + 4)  # past the struct type
+    if tokens[i] != ("punct", "{"):
+        raise ValueError(f"{path}: no composite literal after the table's struct type")
+    end = after_braces(i) - 1
+    rows: list[list[tuple[str, str]]] = []
+    comments: list[tuple[str, str]] = []  # comments before an element belong to it
+    i += 1
+    while i < end:
+        if tokens[i] == ("punct", "{"):
+            after = after_braces(i)
+            rows.append(comments + tokens[i + 1 : after - 1])
+            comments, i = [], after
+        elif tokens[i][0] == "comment":
+            comments.append(tokens[i])
+            i += 1
+        elif tokens[i] == ("punct", ","):
+            i += 1
+        else:
+            raise ValueError(f"{path}: unexpected {tokens[i][1]!r} between table elements")
+    return rows
+
+
+def _go_case(kind: str, row: list[tuple[str, str]], where: str) -> GoCase:
+    values = [token for token in row if token[0] != "comment"]
+    fields: dict[str, tuple[str, str]] = {}
+    for n in range(0, len(values), 4):  # name ":" value [","]
+        name, colon, value = (values[n : n + 3] + [("", "")] * 3)[:3]
+        if name[0] != "word" or colon != ("punct", ":") or values[n + 3 : n + 4] not in ([], [("punct", ",")]):
+            raise ValueError(f"{where}: cannot read the element {values!r}")
+        fields[name[1]] = value
+    fail = fields.pop("fail", ("word", "false"))
+    if fail[1] not in ("true", "false") or len(fields) != 1 or next(iter(fields.values()))[0] != "raw":
+        raise ValueError(f"{where}: expected one raw-string document and fail: true/false, got {values!r}")
+    document = next(iter(fields.values()))[1][1:-1]
+    why = " ".join(text[2:].strip() for kind_, text in row if kind_ == "comment")
+    return GoCase(kind=kind, valid=fail[1] == "false", why=why, document=document)
+
+
+def read_go_cases(schema_dir: Path) -> list[GoCase]:
+    """Every case of the spec's test tables in ``schema_dir`` (its ``schema/``), in :data:`TEST_FILES` order."""
+    return [
+        _go_case(kind, row, f"{schema_dir / name}, element {number}")
+        for name, kind in TEST_FILES.items()
+        for number, row in enumerate(_go_table_rows(schema_dir / name))
+    ]
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:70] or "unnamed"
 
 
 def _load_cases() -> list[dict[str, Any]]:
-    if not REFERENCE.is_dir():
-        return []
-    cases: list[dict[str, Any]] = json.loads((REFERENCE / "schema-cases.json").read_text())["cases"]
+    cases = [dataclasses.asdict(case) for case in read_go_cases(REFERENCE)]
     for number, case in enumerate(cases):
         case["key"] = f"{case['kind']}-{number:02d}-{'valid' if case['valid'] else 'invalid'}"
         case["id"] = f"{case['key']}-{_slug(case['why'])}"
@@ -70,6 +175,88 @@ def _load_cases() -> list[dict[str, Any]]:
 
 CASES: Final = _load_cases()
 VALID: Final = [c for c in CASES if c["valid"]]
+
+
+def test_all_cases_are_present() -> None:
+    counts = collections.Counter((c["kind"], c["valid"]) for c in CASES)
+    assert counts == {
+        ("descriptor", True): 12,
+        ("descriptor", False): 17,
+        ("index", True): 5,
+        ("index", False): 7,
+        ("layout", True): 1,
+        ("layout", False): 1,
+        ("manifest", True): 6,
+        ("manifest", False): 6,
+        ("config", True): 2,
+        ("config", False): 8,
+    }
+    assert {p.name for p in REFERENCE.glob("*.json")} == {*SCHEMA_FILES.values(), "defs.json", "defs-descriptor.json"}
+
+
+def test_go_table_reader_keeps_comments_and_defaults() -> None:
+    """Rows with the comment inside the braces, and rows without ``fail``, read as the Go test runs them."""
+    by_key = {c["key"]: c for c in CASES}
+    assert by_key["descriptor-25-invalid"]["why"] == "fail: repeated separators in algorithm"
+    assert by_key["descriptor-20-valid"]["why"] == ""
+    assert (
+        '"digest": "sha256+b64:c86f7763873b6c0aae22d963bab59b4f5debbed6685761b5951584f6efb0633b"'
+        in (by_key["descriptor-20-valid"]["document"])
+    )
+    assert by_key["layout-41-invalid"]["document"] == '\n{\n  "imageLayoutVersion": 1.0.0\n}\n'
+
+
+def test_go_table_reader_is_not_fooled_by_braces_and_refuses_what_it_cannot_read(tmp_path: Path) -> None:
+    table = """package schema_test
+// a comment with range []struct { in it
+func TestDescriptor(t *testing.T) {
+\tfor i, tt := range []struct {
+\t\tdescriptor string
+\t\tfail       bool
+\t}{
+\t\t// first } with a brace
+\t\t{
+\t\t\tdescriptor: `{"a": "}{`, fail: true,
+\t\t},
+\t\t{descriptor: `{}`},
+\t} {
+\t\t_ = "}{`"
+\t}
+}
+"""
+    for name in TEST_FILES:
+        (tmp_path / name).write_text(table)
+    assert read_go_cases(tmp_path)[:2] == [
+        GoCase(kind="descriptor", valid=False, why="first } with a brace", document='{"a": "}{'),
+        GoCase(kind="descriptor", valid=True, why="", document="{}"),
+    ]
+    (tmp_path / "config_test.go").write_text(table.replace("fail: true", "fail: maybe"))
+    with pytest.raises(ValueError, match="fail: true/false"):
+        read_go_cases(tmp_path)
+    (tmp_path / "config_test.go").write_text(table.replace("`{}`", '"{}"'))
+    with pytest.raises(ValueError, match="raw-string document"):
+        read_go_cases(tmp_path)
+
+
+def _debian_schema_dir() -> Path:
+    """Debian's image-spec ``schema/``; skip without it, fail under CI (``CI=true`` or ``OCICAS_REQUIRE_TOOLS=1``)."""
+    if (DEBIAN_SCHEMA / "descriptor_test.go").is_file():
+        return DEBIAN_SCHEMA
+    reason = (
+        f"{DEBIAN_SCHEMA} not found (Debian package golang-github-opencontainers-image-spec-dev; "
+        "scripts/test.sh installs it as root)"
+    )
+    if os.environ.get("CI") == "true" or os.environ.get("OCICAS_REQUIRE_TOOLS") == "1":
+        pytest.fail(f"{reason}, and CI requires it")
+    pytest.skip(reason)
+
+
+def test_debian_packages_cases_are_ours_with_the_same_verdicts() -> None:
+    """The older spec Debian ships (1.1.0~rc2) reads with the same reader; every case is one of ours."""
+    theirs = read_go_cases(_debian_schema_dir())
+    ours = {(c["kind"], c["document"].strip()): c["valid"] for c in CASES}
+    assert len(theirs) == 54
+    assert [c for c in theirs if ours.get((c.kind, c.document.strip())) != c.valid] == []
 
 
 #: Invalid cases we deliberately accept, and why.
@@ -113,8 +300,6 @@ def _registry() -> Registry[Any]:
     by_name: dict[str, Resource[Any]] = {}
     pairs: list[tuple[str, Resource[Any]]] = []
     for path in sorted(REFERENCE.glob("*.json")):
-        if path.name == "schema-cases.json":
-            continue
         contents = json.loads(path.read_text())
         resource = Resource.from_contents(contents, default_specification=DRAFT4)
         by_name[path.name] = resource
@@ -147,11 +332,6 @@ def validators() -> dict[str, Any]:
 
 def _schema_errors(validators: dict[str, Any], kind: str, document: object) -> list[str]:
     return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validators[kind].iter_errors(document)]
-
-
-def test_all_cases_are_present() -> None:
-    assert len(CASES) == 65
-    assert {c["kind"] for c in CASES} == set(PARSERS)
 
 
 @pytest.mark.parametrize("case", _params(CASES, verdict=True))
