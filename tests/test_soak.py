@@ -55,6 +55,7 @@ import threading
 import time
 import traceback
 import warnings
+import weakref
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -68,7 +69,7 @@ import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 import ocicas
-from ocicas import Descriptor, DirEngine
+from ocicas import BlobReader, Descriptor, DirEngine
 from ocicas.testing import blob_bytes
 
 pytestmark = pytest.mark.anyio
@@ -95,7 +96,7 @@ MAX_LIVE = 150 if LONG else 40
 CLOSE_EVERY = (0.5, 2.5)
 GC_EVERY = (0.3, 1.5)
 #: The load stops early after this many unexpected errors.
-MAX_FAILURES = 25
+MAX_ERRORS = 25
 READY_TIMEOUT = 60.0
 #: A layer the test and every worker put (as ``blob_bytes(SHARED_SIZE, SHARED_SEED)``).
 SHARED_SEED = 0
@@ -219,19 +220,26 @@ class Soak:
         self.failures: dict[str, str] = {}
         self.failure_kinds: Counter[str] = Counter()
         self.failure_count = 0
+        self.error_count = 0
         self.samples: list[dict[str, Any]] = []
+        #: Where warnings are recorded during the load; ResourceWarnings of dropped readers are counted and removed.
+        self.caught: list[warnings.WarningMessage] = []
+        self.resource_warnings = 0
+        self.warning_examples: list[str] = []
         self.names = iter(range(sys.maxsize))
 
     # -- bookkeeping ---------------------------------------------------------------------
 
-    def fail(self, signature: str, details: str = "") -> None:
-        """Count a failure; the first of each signature keeps its details."""
+    def fail(self, signature: str, details: str = "", *, error: bool = False) -> None:
+        """Count a failure; the first of each signature keeps its details. Too many errors stop the load."""
         self.failure_count += 1
         if signature not in self.failures:
             self.failures[signature] = f"first at {time.monotonic() - self.started:.1f} s\n{details}"
         self.failure_kinds[signature] += 1
-        if self.failure_count >= MAX_FAILURES:
-            self.stop.set()
+        if error:
+            self.error_count += 1
+            if self.error_count >= MAX_ERRORS:
+                self.stop.set()
 
     async def attempt(self, kind: str, operation: Callable[[], Awaitable[None]]) -> None:
         """Run one operation; a closed engine's error is expected, any other is a failure."""
@@ -243,7 +251,11 @@ class Soak:
             where = [f for f in traceback.extract_tb(exc.__traceback__) if f"{os.sep}ocicas{os.sep}" in f.filename]
             at = f" at {Path(where[-1].filename).name}:{where[-1].lineno} {where[-1].name}" if where else ""
             message = re.sub(r"[0-9a-f]{16,64}", "<hex>", str(exc))
-            self.fail(f"{kind}: {type(exc).__name__}: {message}{at}", "".join(traceback.format_exception(exc)))
+            self.fail(
+                f"{kind} raised {type(exc).__name__}: {message}{at}",
+                "".join(traceback.format_exception(exc)),
+                error=True,
+            )
         else:
             self.ops[kind] += 1
 
@@ -390,21 +402,50 @@ class Soak:
                 return
             # dropped unclosed: at the start, in the middle, or at the end of its data
             self.drops["dropped"] += 1
-            if roll < 0.75:
-                kind = "unread"
-            elif roll < 0.9:
-                await reader.read(rng.randint(1, max(1, layer.size - 1)))
-                kind = "partial" if reader.bytes_read < layer.size else "eof"
-            else:
-                while await reader.read(rng.randint(1, 2 << 20)):
-                    pass
-                kind = "eof"
+            try:
+                if roll < 0.75:
+                    kind = "unread"
+                else:
+                    expected = await anyio.to_thread.run_sync(layer_bytes, layer)
+                    if roll < 0.9:
+                        data = await reader.read(rng.randint(1, max(1, layer.size - 1)))
+                    else:
+                        data = b"".join([chunk async for chunk in reader])
+                    assert data == expected[: len(data)], (tag.name, layer)
+                    kind = "partial" if reader.bytes_read < layer.size else "eof"
+            except BaseException:  # only readers dropped on purpose are left to the collector
+                with anyio.CancelScope(shield=True):
+                    await reader.aclose()
+                raise
             self.drops[kind] += 1
-            if kind != "eof" and not engine.closed:
+            unfinished_on_open = kind != "eof" and not engine.closed
+            if unfinished_on_open:
                 self.drops["unfinished on an open engine"] += 1
+            # no checkpoint from here on: no other task runs, and the engine stays as it was
+            ref = weakref.ref(reader)
+            before = len(self.caught)
             del reader
+            if ref() is not None:  # in a reference cycle
+                gc.collect()
+            self.check_drop(ref, before, kind, unfinished_on_open)
         finally:
             tag.borrowed -= 1
+
+    def check_drop(self, ref: weakref.ref[BlobReader], before: int, kind: str, unfinished_on_open: bool) -> None:
+        """A reader just dropped unclosed was collected, with a ResourceWarning if it had not reached its end."""
+        emitted = [w for w in self.caught[before:] if issubclass(w.category, ResourceWarning)]
+        self.resource_warnings += len(emitted)
+        alive = ref()
+        if alive is not None and not any(w.source is alive for w in emitted):
+            self.fail("a dropped reader is still referenced after gc.collect(): it can never release its file")
+        del alive
+        if unfinished_on_open and len(emitted) != 1:
+            self.fail(f"{len(emitted)} ResourceWarnings (not 1) for a reader dropped {kind} on an open engine")
+        elif len(emitted) > 1:
+            self.fail(f"{len(emitted)} ResourceWarnings for one reader dropped {kind}")
+        if emitted and len(self.warning_examples) < 3:
+            self.warning_examples.append(str(emitted[0].message))
+        del self.caught[before:]  # counted; the records may hold the readers
 
     # -- collector, closer, fd churn ----------------------------------------------------------
 
@@ -429,14 +470,14 @@ class Soak:
         await old.close()
 
     def churn_decoys(self) -> None:
-        fds = [os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) for path in self.decoys]
-        time.sleep(0.002)
+        fds = [os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) for path in self.decoys * 2]
+        time.sleep(0.005)  # holding whatever numbers a closed engine just freed
         for fd in fds:
             os.close(fd)
 
     async def churn(self) -> None:
         await anyio.to_thread.run_sync(self.churn_decoys)
-        await anyio.sleep(0.005)
+        await anyio.sleep(0.002)
 
     async def sampler(self) -> None:
         while not self.stop.is_set():
@@ -470,7 +511,7 @@ class Soak:
         elif words[0] == "gc":
             self.workers["collections"] += 1
         else:
-            self.fail(f"worker said {line!r}")
+            self.fail(f"worker said {line!r}", error=True)
 
     async def read_lines(self, lines: BufferedByteReceiveStream, pending: dict[str, Tag]) -> None:
         while True:
@@ -524,7 +565,7 @@ class Soak:
                 self.model.maybe[name] = tag.descriptor
             if ready != b"ready" or code != -signal.SIGKILL:
                 tail = stderr_path.read_text()[-3000:] if stderr_path.exists() else ""
-                self.fail(f"worker {prefix} ({backend}) ended with {code} (ready: {ready!r})", tail)
+                self.fail(f"worker {prefix} ({backend}) ended with {code} (ready: {ready!r})", tail, error=True)
                 return
             self.workers["killed"] += 1
 
@@ -652,27 +693,22 @@ async def test_soak(tmp_path: Path, anyio_backend: str) -> None:
     with anyio.fail_after(DURATION + 600):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ResourceWarning)
+            soak.caught = caught
             soak.engine = await ocicas.open_layout(soak.layout)
             await soak.run()
             await soak.engine.close()
             gc.collect()
             gc.collect()
-        problems += [
-            f"{soak.failure_kinds[signature]}x unexpected error during the load: {signature}"
-            for signature in soak.failures
-        ]
-        resource_warnings = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+        problems += [f"{soak.failure_kinds[signature]}x during the load: {signature}" for signature in soak.failures]
         others = [f"{w.category.__name__}: {w.message}" for w in caught if not issubclass(w.category, ResourceWarning)]
         if others:
             problems.append(f"warnings: {others[:5]}")
+        resource_warnings = soak.resource_warnings + len(caught) - len(others)
+        if len(caught) > len(others):
+            soak.warning_examples += [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)][:3]
         dropped = soak.drops["dropped"]
-        if len(resource_warnings) > dropped:
-            problems.append(f"{len(resource_warnings)} ResourceWarnings for {dropped} dropped readers")
-        if soak.drops["unfinished on an open engine"] and not resource_warnings:
-            problems.append(
-                f"no ResourceWarning for {soak.drops['unfinished on an open engine']} readers "
-                "dropped unclosed before their end on an open engine"
-            )
+        if resource_warnings > dropped:
+            problems.append(f"{resource_warnings} ResourceWarnings for {dropped} readers dropped unclosed")
         final = await soak.verify(problems)
 
     gc.collect()
@@ -695,8 +731,8 @@ async def test_soak(tmp_path: Path, anyio_backend: str) -> None:
         "ops": dict(soak.ops),
         "engine_closed_errors": dict(soak.closed_errors),
         "readers_dropped": dict(soak.drops),
-        "resource_warnings": len(resource_warnings),
-        "resource_warning_examples": sorted(set(resource_warnings))[:3],
+        "resource_warnings": resource_warnings,
+        "resource_warning_examples": soak.warning_examples[:3],
         "workers": dict(soak.workers),
         "tags": {"live": len(soak.model.live), "deleted": len(soak.model.deleted), "maybe": len(soak.model.maybe)},
         "final": final,
