@@ -103,7 +103,6 @@ SHARED_SEED = 0
 SHARED_SIZE = 300_000
 
 WORKER = Path(__file__).parent / "workers" / "soak_worker.py"
-MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 #: Idle worker threads: anyio's on asyncio, trio's thread cache (named so only while idle).
 IDLE_THREAD_NAME = re.compile(r"AnyIO worker thread|Trio thread \d+")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
