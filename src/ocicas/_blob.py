@@ -17,6 +17,7 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
+from ._checks import check_ctx, check_descriptor, check_engine, check_int
 from ._context import Context
 from ._descriptor import Descriptor, validate_media_type
 from ._digest import Digest, addressable
@@ -140,6 +141,10 @@ async def read_described(
     is over ``max_size`` is refused with :class:`~ocicas.BlobTooLargeError` before
     anything is read, and no more than ``descriptor.size`` bytes are ever read.
     """
+    check_engine(engine)
+    check_descriptor(descriptor)
+    check_int(max_size, "max_size", optional=True)
+    check_ctx(ctx)
     digest = addressable(descriptor.digest)
     if max_size is not None and descriptor.size > max_size:
         raise BlobTooLargeError(
@@ -184,8 +189,10 @@ async def from_descriptor(
     from the descriptor's raises :class:`~ocicas.SizeMismatchError`; one whose bytes
     do not match the digest, :class:`~ocicas.DigestMismatchError`.
     """
-    if not isinstance(descriptor, Descriptor):
-        raise TypeError(f"expected a Descriptor, not {type(descriptor).__name__}")
+    check_engine(engine)
+    check_descriptor(descriptor)
+    check_ctx(ctx)
+    check_int(max_size, "max_size", optional=True)
     digest = addressable(descriptor.digest)  # UnsupportedAlgorithmError: we could not verify it
     parser = _PARSERS.get(descriptor.media_type)
     if parser is None:

@@ -18,13 +18,21 @@ from typing import Any, Final, TypeAlias, cast
 
 import anyio.to_thread
 
+from ._checks import (
+    check_blob_source,
+    check_ctx,
+    check_descriptor,
+    check_engine,
+    check_instance,
+    check_reference_name,
+    type_name,
+)
 from ._context import Context, bound
 from ._descriptor import Descriptor, Platform, _string_map, validate_media_type
 from ._digest import Digest
 from ._engine import CHUNK_SIZE, Engine
 from ._errors import BlobNotFoundError, InvalidError, SizeMismatchError, UnsupportedError
-from ._graph import parse_platform
-from ._layout_format import validate_reference_name
+from ._graph import _to_platform
 from ._media_types import (
     MEDIA_TYPE_DOCKER_FOREIGN_LAYER,
     MEDIA_TYPE_DOCKER_LAYER,
@@ -162,7 +170,7 @@ def _image_config(config: ImageConfig | Mapping[str, Any] | None, wanted: Platfo
     elif isinstance(config, ImageConfig):
         parsed = config
     else:
-        raise TypeError(f"config must be an ImageConfig or a mapping, not {type(config).__name__}")
+        raise TypeError(f"config must be an ocicas.ImageConfig, a mapping or None, not {type_name(config)}")
     if wanted is not None:
         if (parsed.os, parsed.architecture) != (wanted.os, wanted.architecture) or (
             wanted.variant is not None and parsed.variant not in (None, wanted.variant)
@@ -171,6 +179,13 @@ def _image_config(config: ImageConfig | Mapping[str, Any] | None, wanted: Platfo
         if wanted.variant is not None and parsed.variant is None:
             parsed = parsed.replace(variant=wanted.variant)
     return parsed
+
+
+def _annotations(annotations: object) -> dict[str, str] | None:
+    if annotations is None:
+        return None
+    check_instance(annotations, Mapping, "annotations", "a mapping of str to str or None")
+    return _string_map(annotations, "annotations")
 
 
 def _diff_ids(given: tuple[Digest, ...], computed: list[Digest | None], layers: list[Descriptor]) -> tuple[Digest, ...]:
@@ -216,16 +231,20 @@ async def build_image(
     (``"linux/arm64"`` or a :class:`~ocicas.Platform`, which must agree with the
     config) the descriptor carries it, ready for :func:`build_index`.
     """
-    if isinstance(layers, str | bytes | bytearray | memoryview):
-        raise TypeError("layers must be an iterable of blob sources, not a single blob")
-    if reference is not None:
-        validate_reference_name(reference)
-    validate_media_type(layer_media_type, "layer_media_type")
-    if annotations is not None:
-        annotations = _string_map(annotations, "manifest annotations")  # refused before anything is stored
-    wanted = None if platform is None else parse_platform(platform)
-    image_config = _image_config(config, wanted)
+    check_engine(engine)
+    if isinstance(layers, str | bytes | bytearray | memoryview) or not isinstance(layers, Iterable):
+        raise TypeError(f"layers must be an iterable of blob sources, not {type_name(layers)}")
     sources = list(layers)
+    for source in sources:
+        check_blob_source(source, "each of layers")
+    annotations = _annotations(annotations)  # refused before anything is stored
+    if reference is not None:
+        check_reference_name(reference, "reference")
+    wanted = None if platform is None else _to_platform(platform, "platform")
+    check_instance(layer_media_type, str, "layer_media_type", "a media type (str)")
+    validate_media_type(layer_media_type, "layer_media_type")
+    check_ctx(ctx)
+    image_config = _image_config(config, wanted)
     given = image_config.rootfs.diff_ids
     if given and len(given) != len(sources):
         raise InvalidError(f"config rootfs.diff_ids has {len(given)} entries for {len(sources)} layers")
@@ -267,9 +286,16 @@ async def build_index(
     go on the index; with ``reference`` it is tagged. Returns the index's
     descriptor.
     """
-    if reference is not None:
-        validate_reference_name(reference)
+    check_engine(engine)
+    if isinstance(manifests, Descriptor) or not isinstance(manifests, Iterable):
+        raise TypeError(f"manifests must be an iterable of ocicas.Descriptor, not {type_name(manifests)}")
     entries = tuple(manifests)
+    for entry in entries:
+        check_descriptor(entry, "each of manifests")
+    if reference is not None:
+        check_reference_name(reference, "reference")
+    annotations = _annotations(annotations)
+    check_ctx(ctx)
     index = Index(manifests=entries, annotations=annotations)
     async with bound(ctx):
         stored = [entry for entry in entries if entry.data is None]

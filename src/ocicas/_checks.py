@@ -10,26 +10,35 @@ from __future__ import annotations
 
 import datetime
 import inspect
+import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterable, Callable, Iterable
 from pathlib import Path
-from typing import Any, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
-from ._context import Context
-from ._descriptor import Descriptor
 from ._digest import Digest, addressable
 from ._errors import InvalidError
 
+if TYPE_CHECKING:  # imported where used: _context and _descriptor check their own arguments here
+    from ._context import Context
+    from ._descriptor import Descriptor
+    from ._engine import Engine
+
 __all__ = [
     "check_async_callable",
+    "check_blob_source",
     "check_bool",
+    "check_callable",
     "check_ctx",
     "check_descriptor",
     "check_digest",
     "check_digests",
+    "check_engine",
     "check_instance",
     "check_int",
     "check_path",
+    "check_real",
+    "check_reference_name",
     "check_seconds",
     "type_name",
 ]
@@ -84,8 +93,20 @@ def check_seconds(value: Any, name: str) -> float:
     return seconds
 
 
+def check_real(value: Any, name: str) -> float:
+    """A real number of seconds or a point in time: an ``int`` or a ``float``, negative allowed, never NaN."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a real number (int or float), not {type_name(value)}")
+    seconds = float(value)
+    if math.isnan(seconds):
+        raise InvalidError(f"{name} must be a number, not NaN")
+    return seconds
+
+
 def check_ctx(ctx: Any) -> Context | None:
     """A :class:`~ocicas.Context` or ``None``."""
+    from ._context import Context
+
     if ctx is not None and not isinstance(ctx, Context):
         raise TypeError(f"ctx must be an ocicas.Context or None, not {type_name(ctx)}")
     return ctx
@@ -100,7 +121,27 @@ def check_digest(value: Any, name: str = "digest") -> Digest:
 
 def check_descriptor(value: Any, name: str = "descriptor") -> Descriptor:
     """A :class:`~ocicas.Descriptor`."""
+    from ._descriptor import Descriptor
+
     return check_instance(value, Descriptor, name, "an ocicas.Descriptor")
+
+
+def check_engine(value: Any, name: str = "engine") -> Engine:
+    """An :class:`~ocicas.Engine`."""
+    from ._engine import Engine
+
+    return check_instance(value, Engine, name, "an ocicas.Engine")
+
+
+def check_reference_name(value: Any, name: str) -> str:
+    """A valid image-spec reference name: ``TypeError`` for a non-``str``, :class:`InvalidError` naming ``name``."""
+    from ._layout_format import validate_reference_name
+
+    check_instance(value, str, name, "a reference name (str)")
+    try:
+        return validate_reference_name(value)
+    except InvalidError as exc:
+        raise InvalidError(f"{name}: {exc}") from None
 
 
 def check_digests(values: Any, name: str = "digests") -> list[Digest]:
@@ -108,6 +149,19 @@ def check_digests(values: Any, name: str = "digests") -> list[Digest]:
     if isinstance(values, str | bytes) or not isinstance(values, Iterable):
         raise TypeError(f"{name} must be an iterable of digests, not {type_name(values)}")
     return [check_digest(value, f"each of {name}") for value in values]
+
+
+def check_blob_source(value: Any, name: str = "data") -> Any:
+    """A blob source: bytes-like, an object with an async ``read(n)``, or an async iterable of bytes."""
+    if isinstance(value, bytes | bytearray | memoryview | AsyncIterable):
+        return value
+    if inspect.iscoroutinefunction(getattr(value, "read", None)):
+        return value
+    hint = ": encode the text first" if isinstance(value, str) else ""
+    raise TypeError(
+        f"{name} must be bytes, an async iterable of bytes or an object with an async read(), "
+        f"not {type_name(value)}{hint}"
+    )
 
 
 def check_path(value: Any, name: str = "path") -> Path:
@@ -122,6 +176,18 @@ def check_path(value: Any, name: str = "path") -> Path:
     if "\x00" in text:
         raise InvalidError(f"{name} must not contain NUL: {text!r}")
     return Path(text)
+
+
+def check_callable(value: Any, name: str, *, optional: bool = True) -> Callable[..., Any] | None:
+    """A plain (synchronous) callable; ``None`` passes when ``optional``. An async function is refused."""
+    if value is None and optional:
+        return None
+    if not callable(value):
+        raise TypeError(f"{name} must be a function{' or None' if optional else ''}, not {type_name(value)}")
+    call = getattr(value, "__call__", None)  # noqa: B004
+    if inspect.iscoroutinefunction(value) or inspect.iscoroutinefunction(call):
+        raise TypeError(f"{name} must be a plain function, not an async function: it is called without await")
+    return value  # type: ignore[no-any-return]
 
 
 def check_async_callable(value: Any, name: str, *, optional: bool = True) -> Callable[..., Any] | None:

@@ -11,6 +11,7 @@ of contexts and propagates exactly as usual.
 
 from __future__ import annotations
 
+import datetime
 import threading
 import time
 import weakref
@@ -60,13 +61,23 @@ class Context:
 
     def with_deadline(self, deadline: float) -> Context:
         """A child that expires at ``deadline`` (a :func:`time.monotonic` value), or earlier with this one."""
+        from ._checks import check_real  # _checks imports this module
+
+        deadline = check_real(deadline, "deadline")
         if self._deadline is not None:
             deadline = min(deadline, self._deadline)
         return Context(_parent=self, _deadline=deadline)
 
-    def with_timeout(self, seconds: float) -> Context:
-        """A child that expires ``seconds`` from now, or earlier with this one."""
-        return self.with_deadline(time.monotonic() + seconds)
+    def with_timeout(self, seconds: float | datetime.timedelta) -> Context:
+        """A child that expires ``seconds`` (a number or a ``timedelta``) from now, or earlier with this one.
+
+        A timeout of zero or less gives a context that is already past its deadline.
+        """
+        from ._checks import check_real  # _checks imports this module
+
+        if isinstance(seconds, datetime.timedelta):
+            seconds = seconds.total_seconds()
+        return self.with_deadline(time.monotonic() + check_real(seconds, "seconds"))
 
     @property
     def deadline(self) -> float | None:

@@ -31,19 +31,26 @@ from typing import Final, Literal
 
 import anyio
 
+from ._checks import (
+    check_bool,
+    check_callable,
+    check_ctx,
+    check_engine,
+    check_int,
+    check_reference_name,
+    type_name,
+)
 from ._context import Context, bound
 from ._descriptor import Descriptor, Platform
 from ._digest import Digest
 from ._engine import Engine
 from ._errors import BlobNotFoundError, NotFoundError, SizeMismatchError
-from ._graph import DEFAULT_CONCURRENCY, Graph, children, parse_platform, platform_matches, walk
+from ._graph import DEFAULT_CONCURRENCY, Graph, _to_platform, children, platform_matches, walk
 from ._json import DEFAULT_JSON_LIMIT
-from ._layout_format import validate_reference_name
 from ._media_types import INDEX_MEDIA_TYPES, MANIFEST_MEDIA_TYPES
 from ._models import Index
 from ._referrers import SNIFF_SIZE, find_referrers
 from ._tasks import task_group
-from .registry._engine import RegistryEngine
 
 __all__ = ["DEFAULT_COPY_CONCURRENCY", "CopyEvent", "CopyProgress", "CopyResult", "copy"]
 
@@ -231,12 +238,8 @@ class _Mover:
         digest, size, ctx = descriptor.digest, descriptor.size, self.ctx
         data = self.plan.data.get(digest)
         dst = self.dst
-        if (  # two repositories of one registry: the registry links the blob, no byte moves
-            data is None
-            and isinstance(dst, RegistryEngine)
-            and dst.can_mount_from(self.src)
-            and await dst.mount_blob(digest, self.src, expected_size=size, ctx=ctx)
-        ):
+        # an engine that can link the blob from the source (two repositories of one registry): no byte moves
+        if data is None and await _mount_blob_from(dst, self.src, digest, size=size, ctx=ctx):
             self.report("started", descriptor)
             self.report("progress", descriptor, size)
             self.copied[digest] = size
@@ -312,21 +315,24 @@ async def copy(
     engines' errors otherwise; whatever it raises, the destination reference is
     untouched and what landed stays (a rerun skips it).
     """
-    if concurrency < 1:
-        raise ValueError(f"concurrency must be at least 1, not {concurrency}")
-    if dst_ref is None and isinstance(src_ref, str):
-        dst_ref = src_ref
+    check_engine(src, "src")
+    if not isinstance(src_ref, Descriptor):
+        check_reference_name(src_ref, "src_ref")
+    check_engine(dst, "dst")
     if dst_ref is not None:
-        validate_reference_name(dst_ref)
-    wanted = None if platforms is None else [parse_platform(p) for p in platforms]
+        check_reference_name(dst_ref, "dst_ref")
+    elif isinstance(src_ref, str):
+        dst_ref = src_ref
+    check_bool(referrers, "referrers")
+    wanted = None if platforms is None else _platforms(platforms)
+    check_bool(replace, "replace")
+    check_int(concurrency, "concurrency", minimum=1)
+    check_callable(progress, "progress")
+    check_int(max_size, "max_size", minimum=1)
+    check_ctx(ctx)
 
     async with bound(ctx):
-        if isinstance(src_ref, Descriptor):
-            root = src_ref
-        elif isinstance(src_ref, str):
-            root = await src.get_reference(src_ref, ctx=ctx)
-        else:
-            raise TypeError(f"src_ref must be a reference name or a Descriptor, not {type(src_ref).__name__}")
+        root = src_ref if isinstance(src_ref, Descriptor) else await src.get_reference(src_ref, ctx=ctx)
 
         plan = _Plan(src, wanted, max_size, ctx)
         await plan.walk([root])
@@ -375,6 +381,27 @@ async def copy(
         referrers=tuple(sorted(plan.referrers)),
         excluded=tuple(sorted(plan.excluded - plan.graph.digests())),
     )
+
+
+def _platforms(platforms: object) -> list[Platform]:
+    """``platforms`` as a list: an iterable of ``"os/arch[/variant]"`` strings or :class:`Platform` objects."""
+    if isinstance(platforms, str | bytes | Platform) or not isinstance(platforms, Iterable):
+        raise TypeError(
+            f"platforms must be an iterable of platforms (str or ocicas.Platform), not {type_name(platforms)}"
+            + (f": write [{platforms!r}]" if isinstance(platforms, str) else "")
+        )
+    return [_to_platform(p, "each of platforms") for p in platforms]
+
+
+async def _mount_blob_from(dst: Engine, src: Engine, digest: Digest, *, size: int, ctx: Context | None) -> bool:
+    """``dst.mount_blob_from(src, digest, size=size)``: ``False`` for an engine without the capability.
+
+    The engine capability's default, until :class:`Engine` declares it.
+    """
+    mount = getattr(dst, "mount_blob_from", None)
+    if mount is None:
+        return False
+    return bool(await mount(src, digest, size=size, ctx=ctx))
 
 
 async def _check_source(src: Engine, plan: _Plan, needed: list[Descriptor], ctx: Context | None) -> None:

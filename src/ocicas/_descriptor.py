@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Final
 from urllib.parse import urlsplit
 
+from ._checks import type_name
 from ._digest import Digest, Verifier
 from ._errors import InvalidError, UnsupportedAlgorithmError
 
@@ -61,6 +62,23 @@ def _size(value: object, what: str) -> int:
     return value
 
 
+def _typed(value: object, types: type | tuple[type, ...], field: str, what: str, optional: bool = True) -> None:
+    """Constructor arguments of the wrong Python type: ``TypeError`` naming the field."""
+    if (value is None and optional) or (isinstance(value, types) and not isinstance(value, bool)):
+        return
+    raise TypeError(f"{field} must be {what}{' or None' if optional else ''}, not {type_name(value)}")
+
+
+def _typed_strings(value: object, field: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence):
+        raise TypeError(f"{field} must be a sequence of str or None, not {type_name(value)}")
+    for item in value:
+        if not isinstance(item, str):
+            raise TypeError(f"each of {field} must be a str, not {type_name(item)}")
+
+
 def _url(value: str) -> str:
     parts = None
     try:
@@ -85,6 +103,19 @@ class Platform:
     features: tuple[str, ...] | None = None
     #: Fields this version of ocicas does not know, kept for a lossless round trip.
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=True)
+
+    def __post_init__(self) -> None:
+        _typed(self.architecture, str, "architecture", "a str", optional=False)
+        _typed(self.os, str, "os", "a str", optional=False)
+        _typed(self.os_version, str, "os_version", "a str")
+        _typed(self.variant, str, "variant", "a str")
+        _typed_strings(self.os_features, "os_features")
+        _typed_strings(self.features, "features")
+        if self.os_features is not None:
+            object.__setattr__(self, "os_features", tuple(self.os_features))
+        if self.features is not None:
+            object.__setattr__(self, "features", tuple(self.features))
+        _typed(self.extra, Mapping, "extra", "a mapping", optional=False)
 
     @classmethod
     def from_dict(cls, obj: object) -> Platform:
@@ -143,6 +174,16 @@ class Descriptor:
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # wrong Python types are the caller's bug (TypeError); bad values are invalid content (InvalidError)
+        _typed(self.media_type, str, "media_type", "a media type (str)", optional=False)
+        _typed(self.digest, str, "digest", "a digest (str)", optional=False)
+        _typed(self.size, int, "size", "an int", optional=False)
+        _typed(self.urls, (list, tuple), "urls", "a list of str")
+        _typed(self.annotations, Mapping, "annotations", "a mapping of str to str")
+        _typed(self.platform, Platform, "platform", "an ocicas.Platform")
+        _typed(self.artifact_type, str, "artifact_type", "a media type (str)")
+        _typed(self.data, (bytes, bytearray, memoryview), "data", "bytes")
+        _typed(self.extra, Mapping, "extra", "a mapping", optional=False)
         validate_media_type(self.media_type)
         object.__setattr__(self, "digest", Digest(self.digest))
         _size(self.size, "descriptor size")
@@ -150,13 +191,9 @@ class Descriptor:
             object.__setattr__(self, "urls", tuple(_url(u) for u in _strings(self.urls, "descriptor urls")))
         if self.annotations is not None:
             object.__setattr__(self, "annotations", _string_map(self.annotations, "descriptor annotations"))
-        if self.platform is not None and not isinstance(self.platform, Platform):
-            raise InvalidError(f"descriptor platform must be a Platform, not {self.platform!r:.100}")
         if self.artifact_type is not None:
             validate_media_type(self.artifact_type, "artifactType")
         if self.data is not None:
-            if not isinstance(self.data, bytes | bytearray | memoryview):
-                raise InvalidError(f"descriptor data must be bytes, not {type(self.data).__name__}")
             object.__setattr__(self, "data", bytes(self.data))
             self._check_data()
         object.__setattr__(self, "extra", dict(self.extra))

@@ -19,12 +19,14 @@ The safety rules, each learnt from a peer's bug report:
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import time
 from collections.abc import Awaitable, Callable
 from typing import Final, TypeVar
 
 import anyio
 
+from ._checks import check_async_callable, check_bool, check_ctx, check_engine, check_int, check_seconds, type_name
 from ._context import Context, bound
 from ._digest import Digest
 from ._engine import BlobInfo, Engine
@@ -73,7 +75,7 @@ def _older(info: BlobInfo, cutoff: float) -> bool:
 async def gc(
     engine: Engine,
     *,
-    grace_period: float = DEFAULT_GRACE_PERIOD,
+    grace_period: float | datetime.timedelta = DEFAULT_GRACE_PERIOD,
     referrers: bool = True,
     broken_ok: bool = False,
     policy: GCPolicy | None = None,
@@ -85,14 +87,23 @@ async def gc(
     """Delete every blob not reachable from the store's roots; return what went.
 
     The seed's ``GC``, made safe for stores in use: see the module documentation.
-    ``grace_period`` is in seconds (``0`` collects everything unreachable; an engine
-    that cannot tell blob ages then keeps everything else). ``referrers=False``
-    drops unreachable referrers too. ``policy`` may veto single deletions.
-    ``dry_run=True`` deletes nothing and reports what would go. After the sweep,
-    the engine's own ``gc()`` removes its stale temporary files.
+    ``grace_period`` is in seconds or a ``datetime.timedelta`` (``0`` collects
+    everything unreachable; an engine that cannot tell blob ages then keeps
+    everything else). ``referrers=False`` drops unreachable referrers too.
+    ``policy``, an async function of a digest returning ``True`` or ``False``, may
+    veto single deletions. ``dry_run=True`` deletes nothing and reports what would
+    go. After the sweep, the engine's own ``gc()`` removes its stale temporary files.
+    Every argument is checked before anything is read.
     """
-    if grace_period < 0:
-        raise ValueError(f"grace_period must not be negative, not {grace_period}")
+    check_engine(engine)
+    grace_period = check_seconds(grace_period, "grace_period")
+    check_bool(referrers, "referrers")
+    check_bool(broken_ok, "broken_ok")
+    check_async_callable(policy, "policy")
+    check_bool(dry_run, "dry_run")
+    check_int(concurrency, "concurrency", minimum=1)
+    check_int(max_size, "max_size", minimum=1)
+    check_ctx(ctx)
     async with bound(ctx), engine.gc_lock(ctx=ctx):
         cutoff = time.time() - grace_period
         roots = await engine.list_roots(ctx=ctx)
@@ -169,7 +180,10 @@ async def _vetoes(policy: GCPolicy, candidates: list[Digest], concurrency: int) 
 
     async def ask(digest: Digest) -> None:
         async with limiter:
-            if not await policy(digest):
+            keep = await policy(digest)
+            if not isinstance(keep, bool):  # None from a forgotten return must not mean "delete"
+                raise TypeError(f"policy must return True or False, not {type_name(keep)}")
+            if not keep:
                 vetoed.add(digest)
 
     async with task_group() as tg:

@@ -16,6 +16,17 @@ import anyio
 import anyio.to_thread
 
 from ._blob import read_described
+from ._checks import (
+    check_bool,
+    check_callable,
+    check_ctx,
+    check_descriptor,
+    check_engine,
+    check_instance,
+    check_int,
+    check_reference_name,
+    type_name,
+)
 from ._context import Context, bound
 from ._descriptor import Descriptor, Platform
 from ._digest import Digest
@@ -54,6 +65,8 @@ def children(descriptor: Descriptor, data: bytes) -> list[Descriptor]:
 
     Raises :class:`~ocicas.InvalidError` if the blob does not parse as its media type.
     """
+    check_descriptor(descriptor)
+    check_instance(data, (bytes, bytearray, memoryview), "data", "bytes")
     media_type = descriptor.media_type
     if media_type in MANIFEST_MEDIA_TYPES:
         manifest = Manifest.from_json(data, media_type=media_type)
@@ -150,8 +163,16 @@ async def walk(
     (the default, :func:`children`, follows all), and ``keep_data=True`` to keep
     the bytes of every node read in :attr:`Graph.data`.
     """
-    if concurrency < 1:
-        raise ValueError(f"concurrency must be at least 1, not {concurrency}")
+    check_engine(engine)
+    roots = _descriptors(roots, "roots")
+    check_int(concurrency, "concurrency", minimum=1)
+    check_bool(broken_ok, "broken_ok")
+    check_int(max_size, "max_size", minimum=1)
+    if graph is not None:
+        check_instance(graph, Graph, "graph", "an ocicas.Graph or None")
+    check_callable(expand, "expand", optional=False)
+    check_bool(keep_data, "keep_data")
+    check_ctx(ctx)
     graph = Graph() if graph is None else graph
     limiter = anyio.CapacityLimiter(concurrency)
 
@@ -230,12 +251,29 @@ def platform_matches(candidate: Platform | None, wanted: Platform) -> bool:
 
 def parse_platform(value: str | Platform) -> Platform:
     """``"linux/arm64/v8"`` (os/architecture[/variant]) or a :class:`Platform` as a Platform."""
+    return _to_platform(value, "platform")
+
+
+def _to_platform(value: object, name: str) -> Platform:
+    """:func:`parse_platform`, its messages naming the parameter ``name``."""
     if isinstance(value, Platform):
         return value
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str such as 'linux/amd64' or an ocicas.Platform, not {type_name(value)}")
     parts = value.split("/")
     if len(parts) not in (2, 3) or not all(parts):
-        raise InvalidError(f"invalid platform {value!r}: expected os/architecture[/variant]")
+        raise InvalidError(f"invalid {name} {value!r}: expected os/architecture[/variant]")
     return Platform(os=parts[0], architecture=parts[1], variant=parts[2] if len(parts) == 3 else None)
+
+
+def _descriptors(values: object, name: str) -> list[Descriptor]:
+    """An iterable of descriptors (not a single one), as a list."""
+    if isinstance(values, Descriptor | str | bytes) or not isinstance(values, Iterable):
+        raise TypeError(f"{name} must be an iterable of ocicas.Descriptor, not {type_name(values)}")
+    out = list(values)
+    for value in out:
+        check_descriptor(value, f"each of {name}")
+    return out
 
 
 async def resolve_reference(
@@ -253,7 +291,11 @@ async def resolve_reference(
     or a :class:`Platform`), index entries for other platforms are not followed.
     A reference straight to a manifest resolves to itself.
     """
-    wanted = None if platform is None else parse_platform(platform)
+    check_engine(engine)
+    check_reference_name(name, "name")
+    wanted = None if platform is None else _to_platform(platform, "platform")
+    check_int(max_size, "max_size", minimum=1)
+    check_ctx(ctx)
     root = await engine.get_reference(name, ctx=ctx)
     found: list[DescriptorPath] = []
     pending: list[tuple[Descriptor, ...]] = [(root,)]

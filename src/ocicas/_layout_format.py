@@ -38,8 +38,13 @@ _REF_NAME: Final = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
 
 
 def validate_reference_name(name: object) -> str:
-    """Return ``name`` if it is a valid image-spec reference name, else raise :class:`InvalidError`."""
-    if not isinstance(name, str) or len(name) > MAX_REFERENCE_NAME or not _REF_NAME.fullmatch(name):
+    """Return ``name`` if it is a valid image-spec reference name, else raise :class:`InvalidError`.
+
+    A ``name`` that is not a ``str`` at all raises ``TypeError``.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a reference name (str), not {'None' if name is None else type(name).__name__}")
+    if len(name) > MAX_REFERENCE_NAME or not _REF_NAME.fullmatch(name):
         raise InvalidError(f"invalid reference name {name!r:.200}")
     return name
 
