@@ -116,7 +116,12 @@ def check_digest(value: Any, name: str = "digest") -> Digest:
     """An addressable digest from a ``Digest`` or ``str`` (:class:`InvalidError` for a malformed one)."""
     if not isinstance(value, str):
         raise TypeError(f"{name} must be a digest string, not {type_name(value)}")
-    return addressable(value)
+    try:
+        return addressable(value)
+    except InvalidError as exc:
+        if name == "digest":
+            raise
+        raise type(exc)(f"{name}: {exc}") from None
 
 
 def check_descriptor(value: Any, name: str = "descriptor") -> Descriptor:

@@ -239,7 +239,7 @@ class _Mover:
         data = self.plan.data.get(digest)
         dst = self.dst
         # an engine that can link the blob from the source (two repositories of one registry): no byte moves
-        if data is None and await _mount_blob_from(dst, self.src, digest, size=size, ctx=ctx):
+        if data is None and await dst.mount_blob_from(self.src, digest, size=size, ctx=ctx):
             self.report("started", descriptor)
             self.report("progress", descriptor, size)
             self.copied[digest] = size
@@ -391,17 +391,6 @@ def _platforms(platforms: object) -> list[Platform]:
             + (f": write [{platforms!r}]" if isinstance(platforms, str) else "")
         )
     return [_to_platform(p, "each of platforms") for p in platforms]
-
-
-async def _mount_blob_from(dst: Engine, src: Engine, digest: Digest, *, size: int, ctx: Context | None) -> bool:
-    """``dst.mount_blob_from(src, digest, size=size)``: ``False`` for an engine without the capability.
-
-    The engine capability's default, until :class:`Engine` declares it.
-    """
-    mount = getattr(dst, "mount_blob_from", None)
-    if mount is None:
-        return False
-    return bool(await mount(src, digest, size=size, ctx=ctx))
 
 
 async def _check_source(src: Engine, plan: _Plan, needed: list[Descriptor], ctx: Context | None) -> None:

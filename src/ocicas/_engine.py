@@ -45,7 +45,16 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import Self
 
-from ._checks import check_bool, check_ctx, check_descriptor, check_digest, check_digests, check_int, type_name
+from ._checks import (
+    check_blob_source,
+    check_bool,
+    check_ctx,
+    check_descriptor,
+    check_digest,
+    check_digests,
+    check_int,
+    type_name,
+)
 from ._context import Context
 from ._descriptor import Descriptor
 from ._digest import Digest, Verifier
@@ -54,7 +63,7 @@ from ._json import dump_json
 from ._layout_format import validate_reference_name
 from ._lifecycle import Lifecycle
 from ._reader import BlobReader, RawBlob
-from ._source import AsyncReadable, BlobSource, check_source
+from ._source import AsyncReadable, BlobSource
 from ._tasks import bounded_shield
 from ._threads import CHUNK_SIZE
 
@@ -143,7 +152,7 @@ class Engine(ABC):
         a mismatch raises before anything is stored.
         """
         ctx = check_ctx(ctx)
-        check_source(source)
+        check_blob_source(source, "source")
         expected = None if expected_digest is None else check_digest(expected_digest, "expected_digest")
         size = check_int(expected_size, "expected_size", optional=True)
         async with self._operation(ctx):

@@ -8,11 +8,11 @@ from typing import Protocol, TypeAlias, runtime_checkable
 
 import anyio.lowlevel
 
-from ._checks import type_name
+from ._checks import check_blob_source, type_name
 from ._tasks import bounded_shield
 from ._threads import CHUNK_SIZE
 
-__all__ = ["AsyncReadable", "BlobSource", "check_source", "iterate_source"]
+__all__ = ["AsyncReadable", "BlobSource", "iterate_source"]
 
 
 @runtime_checkable
@@ -27,26 +27,14 @@ BlobSource: TypeAlias = "bytes | bytearray | memoryview | AsyncIterable[bytes] |
 
 
 def _async_read(source: object) -> bool:
-    read = getattr(source, "read", None)
-    return read is not None and inspect.iscoroutinefunction(read)
-
-
-def check_source(source: object) -> None:
-    """``TypeError`` naming ``source`` unless it is a :data:`BlobSource`."""
-    if isinstance(source, str):
-        raise TypeError("source must be bytes, not str: encode the text first")
-    if not (isinstance(source, bytes | bytearray | memoryview | AsyncIterable) or _async_read(source)):
-        raise TypeError(
-            f"source must be bytes, an async iterable of bytes, or an object with `async read(n)`, "
-            f"not {type_name(source)}"
-        )
+    return inspect.iscoroutinefunction(getattr(source, "read", None))
 
 
 async def iterate_source(
     source: BlobSource, chunk_size: int = CHUNK_SIZE
 ) -> AsyncGenerator[bytes | bytearray | memoryview, None]:
     """Yield a :data:`BlobSource` as bytes-like chunks; use it under ``contextlib.aclosing``."""
-    check_source(source)
+    check_blob_source(source, "source")
     if isinstance(source, bytes | bytearray | memoryview):
         view = memoryview(source).cast("B")
         for start in range(0, len(view), chunk_size):

@@ -215,17 +215,6 @@ class RegistryEngine(Engine):
             raise SizeMismatchError(f"mounted blob {digest} has {size} bytes, expected {expected_size}")
         return True
 
-    async def mount_blob_from(self, source: Engine, digest: Digest, *, size: int, ctx: Context | None = None) -> bool:
-        """Link blob ``digest`` of ``size`` bytes from ``source``, another repository of this registry.
-
-        ``False`` (the caller copies the bytes) for any other source, or when the
-        registry would not mount it; :class:`~ocicas.SizeMismatchError` if the
-        mounted blob has another size.
-        """
-        if not self.can_mount_from(source):
-            return False
-        return await self.mount_blob(digest, source, expected_size=size, ctx=ctx)
-
     def can_mount_from(self, other: Engine) -> TypeGuard[RegistryEngine]:
         """Whether blobs of ``other`` can be mounted here: another repository of the same registry."""
         return (
