@@ -6,7 +6,14 @@ engine (:class:`MemoryEngine`) and a registry engine (:func:`open_registry`); ty
 OCI models and :func:`from_descriptor`; the descriptor graph (:func:`walk`,
 :func:`resolve_reference`); :func:`gc`; :func:`copy` between engines; and
 :func:`build_image`. The ``ocicas`` command is in :mod:`ocicas.cli`.
+
+The core needs only anyio. The registry engine needs httpx (``pip install 'ocicas[registry]'``)
+and the command click and rich (``pip install 'ocicas[cli]'``); both load on first use, so
+``import ocicas`` stays light.
 """
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from ._blob import Blob, BlobParser, from_descriptor, read_described, register_media_type, unregister_media_type
 from ._build import build_image, build_index
@@ -79,9 +86,35 @@ from ._media_types import (
 )
 from ._memory_engine import MemoryEngine
 from ._models import ContainerConfig, History, ImageConfig, Index, Manifest, RootFS
-from .registry import RegistryEngine, RegistryLocation, RetryPolicy, open_registry, parse_registry_location
+
+if TYPE_CHECKING:
+    from .registry import RegistryEngine, RegistryLocation, RetryPolicy, open_registry, parse_registry_location
 
 __version__ = "0.1.0"
+
+# Names loaded on first access (PEP 562), with the module that defines them: importing
+# ocicas.registry imports httpx, and raises ModuleNotFoundError saying how to install it.
+_LAZY: dict[str, str] = {
+    "RegistryEngine": ".registry",
+    "RegistryLocation": ".registry",
+    "RetryPolicy": ".registry",
+    "open_registry": ".registry",
+    "parse_registry_location": ".registry",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
     "ANNOTATION_REF_NAME",

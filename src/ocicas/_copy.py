@@ -26,8 +26,9 @@ running it again moves only what is still missing.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Callable, Iterable
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 import anyio
 
@@ -43,12 +44,24 @@ from ._media_types import INDEX_MEDIA_TYPES, MANIFEST_MEDIA_TYPES
 from ._models import Index
 from ._referrers import SNIFF_SIZE, find_referrers
 from ._tasks import task_group
-from .registry._engine import RegistryEngine
+
+if TYPE_CHECKING:
+    from .registry._engine import RegistryEngine
 
 __all__ = ["DEFAULT_COPY_CONCURRENCY", "CopyEvent", "CopyProgress", "CopyResult", "copy"]
 
 #: Blobs transferred at once by default.
 DEFAULT_COPY_CONCURRENCY: Final = 4
+
+
+def _registry_engine(engine: Engine) -> RegistryEngine | None:
+    """``engine`` if it is a registry engine, else None; never loads the registry engine (and httpx) itself."""
+    if "ocicas.registry._engine" not in sys.modules:  # then no registry engine exists
+        return None
+    from .registry._engine import RegistryEngine
+
+    return engine if isinstance(engine, RegistryEngine) else None
+
 
 CopyEventKind = Literal["planned", "skipped", "started", "progress", "finished"]
 
@@ -233,9 +246,9 @@ class _Mover:
         dst = self.dst
         if (  # two repositories of one registry: the registry links the blob, no byte moves
             data is None
-            and isinstance(dst, RegistryEngine)
-            and dst.can_mount_from(self.src)
-            and await dst.mount_blob(digest, self.src, expected_size=size, ctx=ctx)
+            and (registry := _registry_engine(dst)) is not None
+            and registry.can_mount_from(self.src)
+            and await registry.mount_blob(digest, self.src, expected_size=size, ctx=ctx)
         ):
             self.report("started", descriptor)
             self.report("progress", descriptor, size)
