@@ -21,8 +21,9 @@ def main() -> NoReturn:
     """The ``ocicas`` console script."""
     missing = [name for name in CLI_REQUIREMENTS if importlib.util.find_spec(name) is None]
     if missing:
+        names = " and ".join(filter(None, [", ".join(missing[:-1]), missing[-1]]))
         print(
-            f"ocicas: the command needs {' and '.join(missing)} (not installed): pip install 'ocicas[cli]'",
+            f"ocicas: the command needs {names} (not installed): pip install 'ocicas[cli]'",
             file=sys.stderr,
         )
         sys.exit(_USAGE_STATUS)
