@@ -583,6 +583,79 @@ def case_lag_and_rss(workdir: Path, size: int) -> list[Row]:
 # -- driver ------------------------------------------------------------------------------
 
 
+IMPORT_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    start = time.perf_counter()
+    module = __import__(sys.argv[1])
+    for name in sys.argv[2:]:
+        getattr(module, name)
+    elapsed = time.perf_counter() - start
+    print(elapsed, len(sys.modules))
+    """
+)
+
+
+def import_times(repeat: int, commands: dict[str, list[str]]) -> dict[str, tuple[float, float, int]]:
+    """Per command (module, then attributes to touch): median in-process seconds, median process seconds, modules."""
+    # the subprocesses import the ocicas this script imported, wherever it lives
+    paths = [str(Path(ocicas.__file__).parent.parent), os.environ.get("PYTHONPATH", "")]
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, paths))}
+    samples: dict[str, list[float]] = {key: [] for key in commands}
+    process: dict[str, list[float]] = {key: [] for key in commands}
+    modules: dict[str, int] = {}
+    for _ in range(repeat):  # interleaved, so drift on a shared machine hits all alike
+        for key, args in commands.items():
+            start = time.perf_counter()
+            out = subprocess.run(
+                [sys.executable, "-c", IMPORT_SCRIPT, *args], check=True, capture_output=True, text=True, env=env
+            )
+            process[key].append(time.perf_counter() - start)
+            elapsed, count = out.stdout.split()
+            samples[key].append(float(elapsed))
+            modules[key] = int(count)
+    return {key: (median(samples[key]), median(process[key]), modules[key]) for key in commands}
+
+
+def case_import(repeat: int) -> list[Row]:
+    """``import ocicas`` against ``import anyio``, each in a fresh interpreter; and the same with the core in use."""
+    used = ["open_layout", "MemoryEngine", "gc", "copy", "walk", "build_image", "from_descriptor", "Descriptor"]
+    times = import_times(
+        repeat,
+        {
+            "ocicas": ["ocicas"],
+            "anyio": ["anyio"],
+            "ocicas used": ["ocicas", *used],
+            "anyio used": ["anyio", "run", "to_thread", "Lock", "create_task_group"],
+            "registry": ["ocicas", "open_registry"],
+        },
+    )
+
+    anyio_core = "import anyio + anyio.run, to_thread, Lock, create_task_group (loads anyio's core)"
+
+    def row(case: str, ours: str, reference: str, reference_name: str, goal: str = "", note: str = "") -> Row:
+        return Row(
+            case,
+            times[ours][0],
+            "s",
+            times[reference][0],
+            reference_name,
+            goal,
+            times[ours][0] <= 1.5 * times[reference][0] if goal else None,
+            extra={
+                "modules ours/reference": f"{times[ours][2]}/{times[reference][2]}",
+                "whole process ours/reference s": f"{times[ours][1]:.3f}/{times[reference][1]:.3f}",
+            },
+            note=note,
+        )
+
+    return [
+        row("import ocicas, in a fresh interpreter", "ocicas", "anyio", "import anyio", "≤ 1.5×"),
+        row("import ocicas + first use of the core", "ocicas used", "anyio used", anyio_core, note=", ".join(used)),
+        row("import ocicas + open_registry (loads httpx)", "registry", "anyio used", anyio_core),
+    ]
+
+
 def machine() -> str:
     cpu = "?"
     try:
@@ -614,7 +687,9 @@ def show(rows: list[Row]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("cases", nargs="*", default=["stream", "small", "gc", "copy", "tagging", "lag", "scaling"])
+    parser.add_argument(
+        "cases", nargs="*", default=["stream", "small", "gc", "copy", "tagging", "lag", "scaling", "import"]
+    )
     parser.add_argument("--dir", default=tempfile.gettempdir())
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--size-mib", type=int, default=1024)
@@ -641,6 +716,8 @@ def main() -> None:
             rows += case_lag_and_rss(workdir, size)
         if "scaling" in args.cases:
             rows += case_gc_scaling(workdir, [200, 2_000] if args.quick else [2_000, 20_000, 200_000])
+        if "import" in args.cases:
+            rows += case_import(10 if args.quick else max(args.repeat, 30))
     show(rows)
     if args.json:
         Path(args.json).write_text(json.dumps([row.__dict__ | {"ratio": row.ratio} for row in rows], indent=2))

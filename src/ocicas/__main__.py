@@ -1,5 +1,5 @@
 """``python -m ocicas``: the ``ocicas`` command."""
 
-from ocicas.cli import main
+from ocicas._cli_entry import main
 
 main()

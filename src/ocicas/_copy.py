@@ -57,6 +57,7 @@ __all__ = ["DEFAULT_COPY_CONCURRENCY", "CopyEvent", "CopyProgress", "CopyResult"
 #: Blobs transferred at once by default.
 DEFAULT_COPY_CONCURRENCY: Final = 4
 
+
 CopyEventKind = Literal["planned", "skipped", "started", "progress", "finished"]
 
 
