@@ -15,7 +15,6 @@ from typing import Final, TypeAlias
 
 import anyio
 import anyio.lowlevel
-import anyio.to_thread
 
 from ._checks import check_ctx, check_descriptor, check_engine, check_int
 from ._context import Context
@@ -32,6 +31,7 @@ from ._media_types import (
     MEDIA_TYPE_EMPTY_JSON,
 )
 from ._models import ImageConfig, Index, Manifest
+from ._threads import run_sync
 
 __all__ = ["Blob", "BlobParser", "from_descriptor", "register_media_type", "unregister_media_type"]
 
@@ -208,7 +208,7 @@ async def from_descriptor(
     data = await read_described(engine, descriptor, max_size=max_size, ctx=ctx)
     try:
         if len(data) >= _THREAD_PARSE_SIZE:
-            value = await anyio.to_thread.run_sync(parser, data)
+            value = await run_sync(parser, data)
         else:
             value = parser(data)
     except InvalidError as exc:

@@ -16,8 +16,6 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Seq
 from contextlib import aclosing
 from typing import Any, Final, TypeAlias, cast
 
-import anyio.to_thread
-
 from ._checks import (
     check_blob_source,
     check_ctx,
@@ -46,6 +44,7 @@ from ._media_types import (
 )
 from ._models import ImageConfig, Index, Manifest, RootFS
 from ._source import BlobSource, iterate_source
+from ._threads import checkpoint, run_sync
 
 __all__ = ["build_image", "build_index"]
 
@@ -89,8 +88,7 @@ class _GzipDiffHasher:
     chunk that inflates hugely never sits in memory whole.
     """
 
-    def __init__(self, ctx: Context | None) -> None:
-        self._ctx = ctx
+    def __init__(self) -> None:
         self._hash = hashlib.sha256()
         self._inflater = zlib.decompressobj(31)
 
@@ -109,8 +107,7 @@ class _GzipDiffHasher:
         """Inflate ``data`` up to the end of the current member; return what follows it."""
         inflater = self._inflater
         while True:
-            if self._ctx is not None:
-                self._ctx.check()
+            checkpoint()
             out = inflater.decompress(data, CHUNK_SIZE)
             self._hash.update(out)
             if inflater.eof:
@@ -134,10 +131,10 @@ async def _teed(source: BlobSource, hasher: _GzipDiffHasher) -> AsyncIterator[_C
             batch.append(chunk)
             pending += len(chunk)
             if pending >= CHUNK_SIZE:
-                await anyio.to_thread.run_sync(hasher.feed, batch)
+                await run_sync(hasher.feed, batch)
                 batch, pending = [], 0
             yield chunk
-    await anyio.to_thread.run_sync(hasher.feed, batch)
+    await run_sync(hasher.feed, batch)
     hasher.result()  # a truncated stream fails here, inside put_blob, so nothing is stored
 
 
@@ -146,7 +143,7 @@ async def _put_layer(
 ) -> tuple[Descriptor, Digest | None]:
     """Store one layer; return its descriptor and its diff ID (``None``: cannot tell)."""
     if media_type in _GZIP_TAR:
-        hasher = _GzipDiffHasher(ctx)
+        hasher = _GzipDiffHasher()
         stream = cast("AsyncIterable[bytes]", _teed(source, hasher))  # any bytes-like chunk is accepted
         digest, size = await engine.put_blob(stream, ctx=ctx)
         diff_id: Digest | None = hasher.result()

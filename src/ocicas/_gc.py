@@ -34,6 +34,7 @@ from ._graph import DEFAULT_CONCURRENCY, walk
 from ._json import DEFAULT_JSON_LIMIT
 from ._referrers import SNIFF_SIZE, find_referrers
 from ._tasks import task_group
+from ._threads import run_sync
 
 __all__ = ["DEFAULT_GRACE_PERIOD", "GCPolicy", "GCResult", "gc"]
 
@@ -171,7 +172,7 @@ async def gc(
 
 async def _compute(func: Callable[[], _T]) -> _T:
     """Run pure-Python work over every blob in a worker thread."""
-    return await anyio.to_thread.run_sync(func)
+    return await run_sync(func)
 
 
 async def _vetoes(policy: GCPolicy, candidates: list[Digest], concurrency: int) -> set[Digest]:

@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterable
 from typing import Final
 
 import anyio
-import anyio.to_thread
 
 from ._blob import read_described
 from ._checks import (
@@ -36,6 +35,7 @@ from ._json import DEFAULT_JSON_LIMIT, load_json
 from ._media_types import INDEX_MEDIA_TYPES, MANIFEST_MEDIA_TYPES, MEDIA_TYPE_DESCRIPTOR
 from ._models import Index, Manifest
 from ._tasks import task_group
+from ._threads import run_sync
 
 __all__ = [
     "DEFAULT_CONCURRENCY",
@@ -184,7 +184,7 @@ async def walk(
                 async with limiter:
                     data = await read_described(engine, descriptor, max_size=max_size, ctx=ctx)
             if len(data) >= _THREAD_PARSE_SIZE:
-                found = await anyio.to_thread.run_sync(expand, descriptor, data)
+                found = await run_sync(expand, descriptor, data)
             else:
                 found = expand(descriptor, data)
         except BlobNotFoundError as exc:

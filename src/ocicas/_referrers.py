@@ -22,6 +22,7 @@ from ._graph import Graph
 from ._json import load_json
 from ._media_types import INDEX_MEDIA_TYPES, MANIFEST_MEDIA_TYPES, MEDIA_TYPE_IMAGE_INDEX, MEDIA_TYPE_IMAGE_MANIFEST
 from ._tasks import task_group
+from ._threads import run_sync
 
 __all__ = ["SNIFF_SIZE", "find_referrers"]
 
@@ -82,7 +83,7 @@ async def find_referrers(
         return [d for d in candidates if infos[d].size <= max_size and infos[d].head.lstrip()[:1] in (b"{", b"")]
 
     async with task_group() as tg:
-        for digest in await anyio.to_thread.run_sync(json_like):  # O(blobs): off the event loop
+        for digest in await run_sync(json_like):  # O(blobs): off the event loop
             tg.start_soon(inspect, digest)
 
     kept: set[Digest] = set()

@@ -21,9 +21,11 @@ Requires pytest and anyio's pytest plugin (``-p anyio``).
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import random
 import re
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, ClassVar
 
@@ -615,17 +617,157 @@ class EngineConformance:
 
     async def test_closed_engine_refuses_operations(self, engine: Engine) -> None:
         digest, _ = await engine.put_blob(b"x")
+        reader = await engine.get_blob(digest)
         await engine.close()
         await engine.close()
         assert engine.closed
-        calls = [
-            engine.put_blob(b"y"),
-            engine.get_blob(digest),
-            engine.read_blob(digest),
-            engine.stat_blob(digest),
-            engine.put_reference("y", _descriptor(b"y")),
-            engine.get_reference("y"),
+        calls: list[Callable[[], Awaitable[object]]] = [
+            lambda: engine.put_blob(b"y"),
+            lambda: engine.put_blob_json({}),
+            lambda: engine.get_blob(digest),
+            lambda: engine.read_blob(digest),
+            lambda: engine.stat_blob(digest),
+            lambda: engine.stat_blobs([digest]),
+            lambda: engine.touch_blobs([digest]),
+            lambda: engine.delete_blobs([digest]),
+            lambda: engine.delete_blob(digest),
+            lambda: engine.list_blobs(),
+            lambda: engine.put_reference("y", _descriptor(b"y")),
+            lambda: engine.update_references({"y": None}),
+            lambda: engine.delete_reference("y"),
+            lambda: engine.get_reference("y"),
+            lambda: engine.list_references(),
+            lambda: engine.list_roots(),
+            lambda: engine.gc(),
+            lambda: reader.read(),
         ]
         for call in calls:
             with pytest.raises(EngineClosedError):
-                await call
+                await call()
+        with pytest.raises(EngineClosedError):
+            async with engine.gc_lock():
+                pass  # pragma: no cover
+        await reader.aclose()
+
+    async def test_close_cancels_a_running_put_and_stores_nothing(self, engine: Engine) -> None:
+        started = anyio.Event()
+
+        async def stalled() -> AsyncIterator[bytes]:
+            yield b"x" * CHUNK_SIZE
+            started.set()
+            await anyio.sleep_forever()
+
+        outcome: list[BaseException] = []
+
+        async def put() -> None:
+            try:
+                await engine.put_blob(stalled())
+            except BaseException as exc:
+                outcome.append(exc)
+                raise
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._swallow_closed, put)
+                await started.wait()
+                await engine.close()
+        assert [type(e) for e in outcome] == [EngineClosedError]
+        assert engine.closed
+
+    @staticmethod
+    async def _swallow_closed(call: Callable[[], Awaitable[object]]) -> None:
+        try:
+            await call()
+        except EngineClosedError:
+            pass
+
+    async def test_close_waits_for_readers_and_ends_their_reads(self, engine: Engine) -> None:
+        data = blob_bytes(3 * CHUNK_SIZE, seed=9)
+        digest, _ = await engine.put_blob(data)
+        reader = await engine.get_blob(digest)
+        assert await reader.read(CHUNK_SIZE) == data[:CHUNK_SIZE]
+        await engine.close()
+        with pytest.raises(EngineClosedError):
+            await reader.read(CHUNK_SIZE)
+        await reader.aclose()
+
+    async def test_close_from_inside_an_operation_does_not_wait_for_itself(self, engine: Engine) -> None:
+        async def source() -> AsyncIterator[bytes]:
+            yield b"first"
+            await engine.close()
+            yield b"second"
+
+        with anyio.fail_after(30), pytest.raises(EngineClosedError):
+            await engine.put_blob(source())
+        assert engine.closed
+
+    async def test_ambient_cancellation_during_close_still_releases(self, engine: Engine) -> None:
+        started = anyio.Event()
+
+        async def stalled() -> AsyncIterator[bytes]:
+            yield b"x"
+            started.set()
+            await anyio.sleep_forever()
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._swallow_closed, lambda: engine.put_blob(stalled()))
+                await started.wait()
+                with anyio.CancelScope() as scope:
+                    scope.cancel()
+                    await engine.close()  # the closer is cancelled: the put, leaving last, releases
+        assert engine.closed
+        with pytest.raises(EngineClosedError):
+            await engine.stat_blob(sha256(b"x"))
+
+    # -- readers ------------------------------------------------------------------------
+
+    async def test_reader_read_to_the_end_needs_no_close(self, engine: Engine) -> None:
+        data = blob_bytes(2 * CHUNK_SIZE + 3, seed=10)
+        digest, _ = await engine.put_blob(data)
+        reader = await engine.get_blob(digest)
+        assert b"".join([chunk async for chunk in reader]) == data
+        assert await reader.read() == b""
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ResourceWarning)
+            del reader
+            gc.collect()  # released at the end of data: no ResourceWarning
+
+    async def test_reader_dropped_unclosed_is_released_with_a_warning(self, engine: Engine) -> None:
+        digest, _ = await engine.put_blob(blob_bytes(2 * CHUNK_SIZE, seed=11))
+        reader = await engine.get_blob(digest)
+        await reader.read(10)
+        with pytest.warns(ResourceWarning, match="unclosed <BlobReader"):  # noqa: PT031 - del runs the finaliser
+            del reader
+            gc.collect()
+
+    async def test_reader_refuses_two_readers_at_once(self, engine: Engine) -> None:
+        digest, _ = await engine.put_blob(blob_bytes(8 * CHUNK_SIZE, seed=12))
+        async with await engine.get_blob(digest) as reader:
+            errors: list[BaseException] = []
+
+            async def read() -> None:
+                try:
+                    while await reader.read(CHUNK_SIZE):
+                        pass
+                except anyio.BusyResourceError as exc:
+                    errors.append(exc)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(read)
+                tg.start_soon(read)
+            assert len(errors) == 1
+            assert reader.bytes_read == 8 * CHUNK_SIZE
+
+    async def test_descriptor_addresses_a_blob_with_its_size(self, engine: Engine) -> None:
+        data = b"described"
+        digest, size = await engine.put_blob(data)
+        descriptor = Descriptor(media_type="application/octet-stream", digest=digest, size=size)
+        assert await engine.read_blob(descriptor) == data
+        assert await engine.stat_blob(descriptor) == size
+        async with await engine.get_blob(descriptor) as reader:
+            assert await reader.read() == data
+        wrong = descriptor.replace(size=size + 1)
+        for call in (engine.read_blob, engine.stat_blob, engine.get_blob):
+            with pytest.raises(SizeMismatchError):
+                await call(wrong)

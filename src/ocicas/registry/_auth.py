@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any, Final
 
 import anyio
-import anyio.to_thread
 import httpx
 
 from .._errors import AccessDeniedError, InvalidError, RegistryError
+from .._threads import run_sync
 from ._streams import body_of
 
 __all__ = [
@@ -119,7 +119,7 @@ async def load_docker_credentials(host: str, path: str | os.PathLike[str] | None
         except FileNotFoundError:
             return None
 
-    data = await anyio.to_thread.run_sync(read)
+    data = await run_sync(read)
     if data is None:
         return None
     if len(data) > _CONFIG_LIMIT:

@@ -6,11 +6,11 @@ import os
 import ssl
 from typing import Final
 
-import anyio.to_thread
 import httpx
 
 from .._engine import CHUNK_SIZE
 from .._errors import InvalidError
+from .._threads import run_sync
 from ._auth import Authenticator, Credentials, load_docker_credentials
 from ._engine import RegistryEngine
 from ._location import RegistryLocation, parse_registry_location
@@ -94,7 +94,7 @@ async def open_registry(
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=concurrency),
         )
 
-    http = await anyio.to_thread.run_sync(client)
+    http = await run_sync(client)
     authenticator = Authenticator(credentials, f"repository {location.repository!r} on registry {location.base_url}")
     engine = RegistryEngine(
         RegistryClient(http, location, authenticator, concurrency=concurrency, retry=retry or RetryPolicy()),

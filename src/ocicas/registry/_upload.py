@@ -12,12 +12,12 @@ from __future__ import annotations
 from typing import Final
 
 import anyio
-import anyio.to_thread
 import httpx
 
 from .._digest import Digest, Verifier
 from .._errors import BlobNotFoundError, DigestMismatchError, InvalidError, RegistryError, UnsupportedAlgorithmError
 from .._tasks import task_group
+from .._threads import run_sync
 from ._transport import RegistryClient, error_codes
 
 __all__ = ["UploadSession", "mount_blob"]
@@ -70,7 +70,7 @@ class UploadSession:
         headers["Content-Range"] = f"{self.offset}-{self.offset + len(data) - 1}"
         async with task_group() as tg:
             if len(data) >= _THREAD_HASH:
-                tg.start_soon(anyio.to_thread.run_sync, verifier.update, data)
+                tg.start_soon(run_sync, verifier.update, data)
             else:
                 verifier.update(data)
             response = await self._client.request("PATCH", self._location, headers=headers, content=data)
