@@ -117,7 +117,7 @@ def all_verify(layout: Path) -> None:
 
 # -- help and conventions ------------------------------------------------------------------
 
-COMMANDS = ["init", "put", "cat", "blobs", "rm", "tag", "untag", "refs", "tree", "gc", "fsck", "copy"]
+COMMANDS = ["init", "put", "cat", "blobs", "rm", "image", "tag", "untag", "refs", "tree", "gc", "fsck", "copy"]
 
 
 def test_help_documents_every_command_and_the_exit_statuses() -> None:

@@ -245,7 +245,10 @@ def image(
     async def work(display: Display) -> Descriptor:
         config = await anyio.to_thread.run_sync(_load_config, config_file) if config_file is not None else None
         async with _open_or_create(location, created) as engine:
-            layers = [_Layer(name, display.bar(f"layer {'stdin' if name == '-' else name}")) for name in layer_files]
+            layers = [
+                _Layer(name, display.bar(f"layer {'stdin' if name == '-' else os.path.basename(name)}"))
+                for name in layer_files
+            ]
             for layer in layers:
                 await layer.open()
             kinds = {layer.media_type for layer in layers}

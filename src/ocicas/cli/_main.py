@@ -45,7 +45,9 @@ def hoist_global_options(args: list[str]) -> list[str]:
             kept.extend(rest[index:])
             break
         if arg in _GLOBAL_WITH_VALUE:
-            moved.extend(rest[index : index + 2])  # without a value, the group says so
+            if index + 1 == len(rest):  # moved to the front, it would take the subcommand as its value
+                raise click.BadOptionUsage(arg, f"Option '{arg}' requires an argument.")
+            moved.extend(rest[index : index + 2])
             index += 2
             continue
         if arg in _GLOBAL_FLAGS or arg.partition("=")[0] in _GLOBAL_WITH_VALUE:
