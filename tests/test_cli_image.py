@@ -75,7 +75,14 @@ def files(tmp_path: Path) -> dict[str, Path]:
 def test_an_image_from_a_tar_with_config_platform_and_annotations(tmp_path: Path) -> None:
     given = files(tmp_path)
     layout = tmp_path / "images"
-    args = ["--layer", given["hello.tar"], "--config", given["config.json"], "--platform", "linux/arm64"]
+    args: list[str | Path] = [
+        "--layer",
+        given["hello.tar"],
+        "--config",
+        given["config.json"],
+        "--platform",
+        "linux/arm64",
+    ]
     printed = json.loads(out("image", f"{layout}:v1", *args, "--annotation", "k=v", "-a", "e=", "--json"))
     # the layout was created; the manifest's digest depends only on the bytes given
     assert printed == {
@@ -123,7 +130,7 @@ def test_gzip_and_plain_layers_mixed_get_their_media_types_and_diff_ids(tmp_path
 def test_a_layer_from_stdin_makes_the_same_image_as_from_a_file(tmp_path: Path) -> None:
     given = files(tmp_path)
     layout = tmp_path / "images"
-    args = ["--config", given["config.json"]]
+    args: list[str | Path] = ["--config", given["config.json"]]
     from_file = out("image", f"{layout}:file", "-l", given["hello.tar"], "-l", given["world.tar.gz"], *args)
     gz = given["world.tar.gz"].read_bytes()
     from_stdin = out("image", f"{layout}:stdin", "-l", given["hello.tar"], "-l", "-", *args, input=gz)
@@ -139,7 +146,8 @@ def test_a_zstd_layer_needs_its_diff_id_in_the_config(tmp_path: Path) -> None:
     zstd.write_bytes(ZSTD_MAGIC + b"not inflated by ocicas")
     layout = tmp_path / "images"
     done = ocicas_run("image", f"{layout}:v1", "-l", zstd, code=1)
-    assert b"zstd-compressed" in done.stderr and b"rootfs.diff_ids" in done.stderr
+    assert b"zstd-compressed" in done.stderr
+    assert b"rootfs.diff_ids" in done.stderr
     assert not layout.exists()  # created for the command, removed with its failure
     config = tmp_path / "config.json"
     diff_id = sha256(HELLO)
@@ -241,7 +249,8 @@ def test_global_options_work_after_the_subcommand(tmp_path: Path) -> None:
     wide = {"COLUMNS": "200"}
     done = ocicas_run("image", f"{layout}:v1", "-l", big, "--progress", "always", "--backend", "trio", env=wide)
     assert re.fullmatch(rb"sha256:[0-9a-f]{64}\n", done.stdout)
-    assert b"MiB" in done.stderr and b"MB" not in done.stderr  # binary units, the speed too
+    assert b"MiB" in done.stderr
+    assert b"MB" not in done.stderr
     assert out("fsck", layout, "--backend=trio").endswith(": no problems\n")
     failed = ocicas_run("image", f"{layout}:v2", "-l", tmp_path / "absent", "--debug", code=3)
     assert b"Traceback" in failed.stderr
@@ -291,7 +300,8 @@ def test_fsck_reports_stale_temporary_directories_with_their_size(tmp_path: Path
         )
         assert stale.exists()
         assert out("gc", layout) == "removed 0 blobs, 0 B, and 1 stale temporary directory (1.0 MiB)\n"
-        assert not stale.exists() and live.exists()
+        assert not stale.exists()
+        assert live.exists()
         assert out("fsck", layout) == "checked 0 blobs (0 B) and 0 roots: no problems\n"
     finally:
         os.close(fd)
