@@ -20,6 +20,7 @@ import click
 import pytest
 
 import ocicas
+import ocicas.cli
 from ocicas.cli._main import hoist_global_options
 from tests.test_cli import blob_files, blob_path, build_images, ocicas_run, out
 from tests.tools import require
@@ -385,3 +386,25 @@ def test_the_guide_session_runs_with_the_cli_alone(tmp_path: Path) -> None:
             assert (await ocicas.gc(engine, grace_period=0, dry_run=True)).removed == ()
 
     anyio.run(check)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_in_process_image_fsck_gc_never_block_the_event_loop(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], backend: str
+) -> None:
+    given = files(tmp_path)
+    layout = tmp_path / "images"
+
+    def invoke(*args: str | Path, code: int = 0) -> str:
+        assert ocicas.cli.invoke([str(a) for a in args]) == code
+        return capfd.readouterr().out
+
+    digest = invoke(
+        "image", f"{layout}:v1", "-l", given["hello.tar"], "-l", given["world.tar.gz"], "--backend", backend
+    )
+    assert blob_path(layout, digest.strip()).exists()
+    invoke("image", f"{tmp_path / 'gone'}:v1", "-l", tmp_path / "absent", "--backend", backend, code=3)
+    assert not (tmp_path / "gone").exists()
+    _stale(layout)
+    assert "1 stale temporary directory (1.0 MiB)" in invoke("fsck", layout, "--backend", backend)
+    assert invoke("gc", layout, "--backend", backend).endswith("and 1 stale temporary directory (1.0 MiB)\n")
