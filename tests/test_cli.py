@@ -117,7 +117,7 @@ def all_verify(layout: Path) -> None:
 
 # -- help and conventions ------------------------------------------------------------------
 
-COMMANDS = ["init", "put", "cat", "blobs", "rm", "tag", "untag", "refs", "tree", "gc", "fsck", "copy"]
+COMMANDS = ["init", "put", "cat", "blobs", "rm", "image", "tag", "untag", "refs", "tree", "gc", "fsck", "copy"]
 
 
 def test_help_documents_every_command_and_the_exit_statuses() -> None:
@@ -219,7 +219,10 @@ def test_rm_refuses_blobs_in_use_and_absent_ones_unless_forced(tmp_path: Path) -
     done = ocicas_run("rm", layout, layer, code=5)
     assert "reference 'solo'" in done.stderr.decode()
     assert layer in blob_files(layout)
-    assert json.loads(out("rm", "--json", layout, images.garbage.digest)) == {"removed": [images.garbage.digest]}
+    assert json.loads(out("rm", "--json", layout, images.garbage.digest)) == {
+        "removed": [images.garbage.digest],
+        "removed_count": 1,
+    }
     ocicas_run("rm", layout, images.garbage.digest, code=3)
     ocicas_run("rm", "-f", layout, images.garbage.digest, layer)
     assert layer not in blob_files(layout)

@@ -65,6 +65,9 @@ def put(layout: str, file: str, expected: Digest | None, as_json: bool) -> None:
     leaves nothing behind. Storing content that is already there only freshens it.
 
     \b
+    JSON output (--json): {"digest", "size"}
+
+    \b
     Examples:
       ocicas put ./images layer.tar.gz
       curl -sL https://example.com/layer.tar | ocicas put ./images - --digest sha256:…
@@ -120,6 +123,9 @@ def blobs(layout: str, long: bool, as_json: bool) -> None:
     """List the digests of every blob in LAYOUT, sorted.
 
     \b
+    JSON output (--json): [{"digest", "size"}, ...], sorted by digest
+
+    \b
     Examples:
       ocicas blobs ./images
       ocicas blobs --json ./images | jq '[.[].size] | add'
@@ -168,6 +174,9 @@ def rm(layout: str, digests: tuple[Digest, ...], force: bool, as_json: bool) -> 
     To remove everything no reference reaches, use gc.
 
     \b
+    JSON output (--json): {"removed": [digest, ...], "removed_count"}
+
+    \b
     Example:
       ocicas rm ./images sha256:…
     """
@@ -193,4 +202,4 @@ def rm(layout: str, digests: tuple[Digest, ...], force: bool, as_json: bool) -> 
 
     removed = run(work)
     if as_json:
-        emit_json({"removed": removed})
+        emit_json({"removed": removed, "removed_count": len(removed)})

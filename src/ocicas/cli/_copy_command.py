@@ -55,11 +55,15 @@ def _as_json(result: CopyResult) -> dict[str, Any]:
         "reference": result.reference,
         "root": result.root.to_dict(),
         "copied": list(result.copied),
-        "skipped": list(result.skipped),
+        "copied_count": len(result.copied),
         "bytes_copied": result.bytes_copied,
+        "skipped": list(result.skipped),
+        "skipped_count": len(result.skipped),
         "bytes_skipped": result.bytes_skipped,
         "referrers": list(result.referrers),
+        "referrers_count": len(result.referrers),
         "excluded": list(result.excluded),
+        "excluded_count": len(result.excluded),
     }
 
 
@@ -114,6 +118,14 @@ def copy(
     given platforms (and what they reach) come with it: DST holds a partial
     index, which is legal in a layout (gc of DST then needs --broken-ok). With
     --single, only the one matching manifest is copied and named instead.
+
+    \b
+    JSON output (--json): a list, one object per reference copied:
+      reference, root          the name at DST and the root's descriptor
+      copied, copied_count     blobs copied, and bytes_copied
+      skipped, skipped_count   blobs DST had already, and bytes_skipped
+      referrers, referrers_count  referrers copied (--referrers)
+      excluded, excluded_count    other-platform manifests left out (--platform)
 
     \b
     Examples:

@@ -7,6 +7,7 @@ import click
 from .. import __version__
 from ._blob_commands import blobs, cat, init, put, rm
 from ._copy_command import copy
+from ._image_command import image
 from ._maintenance_commands import fsck, gc
 from ._reference_commands import refs, tag, tree, untag
 from ._run import EXIT_CODES_HELP, StdoutClosed, settings
@@ -14,7 +15,53 @@ from ._run import EXIT_CODES_HELP, StdoutClosed, settings
 __all__ = ["cli"]
 
 
+_GLOBAL_FLAGS = frozenset({"--debug"})
+_GLOBAL_WITH_VALUE = frozenset({"--backend", "--progress"})
+
+
+def hoist_global_options(args: list[str]) -> list[str]:
+    """``args`` with the group's options written after the subcommand moved before it.
+
+    Click reads a group's options only before the subcommand; users write
+    ``ocicas copy a b --progress always`` too. Nothing after ``--`` moves.
+    """
+    position = 0
+    while position < len(args):  # find the subcommand, stepping over the group's options and their values
+        arg = args[position]
+        if arg == "--":
+            return args
+        if not arg.startswith("-"):
+            break
+        position += 2 if arg in _GLOBAL_WITH_VALUE else 1
+    else:
+        return args
+    moved: list[str] = []
+    kept: list[str] = []
+    rest = args[position + 1 :]
+    index = 0
+    while index < len(rest):
+        arg = rest[index]
+        if arg == "--":
+            kept.extend(rest[index:])
+            break
+        if arg in _GLOBAL_WITH_VALUE:
+            if index + 1 == len(rest):  # moved to the front, it would take the subcommand as its value
+                raise click.BadOptionUsage(arg, f"Option '{arg}' requires an argument.")
+            moved.extend(rest[index : index + 2])
+            index += 2
+            continue
+        if arg in _GLOBAL_FLAGS or arg.partition("=")[0] in _GLOBAL_WITH_VALUE:
+            moved.append(arg)
+        else:
+            kept.append(arg)
+        index += 1
+    return [*args[:position], *moved, args[position], *kept]
+
+
 class _Group(click.Group):
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, hoist_global_options(args))
+
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
@@ -55,13 +102,15 @@ def cli(debug: bool, backend: str, progress: str) -> None:
 
     A layout is a directory in the OCI image-layout format (oci-layout,
     index.json, blobs/sha256/...), as umoci and skopeo read and write it.
-    Run "ocicas COMMAND --help" for a command's options and examples.
+    Run "ocicas COMMAND --help" for a command's options and examples. The
+    options below may come before or after COMMAND.
 
     \b
     Examples:
       ocicas init ./images
+      ocicas image ./images:v1 --layer a.tar --layer b.tar.gz
       ocicas put ./images layer.tar            # prints sha256:...
-      ocicas tag ./images v1 sha256:...        # name a manifest or index
+      ocicas tag ./images v2 sha256:...        # name a manifest or index
       ocicas tree ./images:v1
       ocicas copy ./images:v1 ./backup
       ocicas gc --dry-run ./images
@@ -72,5 +121,5 @@ def cli(debug: bool, backend: str, progress: str) -> None:
     settings.progress = progress
 
 
-for _command in (init, put, cat, blobs, rm, tag, untag, refs, tree, gc, fsck, copy):
+for _command in (init, put, cat, blobs, rm, image, tag, untag, refs, tree, gc, fsck, copy):
     cli.add_command(_command)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Literal
 
 from .._descriptor import Descriptor
 from .._media_types import CONFIG_MEDIA_TYPES, INDEX_MEDIA_TYPES, MANIFEST_MEDIA_TYPES
+from ._params import human_size
 from ._run import settings
 
 if TYPE_CHECKING:
@@ -71,12 +72,21 @@ class Display:
                 BarColumn,
                 DownloadColumn,
                 Progress,
+                ProgressColumn,
                 SpinnerColumn,
+                Task,
                 TextColumn,
                 TimeElapsedColumn,
                 TimeRemainingColumn,
-                TransferSpeedColumn,
             )
+            from rich.text import Text
+
+            class BinarySpeedColumn(ProgressColumn):
+                """Speed in binary units (MiB/s), as the sizes next to it (rich's own says MB/s)."""
+
+                def render(self, task: Task) -> Text:
+                    speed = task.finished_speed or task.speed
+                    return Text("?" if speed is None else f"{human_size(int(speed))}/s", style="progress.data.speed")
 
             console = Console(stderr=True, force_terminal=True if settings.progress == "always" else None)
             if self._kind == "bytes":
@@ -84,7 +94,7 @@ class Display:
                     TextColumn("{task.description}"),
                     BarColumn(),
                     DownloadColumn(binary_units=True),
-                    TransferSpeedColumn(),
+                    BinarySpeedColumn(),
                     TimeRemainingColumn(),
                 )
             else:

@@ -61,6 +61,9 @@ def tag(layout: str, name: str, digest: Digest, media_type: str | None, force: b
     as their media type before they are named.
 
     \b
+    JSON output (--json): {"name", "mediaType", "digest", "size"}
+
+    \b
     Examples:
       ocicas tag ./images v1.0 sha256:…
       ocicas tag ./images sbom sha256:… --media-type application/spdx+json
@@ -112,6 +115,9 @@ def refs(layout: str, as_json: bool) -> None:
     """List the references of LAYOUT: name, media type, digest and size in bytes.
 
     \b
+    JSON output (--json): [{"name", "mediaType", "digest", "size", ...}, ...]
+
+    \b
     Examples:
       ocicas refs ./images
       ocicas refs --json ./images | jq -r '.[].name'
@@ -138,10 +144,18 @@ def tree(location: Location, as_json: bool) -> None:
     marks content that is missing, invalid, or shown above already.
 
     \b
+    JSON output (--json): [{"reference", "root": node}, ...], each node the
+    descriptor's fields (mediaType, digest, size, platform, annotations...) and
+      edge       "subject" for a referrer's edge to its subject, else null
+      state      ok, missing, invalid or repeated (shown above already)
+      error      why it is invalid, else null
+      children   [node, ...]
+
+    \b
     Examples:
       ocicas tree ./images:v1.0
       ocicas tree ./images
-      ocicas tree --json ./images:v1.0 | jq '.children[].platform'
+      ocicas tree --json ./images:v1.0 | jq '.[0].root.children[].platform'
     """
 
     async def work() -> list[tuple[str | None, TreeNode]]:

@@ -134,15 +134,11 @@ def render_tree(title: str, root: TreeNode) -> list[str]:
 
 
 def tree_json(node: TreeNode) -> dict[str, Any]:
-    """The tree as JSON: each descriptor's fields, plus ``edge``, ``state``, ``error`` and ``children``."""
+    """The tree as JSON: each descriptor's fields, plus ``edge``, ``state``, ``error`` and ``children`` (always)."""
     out = node.descriptor.to_dict()
     out.pop("data", None)
-    if node.edge is not None:
-        out["edge"] = node.edge
-    if node.state != "ok":
-        out["state"] = node.state
-    if node.error is not None:
-        out["error"] = node.error
-    if node.children:
-        out["children"] = [tree_json(child) for child in node.children]
+    out["edge"] = node.edge
+    out["state"] = node.state
+    out["error"] = node.error
+    out["children"] = [tree_json(child) for child in node.children]
     return out
