@@ -172,15 +172,26 @@ class Engine(ABC):
         """
         ctx = check_ctx(ctx)
         digest, expected = _target(digest)
-        async with self._operation(ctx):
-            raw = await self._open_blob(digest)
-            try:
-                _check_size(digest, raw.size, expected)
-                return BlobReader(digest, raw, ctx=ctx, lifecycle=self._lifecycle)
-            except BaseException:
-                with bounded_shield():
-                    await raw.aclose()
-                raise
+        reader: BlobReader | None = None
+        try:
+            async with self._operation(ctx):
+                reader = await self._reader(digest, ctx)
+                _check_size(digest, reader.size, expected)
+        except BaseException:
+            if reader is not None:  # opened, but the call failed after all: nobody else will free it
+                await reader.aclose()
+            raise
+        return reader
+
+    async def _reader(self, digest: Digest, ctx: Context | None) -> BlobReader:
+        """A reader owning the backend's raw bytes of ``digest`` from the moment they are opened."""
+        raw = await self._open_blob(digest)
+        try:
+            return BlobReader(digest, raw, ctx=ctx, lifecycle=self._lifecycle)
+        except BaseException:  # the engine closed meanwhile: the raw source is still ours to free
+            with bounded_shield():
+                await raw.aclose()
+            raise
 
     async def read_blob(
         self,
@@ -199,9 +210,8 @@ class Engine(ABC):
         max_size = check_int(max_size, "max_size", optional=True)
         digest, expected = _target(digest)
         async with self._operation(ctx):
-            raw = await self._open_blob(digest)
-            async with BlobReader(digest, raw, ctx=ctx, lifecycle=self._lifecycle) as reader:
-                _check_size(digest, raw.size, expected)
+            async with await self._reader(digest, ctx) as reader:
+                _check_size(digest, reader.size, expected)
                 if max_size is not None and reader.size > max_size:
                     raise BlobTooLargeError(f"blob {digest} has {reader.size} bytes, over the cap of {max_size}")
                 return await reader.read()
