@@ -428,9 +428,13 @@ async def test_garbage_a_collector_removes_during_the_copy_is_copied_again(engin
     class Collected(Recording):
         """A collector deletes the blob right after the copy saw it present."""
 
-        async def _touch_blobs(self, digests: list[Digest]) -> dict[Digest, BlobInfo]:
-            found = await super()._touch_blobs(digests)
-            await self.inner.delete_blob(config)
+        deleted = False
+
+        async def _stat_blobs(self, digests: list[Digest], head: int) -> dict[Digest, BlobInfo]:
+            found = await super()._stat_blobs(digests, head)
+            if config in found and not self.deleted:
+                self.deleted = True
+                await self.inner.delete_blob(config)  # right after the copy saw it: behind the lease's back
             return found
 
     result = await copy(src, "v1", Collected(dst))

@@ -245,7 +245,7 @@ async def build_image(
     given = image_config.rootfs.diff_ids
     if given and len(given) != len(sources):
         raise InvalidError(f"config rootfs.diff_ids has {len(given)} entries for {len(sources)} layers")
-    async with bound(ctx):
+    async with bound(ctx), engine.lease(ctx=ctx):  # nothing put here is collected before the tag
         stored: list[Descriptor] = []
         computed: list[Digest | None] = []
         for source in sources:
@@ -294,7 +294,7 @@ async def build_index(
     annotations = _annotations(annotations)
     check_ctx(ctx)
     index = Index(manifests=entries, annotations=annotations)
-    async with bound(ctx):
+    async with bound(ctx), engine.lease(ctx=ctx):
         stored = [entry for entry in entries if entry.data is None]
         found = await engine.stat_blobs([entry.digest for entry in stored], ctx=ctx)
         for entry in stored:

@@ -15,9 +15,11 @@
    ``put_blob(expected_digest=, expected_size=)``, which stores nothing that does
    not match (the directory engine takes the verifying reader's word rather than
    hashing every byte a second time; other engines hash again).
-3. **Tag.** Under the destination's :meth:`Engine.gc_lock`, check that every blob
-   is still there (a concurrent :func:`ocicas.gc` may have removed old garbage the
-   copy counted as present; it is copied again) and only then write the reference.
+3. **Tag.** Everything runs inside a lease of the destination (:meth:`Engine.lease`):
+   no collector removes what the copy reuses or lands. The reference is written
+   through :meth:`Engine.update_references`, which checks under the collector's
+   lock that everything it names is present (a blob removed behind the lease's
+   back is copied again, once).
 
 So an interrupted copy never leaves a reference pointing at missing content, and
 running it again moves only what is still missing.
@@ -332,7 +334,7 @@ async def copy(
     check_int(max_size, "max_size", minimum=1)
     check_ctx(ctx)
 
-    async with bound(ctx):
+    async with bound(ctx), dst.lease(ctx=ctx) as lease:  # what lands is kept from collectors until it is tagged
         root = src_ref if isinstance(src_ref, Descriptor) else await src.get_reference(src_ref, ctx=ctx)
 
         plan = _Plan(src, wanted, max_size, ctx)
@@ -345,8 +347,8 @@ async def copy(
             await plan.add_referrers()
         order = plan.graph.bottom_up()
 
-        # touched, not just looked at: a concurrent GC's grace period now protects what we reuse
-        present = await dst.touch_blobs([d.digest for d in order], ctx=ctx)
+        # leased, not just looked at: from now on no collector removes what we reuse
+        present = await lease.add([d.digest for d in order], ctx=ctx)
         skipped = [d for d in order if d.digest in present and present[d.digest].size == d.size]
         skipped_digests = {d.digest for d in skipped}
         missing = [d for d in order if d.digest not in skipped_digests]
@@ -361,15 +363,21 @@ async def copy(
         await mover.land(missing)
 
         if dst_ref is not None:
-            async with dst.gc_lock(ctx=ctx):  # no collection runs between this check and the tag
+            # the tag checks, under the collector's lock, that all it names is there; a blob removed
+            # behind the lease's back (not by a collector) is copied again, once
+            partial = bool(plan.excluded)  # a platform-filtered index is partial on purpose
+            try:
+                await dst.update_references({dst_ref: root}, replace=replace, partial=partial, ctx=ctx)
+            except BlobNotFoundError:
                 present = await dst.stat_blobs([d.digest for d in order], ctx=ctx)
                 lost = [d for d in order if d.digest not in present or present[d.digest].size != d.size]
-                if lost:
-                    await _check_source(src, plan, lost, ctx)
-                    mover.blobs_total += len(lost)
-                    mover.bytes_total += sum(d.size for d in lost)
-                    await mover.land(lost)
-                await dst.update_references({dst_ref: root}, replace=replace, ctx=ctx)
+                if not lost:
+                    raise
+                await _check_source(src, plan, lost, ctx)
+                mover.blobs_total += len(lost)
+                mover.bytes_total += sum(d.size for d in lost)
+                await mover.land(lost)
+                await dst.update_references({dst_ref: root}, replace=replace, partial=partial, ctx=ctx)
 
     copied = mover.copied
     return CopyResult(

@@ -25,12 +25,15 @@ hook                        does
 ==========================  ==================================================
 
 Optional hooks with defaults: ``_stat_blobs``, ``_touch_blobs``, ``_delete_blobs``,
-``_gc_lock`` and ``_mount_blob``.
+``_mount_blob``, the collector's lock (``_gc_lock`` exclusive, ``_gc_shared``
+shared; in-process by default) and leases (``_lease_begin``, ``_lease_record``,
+``_lease_end``, ``_leased_blobs``; in-process by default).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import secrets
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -59,8 +62,12 @@ from ._context import Context
 from ._descriptor import Descriptor
 from ._digest import Digest, Verifier
 from ._errors import BlobNotFoundError, BlobTooLargeError, SizeMismatchError
+from ._gclock import SharedExclusiveLock
 from ._json import dump_json
 from ._layout_format import validate_reference_name
+from ._lease import Lease, active_lease
+from ._lease import enter as enter_lease
+from ._lease import leave as leave_lease
 from ._lifecycle import Lifecycle
 from ._reader import BlobReader, RawBlob
 from ._source import AsyncReadable, BlobSource
@@ -155,8 +162,14 @@ class Engine(ABC):
         check_blob_source(source, "source")
         expected = None if expected_digest is None else check_digest(expected_digest, "expected_digest")
         size = check_int(expected_size, "expected_size", optional=True)
+        lease = active_lease(self)
         async with self._operation(ctx):
-            return await self._put_blob(source, Verifier(expected, size))
+            if lease is None:
+                return await self._put_blob(source, Verifier(expected, size))
+            async with self._gc_shared():  # no collection between the put and its record in the lease
+                digest, stored = await self._put_blob(source, Verifier(expected, size))
+                await lease._record([digest])
+            return digest, stored
 
     async def put_blob_json(self, obj: Any, *, ctx: Context | None = None) -> tuple[Digest, int]:
         """Store ``obj`` serialised as compact JSON (objects with ``to_dict()`` allowed)."""
@@ -308,6 +321,37 @@ class Engine(ABC):
         async with self._operation(ctx), self._gc_lock():
             yield
 
+    def lease(self, *, ctx: Context | None = None) -> AbstractAsyncContextManager[Lease]:
+        """Keep every blob put inside the block from every collector until the block ends.
+
+        ``async with engine.lease() as lease:`` records each blob this task (and
+        the tasks it starts) stores with :meth:`put_blob`; :func:`ocicas.gc` keeps
+        them whatever its grace period, in this process and, for the directory
+        engine, in others. :meth:`Lease.add` protects present blobs a writer reuses.
+        Put, then tag, inside one lease and no collection can remove what the tag
+        will name. Held as one operation of the engine: closing the engine ends it.
+        """
+        return self._leased(check_ctx(ctx))
+
+    @asynccontextmanager
+    async def _leased(self, ctx: Context | None) -> AsyncIterator[Lease]:
+        async with self._operation(ctx):
+            lease = Lease(self, secrets.token_hex(8))
+            await self._lease_begin(lease.id)
+            token = enter_lease(lease)
+            try:
+                yield lease
+            finally:
+                leave_lease(token)
+                with anyio.CancelScope(shield=True):
+                    await self._lease_end(lease.id)
+
+    async def leased_blobs(self, *, ctx: Context | None = None) -> frozenset[Digest]:
+        """Every blob a live lease protects, in this process or (directory engine) another."""
+        ctx = check_ctx(ctx)
+        async with self._operation(ctx):
+            return frozenset(await self._leased_blobs())
+
     async def mount_blob_from(
         self, source: Engine, digest: Digest | str, *, size: int, ctx: Context | None = None
     ) -> bool:
@@ -327,16 +371,20 @@ class Engine(ABC):
 
     # -- references ----------------------------------------------------------------
 
-    async def put_reference(self, name: str, descriptor: Descriptor, *, ctx: Context | None = None) -> None:
-        """Store ``descriptor`` under ``name``.
+    async def put_reference(
+        self, name: str, descriptor: Descriptor, *, partial: bool = False, ctx: Context | None = None
+    ) -> None:
+        """Store ``descriptor`` under ``name``, once what it names is present (see :meth:`update_references`).
 
         Idempotent; raises :class:`~ocicas.ClobberError` if ``name`` already holds a
-        different descriptor (delete it first to move a name).
+        different descriptor (delete it first to move a name), and
+        :class:`~ocicas.BlobNotFoundError` if content it reaches is missing
+        (``partial=True`` skips that check).
         """
         ctx = check_ctx(ctx)
         validate_reference_name(name)
         check_descriptor(descriptor)
-        await self.update_references({name: descriptor}, ctx=ctx)
+        await self.update_references({name: descriptor}, partial=partial, ctx=ctx)
 
     async def delete_reference(self, name: str, *, ctx: Context | None = None) -> None:
         """Remove a reference. Idempotent: an absent name is not an error."""
@@ -345,27 +393,48 @@ class Engine(ABC):
         await self.update_references({name: None}, ctx=ctx)
 
     async def update_references(
-        self, changes: Mapping[str, Descriptor | None], *, replace: bool = False, ctx: Context | None = None
+        self,
+        changes: Mapping[str, Descriptor | None],
+        *,
+        replace: bool = False,
+        partial: bool = False,
+        ctx: Context | None = None,
     ) -> None:
         """Apply many reference changes at once: ``name: descriptor`` puts, ``name: None`` deletes.
 
-        All or nothing. Without ``replace``, a put that would change what a name
-        already holds raises :class:`~ocicas.ClobberError` and nothing is applied;
-        with ``replace=True`` names are moved. The directory engine writes
-        ``index.json`` once for the whole batch.
+        All or nothing. A put is written only if its target and everything the
+        target reaches (index entries, configs, layers; not ``subject``, a weak
+        link) are present: else :class:`~ocicas.BlobNotFoundError` names what is
+        missing and nothing is written. The check and the write hold the
+        collector's lock shared, so no collection can come between them.
+        ``partial=True`` skips the check, for content that is partial on purpose
+        (a platform-filtered copy). Without ``replace``, a put that would change
+        what a name already holds raises :class:`~ocicas.ClobberError` and nothing
+        is applied; with ``replace=True`` names are moved. The directory engine
+        writes ``index.json`` once for the whole batch.
         """
         ctx = check_ctx(ctx)
         if not isinstance(changes, Mapping):
             raise TypeError(f"changes must be a mapping of name to Descriptor or None, not {type_name(changes)}")
         replace = check_bool(replace, "replace")
+        partial = check_bool(partial, "partial")
         checked: dict[str, Descriptor | None] = {}
         for name, descriptor in changes.items():
             validate_reference_name(name)
             if descriptor is not None and not isinstance(descriptor, Descriptor):
                 raise TypeError(f"changes[{name!r}] must be an ocicas.Descriptor or None, not {type_name(descriptor)}")
             checked[name] = descriptor
+        puts = [(name, d) for name, d in checked.items() if d is not None]
         async with self._operation(ctx):
-            await self._update_references(checked, replace)
+            if not puts:
+                await self._update_references(checked, replace)
+                return
+            async with self._gc_shared():
+                if not partial:
+                    from ._tagging import check_closure  # the graph walk builds on this module
+
+                    await check_closure(self, puts)
+                await self._update_references(checked, replace)
 
     async def get_reference(self, name: str, *, ctx: Context | None = None) -> Descriptor:
         """The descriptor stored under ``name``; :class:`~ocicas.ReferenceNotFoundError` if absent."""
@@ -481,10 +550,37 @@ class Engine(ABC):
             removed[digest] = size
         return removed
 
-    def _gc_lock(self) -> AbstractAsyncContextManager[None]:
-        """Default: a lock of this engine object."""
-        lock: anyio.Lock = self.__dict__.setdefault("_gc_mutex", anyio.Lock())
+    @property
+    def _gc_rw(self) -> SharedExclusiveLock:
+        lock: SharedExclusiveLock | None = self.__dict__.get("_gc_rw_lock")
+        if lock is None:
+            lock = self.__dict__["_gc_rw_lock"] = SharedExclusiveLock()
         return lock
+
+    def _gc_lock(self) -> AbstractAsyncContextManager[None]:
+        """The collector's lock, exclusive. Default: this engine object's, in this process."""
+        return self._gc_rw.exclusive()
+
+    def _gc_shared(self) -> AbstractAsyncContextManager[None]:
+        """The collector's lock, shared (tagging, leased puts). Default: this engine object's."""
+        return self._gc_rw.shared()
+
+    async def _lease_begin(self, lease_id: str) -> None:
+        """Start recording a lease. Default: in this process only."""
+        self.__dict__.setdefault("_lease_table", {})[lease_id] = set()
+
+    async def _lease_record(self, lease_id: str, digests: list[Digest]) -> None:
+        """Add ``digests`` to a live lease."""
+        self.__dict__["_lease_table"][lease_id].update(digests)
+
+    async def _lease_end(self, lease_id: str) -> None:
+        """End a lease: its blobs are ordinary blobs again."""
+        self.__dict__.get("_lease_table", {}).pop(lease_id, None)
+
+    async def _leased_blobs(self) -> set[Digest]:
+        """Every blob a live lease protects (called by a collector holding the lock exclusively)."""
+        table: dict[str, set[Digest]] = self.__dict__.get("_lease_table", {})
+        return set().union(*table.values())
 
     async def _mount_blob(self, source: Engine, digest: Digest, size: int) -> bool:
         """Default: no mounting."""

@@ -11,6 +11,10 @@ The safety rules, each learnt from a peer's bug report:
   test, containerd #8570). ``put_blob`` of present content freshens it.
 - Referrers are live: a manifest or index whose ``subject`` is live is kept, with
   what it points at (signatures, SBOMs; umoci #455, oras-go #1294).
+- Leased blobs are live: a writer that puts content inside ``engine.lease()`` and
+  tags it before the lease ends is never robbed, whatever the grace period
+  (containerd's leases). Tagging checks, under the shared side of this collector's
+  lock, that everything a tag names is present.
 - The age check and the unlink are atomic with respect to the engine's own
   ``put_blob`` (the directory engine's in any process: both ``flock`` the blob
   file), and collections of one store never overlap (``Engine.gc_lock``).
@@ -66,6 +70,8 @@ class GCResult:
     #: Nodes treated as leaves because they were missing or broken (``broken_ok=True``).
     broken: frozenset[Digest]
     dry_run: bool
+    #: Unreachable blobs kept because a live lease holds them (:meth:`Engine.lease`).
+    leased: frozenset[Digest] = frozenset()
 
 
 def _older(info: BlobInfo, cutoff: float) -> bool:
@@ -110,6 +116,7 @@ async def gc(
         roots = await engine.list_roots(ctx=ctx)
         graph = await walk(engine, roots, concurrency=concurrency, broken_ok=broken_ok, max_size=max_size, ctx=ctx)
         blobs = await engine.list_blobs(ctx=ctx)
+        leased = await engine.leased_blobs(ctx=ctx)  # put by writers that have not tagged them yet
         # set arithmetic over every blob runs in a worker thread: O(n) work stays off the event loop
         unreachable = await _compute(lambda: sorted(set(blobs) - graph.descriptors.keys()))
         infos = await engine.stat_blobs(unreachable, head=SNIFF_SIZE if referrers else 0, ctx=ctx)
@@ -118,8 +125,8 @@ async def gc(
             old, fresh = [], set()
             for digest in unreachable:
                 info = infos.get(digest)
-                if info is None:
-                    continue  # vanished meanwhile
+                if info is None or digest in leased:
+                    continue  # vanished meanwhile, or leased
                 if grace_period and not _older(info, cutoff):
                     fresh.add(digest)
                 else:
@@ -165,6 +172,7 @@ async def gc(
             vetoed=frozenset(vetoed),
             broken=frozenset(graph.broken),
             dry_run=dry_run,
+            leased=frozenset(leased) - graph.descriptors.keys(),
         )
 
     return await _compute(result)

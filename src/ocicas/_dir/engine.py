@@ -53,10 +53,12 @@ from .fs import (
     hold_blob,
     open_dir,
     open_regular,
+    read_open,
     read_small,
     remove_temp_dir,
     try_flock,
     unlink_unused,
+    write_all,
     write_file,
 )
 from .index import IndexStore
@@ -67,6 +69,9 @@ __all__ = ["TEMP_PREFIX", "DirEngine", "create_layout", "open_layout"]
 #: Prefix of this library's temporary directories inside a layout.
 TEMP_PREFIX: Final = ".ocicas-"
 _LAYOUT_FILE_LIMIT: Final = 64 << 10
+#: Lease files, in an engine's temporary directory: one digest a line.
+_LEASE_PREFIX: Final = "lease-"
+_LEASE_LIMIT: Final = 64 << 20
 #: Attempts at creating the temporary directory when another engine's gc() removes it under us.
 _TEMP_ATTEMPTS: Final = 8
 
@@ -113,6 +118,29 @@ async def open_layout(path: str | os.PathLike[str]) -> DirEngine:
     return await run_sync(DirEngine._open, check_path(path))
 
 
+def _read_leases(temp: int) -> set[Digest]:
+    """The digests of the live leases in the temporary directory open as ``temp``."""
+    out: set[Digest] = set()
+    with os.scandir(temp) as entries:
+        names = [e.name for e in entries if e.name.startswith(_LEASE_PREFIX)]
+    for name in names:
+        try:
+            fd = open_regular(name, temp, f"lease {name}")
+        except (FileNotFoundError, InvalidError):
+            continue
+        try:
+            if try_flock(fd, fcntl.LOCK_EX):
+                continue  # nobody holds it: the lease ended, or its process died
+            for line in read_open(fd, _LEASE_LIMIT, f"lease {name}")[1].decode("ascii", "replace").split():
+                try:
+                    out.add(Digest(line))
+                except InvalidError:
+                    continue  # a line cut short: the put it records did not finish
+        finally:
+            os.close(fd)
+    return out
+
+
 class _FileRaw(RawBlob):
     """A blob file open for reading."""
 
@@ -144,6 +172,7 @@ class DirEngine(Engine):
         self._temp_lock = threading.Lock()
         self._dir_syncs = {algorithm: GroupSync() for algorithm in SUPPORTED_ALGORITHMS}
         self._index = IndexStore(root_fd, repr(str(path)), self._temp_dir)
+        self._leases: dict[str, int] = {}  # live leases: their files, open and flock-held
 
     @classmethod
     def _open(cls, path: Path) -> DirEngine:
@@ -356,21 +385,82 @@ class DirEngine(Engine):
         return await run_sync(delete)
 
     def _gc_lock(self) -> AbstractAsyncContextManager[None]:
-        """Excludes other collections of this layout, in this process and in others (flock on ``blobs/``)."""
-        return self._exclusive_gc()
+        """The collector's lock, exclusive, in this process and in others (``flock`` on ``blobs/``)."""
+        return self._blobs_flock(fcntl.LOCK_EX, super()._gc_lock())
+
+    def _gc_shared(self) -> AbstractAsyncContextManager[None]:
+        """The collector's lock, shared, in this process and in others (``flock`` on ``blobs/``)."""
+        return self._blobs_flock(fcntl.LOCK_SH, super()._gc_shared())
 
     @asynccontextmanager
-    async def _exclusive_gc(self) -> AsyncIterator[None]:
-        async with super()._gc_lock():
+    async def _blobs_flock(self, operation: int, local: AbstractAsyncContextManager[None]) -> AsyncIterator[None]:
+        async with local:
             blobs = await run_sync(open_dir, "blobs", self._root, "blobs")
             try:
                 delay = 0.001
-                while not await run_sync(try_flock, blobs, fcntl.LOCK_EX):
-                    await anyio.sleep(delay)
-                    delay = min(delay * 2, 0.1)
+                while not await run_sync(try_flock, blobs, operation):
+                    await anyio.sleep(delay)  # another process holds it: wait, cancellably
+                    delay = min(delay * 2, 0.05)
                 yield
             finally:
                 os.close(blobs)
+
+    # -- leases (files in this engine's temporary directory, flock-held while live) ----------
+
+    async def _lease_begin(self, lease_id: str) -> None:
+        def begin() -> int:
+            temp = self._temp_dir()
+            fd = os.open(
+                f"{_LEASE_PREFIX}{lease_id}",
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC,
+                0o600,
+                dir_fd=temp,
+            )
+            fcntl.flock(fd, fcntl.LOCK_SH)  # a collector that can take it exclusively knows the lease is dead
+            return fd
+
+        self._leases[lease_id] = await run_sync(begin)
+
+    async def _lease_record(self, lease_id: str, digests: list[Digest]) -> None:
+        # a collector reads leases holding the lock exclusively; this runs holding it shared
+        await run_sync(write_all, self._leases[lease_id], "".join(f"{d}\n" for d in digests).encode())
+
+    async def _lease_end(self, lease_id: str) -> None:
+        fd = self._leases.pop(lease_id, None)
+        if fd is None:
+            return
+
+        def end() -> None:
+            try:
+                os.unlink(f"{_LEASE_PREFIX}{lease_id}", dir_fd=self._temp_dir())
+            except FileNotFoundError:
+                pass
+            finally:
+                os.close(fd)
+
+        await run_sync(end)
+
+    async def _leased_blobs(self) -> set[Digest]:
+        def scan() -> set[Digest]:
+            leased: set[Digest] = set()
+            with os.scandir(self._root) as entries:
+                temps = [e.name for e in entries if e.name.startswith(TEMP_PREFIX)]
+            for name in temps:
+                try:
+                    temp = os.open(name, DIR_FLAGS, dir_fd=self._root)
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                except OSError as exc:
+                    if exc.errno == errno.ELOOP:
+                        continue
+                    raise
+                try:
+                    leased.update(_read_leases(temp))
+                finally:
+                    os.close(temp)
+            return leased
+
+        return await run_sync(scan)
 
     async def _list_blobs(self) -> list[Digest]:
         def listing() -> list[Digest]:

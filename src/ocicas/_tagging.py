@@ -1,0 +1,81 @@
+"""The one path every reference write takes: a reference never names content that is not there.
+
+:meth:`Engine.update_references` (and so ``put_reference``, ``build_image``,
+``build_index``, ``copy`` and the CLI) writes a reference only after
+:func:`check_closure` found its target and everything the target reaches by the
+graph's rules present: index entries, configs, layers, descriptor blobs.
+Subjects are weak references (image-spec: referrers live apart from their
+subject) and are not followed. The check and the write happen under the shared
+side of the collector's lock, so no collection, in this process or another, can
+remove content between them, whatever its grace period.
+
+Each manifest or index is read (verified) and parsed once per call; leaves are
+checked by their size only (``stat_blobs``), never read. A descriptor with
+embedded ``data`` (verified against its digest when parsed) stands for its blob. Callers that must tag
+partial content on purpose (a platform-filtered copy, a partial layout) pass
+``partial=True``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ._descriptor import Descriptor
+from ._engine import Engine
+from ._errors import BlobNotFoundError, SizeMismatchError
+from ._graph import Graph, is_node, walk
+from ._json import load_json
+from ._media_types import INDEX_MEDIA_TYPES, MANIFEST_MEDIA_TYPES, MEDIA_TYPE_DESCRIPTOR
+from ._models import Index, Manifest
+
+__all__ = ["check_closure", "strong_children"]
+
+
+def strong_children(descriptor: Descriptor, data: bytes) -> list[Descriptor]:
+    """What a node needs present: its children less its ``subject`` (a weak association)."""
+    media_type = descriptor.media_type
+    if media_type in MANIFEST_MEDIA_TYPES:
+        manifest = Manifest.from_json(data, media_type=media_type)
+        return [manifest.config, *manifest.layers]
+    if media_type in INDEX_MEDIA_TYPES:
+        return list(Index.from_json(data, media_type=media_type).manifests)
+    if media_type == MEDIA_TYPE_DESCRIPTOR:
+        return [Descriptor.from_dict(load_json(data, "descriptor blob"))]
+    return []
+
+
+async def check_closure(engine: Engine, targets: Sequence[tuple[str, Descriptor]]) -> None:
+    """Raise :class:`~ocicas.BlobNotFoundError` unless every target ``(name, descriptor)`` is complete.
+
+    Runs inside an engine operation that holds the collector's lock shared.
+    """
+    graph = Graph()
+    try:
+        await walk(engine, [d for _, d in targets], graph=graph, expand=strong_children)
+    except BlobNotFoundError as exc:
+        raise BlobNotFoundError(f"cannot tag {_names(targets)}: {exc}") from exc
+    # nodes were read and verified by the walk, and embedded data stands for its blob; leaves are checked by size
+    unread = {
+        digest: descriptor
+        for digest, descriptor in graph.descriptors.items()
+        if not is_node(descriptor) and descriptor.data is None
+    }
+    found = await engine.stat_blobs(list(unread)) if unread else {}
+    for digest in sorted(unread):
+        descriptor = unread[digest]
+        info = found.get(digest)
+        if info is None:
+            raise BlobNotFoundError(
+                f"cannot tag {_names(targets)}: {descriptor.media_type} {digest}{graph.where(digest)} is missing"
+            )
+        if info.size != descriptor.size:
+            raise SizeMismatchError(
+                f"cannot tag {_names(targets)}: blob {digest}{graph.where(digest)} has {info.size} bytes, "
+                f"but its descriptor says {descriptor.size}"
+            )
+
+
+def _names(targets: Sequence[tuple[str, Descriptor]]) -> str:
+    names = sorted(name for name, _ in targets)
+    shown = ", ".join(repr(n) for n in names[:3])
+    return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")
