@@ -164,14 +164,18 @@ class Engine(ABC):
         ctx = check_ctx(ctx)
         digest, expected = _target(digest)
         async with self._operation(ctx):
-            raw = await self._open_blob(digest)
-            try:
-                _check_size(digest, raw.size, expected)
-                return BlobReader(digest, raw, ctx=ctx, lifecycle=self._lifecycle)
-            except BaseException:
-                with bounded_shield():
-                    await raw.aclose()
-                raise
+            return await self._open_reader(digest, expected, ctx)
+
+    async def _open_reader(self, digest: Digest, expected: int | None, ctx: Context | None) -> BlobReader:
+        """A reader of ``digest`` that owns the raw source from the start (closing it if that fails)."""
+        raw = await self._open_blob(digest)
+        try:
+            _check_size(digest, raw.size, expected)
+            return BlobReader(digest, raw, ctx=ctx, lifecycle=self._lifecycle)  # refused once the engine closes
+        except BaseException:
+            with bounded_shield():
+                await raw.aclose()
+            raise
 
     async def read_blob(
         self,
@@ -190,9 +194,7 @@ class Engine(ABC):
         max_size = check_int(max_size, "max_size", optional=True)
         digest, expected = _target(digest)
         async with self._operation(ctx):
-            raw = await self._open_blob(digest)
-            async with BlobReader(digest, raw, ctx=ctx, lifecycle=self._lifecycle) as reader:
-                _check_size(digest, raw.size, expected)
+            async with await self._open_reader(digest, expected, ctx) as reader:
                 if max_size is not None and reader.size > max_size:
                     raise BlobTooLargeError(f"blob {digest} has {reader.size} bytes, over the cap of {max_size}")
                 return await reader.read()
