@@ -21,9 +21,7 @@ Sizes and counts are exact; nothing asserts how long anything took: a stop
 from __future__ import annotations
 
 import contextlib
-import errno
 import gc
-import hashlib
 import inspect
 import json
 import os
@@ -229,10 +227,14 @@ async def test_corrupt_blob_withholds_its_last_chunk(dir_engine: DirEngine, layo
     baseline = fd_count()
     reader = await dir_engine.get_blob(digest)
     assert fd_count() == baseline + 1
-    received = []
-    with pytest.raises(DigestMismatchError):
+    received: list[bytes] = []
+
+    async def read_all(reader: BlobReader) -> None:
         async for chunk in reader:
             received.append(chunk)
+
+    with pytest.raises(DigestMismatchError):
+        await read_all(reader)
     assert received == [data[:CHUNK_SIZE], data[CHUNK_SIZE : 2 * CHUNK_SIZE]]
     assert fd_count() == baseline  # released at the error, unclosed
     with pytest.raises(DigestMismatchError):
@@ -416,67 +418,76 @@ async def fsck(layout: Path) -> dict[str, Any]:
     return report
 
 
+async def load_round(layout: Path, decoy: Path, rng: random.Random, round_: int) -> tuple[list[BaseException], int]:
+    """20 workers on a fresh engine, closed at a random moment; the failures other than EngineClosedError,
+    and how many workers stopped with EngineClosedError."""
+    engine = await ocicas.open_layout(layout)
+    unexpected: list[BaseException] = []
+    closed_errors = 0
+    done = anyio.Event()
+
+    async def worker(index: int) -> None:
+        nonlocal closed_errors
+        wrng = random.Random(rng.random())
+        mine: list[tuple[bytes, Descriptor]] = []
+        step = 0
+        try:
+            while True:
+                step += 1
+                roll = wrng.random()
+                if roll < 0.35 or not mine:
+                    data = blob_bytes(wrng.choice([10, 5000, 200_000, CHUNK_SIZE + 3]), wrng.randrange(1 << 30))
+                    digest, size = await engine.put_blob(data)
+                    mine.append((data, Descriptor(media_type="application/octet-stream", digest=digest, size=size)))
+                elif roll < 0.55:
+                    data, descriptor = wrng.choice(mine)
+                    async with await engine.get_blob(descriptor) as reader:
+                        assert b"".join([chunk async for chunk in reader]) == data
+                elif roll < 0.7:
+                    data, descriptor = wrng.choice(mine)
+                    assert await engine.read_blob(descriptor) == data
+                elif roll < 0.85:
+                    await engine.put_reference(f"r{round_}-w{index}-{step}", wrng.choice(mine)[1])
+                elif roll < 0.95:
+                    await engine.list_references()
+                else:
+                    await ocicas.gc(engine, grace_period=3600)  # blobs are fresh: nothing goes
+        except EngineClosedError:
+            closed_errors += 1
+        except BaseException as exc:  # every other failure is the finding
+            if isinstance(exc, anyio.get_cancelled_exc_class()):
+                raise
+            unexpected.append(exc)
+
+    async def decoy_fds() -> None:
+        while not done.is_set():
+            await anyio.to_thread.run_sync(open_and_close, decoy, 8)
+
+    async def closer() -> None:
+        await anyio.sleep(rng.uniform(0, 0.3))
+        await engine.close()
+        assert engine.closed
+
+    async with anyio.create_task_group() as outer:
+        outer.start_soon(decoy_fds)
+        async with anyio.create_task_group() as tg:
+            for index in range(20):
+                tg.start_soon(worker, index)
+            tg.start_soon(closer)
+        done.set()
+    return unexpected, closed_errors
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 async def test_close_under_load(layout: Path, tmp_path: Path, seed: int) -> None:
+    """Three rounds per seed of 20 workers (puts, gets, tags, gc) closed at a random moment,
+    while a decoy task keeps reusing freed descriptor numbers for another directory."""
     rng = random.Random(seed)
     decoy = tmp_path / "decoy"
     decoy.mkdir()
     baseline = fd_count()
     for round_ in range(3):
-        engine = await ocicas.open_layout(layout)
-        unexpected: list[BaseException] = []
-        closed_errors = 0
-        done = anyio.Event()
-
-        async def worker(index: int) -> None:
-            nonlocal closed_errors
-            wrng = random.Random(rng.random())
-            mine: list[tuple[bytes, Descriptor]] = []
-            step = 0
-            try:
-                while True:
-                    step += 1
-                    roll = wrng.random()
-                    if roll < 0.35 or not mine:
-                        data = blob_bytes(wrng.choice([10, 5000, 200_000, CHUNK_SIZE + 3]), wrng.randrange(1 << 30))
-                        digest, size = await engine.put_blob(data)
-                        mine.append((data, Descriptor(media_type="application/octet-stream", digest=digest, size=size)))
-                    elif roll < 0.55:
-                        data, descriptor = wrng.choice(mine)
-                        async with await engine.get_blob(descriptor) as reader:
-                            assert b"".join([chunk async for chunk in reader]) == data
-                    elif roll < 0.7:
-                        data, descriptor = wrng.choice(mine)
-                        assert await engine.read_blob(descriptor) == data
-                    elif roll < 0.85:
-                        await engine.put_reference(f"r{round_}-w{index}-{step}", wrng.choice(mine)[1])
-                    elif roll < 0.95:
-                        await engine.list_references()
-                    else:
-                        await ocicas.gc(engine, grace_period=3600)  # blobs are fresh: nothing goes
-            except EngineClosedError:
-                closed_errors += 1
-            except BaseException as exc:  # noqa: BLE001 - every other failure is the finding
-                if isinstance(exc, anyio.get_cancelled_exc_class()):
-                    raise
-                unexpected.append(exc)
-
-        async def decoy_fds() -> None:
-            while not done.is_set():
-                await anyio.to_thread.run_sync(open_and_close, decoy, 8)
-
-        async def closer() -> None:
-            await anyio.sleep(rng.uniform(0, 0.3))
-            await engine.close()
-            assert engine.closed
-
-        async with anyio.create_task_group() as outer:
-            outer.start_soon(decoy_fds)
-            async with anyio.create_task_group() as tg:
-                for index in range(20):
-                    tg.start_soon(worker, index)
-                tg.start_soon(closer)
-            done.set()
+        unexpected, closed_errors = await load_round(layout, decoy, rng, round_)
         assert unexpected == []
         assert closed_errors == 20  # every worker ran until the close stopped it
         assert await anyio.to_thread.run_sync(os.listdir, decoy) == []
@@ -529,7 +540,7 @@ async def closed_calls(engine: Engine) -> dict[str, Callable[[], Awaitable[objec
 
 
 async def test_every_call_of_a_closed_engine_raises_engine_closed(engine: Engine) -> None:
-    digest, _ = await engine.put_blob(b"x")
+    await engine.put_blob(b"x")
     await engine.close()
     await engine.close()  # idempotent
     assert engine.closed
@@ -634,10 +645,13 @@ async def test_task_group_chains_every_failure() -> None:
             await both.wait()
         raise exc
 
-    with pytest.raises((ValueError, KeyError)) as info:
+    async def both_fail() -> None:
         async with task_group() as tg:
             tg.start_soon(fail, first)
             tg.start_soon(fail, second)
+
+    with pytest.raises((ValueError, KeyError)) as info:
+        await both_fail()
     assert info.value in (first, second)
     cause = info.value.__cause__
     assert isinstance(cause, BaseExceptionGroup)
@@ -656,8 +670,11 @@ async def test_task_group_single_failure_is_raised_bare() -> None:
     async def fail() -> None:
         raise ValueError("only")
 
-    with pytest.raises(ValueError, match="only") as info:
+    async def one_fails() -> None:
         async with task_group() as tg:
             tg.start_soon(fail)
             tg.start_soon(anyio.sleep, 10)
+
+    with pytest.raises(ValueError, match="only") as info:
+        await one_fails()
     assert info.value.__cause__ is None

@@ -193,11 +193,10 @@ class Engine(ABC):
         ctx = check_ctx(ctx)
         max_size = check_int(max_size, "max_size", optional=True)
         digest, expected = _target(digest)
-        async with self._operation(ctx):
-            async with await self._open_reader(digest, expected, ctx) as reader:
-                if max_size is not None and reader.size > max_size:
-                    raise BlobTooLargeError(f"blob {digest} has {reader.size} bytes, over the cap of {max_size}")
-                return await reader.read()
+        async with self._operation(ctx), await self._open_reader(digest, expected, ctx) as reader:
+            if max_size is not None and reader.size > max_size:
+                raise BlobTooLargeError(f"blob {digest} has {reader.size} bytes, over the cap of {max_size}")
+            return await reader.read()
 
     async def stat_blob(self, digest: Digest | str | Descriptor, *, ctx: Context | None = None) -> int:
         """Return a blob's size without reading it; :class:`~ocicas.BlobNotFoundError` if absent.
