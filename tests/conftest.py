@@ -1,5 +1,11 @@
 from __future__ import annotations
 
+import gc
+import os
+import re
+import sys
+import threading
+import warnings
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -8,6 +14,9 @@ from blockbuster import blockbuster_ctx
 
 import ocicas
 from ocicas import Engine
+
+#: Idle worker threads: anyio's on asyncio, trio's thread cache (named so only while idle).
+_IDLE_THREAD_NAME = re.compile(r"AnyIO worker thread|Trio thread \d+")
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -33,3 +42,56 @@ def blockbuster() -> Iterator[None]:
     """Fail any blocking call that ocicas makes on an asyncio event loop thread."""
     with blockbuster_ctx(["ocicas"]):
         yield
+
+
+def fd_targets() -> dict[int, str]:
+    """This process's open file descriptors and what each refers to."""
+    out = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            out[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            pass  # the descriptor listdir itself used
+    return out
+
+
+def _busy(thread: threading.Thread) -> bool:
+    """Whether ``thread`` is doing something: not an idle anyio/trio worker (no ocicas frame on its stack)."""
+    if not _IDLE_THREAD_NAME.fullmatch(thread.name) or thread.ident is None:
+        return True
+    frame = sys._current_frames().get(thread.ident)
+    while frame is not None:
+        if f"{os.sep}ocicas{os.sep}" in frame.f_code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Iterator[None]:
+    """Fail a test that leaves a file descriptor, a busy thread or an unclosed reader behind.
+
+    Autouse function fixtures are set up after the session- and module-scoped ones
+    (registry servers) and before the test's own (engines), and torn down after
+    those: what the snapshot does not hold, the test opened. Only descriptors and
+    threads that are new since the snapshot count.
+    """
+    gc.collect()
+    before_fds = fd_targets()
+    before_threads = set(threading.enumerate())
+    yield
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        gc.collect()
+    unclosed = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    leaked = {fd: target for fd, target in fd_targets().items() if before_fds.get(fd) != target}
+    busy = [t for t in threading.enumerate() if t not in before_threads and t.is_alive() and _busy(t)]
+    problems = []
+    if unclosed:
+        problems.append(f"left to the garbage collector unclosed: {unclosed}")
+    if leaked:
+        problems.append(f"file descriptors left open: {leaked}")
+    if busy:
+        problems.append(f"threads left running: {[t.name for t in busy]}")
+    if problems:
+        pytest.fail("; ".join(problems), pytrace=False)

@@ -147,6 +147,8 @@ class BlobReader:
 
     @asynccontextmanager
     async def _operation(self) -> AsyncIterator[None]:
+        if self._failure is not None:  # released at the error: say what went wrong, not "closed"
+            raise self._failure
         if self._closed:
             raise EngineClosedError(f"{self!r} is closed")
         if self._busy:
@@ -172,8 +174,6 @@ class BlobReader:
                 parts.append(chunk)
             return b"".join(parts)
         async with self._operation():
-            if self._failure is not None:
-                raise self._failure
             if self._eof or n == 0:
                 return b""
             try:

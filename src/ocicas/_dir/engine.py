@@ -18,6 +18,7 @@ symlink cannot lead outside.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -232,7 +233,12 @@ class DirEngine(Engine):
             for _ in range(_TEMP_ATTEMPTS):
                 name = f"{TEMP_PREFIX}{secrets.token_hex(8)}"
                 os.mkdir(name, 0o700, dir_fd=self._root)
-                fd = os.open(name, DIR_FLAGS, dir_fd=self._root)
+                try:
+                    fd = os.open(name, DIR_FLAGS, dir_fd=self._root)
+                except BaseException:  # EMFILE, say: leave no directory behind for each failed attempt
+                    with contextlib.suppress(OSError):
+                        os.rmdir(name, dir_fd=self._root)
+                    raise
                 try:
                     locked = try_flock(fd, fcntl.LOCK_EX)
                     st = os.fstat(fd)
