@@ -102,7 +102,7 @@ async def test_index_with_null_manifests_opens_and_is_rewritten_as_an_array(layo
     (layout / "index.json").write_text('{"schemaVersion":2,"manifests":null}')
     async with await ocicas.open_layout(layout) as engine:
         assert await engine.list_references() == []
-        await engine.put_reference("v1", descriptor(b"m"))
+        await engine.put_reference("v1", descriptor(b"m"), partial=True)
     written = json.loads((layout / "index.json").read_bytes())
     assert written["manifests"] == [descriptor(b"m").to_dict() | {"annotations": {ocicas.ANNOTATION_REF_NAME: "v1"}}]
 
@@ -124,7 +124,7 @@ async def test_rewrites_keep_unknown_fields_annotations_and_unnamed_entries(layo
     }
     (layout / "index.json").write_text(json.dumps(original))
     async with await ocicas.open_layout(layout) as engine:
-        await engine.put_reference("new", descriptor(b"new"))
+        await engine.put_reference("new", descriptor(b"new"), partial=True)
         await engine.delete_reference("absent")
         assert await engine.get_reference("old") == ocicas.Descriptor.from_dict(
             {**named, "annotations": {"org.example.note": "kept"}}
@@ -331,9 +331,9 @@ async def test_engine_gc_removes_dead_engines_files_only(layout: Path) -> None:
 
 async def test_index_changes_made_by_others_are_seen(layout: Path) -> None:
     async with await ocicas.open_layout(layout) as engine:
-        await engine.put_reference("a", descriptor(b"a"))
+        await engine.put_reference("a", descriptor(b"a"), partial=True)
         async with await ocicas.open_layout(layout) as other:
-            await other.put_reference("b", descriptor(b"b"))
+            await other.put_reference("b", descriptor(b"b"), partial=True)
         assert await engine.list_references() == ["a", "b"]
         (layout / "index.json").write_bytes(EMPTY_INDEX)
         assert await engine.list_references() == []
@@ -342,22 +342,22 @@ async def test_index_changes_made_by_others_are_seen(layout: Path) -> None:
 async def test_batch_updates_rewrite_the_index_once(layout: Path) -> None:
     async with await ocicas.open_layout(layout) as engine:
         inode = (layout / "index.json").stat().st_ino
-        await engine.update_references({f"t{i}": descriptor(str(i).encode()) for i in range(1000)})
+        await engine.update_references({f"t{i}": descriptor(str(i).encode()) for i in range(1000)}, partial=True)
         assert (layout / "index.json").stat().st_ino != inode
         assert len(json.loads((layout / "index.json").read_bytes())["manifests"]) == 1000
         inode = (layout / "index.json").stat().st_ino
-        await engine.put_reference("t5", descriptor(b"5"))  # no change: no rewrite
+        await engine.put_reference("t5", descriptor(b"5"), partial=True)  # no change: no rewrite
         assert (layout / "index.json").stat().st_ino == inode
 
 
 async def test_a_refused_reference_change_leaves_the_index_untouched(layout: Path) -> None:
     async with await ocicas.open_layout(layout) as engine:
-        await engine.put_reference("tag", descriptor(b"one"))
+        await engine.put_reference("tag", descriptor(b"one"), partial=True)
         before = (layout / "index.json").read_bytes()
         with pytest.raises(ocicas.ClobberError):
-            await engine.put_reference("tag", descriptor(b"two"))
+            await engine.put_reference("tag", descriptor(b"two"), partial=True)
         with pytest.raises(ocicas.InvalidError):
-            await engine.put_reference("../x", descriptor(b"two"))
+            await engine.put_reference("../x", descriptor(b"two"), partial=True)
     assert (layout / "index.json").read_bytes() == before
 
 
@@ -375,6 +375,7 @@ TAGGER = textwrap.dedent(
                 await engine.put_reference(
                     f"w{worker}-{i}",
                     ocicas.Descriptor(media_type=MANIFEST, digest=sha256(data), size=len(data)),
+                    partial=True,
                 )
 
     anyio.run(main, sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))

@@ -94,6 +94,7 @@ if TYPE_CHECKING:
         MEDIA_TYPE_IMAGE_MANIFEST,
         MEDIA_TYPE_LAYOUT_HEADER,
     )
+    from ._lease import Lease
     from ._memory_engine import MemoryEngine
     from ._models import ContainerConfig, History, ImageConfig, Index, Manifest, RootFS
     from .registry import RegistryEngine, RegistryLocation, RetryPolicy, open_registry, parse_registry_location
@@ -133,6 +134,7 @@ _LAZY: dict[str, str] = {
     "BlobReader": "._engine",
     "BlobSource": "._engine",
     "Engine": "._engine",
+    "Lease": "._lease",
     "RawBlob": "._engine",
     "AccessDeniedError": "._errors",
     "BlobNotFoundError": "._errors",
@@ -293,6 +295,7 @@ __all__ = [
     "InvalidError",
     "LayoutExistsError",
     "LayoutNotFoundError",
+    "Lease",
     "Manifest",
     "MemoryEngine",
     "NotFoundError",

@@ -66,11 +66,11 @@ async def under_fsize_limit(layout: Path, limit: int) -> None:
         await step(layout, "put one byte over", lambda: engine.put_blob(blob_bytes(limit + 1, 2)))
         await step(layout, "put streamed far over", lambda: engine.put_blob(chunks(blob_bytes(3 << 20, 3), 100_000)))
         await step(layout, "put of present content over the limit", lambda: engine.put_blob(existing))
-        await step(layout, "put_reference", lambda: engine.put_reference("new", descriptor(b"new")))
+        await step(layout, "put_reference", lambda: engine.put_reference("new", descriptor(b"new"), partial=True))
         await step(
             layout,
             "update_references",
-            lambda: engine.update_references({f"batch-{i}": descriptor(b"%d" % i) for i in range(10)}),
+            lambda: engine.update_references({f"batch-{i}": descriptor(b"%d" % i) for i in range(10)}, partial=True),
         )
         await step(layout, "put under the limit", lambda: engine.put_blob(blob_bytes(limit // 2, 4)))
 
@@ -80,7 +80,7 @@ async def on_a_full_disk(layout: Path, copy_to: Path) -> None:
     filler = layout.parent / "filler"
     async with await ocicas.open_layout(layout) as engine:
         for i in range(300):  # an index.json of tens of KiB
-            await engine.put_reference(f"tag-{i}", descriptor(b"%d" % i))
+            await engine.put_reference(f"tag-{i}", descriptor(b"%d" % i), partial=True)
         await engine.put_blob(blob_bytes(100_000, 5))
         await step(layout, "put larger than the disk", lambda: engine.put_blob(blob_bytes(16 << 20, 6)))
 
@@ -95,9 +95,17 @@ async def on_a_full_disk(layout: Path, copy_to: Path) -> None:
 
         await anyio.to_thread.run_sync(fill)
         await step(layout, "put on a full disk", lambda: engine.put_blob(blob_bytes(50_000, 7)))
-        await step(layout, "put_reference on a full disk", lambda: engine.put_reference("new", descriptor(b"new")))
+        await step(
+            layout,
+            "put_reference on a full disk",
+            lambda: engine.put_reference("new", descriptor(b"new"), partial=True),
+        )
         filler.unlink()
-        await step(layout, "put_reference with room again", lambda: engine.put_reference("new", descriptor(b"new")))
+        await step(
+            layout,
+            "put_reference with room again",
+            lambda: engine.put_reference("new", descriptor(b"new"), partial=True),
+        )
     shutil.copytree(layout, copy_to, symlinks=True)
 
 

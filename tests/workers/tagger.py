@@ -29,7 +29,7 @@ async def main(layout: str, worker: int, count: int) -> None:
         print("ready", flush=True)
         await anyio.to_thread.run_sync(sys.stdin.readline)
         for i in range(count):
-            await engine.put_reference(f"w{worker}-{i}", descriptor(worker, i))
+            await engine.put_reference(f"w{worker}-{i}", descriptor(worker, i), partial=True)  # index.json load only
     print("done", flush=True)
 
 

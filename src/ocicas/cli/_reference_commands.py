@@ -53,12 +53,21 @@ async def _sniff(engine: Engine, digest: Digest, size: int) -> str:
     help="The blob's media type (default: the mediaType a manifest or index declares).",
 )
 @click.option("-f", "--force", is_flag=True, help="Move NAME if it already names something else.")
+@click.option(
+    "--partial",
+    is_flag=True,
+    help="Name it even if content it reaches is missing (a partial layout, on purpose).",
+)
 @json_option
-def tag(layout: str, name: str, digest: Digest, media_type: str | None, force: bool, as_json: bool) -> None:
+def tag(
+    layout: str, name: str, digest: Digest, media_type: str | None, force: bool, partial: bool, as_json: bool
+) -> None:
     """Name blob DIGEST of LAYOUT as reference NAME.
 
     The size is read from the blob. Manifests and indexes are checked to parse
-    as their media type before they are named.
+    as their media type, and everything they reach (index entries, configs,
+    layers; not a subject) to be present, before they are named (exit 3 names
+    what is missing; --partial skips that check).
 
     \b
     JSON output (--json): {"name", "mediaType", "digest", "size"}
@@ -77,7 +86,7 @@ def tag(layout: str, name: str, digest: Digest, media_type: str | None, force: b
             if kind in _DOCUMENT_TYPES or kind == MEDIA_TYPE_DESCRIPTOR:
                 await from_descriptor(engine, descriptor)  # InvalidError unless it parses as `kind`
             try:
-                await engine.update_references({name: descriptor}, replace=force)
+                await engine.update_references({name: descriptor}, replace=force, partial=partial)
             except ClobberError as exc:
                 raise CommandError(f"{exc} (--force moves it)", ExitCode.CONFLICT) from exc
             return descriptor
