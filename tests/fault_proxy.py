@@ -5,7 +5,7 @@ bodies) from ``127.0.0.1:<port>`` to an upstream server, and applies the faults
 its :class:`Faults` asks for, to the requests they match:
 
 - ``cut_after``: cut response bodies longer than that after as many bytes (the
-  connection is closed there; ``cuts`` limits how many are cut);
+  connection is closed there; ``cuts`` limits how many are cut, both ways);
 - ``cut_request_after``: cut request bodies (uploads) after as many bytes (a reset);
 - ``reset``: reset the next *n* matching connections instead of forwarding;
 - ``fail``: answer the next matching requests with these statuses (``503``, ``500``)
@@ -159,8 +159,12 @@ class FaultProxy:
                 assert up_reader is not None
                 await upstream.send(_head_bytes(first, headers))
                 cut = faults.cut_request_after if faults.matches(method, path) else None
+                if faults.cuts == 0:
+                    cut = None
                 if not await self._relay_body(reader, headers, upstream, cut):
                     faults.log.append((method, path, "request cut"))
+                    if faults.cuts is not None:
+                        faults.cuts -= 1
                     _abort(upstream)
                     await upstream.aclose()
                     raise _Reset

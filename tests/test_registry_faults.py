@@ -182,9 +182,7 @@ async def test_a_range_answer_from_elsewhere_is_refused(registry: Registry, tmp_
         calls += 1
         if "range" not in request.headers:
             return httpx.Response(200, headers={"Content-Length": str(len(data))}, stream=_Cut(data, 20 * KiB))
-        return httpx.Response(
-            206, headers={"Content-Range": f"bytes 0-{len(data) - 1}/{len(data)}"}, content=data
-        )
+        return httpx.Response(206, headers={"Content-Range": f"bytes 0-{len(data) - 1}/{len(data)}"}, content=data)
 
     transport = httpx.MockTransport(handler)
     async with await open_registry(
@@ -226,3 +224,74 @@ async def test_stalls_and_5xx_are_ridden_out(registry: Registry, proxy: FaultPro
         "stall",
     ]
     assert result.retries == 3
+
+
+# -- pushes ---------------------------------------------------------------------------------
+
+
+async def layout_image(path: Path) -> tuple[Engine, Descriptor, list[Digest]]:
+    engine = await new_layout(path)
+    root, digests = await put_image(engine, LAYERS)
+    await engine.put_reference("v1", root)
+    return engine, root, digests
+
+
+async def check_pushed(registry: Registry, repository: str, root: Descriptor, digests: list[Digest]) -> None:
+    async with await direct(registry, repository) as engine:
+        assert await engine.get_reference("v1") == root
+        for digest in digests:
+            assert sha256(await engine.read_blob(digest)) == digest
+
+
+UPLOADS = r"/blobs/uploads/"
+
+
+@pytest.mark.parametrize("fault", ["503", "reset"])
+async def test_a_push_resumes_chunks_the_registry_did_not_get(
+    registry: Registry, proxy: FaultProxy, tmp_path: Path, fault: str
+) -> None:
+    repository = registry.repository()
+    src, root, digests = await layout_image(tmp_path / "src")
+    faults = Faults(methods=frozenset({"PATCH"}), path=UPLOADS)
+    if fault == "503":
+        faults.fail = [503, 503]
+    else:
+        faults.reset = 2
+    proxy.faults = faults
+    events: list[CopyEvent] = []
+    async with src, await through(proxy, repository, chunk_size=256 * KiB) as dst:
+        result = await copy(src, "v1", dst, concurrency=1, progress=events.append)
+    await check_pushed(registry, repository, root, digests)
+    assert len(faults.made(fault)) == 2
+    assert result.retries == 2
+    assert [e.kind for e in events].count("retry") == 2
+
+
+async def test_a_monolithic_upload_cut_midway_is_made_again(
+    registry: Registry, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    repository = registry.repository()
+    src, root, digests = await layout_image(tmp_path / "src")
+    # the first PUT carrying more than 100 bytes (the config, in hand) is cut: distribution drops that session
+    proxy.faults = Faults(methods=frozenset({"PUT"}), path=UPLOADS, cut_request_after=100, cuts=1)
+    async with src, await through(proxy, repository, chunk_size=256 * KiB) as dst:
+        result = await copy(src, "v1", dst, concurrency=1)
+    await check_pushed(registry, repository, root, digests)
+    assert len(proxy.faults.made("request cut")) == 1
+    assert result.retries == 2  # the session's status asked (lost), then a new upload
+
+
+async def test_a_push_through_5xx_on_every_upload_step_lands_verified(
+    registry: Registry, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    repository = registry.repository()
+    src, root, digests = await layout_image(tmp_path / "src")
+    # the uploads' POST, PATCH and PUT alike (what is retried while a blob moves is what the copy counts)
+    proxy.faults = Faults(
+        methods=frozenset({"POST", "PATCH", "PUT"}), path=UPLOADS, fail=[503, 500, 503, 503, 500, 503]
+    )
+    async with src, await through(proxy, repository, chunk_size=256 * KiB) as dst:
+        result = await copy(src, "v1", dst)
+    await check_pushed(registry, repository, root, digests)
+    assert len([f for _, _, f in proxy.faults.log if f in ("500", "503")]) == 6
+    assert result.retries == 6

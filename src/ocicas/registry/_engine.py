@@ -60,8 +60,8 @@ from ._location import RegistryLocation, validate_repository, validate_tag
 from ._manifests import ACCEPT, DocumentCache, is_manifest_type
 from ._streams import read_body, release
 from ._tags import TagStore
-from ._transport import RegistryClient
-from ._upload import UploadSession, mount_blob
+from ._transport import RegistryClient, note_retry
+from ._upload import UploadSession, mount_blob, transient
 
 __all__ = ["RegistryEngine"]
 
@@ -128,15 +128,29 @@ class RegistryEngine(Engine):
             verifier.update(data)
         digest = verifier.verify()
         if absent or await self._blob_size(digest) != len(data):
-            session = UploadSession(self._client)
-            await session.start()
-            try:
-                await session.commit(digest, data)
-            except BaseException:
-                await session.cancel()
-                raise
+            await self._upload_whole(digest, data)
         self._documents.offer(digest, data)
         return digest, len(data)
+
+    async def _upload_whole(self, digest: Digest, data: bytes) -> None:
+        """``POST`` + ``PUT``; an upload the registry lost on the way is made again (the content is in hand)."""
+        attempt = 0
+        while True:
+            session = UploadSession(self._client)
+            try:
+                await session.start()
+                await session.commit(digest, data)
+                return
+            except BaseException as exc:
+                await session.cancel()
+                policy = self._client.retry
+                if not transient(exc) or attempt >= policy.retries:
+                    raise
+                if await self._blob_size(digest) == len(data):  # it landed; only the answer was lost
+                    return
+                await anyio.sleep(policy.delay(attempt))
+                attempt += 1
+                note_retry(self._client)
 
     async def _put_stream(self, source: BlobSource, verifier: Verifier, *, absent: bool) -> tuple[Digest, int]:
         """Store a stream: a short one as a whole, a long one as chunked ``PATCH``es."""

@@ -51,10 +51,10 @@ from ._streams import BODIES, Body, body_of, read_body
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
-__all__ = ["RegistryClient", "RetryPolicy", "error_codes", "error_list", "note_retry"]
+__all__ = ["RETRY_STATUSES", "RegistryClient", "RetryPolicy", "error_codes", "error_list", "note_retry"]
 
 #: Statuses worth retrying an idempotent request on.
-_RETRY_STATUSES: Final = frozenset({408, 429, 500, 502, 503, 504})
+RETRY_STATUSES: Final = frozenset({408, 429, 500, 502, 503, 504})
 _IDEMPOTENT: Final = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 #: Bytes of an error body read to find its error codes.
 _ERROR_BODY_LIMIT: Final = 64 << 10
@@ -229,7 +229,7 @@ class RegistryClient:
             if status in (401, 403):
                 await self._read_error_body(response)
                 raise self._denied(response, authorization)
-            if status in _RETRY_STATUSES and retryable and attempt < self.retry.retries:
+            if status in RETRY_STATUSES and retryable and attempt < self.retry.retries:
                 delay = _retry_after(response)
                 await response.aclose()
                 if delay is None:
@@ -254,7 +254,7 @@ class RegistryClient:
                     ) from exc
             elif status >= 400:
                 await self._read_error_body(response)
-            if status in _RETRY_STATUSES:
+            if status in RETRY_STATUSES:
                 raise self.error(response, f"{method} {request.url.path}")
             return response
 
@@ -277,7 +277,7 @@ class RegistryClient:
                 raise RegistryUnreachableError(f"connection to token service {url} dropped: {exc}") from exc
             except httpx.TransportError as exc:
                 raise self._transport_error(exc, "GET", httpx.Request("GET", url)) from exc
-            if response.status_code in _RETRY_STATUSES and attempt < self.retry.retries:
+            if response.status_code in RETRY_STATUSES and attempt < self.retry.retries:
                 await anyio.sleep(min(_retry_after(response) or self.retry.delay(attempt), self.retry.max_delay))
                 attempt += 1
                 continue
