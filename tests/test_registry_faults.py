@@ -136,7 +136,7 @@ async def test_manifests_by_digest_resume_too(registry: Registry, proxy: FaultPr
 async def test_a_registry_that_ignores_range_still_gives_exact_bytes(
     registry: Registry, proxy: FaultProxy, tmp_path: Path
 ) -> None:
-    repository, root, digests = await pushed_image(registry)
+    repository, _, digests = await pushed_image(registry)
     proxy.faults = Faults(methods=frozenset({"GET"}), path=r"/blobs/", cut_after=300 * KiB, cuts=2, strip_range=True)
     async with await through(proxy, repository) as src, await new_layout(tmp_path / "dst") as dst:
         result = await copy(src, "v1", dst)
@@ -209,7 +209,7 @@ class _Cut(httpx.AsyncByteStream):
 
 
 async def test_stalls_and_5xx_are_ridden_out(registry: Registry, proxy: FaultProxy, tmp_path: Path) -> None:
-    repository, root, digests = await pushed_image(registry)
+    repository, _, digests = await pushed_image(registry)
     proxy.faults = Faults(methods=frozenset({"GET"}), path=r"/blobs/", fail=[503, 500], stall=1, stall_seconds=3)
     async with (
         await through(proxy, repository, request_timeout=0.5) as src,
