@@ -16,7 +16,7 @@ cancellable like any other.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Final
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -28,9 +28,6 @@ from ._streams import release
 from ._transport import RegistryClient, note_retry
 
 __all__ = ["ResumingRaw", "note_retry"]
-
-#: A reader hands out at most this much per read, so chunks stay small in memory (see ``benchmarks``).
-READ_TARGET: Final = 1 << 20
 
 #: ``reopen(start)``: a new streamed answer for the bytes from ``start`` on.
 Reopen = Callable[[int], Awaitable[httpx.Response]]
@@ -70,8 +67,7 @@ class ResumingRaw(RawBlob):
         self._token = anyio.lowlevel.current_token()
 
     async def read(self, n: int) -> bytes:
-        target = min(n, READ_TARGET)
-        while self._buffered < target and self._fetched < self.size:
+        while self._buffered < n and self._fetched < self.size:
             piece = await self._next_piece()
             if not piece:
                 break

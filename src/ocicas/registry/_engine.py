@@ -169,7 +169,7 @@ class RegistryEngine(Engine):
                             session = UploadSession(self._client)
                             await session.start()
                         if size >= max(self._chunk_size, session.min_chunk):
-                            await session.append(b"".join(pending), verifier)
+                            await session.append(pending[0] if len(pending) == 1 else b"".join(pending), verifier)
                             pending, size = [], 0
             last = b"".join(pending)
             if session is None:
