@@ -580,6 +580,149 @@ def case_lag_and_rss(workdir: Path, size: int) -> list[Row]:
     return rows
 
 
+REGISTRY_COPY_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, anyio, ocicas
+    from ocicas.registry import open_registry
+    async def main(mode, url, layout):
+        if mode == "pull":
+            await ocicas.create_layout(layout)
+        async with await open_registry(url, docker_config=False) as registry, await ocicas.open_layout(layout) as lay:
+            if mode == "pull":
+                result = await ocicas.copy(registry, "v1", lay)
+            else:
+                result = await ocicas.copy(lay, "v1", registry)
+        print(json.dumps({"retries": result.retries, "bytes": result.bytes_copied}))
+    anyio.run(main, *sys.argv[1:4], backend=sys.argv[4])
+    """
+)
+
+
+def timed_rss(args: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
+    """Run ``args`` under ``/usr/bin/time``: wall seconds, peak RSS in MiB of the process, its stdout."""
+    out = subprocess.run(["/usr/bin/time", "-f", "%e %M", *args], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"{args[:3]} failed:\n{out.stderr[-2000:]}")
+    seconds, kib = out.stderr.strip().splitlines()[-1].split()
+    return float(seconds), int(kib) / 1024, out.stdout
+
+
+def case_registry(workdir: Path, repeat: int, size: int, cut_mib: int) -> list[Row]:
+    """Pull and push of an image (4 layers) with a real docker-registry, against skopeo; also through a proxy
+    that cuts every response after ``cut_mib`` MiB. Time and peak RSS of the whole copying process."""
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root))
+    from tests.registry_fixtures import start_registry
+
+    binary, skopeo = shutil.which("docker-registry"), shutil.which("skopeo")
+    if binary is None:
+        return [Row("registry pull/push", 0, "s", note="docker-registry not installed")]
+    source = workdir / "registry-src"
+    make_big_image(source, size)
+    (workdir / "registry").mkdir()
+    registry = start_registry(binary, workdir / "registry")
+    paths = [str(Path(ocicas.__file__).parent.parent), os.environ.get("PYTHONPATH", "")]
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, paths))}
+    proxy = subprocess.Popen(
+        [sys.executable, str(root / "tests" / "fault_proxy.py"), registry.url, "--cut-after", str(cut_mib * MiB)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    rows = []
+    try:
+        assert proxy.stdout is not None
+        proxy_url = proxy.stdout.readline().strip()
+        host = registry.url.partition("://")[2]
+        counter = iter(range(10**6))
+
+        def ours(mode: str, base: str, backend: str) -> tuple[float, float, int]:
+            repo = f"bench/r{next(counter)}"
+            if mode == "pull":  # the image goes up first, directly
+                push_src = f"oci:{source}:v1"
+                run_quiet(
+                    [
+                        skopeo or "skopeo",
+                        "--insecure-policy",
+                        "copy",
+                        "--dest-tls-verify=false",
+                        push_src,
+                        f"docker://{host}/{repo}:v1",
+                    ]
+                )
+            layout = workdir / f"ours-{next(counter)}"
+            script = [
+                sys.executable,
+                "-c",
+                REGISTRY_COPY_SCRIPT,
+                mode,
+                f"{base}/{repo}",
+                str(layout if mode == "pull" else source),
+                backend,
+            ]
+            seconds, rss, out = timed_rss(script, env)
+            if mode == "pull":
+                shutil.rmtree(layout)
+            return seconds, rss, json.loads(out)["retries"]
+
+        def reference(mode: str, base: str) -> tuple[float, float]:
+            repo = f"bench/r{next(counter)}"
+            address = base.partition("://")[2]
+            if mode == "pull":
+                run_quiet(
+                    [
+                        skopeo or "skopeo",
+                        "--insecure-policy",
+                        "copy",
+                        "--dest-tls-verify=false",
+                        f"oci:{source}:v1",
+                        f"docker://{host}/{repo}:v1",
+                    ]
+                )
+                target = workdir / f"skopeo-{next(counter)}"
+                args = ["--src-tls-verify=false", f"docker://{address}/{repo}:v1", f"oci:{target}:v1"]
+            else:
+                target = None
+                args = ["--dest-tls-verify=false", f"oci:{source}:v1", f"docker://{address}/{repo}:v1"]
+            try:
+                seconds, rss, _ = timed_rss([skopeo or "skopeo", "--insecure-policy", "copy", *args])
+            except RuntimeError:
+                seconds, rss = float("nan"), float("nan")
+            if target is not None and target.exists():
+                shutil.rmtree(target)
+            return seconds, rss
+
+        for mode in ("pull", "push"):
+            for label, base in (("direct", registry.url), (f"cut every {cut_mib} MiB", proxy_url)):
+                ref = [reference(mode, base) for _ in range(repeat)] if skopeo else []
+                ref_time = median([t for t, _ in ref]) if ref else None
+                ref_rss = median([r for _, r in ref]) if ref else None
+                for backend in ("asyncio", "trio"):
+                    samples = [ours(mode, base, backend) for _ in range(repeat)]
+                    seconds = median([t for t, _, _ in samples])
+                    rss = max(r for _, r, _ in samples)
+                    retries = median([n for _, _, n in samples])
+                    ok_time = ref_time is not None and ref_time == ref_time and seconds <= 0.8 * ref_time
+                    rows.append(
+                        Row(
+                            f"registry {mode} {size // MiB} MiB, {label} ({backend})",
+                            seconds,
+                            "s",
+                            ref_time if ref_time == ref_time else None,
+                            "skopeo copy" + ("" if ref_time == ref_time else " (failed)"),
+                            "≤ 0.8× skopeo, < 64 MiB",
+                            ok_time and rss < 64,
+                            extra={"peak RSS MiB": rss, "skopeo RSS MiB": ref_rss, "retries": retries},
+                        )
+                    )
+    finally:
+        proxy.terminate()
+        proxy.wait(5)
+        registry.stop()
+        shutil.rmtree(source)
+    return rows
+
+
 # -- driver ------------------------------------------------------------------------------
 
 
@@ -716,6 +859,8 @@ def main() -> None:
             rows += case_lag_and_rss(workdir, size)
         if "scaling" in args.cases:
             rows += case_gc_scaling(workdir, [200, 2_000] if args.quick else [2_000, 20_000, 200_000])
+        if "registry" in args.cases:
+            rows += case_registry(workdir, args.repeat, size, 4 if args.quick else 20)
         if "import" in args.cases:
             rows += case_import(10 if args.quick else max(args.repeat, 30))
     show(rows)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable
+from contextvars import ContextVar
 from typing import Final, Literal
 
 import anyio
@@ -54,13 +55,19 @@ from ._models import Index
 from ._referrers import SNIFF_SIZE, find_referrers
 from ._tasks import task_group
 
-__all__ = ["DEFAULT_COPY_CONCURRENCY", "CopyEvent", "CopyProgress", "CopyResult", "copy"]
+__all__ = ["DEFAULT_COPY_CONCURRENCY", "TRANSFER_RETRY", "CopyEvent", "CopyProgress", "CopyResult", "copy"]
 
 #: Blobs transferred at once by default.
 DEFAULT_COPY_CONCURRENCY: Final = 4
 
 
-CopyEventKind = Literal["planned", "skipped", "started", "progress", "finished"]
+CopyEventKind = Literal["planned", "skipped", "started", "progress", "retry", "finished"]
+
+# issue 16: transfer retries
+#: Set by :func:`copy` around each blob's transfer; an engine calls it (in the task that moves the bytes)
+#: each time it resumes or retries part of that transfer (the registry engine: a dropped download resumed
+#: with ``Range``, an upload chunk sent again, a request retried after a 5xx).
+TRANSFER_RETRY: ContextVar[Callable[[], None] | None] = ContextVar("ocicas_transfer_retry", default=None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +76,8 @@ class CopyEvent:
 
     ``kind`` is ``"planned"`` once, when the totals are known (``descriptor`` is
     ``None``); then, per blob, either ``"skipped"`` (already at the destination) or
-    ``"started"``, any number of ``"progress"`` (``nbytes`` more bytes moved) and
+    ``"started"``, any number of ``"progress"`` (``nbytes`` more bytes moved) and of
+    ``"retry"`` (the engine resumed or retried part of the transfer, ``nbytes`` 0), and
     ``"finished"``. Skipped blobs count as done. In the rare case that a blob
     vanished from the destination during the copy and had to be moved again, it
     is reported again and the totals grow to match.
@@ -108,6 +116,8 @@ class CopyResult:
     referrers: tuple[Digest, ...]
     #: Index entries left out by the ``platforms`` filter, sorted.
     excluded: tuple[Digest, ...]
+    #: Times the engines resumed or retried part of a transfer (``"retry"`` events).
+    retries: int = 0
 
 
 class _Plan:
@@ -196,12 +206,15 @@ class _Mover:
         self.progress = progress
         self.copied: dict[Digest, int] = {}
         self.blobs_done = self.blobs_total = self.bytes_done = self.bytes_total = 0
+        self.retries = 0
 
     def report(self, kind: CopyEventKind, descriptor: Descriptor | None, nbytes: int = 0) -> None:
         if kind == "progress" or kind == "skipped":
             self.bytes_done += nbytes
         if kind == "finished" or kind == "skipped":
             self.blobs_done += 1
+        if kind == "retry":
+            self.retries += 1
         if self.progress is not None:
             self.progress(
                 CopyEvent(
@@ -238,6 +251,13 @@ class _Mover:
                     tg.start_soon(run, descriptor)
 
     async def transfer(self, descriptor: Descriptor) -> None:
+        token = TRANSFER_RETRY.set(lambda: self.report("retry", descriptor))
+        try:
+            await self._transfer(descriptor)
+        finally:
+            TRANSFER_RETRY.reset(token)
+
+    async def _transfer(self, descriptor: Descriptor) -> None:
         digest, size, ctx = descriptor.digest, descriptor.size, self.ctx
         data = self.plan.data.get(digest)
         dst = self.dst
@@ -389,6 +409,7 @@ async def copy(
         bytes_skipped=sum(d.size for d in skipped if d.digest not in copied),
         referrers=tuple(sorted(plan.referrers)),
         excluded=tuple(sorted(plan.excluded - plan.graph.digests())),
+        retries=mover.retries,
     )
 
 

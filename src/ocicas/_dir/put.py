@@ -34,6 +34,12 @@ __all__ = ["PendingBlob"]
 _PIPELINE_BATCH: Final = CHUNK_SIZE
 #: Batches waiting between the stages of put_blob's pipeline (with those in work: ≈ 7 batches in memory).
 _PIPELINE_DEPTH: Final = 2
+# issue 16 (memory): a vouched put (the source is a verifying BlobReader, as in copy) only counts, so its
+# pipeline is shallow and its batches small: with copy's 4 transfers at once, about 4 x 5 MiB instead of 4 x 28 MiB.
+#: A vouched put hands the worker threads this much at a time.
+_VOUCHED_BATCH: Final = 1 << 20
+#: Batches waiting between the stages of a vouched put.
+_VOUCHED_DEPTH: Final = 1
 #: put_blob syncs each time this much more is written, so the disk works while hashing goes on.
 _SYNC_EVERY: Final = 64 << 20
 
@@ -56,6 +62,8 @@ class PendingBlob:
         self._verifier = verifier
         # the source is a BlobReader of this very digest: it verifies, so the bytes are only counted here
         self._vouched = vouched
+        self._batch = _VOUCHED_BATCH if vouched else _PIPELINE_BATCH
+        self._depth = _VOUCHED_DEPTH if vouched else _PIPELINE_DEPTH
         self._name = f"blob-{secrets.token_hex(8)}"
         self._fd = -1
         self._unsynced = 0
@@ -101,15 +109,15 @@ class PendingBlob:
                 pending += len(chunk)
                 total += len(chunk)
                 self._verifier.check_total(total)  # an oversized stream stops now, not a batch later
-                if pending >= _PIPELINE_BATCH:
+                if pending >= self._batch:
                     return await self._pipeline(batch, total, chunks)
         return batch
 
     async def _pipeline(
         self, first: _Batch, total: int, chunks: AsyncIterator[bytes | bytearray | memoryview]
     ) -> _Batch:
-        to_hash, hashing = anyio.create_memory_object_stream[_Batch](_PIPELINE_DEPTH)
-        to_write, writing = anyio.create_memory_object_stream[_Batch](_PIPELINE_DEPTH)
+        to_hash, hashing = anyio.create_memory_object_stream[_Batch](self._depth)
+        to_write, writing = anyio.create_memory_object_stream[_Batch](self._depth)
 
         async def hasher() -> None:
             async with hashing, to_write:
@@ -134,7 +142,7 @@ class PendingBlob:
                     pending += len(chunk)
                     total += len(chunk)
                     self._verifier.check_total(total)
-                    if pending >= _PIPELINE_BATCH:
+                    if pending >= self._batch:
                         await to_hash.send(batch)
                         batch, pending = [], 0
         return batch

@@ -31,9 +31,9 @@ How the protocol maps onto the distribution API (``/v2/<name>/…``):
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Mapping
 from contextlib import aclosing
-from typing import Any, Final, TypeGuard
+from typing import Final, TypeGuard
 
 import anyio
 import anyio.lowlevel
@@ -55,12 +55,13 @@ from .._reader import RawBlob
 from .._source import BlobSource, iterate_source
 from .._tasks import bounded_shield, task_group
 from .._threads import CHUNK_SIZE, run_sync
+from ._download import ResumingRaw
 from ._location import RegistryLocation, validate_repository, validate_tag
 from ._manifests import ACCEPT, DocumentCache, is_manifest_type
 from ._streams import read_body, release
 from ._tags import TagStore
-from ._transport import RegistryClient
-from ._upload import UploadSession, mount_blob
+from ._transport import RegistryClient, note_retry
+from ._upload import UploadSession, mount_blob, transient
 
 __all__ = ["RegistryEngine"]
 
@@ -127,15 +128,29 @@ class RegistryEngine(Engine):
             verifier.update(data)
         digest = verifier.verify()
         if absent or await self._blob_size(digest) != len(data):
-            session = UploadSession(self._client)
-            await session.start()
-            try:
-                await session.commit(digest, data)
-            except BaseException:
-                await session.cancel()
-                raise
+            await self._upload_whole(digest, data)
         self._documents.offer(digest, data)
         return digest, len(data)
+
+    async def _upload_whole(self, digest: Digest, data: bytes) -> None:
+        """``POST`` + ``PUT``; an upload the registry lost on the way is made again (the content is in hand)."""
+        attempt = 0
+        while True:
+            session = UploadSession(self._client)
+            try:
+                await session.start()
+                await session.commit(digest, data)
+                return
+            except BaseException as exc:
+                await session.cancel()
+                policy = self._client.retry
+                if not transient(exc) or attempt >= policy.retries:
+                    raise
+                if await self._blob_size(digest) == len(data):  # it landed; only the answer was lost
+                    return
+                await anyio.sleep(policy.delay(attempt))
+                attempt += 1
+                note_retry(self._client)
 
     async def _put_stream(self, source: BlobSource, verifier: Verifier, *, absent: bool) -> tuple[Digest, int]:
         """Store a stream: a short one as a whole, a long one as chunked ``PATCH``es."""
@@ -154,7 +169,7 @@ class RegistryEngine(Engine):
                             session = UploadSession(self._client)
                             await session.start()
                         if size >= max(self._chunk_size, session.min_chunk):
-                            await session.append(b"".join(pending), verifier)
+                            await session.append(pending[0] if len(pending) == 1 else b"".join(pending), verifier)
                             pending, size = [], 0
             last = b"".join(pending)
             if session is None:
@@ -318,9 +333,23 @@ class RegistryEngine(Engine):
 
     async def _open_blob(self, digest: Digest) -> RawBlob:
         response, size = await self._open(digest)
-        return _HttpRaw(
-            response, size, lambda received, exc: self._client.dropped(f"reading blob {digest} at byte {received}", exc)
-        )
+        first = response.history[0] if response.history else response  # before any redirect
+        manifest = first.request.url.path.endswith(f"/manifests/{digest}")
+
+        async def reopen(start: int) -> httpx.Response:  # resumes on the same path (a redirect is followed again)
+            return await self._client.request(
+                "GET",
+                self._client.url(f"manifests/{digest}" if manifest else f"blobs/{digest}"),
+                headers={
+                    "Accept-Encoding": "identity",
+                    "Range": f"bytes={start}-",
+                    **({"Accept": ACCEPT} if manifest else {}),
+                },
+                stream=True,
+                follow_redirects=True,
+            )
+
+        return ResumingRaw(response, size, client=self._client, what=f"blob {digest}", reopen=reopen)
 
     async def _delete_blob(self, digest: Digest) -> None:
         """Delete ``digest`` from the blob store and, if it is a manifest, from the manifest store.
@@ -392,71 +421,3 @@ class RegistryEngine(Engine):
     async def _release(self) -> None:
         with bounded_shield():
             await self._client.http.aclose()
-
-
-class _HttpRaw(RawBlob):
-    """A blob's bytes as a streamed HTTP answer: pieces regrouped into the chunks asked for."""
-
-    def __init__(
-        self,
-        response: httpx.Response,
-        size: int,
-        dropped: Callable[[int, httpx.TransportError], Exception],
-    ) -> None:
-        super().__init__(size)
-        self._response: httpx.Response | None = response
-        self._iterator: AsyncIterator[bytes] | None = None
-        self._leftover = b""
-        self._received = 0
-        self._dropped = dropped
-        self._token = anyio.lowlevel.current_token()
-
-    async def read(self, n: int) -> bytes:
-        response = self._response
-        if response is None:
-            return b""
-        if self._iterator is None:
-            self._iterator = aiter(response.aiter_bytes())
-        parts, have = ([self._leftover] if self._leftover else []), len(self._leftover)
-        try:
-            while have < n:
-                piece = await anext(self._iterator, b"")
-                if not piece:
-                    break
-                parts.append(piece)
-                have += len(piece)
-        except httpx.TransportError as exc:
-            raise self._dropped(self._received + have, exc) from exc
-        data = b"".join(parts)
-        chunk, self._leftover = data[:n], data[n:]
-        self._received += len(chunk)
-        return chunk
-
-    async def aclose(self) -> None:
-        response, self._response = self._response, None
-        if response is not None:
-            await release(response, self._iterator)
-
-    def close_now(self) -> None:
-        """From a finaliser: close the answer on its event loop, soon (closing a connection awaits)."""
-        response, self._response = self._response, None
-        if response is None:
-            return
-        iterator = self._iterator
-
-        async def close() -> None:
-            try:
-                await release(response, iterator)
-            except Exception:
-                pass
-
-        native: Any = self._token.native_token
-        try:
-            if hasattr(native, "call_soon_threadsafe"):  # asyncio
-                native.call_soon_threadsafe(lambda: native.create_task(close()))
-            else:  # trio
-                import trio.lowlevel
-
-                native.run_sync_soon(lambda: trio.lowlevel.spawn_system_task(close))
-        except RuntimeError:
-            pass  # the loop has finished: the connection went with it

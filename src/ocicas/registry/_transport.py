@@ -35,6 +35,7 @@ from typing import Any, Final
 import anyio
 import httpx
 
+from .._copy import TRANSFER_RETRY
 from .._errors import (
     AccessDeniedError,
     InvalidError,
@@ -50,10 +51,10 @@ from ._streams import BODIES, Body, body_of, read_body
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
-__all__ = ["RegistryClient", "RetryPolicy", "error_codes", "error_list"]
+__all__ = ["RETRY_STATUSES", "RegistryClient", "RetryPolicy", "error_codes", "error_list", "note_retry"]
 
 #: Statuses worth retrying an idempotent request on.
-_RETRY_STATUSES: Final = frozenset({408, 429, 500, 502, 503, 504})
+RETRY_STATUSES: Final = frozenset({408, 429, 500, 502, 503, 504})
 _IDEMPOTENT: Final = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 #: Bytes of an error body read to find its error codes.
 _ERROR_BODY_LIMIT: Final = 64 << 10
@@ -77,6 +78,14 @@ class RetryPolicy:
     def delay(self, attempt: int) -> float:
         """Seconds to wait before retry number ``attempt`` (0-based): exponential, with jitter."""
         return min(self.max_delay, self.backoff * 2.0**attempt) * random.uniform(0.5, 1.0)
+
+
+def note_retry(client: RegistryClient) -> None:
+    """Count one retry: on the client and, inside :func:`ocicas.copy`, for the blob being moved."""
+    client.transfer_retries += 1
+    hook = TRANSFER_RETRY.get()
+    if hook is not None:
+        hook()
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -156,6 +165,8 @@ class RegistryClient:
         self.retry = retry
         self.limiter = anyio.CapacityLimiter(concurrency)
         self.where = f"repository {location.repository!r} on registry {location.base_url}"
+        #: Requests retried and transfers resumed so far (downloads resumed with ``Range``, uploads resumed).
+        self.transfer_retries = 0
 
     def url(self, path: str) -> str:
         """The URL of ``path`` under this repository's API (``blobs/sha256:…``)."""
@@ -199,6 +210,7 @@ class RegistryClient:
                 if retryable and attempt < self.retry.retries:
                     await anyio.sleep(self.retry.delay(attempt))
                     attempt += 1
+                    note_retry(self)
                     continue
                 reason = str(exc) or type(exc).__name__
                 raise RegistryUnreachableError(
@@ -217,7 +229,7 @@ class RegistryClient:
             if status in (401, 403):
                 await self._read_error_body(response)
                 raise self._denied(response, authorization)
-            if status in _RETRY_STATUSES and retryable and attempt < self.retry.retries:
+            if status in RETRY_STATUSES and retryable and attempt < self.retry.retries:
                 delay = _retry_after(response)
                 await response.aclose()
                 if delay is None:
@@ -230,6 +242,7 @@ class RegistryClient:
                     )
                 await anyio.sleep(delay)
                 attempt += 1
+                note_retry(self)
                 continue
             if not stream:
                 try:
@@ -241,7 +254,7 @@ class RegistryClient:
                     ) from exc
             elif status >= 400:
                 await self._read_error_body(response)
-            if status in _RETRY_STATUSES:
+            if status in RETRY_STATUSES:
                 raise self.error(response, f"{method} {request.url.path}")
             return response
 
@@ -264,7 +277,7 @@ class RegistryClient:
                 raise RegistryUnreachableError(f"connection to token service {url} dropped: {exc}") from exc
             except httpx.TransportError as exc:
                 raise self._transport_error(exc, "GET", httpx.Request("GET", url)) from exc
-            if response.status_code in _RETRY_STATUSES and attempt < self.retry.retries:
+            if response.status_code in RETRY_STATUSES and attempt < self.retry.retries:
                 await anyio.sleep(min(_retry_after(response) or self.retry.delay(attempt), self.retry.max_delay))
                 attempt += 1
                 continue

@@ -5,6 +5,14 @@ the URL of the next step in its ``Location`` (distribution signs the upload stat
 into it), so that header is followed rather than built. Content is verified
 locally before the closing ``PUT …?digest=`` commits it: on any failure, the
 session is cancelled with ``DELETE`` and nothing is committed.
+
+A ``PATCH`` or the closing ``PUT`` that fails (a dropped connection, a ``5xx``)
+is resumed: ``GET`` on the upload URL answers how far the registry got
+(``Range: 0-N``), and the rest of the chunk, still in memory, goes again from
+byte ``N + 1``. Retries are bounded by the client's :class:`RetryPolicy`. A
+registry that lost the session (distribution 2.8 drops a session whose last
+request was cut midway) ends the upload with the original error; content in
+hand is then sent again as a new upload by the engine.
 """
 
 from __future__ import annotations
@@ -15,17 +23,31 @@ import anyio
 import httpx
 
 from .._digest import Digest, Verifier
-from .._errors import BlobNotFoundError, DigestMismatchError, InvalidError, RegistryError, UnsupportedAlgorithmError
+from .._errors import (
+    BlobNotFoundError,
+    DigestMismatchError,
+    InvalidError,
+    RegistryError,
+    RegistryUnreachableError,
+    UnsupportedAlgorithmError,
+)
 from .._tasks import task_group
 from .._threads import run_sync
-from ._transport import RegistryClient, error_codes
+from ._transport import RETRY_STATUSES, RegistryClient, error_codes, note_retry
 
-__all__ = ["UploadSession", "mount_blob"]
+__all__ = ["UploadSession", "mount_blob", "transient"]
 
 #: Seconds a cancelled upload's ``DELETE`` may take before it is abandoned (the registry purges it later).
 _CANCEL_TIMEOUT: Final = 5.0
 #: Chunks at least this big are hashed in a worker thread, overlapping the send.
 _THREAD_HASH: Final = 1 << 20
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether ``exc`` is worth a new attempt: a dropped connection or a ``5xx``/``429``."""
+    return isinstance(exc, RegistryUnreachableError) or (
+        isinstance(exc, RegistryError) and exc.status in RETRY_STATUSES
+    )
 
 
 def _octets(size: int) -> dict[str, str]:
@@ -66,26 +88,73 @@ class UploadSession:
     async def append(self, data: bytes, verifier: Verifier) -> None:
         """Send ``data`` as the next chunk (``PATCH``) while hashing it into ``verifier``."""
         assert self._location is not None
-        headers = _octets(len(data))
-        headers["Content-Range"] = f"{self.offset}-{self.offset + len(data) - 1}"
         async with task_group() as tg:
             if len(data) >= _THREAD_HASH:
                 tg.start_soon(run_sync, verifier.update, data)
             else:
                 verifier.update(data)
-            response = await self._client.request("PATCH", self._location, headers=headers, content=data)
-        if response.status_code != 202:
-            raise self._failed(response, "upload a blob chunk")
+            await self._send(data, None)
+
+    async def _send(self, data: bytes, digest: Digest | None) -> httpx.Response:
+        """``PATCH`` ``data`` (or, with ``digest``, the closing ``PUT``), resuming where a failed attempt stopped."""
+        start, sent, failures = self.offset, 0, 0
+        while True:
+            assert self._location is not None
+            piece = data[sent:] if sent else data
+            headers = _octets(len(piece))
+            if digest is None:
+                headers["Content-Range"] = f"{start + sent}-{start + len(data) - 1}"
+                method, url = "PATCH", self._location
+            else:
+                method, url = "PUT", str(httpx.URL(self._location).copy_add_param("digest", str(digest)))
+            failure: Exception
+            try:
+                response = await self._client.request(method, url, headers=headers, content=piece, idempotent=False)
+            except RegistryError as exc:  # dropped, or a 5xx (never retried by the client for these)
+                if not (isinstance(exc, RegistryUnreachableError) or exc.status in RETRY_STATUSES):
+                    raise
+                failure = exc
+            else:
+                status = response.status_code
+                if digest is None and status == 202:
+                    self._follow(response)
+                    self.offset = start + len(data)
+                    return response
+                if digest is not None and status in (200, 201, 204):
+                    return response
+                if status not in RETRY_STATUSES:
+                    return response
+                failure = self._failed(response, "upload a blob chunk" if digest is None else f"commit blob {digest}")
+            policy = self._client.retry
+            if failures >= policy.retries:
+                raise failure
+            await anyio.sleep(policy.delay(failures))
+            failures += 1
+            note_retry(self._client)
+            reached = await self._status()
+            if reached is None or not start <= reached <= start + len(data):
+                raise failure
+            sent = reached - start
+
+    async def _status(self) -> int | None:
+        """How many bytes the registry holds for this upload (``GET``: ``Range: 0-N``), or ``None`` if it lost it."""
+        assert self._location is not None
+        try:
+            response = await self._client.request("GET", self._location)
+        except RegistryError:
+            return None
+        last = response.headers.get("range", "").partition("-")[2].strip()
+        if response.status_code != 204 or not last.isdigit():
+            return None
         self._follow(response)
-        self.offset += len(data)
+        end = int(last)
+        # "0-0" is distribution's answer for an empty upload as well as for one byte
+        return 0 if end == 0 and self.offset == 0 else end + 1
 
     async def commit(self, digest: Digest, last: bytes = b"") -> None:
         """Close the session with ``PUT ?digest=``, carrying the ``last`` bytes; the blob is then stored."""
         assert self._location is not None
-        url = httpx.URL(self._location).copy_add_param("digest", str(digest))
-        response = await self._client.request(
-            "PUT", str(url), headers=_octets(len(last)), content=last, idempotent=False
-        )
+        response = await self._send(last, digest)
         self._location = None  # used up, whatever the answer
         if response.status_code in (200, 201, 204):
             return

@@ -1,0 +1,203 @@
+"""Blob downloads that survive a dropped connection: resumed with ``Range`` where they stopped.
+
+:class:`ResumingRaw` is the registry's :class:`~ocicas._reader.RawBlob`. When the
+body of a ``GET`` is cut (a transport error, or an end short of the size), it
+asks again with ``Range: bytes=N-``, ``N`` being the bytes it already received,
+and goes on: the :class:`~ocicas.BlobReader` above sees every byte once, so its
+incremental hash simply continues. A registry that ignores ``Range`` (``200``,
+the whole body again) has its first ``N`` bytes skipped, as containerd does; a
+``206`` that starts elsewhere than ``N`` is refused. As in containerd, the
+budget (:attr:`RetryPolicy.retries`) bounds consecutive failures *without
+progress*: a body cut every few MiB still completes, a dead registry does not
+hold the reader for ever. Waits back off (no wait after progress) and are
+cancellable like any other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import httpx
+
+from .._errors import BlobNotFoundError, InvalidError, OCICASError, RegistryError, RegistryUnreachableError
+from .._reader import RawBlob
+from ._streams import release
+from ._transport import RegistryClient, note_retry
+
+__all__ = ["ResumingRaw", "note_retry"]
+
+#: ``reopen(start)``: a new streamed answer for the bytes from ``start`` on.
+Reopen = Callable[[int], Awaitable[httpx.Response]]
+
+
+def content_range_start(response: httpx.Response) -> tuple[int | None, int | None]:
+    """``(first byte, total)`` of a ``206``'s ``Content-Range: bytes a-b/total`` (``None`` where not given)."""
+    value = response.headers.get("content-range", "").strip()
+    unit, _, rest = value.partition(" ")
+    if unit.lower() != "bytes":
+        return None, None
+    span, _, total = rest.partition("/")
+    first = span.partition("-")[0].strip()
+    return (int(first) if first.isdigit() else None), (int(total) if total.strip().isdigit() else None)
+
+
+class ResumingRaw(RawBlob):
+    """A blob's bytes as a streamed HTTP answer, resumed with ``Range`` when the connection drops."""
+
+    def __init__(
+        self, response: httpx.Response, size: int, *, client: RegistryClient, what: str, reopen: Reopen
+    ) -> None:
+        super().__init__(size)
+        self._client = client
+        self._what = what  # "blob sha256:…"
+        self._reopen = reopen
+        self._response: httpx.Response | None = response
+        self._iterator: AsyncIterator[bytes] | None = None
+        self._buffer: list[bytes] = []
+        self._buffered = 0
+        self._fetched = 0  # bytes received: handed out plus buffered
+        self._skip = 0  # bytes still to drop from an answer that ignored Range
+        self._failures = 0  # consecutive failures without progress
+        self._closed = False
+        #: Times this download resumed.
+        self.retries = 0
+        self._token = anyio.lowlevel.current_token()
+
+    async def read(self, n: int) -> bytes:
+        while self._buffered < n and self._fetched < self.size:
+            piece = await self._next_piece()
+            if not piece:
+                break
+            self._buffer.append(piece)
+            self._buffered += len(piece)
+            self._fetched += len(piece)
+        data = self._buffer[0] if len(self._buffer) == 1 else b"".join(self._buffer)
+        chunk, rest = data[:n], data[n:]
+        self._buffer, self._buffered = ([rest] if rest else []), len(rest)
+        return chunk
+
+    async def _next_piece(self) -> bytes:
+        """The next piece of the body past what was received (``b""`` only once closed)."""
+        while not self._closed:
+            if self._response is None:
+                await self._resume()
+                continue
+            if self._iterator is None:
+                self._iterator = aiter(self._response.aiter_bytes())
+            try:
+                piece = await anext(self._iterator, b"")
+            except httpx.TransportError as exc:
+                await self._lost(exc)
+                continue
+            if not piece:  # a clean end before the size: the answer was cut all the same
+                await self._lost(None)
+                continue
+            if self._skip:
+                dropped = min(self._skip, len(piece))
+                self._skip -= dropped
+                piece = piece[dropped:]
+                if not piece:
+                    continue
+            self._failures = 0
+            return piece
+        return b""
+
+    def _error(self, reason: str) -> RegistryUnreachableError:
+        return RegistryUnreachableError(
+            f"connection to {self._client.where} dropped while reading {self._what} at byte {self._fetched}: {reason}"
+        )
+
+    async def _lost(self, exc: httpx.TransportError | None) -> None:
+        """The answer broke off: close it and wait (after a failure without progress), or give up."""
+        await self._drop_response()
+        reason = (str(exc) or type(exc).__name__) if exc is not None else "the answer ended early"
+        policy = self._client.retry
+        if self._failures >= policy.retries:
+            if self._failures:
+                reason += f" (gave up after {self._failures} retries without progress)"
+            raise self._error(reason) from exc
+        if self._failures:
+            await anyio.sleep(policy.delay(self._failures - 1))
+        self._failures += 1
+        self.retries += 1
+        note_retry(self._client)
+
+    async def _resume(self) -> None:
+        """Ask for the bytes from ``_fetched`` on; a registry that sends them all again has the head skipped."""
+        start = self._fetched
+        try:
+            response = await self._reopen(start)
+        except RegistryUnreachableError as exc:
+            raise self._error(f"resuming failed: {exc}") from exc
+        except RegistryError as exc:
+            raise RegistryError(
+                f"{self._what}: resuming at byte {start} failed: {exc}", status=exc.status, codes=exc.codes
+            ) from exc
+        try:
+            status = response.status_code
+            if status == 206:
+                first, total = content_range_start(response)
+                if first != start or (total is not None and total != self.size):
+                    raise InvalidError(
+                        f"{self._client.where} answered a request for bytes {start}- of {self._what} with "
+                        f"Content-Range {response.headers.get('content-range')!r}: refusing to mix bytes"
+                    )
+                self._skip = 0
+            elif status == 200:
+                length = response.headers.get("content-length")
+                if length is not None and length.isdigit() and int(length) != self.size:
+                    raise InvalidError(
+                        f"{self._client.where} sent {length} bytes of {self._what} when resuming, "
+                        f"not its size {self.size}"
+                    )
+                self._skip = start  # Range ignored: the whole body again
+            elif status == 404:
+                raise BlobNotFoundError(f"{self._what} vanished from {self._client.where} while it was read")
+            else:
+                raise self._client.error(response, f"GET {response.request.url.path} (resuming at byte {start})")
+        except OCICASError:
+            await release(response)
+            raise
+        if self._closed:
+            await release(response)
+            return
+        self._response, self._iterator = response, None
+
+    async def _drop_response(self) -> None:
+        response, self._response = self._response, None
+        iterator, self._iterator = self._iterator, None
+        if response is not None:
+            await release(response, iterator)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        self._buffer, self._buffered = [], 0
+        await self._drop_response()
+
+    def close_now(self) -> None:
+        """From a finaliser: close the answer on its event loop, soon (closing a connection awaits)."""
+        self._closed = True
+        response, self._response = self._response, None
+        if response is None:
+            return
+        iterator = self._iterator
+
+        async def close() -> None:
+            try:
+                await release(response, iterator)
+            except Exception:
+                pass
+
+        native: Any = self._token.native_token
+        try:
+            if hasattr(native, "call_soon_threadsafe"):  # asyncio
+                native.call_soon_threadsafe(lambda: native.create_task(close()))
+            else:  # trio
+                import trio.lowlevel
+
+                native.run_sync_soon(lambda: trio.lowlevel.spawn_system_task(close))
+        except RuntimeError:
+            pass  # the loop has finished: the connection went with it

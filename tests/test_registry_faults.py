@@ -1,0 +1,297 @@
+"""Registry transfers through a loopback proxy that cuts, resets, stalls and fails (``tests/fault_proxy.py``).
+
+A real ``docker-registry`` sits behind the proxy; each test sets the faults it
+wants and checks the exact outcome: the bytes that landed, the retries counted
+in :class:`~ocicas.CopyResult` and reported as ``"retry"`` events, and, when the
+retries run out, an error that names the blob and the byte reached, with
+nothing partial left at the destination.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+import ocicas
+from ocicas import Descriptor, Digest, Engine
+from ocicas._copy import CopyEvent, copy
+from ocicas._errors import InvalidError, RegistryUnreachableError
+from ocicas.registry import RegistryEngine, RetryPolicy, open_registry
+from ocicas.testing import sha256
+from tests.fault_proxy import FaultProxy, Faults, running_proxy
+from tests.images import put_image
+from tests.registry_fixtures import Registry, start_registry
+from tests.tools import require
+
+pytestmark = pytest.mark.anyio
+
+KiB = 1 << 10
+FAST = RetryPolicy(retries=3, backoff=0.001, max_delay=5)
+LAYERS = [os.urandom(1100 * KiB), os.urandom(700 * KiB), os.urandom(300 * KiB), b"a small layer"]
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    started = start_registry(require("docker-registry").path, tmp_path_factory.mktemp("registry"))
+    yield started
+    started.stop()
+
+
+@pytest.fixture(scope="module")
+def module_proxy(registry: Registry) -> Iterator[FaultProxy]:
+    with running_proxy(registry.url) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def proxy(module_proxy: FaultProxy) -> FaultProxy:
+    """The proxy, with no faults yet (each test sets its own)."""
+    module_proxy.faults = Faults()
+    return module_proxy
+
+
+async def through(proxy: FaultProxy, repository: str, **options: Any) -> RegistryEngine:
+    options.setdefault("retry", FAST)
+    return await open_registry(f"{proxy.url}/{repository}", docker_config=False, **options)
+
+
+async def direct(registry: Registry, repository: str) -> RegistryEngine:
+    return await open_registry(registry.location(repository), docker_config=False)
+
+
+async def pushed_image(registry: Registry, layers: list[bytes] = LAYERS) -> tuple[str, Descriptor, list[Digest]]:
+    """A new repository on ``registry`` holding an image of ``layers``, tagged ``v1``."""
+    repository = registry.repository()
+    async with await direct(registry, repository) as engine:
+        root, digests = await put_image(engine, layers)
+        await engine.put_reference("v1", root)
+    return repository, root, digests
+
+
+async def new_layout(path: Path) -> Engine:
+    await ocicas.create_layout(path)
+    return await ocicas.open_layout(path)
+
+
+def layout_files(path: Path) -> set[str]:
+    return {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()}
+
+
+def cuts_needed(sizes: list[int], cut: int) -> int:
+    """Answers cut after ``cut`` bytes, each resumed one starting where the last stopped."""
+    return sum(math.ceil(size / cut) - 1 for size in sizes if size > cut)
+
+
+async def test_a_pull_through_cuts_resumes_every_blob_and_counts_the_retries(
+    registry: Registry, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    repository, root, digests = await pushed_image(registry)
+    cut = 256 * KiB
+    proxy.faults = Faults(methods=frozenset({"GET"}), path=r"/blobs/", cut_after=cut)
+    events: list[CopyEvent] = []
+    async with await through(proxy, repository) as src, await new_layout(tmp_path / "dst") as dst:
+        result = await copy(src, "v1", dst, progress=events.append)
+        for digest in digests:
+            assert sha256(await dst.read_blob(digest)) == digest
+        assert await dst.get_reference("v1") == root
+    expected = cuts_needed([len(layer) for layer in LAYERS], cut)
+    assert expected == 7
+    assert len(proxy.faults.made("cut")) == expected
+    assert result.retries == expected
+    assert sorted(result.copied) == sorted(digests)
+    retried = [e.descriptor.digest for e in events if e.kind == "retry" and e.descriptor is not None]
+    per_blob = {sha256(layer): math.ceil(len(layer) / cut) - 1 for layer in LAYERS if len(layer) > cut}
+    assert {d: retried.count(d) for d in set(retried)} == per_blob
+
+
+async def test_get_blob_readers_resume_on_their_own(registry: Registry, proxy: FaultProxy) -> None:
+    repository, _, _ = await pushed_image(registry)
+    proxy.faults = Faults(methods=frozenset({"GET"}), cut_after=100 * KiB)
+    async with await through(proxy, repository) as src:
+        for layer in LAYERS:
+            async with await src.get_blob(sha256(layer)) as reader:
+                assert b"".join([chunk async for chunk in reader]) == layer
+        assert src._client.transfer_retries == cuts_needed([len(layer) for layer in LAYERS], 100 * KiB)
+
+
+async def test_manifests_by_digest_resume_too(registry: Registry, proxy: FaultProxy) -> None:
+    manifest_layers = [os.urandom(64) for _ in range(40)]  # a manifest of ≈ 4 KiB
+    repository, root, _ = await pushed_image(registry, manifest_layers)
+    # distribution ignores Range on the manifest store (a whole 200 each time): the head is skipped
+    proxy.faults = Faults(methods=frozenset({"GET"}), path=r"/manifests/sha256:", cut_after=1000, cuts=2)
+    async with await through(proxy, repository) as src:
+        assert await src.get_reference("v1") == root  # now known as a manifest: read from the manifest store
+        data = await src.read_blob(root.digest)
+        assert src._client.transfer_retries == 2
+    assert sha256(data) == root.digest
+    assert len(proxy.faults.made("cut")) == 2
+
+
+async def test_a_registry_that_ignores_range_still_gives_exact_bytes(
+    registry: Registry, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    repository, _, digests = await pushed_image(registry)
+    proxy.faults = Faults(methods=frozenset({"GET"}), path=r"/blobs/", cut_after=300 * KiB, cuts=2, strip_range=True)
+    async with await through(proxy, repository) as src, await new_layout(tmp_path / "dst") as dst:
+        result = await copy(src, "v1", dst)
+        for digest in digests:
+            assert sha256(await dst.read_blob(digest)) == digest
+    assert result.retries == 2
+    assert len(proxy.faults.made("cut")) == 2
+    assert len(proxy.faults.made("range stripped")) == 2
+
+
+async def test_exhausted_retries_name_the_blob_and_byte_and_leave_nothing(
+    registry: Registry, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    big = LAYERS[0]
+    repository, _, _ = await pushed_image(registry, [big])
+    # every answer is cut at the same byte, and a resumed one starts from the top again: no progress
+    proxy.faults = Faults(methods=frozenset({"GET"}), path=r"/blobs/", cut_after=100 * KiB, strip_range=True)
+    target = tmp_path / "dst"
+    async with await through(proxy, repository) as src, await new_layout(target) as dst:
+        before = layout_files(target)
+        with pytest.raises(RegistryUnreachableError) as info:
+            await copy(src, "v1", dst, concurrency=1)
+        assert await dst.list_references() == []
+    message = str(info.value)
+    assert message.startswith(
+        f"connection to repository {repository!r} on registry {proxy.url} dropped while reading blob "
+        f"{sha256(big)} at byte {100 * KiB}: "
+    )
+    assert message.endswith(" (gave up after 3 retries without progress)")
+    assert layout_files(target) == before  # no blob of the image, no temporary file
+
+
+async def test_a_range_answer_from_elsewhere_is_refused(registry: Registry, tmp_path: Path) -> None:
+    """A ``206`` that does not start where the download stopped is never mixed in."""
+    data = os.urandom(50 * KiB)
+    digest = sha256(data)
+    calls = 0
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        if request.url.path == "/v2/":
+            return httpx.Response(200, json={})
+        calls += 1
+        if "range" not in request.headers:
+            return httpx.Response(200, headers={"Content-Length": str(len(data))}, stream=_Cut(data, 20 * KiB))
+        return httpx.Response(206, headers={"Content-Range": f"bytes 0-{len(data) - 1}/{len(data)}"}, content=data)
+
+    transport = httpx.MockTransport(handler)
+    async with await open_registry(
+        "http://reg.test/team/app", docker_config=False, transport=transport, retry=FAST
+    ) as engine:
+        with pytest.raises(InvalidError) as info:
+            await engine.read_blob(digest)
+    assert str(info.value) == (
+        f"repository 'team/app' on registry http://reg.test answered a request for bytes {20 * KiB}- of blob "
+        f"{digest} with Content-Range 'bytes 0-{len(data) - 1}/{len(data)}': refusing to mix bytes"
+    )
+    assert calls == 2
+
+
+class _Cut(httpx.AsyncByteStream):
+    """A response body that breaks off after ``at`` bytes."""
+
+    def __init__(self, data: bytes, at: int) -> None:
+        self._data, self._at = data, at
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield self._data[: self._at]
+        raise httpx.ReadError("connection reset by peer")
+
+
+async def test_stalls_and_5xx_are_ridden_out(registry: Registry, proxy: FaultProxy, tmp_path: Path) -> None:
+    repository, _, digests = await pushed_image(registry)
+    proxy.faults = Faults(methods=frozenset({"GET"}), path=r"/blobs/", fail=[503, 500], stall=1, stall_seconds=3)
+    async with (
+        await through(proxy, repository, request_timeout=0.5) as src,
+        await new_layout(tmp_path / "dst") as dst,
+    ):
+        result = await copy(src, "v1", dst, concurrency=1)
+        for digest in digests:
+            assert sha256(await dst.read_blob(digest)) == digest
+    assert [fault for _, _, fault in proxy.faults.log if not fault.isdigit() or int(fault) >= 500] == [
+        "503",
+        "500",
+        "stall",
+    ]
+    assert result.retries == 3
+
+
+# -- pushes ---------------------------------------------------------------------------------
+
+
+async def layout_image(path: Path) -> tuple[Engine, Descriptor, list[Digest]]:
+    engine = await new_layout(path)
+    root, digests = await put_image(engine, LAYERS)
+    await engine.put_reference("v1", root)
+    return engine, root, digests
+
+
+async def check_pushed(registry: Registry, repository: str, root: Descriptor, digests: list[Digest]) -> None:
+    async with await direct(registry, repository) as engine:
+        assert await engine.get_reference("v1") == root
+        for digest in digests:
+            assert sha256(await engine.read_blob(digest)) == digest
+
+
+UPLOADS = r"/blobs/uploads/"
+
+
+@pytest.mark.parametrize("fault", ["503", "reset"])
+async def test_a_push_resumes_chunks_the_registry_did_not_get(
+    registry: Registry, proxy: FaultProxy, tmp_path: Path, fault: str
+) -> None:
+    repository = registry.repository()
+    src, root, digests = await layout_image(tmp_path / "src")
+    faults = Faults(methods=frozenset({"PATCH"}), path=UPLOADS)
+    if fault == "503":
+        faults.fail = [503, 503]
+    else:
+        faults.reset = 2
+    proxy.faults = faults
+    events: list[CopyEvent] = []
+    async with src, await through(proxy, repository, chunk_size=256 * KiB) as dst:
+        result = await copy(src, "v1", dst, concurrency=1, progress=events.append)
+    await check_pushed(registry, repository, root, digests)
+    assert len(faults.made(fault)) == 2
+    assert result.retries == 2
+    assert [e.kind for e in events].count("retry") == 2
+
+
+async def test_a_monolithic_upload_cut_midway_is_made_again(
+    registry: Registry, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    repository = registry.repository()
+    src, root, digests = await layout_image(tmp_path / "src")
+    # the first PUT carrying more than 100 bytes (the config, in hand) is cut: distribution drops that session
+    proxy.faults = Faults(methods=frozenset({"PUT"}), path=UPLOADS, cut_request_after=100, cuts=1)
+    async with src, await through(proxy, repository, chunk_size=256 * KiB) as dst:
+        result = await copy(src, "v1", dst, concurrency=1)
+    await check_pushed(registry, repository, root, digests)
+    assert len(proxy.faults.made("request cut")) == 1
+    assert result.retries == 2  # the session's status asked (lost), then a new upload
+
+
+async def test_a_push_through_5xx_on_every_upload_step_lands_verified(
+    registry: Registry, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    repository = registry.repository()
+    src, root, digests = await layout_image(tmp_path / "src")
+    # the uploads' POST, PATCH and PUT alike (what is retried while a blob moves is what the copy counts)
+    proxy.faults = Faults(
+        methods=frozenset({"POST", "PATCH", "PUT"}), path=UPLOADS, fail=[503, 500, 503, 503, 500, 503]
+    )
+    async with src, await through(proxy, repository, chunk_size=256 * KiB) as dst:
+        result = await copy(src, "v1", dst)
+    await check_pushed(registry, repository, root, digests)
+    assert len([f for _, _, f in proxy.faults.log if f in ("500", "503")]) == 6
+    assert result.retries == 6
