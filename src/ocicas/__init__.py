@@ -69,6 +69,7 @@ if TYPE_CHECKING:
     )
     from ._json import DEFAULT_JSON_LIMIT
     from ._layout_format import ANNOTATION_REF_NAME, IMAGE_LAYOUT_VERSION, validate_reference_name
+    from ._lease import Lease
     from ._media_types import (
         CONFIG_MEDIA_TYPES,
         EMPTY_DESCRIPTOR,
@@ -94,7 +95,6 @@ if TYPE_CHECKING:
         MEDIA_TYPE_IMAGE_MANIFEST,
         MEDIA_TYPE_LAYOUT_HEADER,
     )
-    from ._lease import Lease
     from ._memory_engine import MemoryEngine
     from ._models import ContainerConfig, History, ImageConfig, Index, Manifest, RootFS
     from .registry import RegistryEngine, RegistryLocation, RetryPolicy, open_registry, parse_registry_location
