@@ -25,7 +25,7 @@ hook                        does
 ==========================  ==================================================
 
 Optional hooks with defaults: ``_stat_blobs``, ``_touch_blobs``, ``_delete_blobs``,
-``_gc_lock`` and ``_mount_blob``.
+``_gc_lock``, ``_mount_blob`` and ``_list_broken_roots``.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ from ._descriptor import Descriptor
 from ._digest import Digest, Verifier
 from ._errors import BlobNotFoundError, BlobTooLargeError, SizeMismatchError
 from ._json import dump_json
-from ._layout_format import validate_reference_name
+from ._layout_format import BrokenRoot, validate_reference_name
 from ._lifecycle import Lifecycle
 from ._reader import BlobReader, RawBlob
 from ._source import AsyncReadable, BlobSource
@@ -389,6 +389,18 @@ class Engine(ABC):
         async with self._operation(ctx):
             return await self._list_roots()
 
+    async def list_broken_roots(self, *, ctx: Context | None = None) -> list[BrokenRoot]:
+        """The root entries that do not parse as descriptors (left out of :meth:`list_roots`), in order.
+
+        A directory engine's ``index.json`` may hold entries another tool wrote
+        badly; each is refused on its own (:meth:`get_reference` of its name raises
+        :class:`~ocicas.InvalidError`) and kept as written. :func:`ocicas.gc` refuses
+        to run while there are any (see its documentation). Empty for other engines.
+        """
+        ctx = check_ctx(ctx)
+        async with self._operation(ctx):
+            return await self._list_broken_roots()
+
     # -- lifecycle -----------------------------------------------------------------
 
     async def gc(self, *, ctx: Context | None = None) -> None:
@@ -489,6 +501,10 @@ class Engine(ABC):
     async def _mount_blob(self, source: Engine, digest: Digest, size: int) -> bool:
         """Default: no mounting."""
         return False
+
+    async def _list_broken_roots(self) -> list[BrokenRoot]:
+        """Default: every root parses."""
+        return []
 
     @abstractmethod
     async def _update_references(self, changes: Mapping[str, Descriptor | None], replace: bool) -> None:
