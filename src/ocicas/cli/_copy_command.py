@@ -17,7 +17,7 @@ from ._locations import LOCATION, Location, open_location, remove_created
 from ._output import emit_json, json_option
 from ._params import PLATFORM, human_size
 from ._progress import CopyBars, Display
-from ._run import CommandError, ExitCode, run
+from ._run import CommandError, ExitCode, Interrupted, run
 
 __all__ = ["copy"]
 
@@ -111,7 +111,8 @@ def copy(
     HTTPS; credentials from the Docker config.json, OCICAS_TLS_VERIFY=0 to skip
     certificate checks). Without REF, every reference of SRC is copied. DST's reference defaults to
     the same name; DST is created if it does not exist, and removed again if the
-    copy fails (a DST that existed is left as it was). Blobs DST has already are
+    copy fails (a DST that existed is left as it was; an interrupted copy keeps
+    what landed, for a rerun to finish). Blobs DST has already are
     not read again; every byte copied is verified; the reference is written
     last, so an interrupted copy leaves no reference to missing content, and a
     rerun moves only what is missing. Digests never change.
@@ -178,8 +179,10 @@ def copy(
     try:
         with Display() as display:
             results = run(lambda: work(display))
+    except Interrupted:
+        raise  # Ctrl-C: what landed stays, so a rerun moves only the rest
     except BaseException:
-        remove_created(created)  # only a layout this command made, with what landed in it
+        remove_created(created)  # a failure: only a layout this command made goes, with what landed in it
         raise
     if as_json:
         emit_json([_as_json(result) for result in results])
