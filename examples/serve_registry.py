@@ -289,6 +289,13 @@ def _media_type_of(data: bytes) -> str | None:
     return None
 
 
+async def _served_type(data: bytes) -> str | None:
+    """:func:`_media_type_of`, big documents parsed off the event loop."""
+    if len(data) < PARSE_IN_THREAD:
+        return _media_type_of(data)
+    return await anyio.to_thread.run_sync(_media_type_of, data)
+
+
 class Registry:
     """The endpoints, over :class:`Layouts`."""
 
@@ -307,12 +314,6 @@ class Registry:
             if ":" in reference:
                 digest = _digest(reference)
                 data = await engine.read_blob(digest, max_size=ocicas.DEFAULT_JSON_LIMIT)
-                if len(data) < PARSE_IN_THREAD:
-                    media_type = _media_type_of(data)
-                else:  # big JSON parses slowly: off the event loop
-                    media_type = await anyio.to_thread.run_sync(_media_type_of, data)
-                if media_type is None:
-                    raise unknown
             else:
                 if not _TAG.fullmatch(reference):
                     raise unknown
@@ -324,7 +325,11 @@ class Registry:
                 if descriptor.media_type not in _SERVED_TYPES:
                     raise unknown
                 data = await ocicas.read_described(engine, descriptor)
-                digest, media_type = descriptor.digest, descriptor.media_type
+                digest = descriptor.digest
+            # the document's own mediaType, by tag as by digest: one digest, one type
+            media_type = await _served_type(data)
+            if media_type is None:
+                raise unknown
         except (ocicas.NotFoundError, ocicas.BlobTooLargeError, ocicas.UnsupportedAlgorithmError):
             raise unknown from None
         headers = {

@@ -297,10 +297,12 @@ def test_tree_shows_every_node_with_media_types_sizes_and_platforms(tmp_path: Pa
         _line("    └── ", arm64.layers[1], " (missing)"),
     ]
     blob_path(layout, arm64.layers[1].digest).unlink()
-    assert out("tree", f"{layout}:v1").splitlines() == expected
-    everything = out("tree", layout).split("\n\n")
+    # what it marks missing or invalid makes the status 4, the tree still shown in full
+    assert out("tree", f"{layout}:v1", code=4, report=True).splitlines() == expected
+    everything = out("tree", layout, code=4, report=True).split("\n\n")
     assert [block.split(":")[0] for block in everything] == ["solo", "v1"]
-    tree = json.loads(out("tree", "--json", f"{layout}:v1"))
+    assert out("tree", f"{layout}:solo").startswith("solo: ")  # whole: status 0
+    tree = json.loads(out("tree", "--json", f"{layout}:v1", code=4, report=True))
     [(reference, root)] = [(t["reference"], t["root"]) for t in tree]
     assert (reference, root["digest"]) == ("v1", images.index.digest)
     assert [c["platform"] for c in root["children"]] == [AMD64.to_dict(), ARM64.to_dict()]

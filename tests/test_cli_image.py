@@ -290,6 +290,7 @@ def test_fsck_reports_stale_temporary_directories_with_their_size(tmp_path: Path
             "roots_count": 0,
             "problems": [],
             "problems_count": 0,
+            "notes": [],
             "stale_temp_dirs": [{"name": ".ocicas-deadbeef", "size": 1 << 20}],
             "stale_temp_dirs_count": 1,
             "stale_temp_dirs_bytes": 1 << 20,

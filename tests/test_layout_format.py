@@ -22,7 +22,7 @@ def test_incremental_encoding_matches_a_full_encoding() -> None:
         "schemaVersion": 2,
         "annotations": {"a": "b"},
     }
-    document = IndexDocument.parse(json.dumps(original).encode())
+    document = IndexDocument.parse(dump_json(original))  # compact: entries are kept as written
     steps: list[tuple[Mapping[str, ocicas.Descriptor | None], bool]] = [
         ({f"t{n}": descriptor(n) for n in range(50)}, False),
         ({"t3": None, "t7": None}, False),

@@ -58,6 +58,7 @@ if TYPE_CHECKING:
     from ._gc import DEFAULT_GRACE_PERIOD, GCPolicy, GCResult, gc
     from ._graph import (
         DEFAULT_CONCURRENCY,
+        Children,
         DescriptorPath,
         Graph,
         children,
@@ -68,7 +69,7 @@ if TYPE_CHECKING:
         walk,
     )
     from ._json import DEFAULT_JSON_LIMIT
-    from ._layout_format import ANNOTATION_REF_NAME, IMAGE_LAYOUT_VERSION, validate_reference_name
+    from ._layout_format import ANNOTATION_REF_NAME, IMAGE_LAYOUT_VERSION, BrokenRoot, validate_reference_name
     from ._lease import Lease
     from ._media_types import (
         CONFIG_MEDIA_TYPES,
@@ -163,6 +164,7 @@ _LAZY: dict[str, str] = {
     "DEFAULT_CONCURRENCY": "._graph",
     "DescriptorPath": "._graph",
     "Graph": "._graph",
+    "Children": "._graph",
     "children": "._graph",
     "is_node": "._graph",
     "parse_platform": "._graph",
@@ -172,6 +174,7 @@ _LAZY: dict[str, str] = {
     "DEFAULT_JSON_LIMIT": "._json",
     "ANNOTATION_REF_NAME": "._layout_format",
     "IMAGE_LAYOUT_VERSION": "._layout_format",
+    "BrokenRoot": "._layout_format",
     "validate_reference_name": "._layout_format",
     "CONFIG_MEDIA_TYPES": "._media_types",
     "EMPTY_DESCRIPTOR": "._media_types",
@@ -270,6 +273,7 @@ __all__ = [
     "BlobSource",
     "RawBlob",
     "BlobTooLargeError",
+    "BrokenRoot",
     "ClobberError",
     "ContainerConfig",
     "Context",
@@ -314,6 +318,7 @@ __all__ = [
     "__version__",
     "build_image",
     "build_index",
+    "Children",
     "children",
     "copy",
     "create_layout",

@@ -3,7 +3,8 @@
 :func:`copy` works in three steps:
 
 1. **Plan.** Walk the descriptor graph in the source (indexes, manifests and
-   ``subject`` edges, as :func:`ocicas.walk` does), keeping the bytes of every
+   ``subject`` edges, as :func:`ocicas.walk` does: a subject the source lacks is
+   weak and left out, not an error), keeping the bytes of every
    manifest and index it reads; with ``referrers=True`` also find the referrers of
    what will be copied; then ask the destination which blobs it already has
    (:meth:`Engine.stat_blobs`, one call) and the source whether it has the rest.
@@ -48,7 +49,7 @@ from ._descriptor import Descriptor, Platform
 from ._digest import Digest
 from ._engine import Engine
 from ._errors import BlobNotFoundError, NotFoundError, SizeMismatchError
-from ._graph import DEFAULT_CONCURRENCY, Graph, _to_platform, children, platform_matches, walk
+from ._graph import DEFAULT_CONCURRENCY, Children, Graph, _to_platform, children, platform_matches, walk
 from ._json import DEFAULT_JSON_LIMIT
 from ._media_types import INDEX_MEDIA_TYPES, MANIFEST_MEDIA_TYPES
 from ._models import Index
@@ -137,7 +138,7 @@ class _Plan:
         """Manifests and indexes as read while planning: never read twice."""
         return self.graph.data
 
-    def _keep(self, parent: Descriptor, data: bytes) -> list[Descriptor]:
+    def _keep(self, parent: Descriptor, data: bytes) -> Children:
         """The children of ``parent`` to copy: all of them, less index entries of other platforms."""
         if self.platforms is None or parent.media_type not in INDEX_MEDIA_TYPES:
             return children(parent, data)
@@ -150,7 +151,7 @@ class _Plan:
                 self.excluded.add(entry.digest)
             else:
                 kept.append(entry)
-        return [*kept, *([index.subject] if index.subject else [])]
+        return Children(kept, index.subject)
 
     async def walk(self, roots: list[Descriptor]) -> None:
         """Add ``roots`` and everything they reach to the plan, reading each node once."""
@@ -365,7 +366,8 @@ async def copy(
             raise NotFoundError(f"no manifest of {root.digest} is for platform {names}")
         if referrers:
             await plan.add_referrers()
-        order = plan.graph.bottom_up()
+        # a subject is a weak edge: one the source lacks is not copied, and is no fault
+        order = [d for d in plan.graph.bottom_up() if d.digest not in plan.graph.absent_subjects]
 
         # leased, not just looked at: from now on no collector removes what we reuse
         present = await lease.add([d.digest for d in order], ctx=ctx)

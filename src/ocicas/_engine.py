@@ -25,9 +25,10 @@ hook                        does
 ==========================  ==================================================
 
 Optional hooks with defaults: ``_stat_blobs``, ``_touch_blobs``, ``_delete_blobs``,
-``_mount_blob``, the collector's lock (``_gc_lock`` exclusive, ``_gc_shared``
-shared; in-process by default) and leases (``_lease_begin``, ``_lease_record``,
-``_lease_end``, ``_leased_blobs``; in-process by default).
+``_mount_blob``, ``_list_broken_roots``, the collector's lock (``_gc_lock``
+exclusive, ``_gc_shared`` shared; in-process by default) and leases
+(``_lease_begin``, ``_lease_record``, ``_lease_end``, ``_leased_blobs``; in-process
+by default).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ from ._digest import Digest, Verifier
 from ._errors import BlobNotFoundError, BlobTooLargeError, SizeMismatchError
 from ._gclock import SharedExclusiveLock
 from ._json import dump_json
-from ._layout_format import validate_reference_name
+from ._layout_format import BrokenRoot, validate_reference_name
 from ._lease import Lease, active_lease
 from ._lease import enter as enter_lease
 from ._lease import leave as leave_lease
@@ -458,6 +459,18 @@ class Engine(ABC):
         async with self._operation(ctx):
             return await self._list_roots()
 
+    async def list_broken_roots(self, *, ctx: Context | None = None) -> list[BrokenRoot]:
+        """The root entries that do not parse as descriptors (left out of :meth:`list_roots`), in order.
+
+        A directory engine's ``index.json`` may hold entries another tool wrote
+        badly; each is refused on its own (:meth:`get_reference` of its name raises
+        :class:`~ocicas.InvalidError`) and kept as written. :func:`ocicas.gc` refuses
+        to run while there are any (see its documentation). Empty for other engines.
+        """
+        ctx = check_ctx(ctx)
+        async with self._operation(ctx):
+            return await self._list_broken_roots()
+
     # -- lifecycle -----------------------------------------------------------------
 
     async def gc(self, *, ctx: Context | None = None) -> None:
@@ -585,6 +598,10 @@ class Engine(ABC):
     async def _mount_blob(self, source: Engine, digest: Digest, size: int) -> bool:
         """Default: no mounting."""
         return False
+
+    async def _list_broken_roots(self) -> list[BrokenRoot]:
+        """Default: every root parses."""
+        return []
 
     @abstractmethod
     async def _update_references(self, changes: Mapping[str, Descriptor | None], replace: bool) -> None:

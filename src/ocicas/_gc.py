@@ -15,6 +15,18 @@ The safety rules, each learnt from a peer's bug report:
   tags it before the lease ends is never robbed, whatever the grace period
   (containerd's leases). Tagging checks, under the shared side of this collector's
   lock, that everything a tag names is present.
+- A ``subject`` is a weak edge (image-spec). A rooted referrer keeps its subject
+  and what that reaches, when present; an absent subject is no fault and aborts
+  nothing. An *unrooted* referrer whose subject is absent is garbage like any
+  unreachable manifest: nothing live points at it or is pointed at by it, so it
+  goes (with what only it reaches) once older than the grace period, unless a
+  policy vetoes it. Tag it, or keep its subject, to keep it.
+- An ``index.json`` entry that does not parse as a descriptor
+  (:meth:`Engine.list_broken_roots`) aborts the collection before anything is
+  deleted: GC does not guess what it protects (its media type, hence its
+  children, cannot be trusted). With ``broken_ok=True`` the collection runs and
+  keeps the entry's blob, if its ``digest`` reads, as a leaf (reported in
+  :attr:`GCResult.broken`); what that blob points at is not protected.
 - The age check and the unlink are atomic with respect to the engine's own
   ``put_blob`` (the directory engine's in any process: both ``flock`` the blob
   file), and collections of one store never overlap (``Engine.gc_lock``).
@@ -34,6 +46,7 @@ from ._checks import check_async_callable, check_bool, check_ctx, check_engine, 
 from ._context import Context, bound
 from ._digest import Digest
 from ._engine import BlobInfo, Engine
+from ._errors import InvalidError
 from ._graph import DEFAULT_CONCURRENCY, walk
 from ._json import DEFAULT_JSON_LIMIT
 from ._referrers import SNIFF_SIZE, find_referrers
@@ -67,7 +80,8 @@ class GCResult:
     fresh: frozenset[Digest]
     #: Unreachable blobs a policy vetoed.
     vetoed: frozenset[Digest]
-    #: Nodes treated as leaves because they were missing or broken (``broken_ok=True``).
+    #: Nodes treated as leaves because they were missing or broken, and the digests of broken
+    #: ``index.json`` entries kept as leaves (``broken_ok=True``).
     broken: frozenset[Digest]
     dry_run: bool
     #: Unreachable blobs kept because a live lease holds them (:meth:`Engine.lease`).
@@ -114,11 +128,18 @@ async def gc(
     async with bound(ctx), engine.gc_lock(ctx=ctx):
         cutoff = time.time() - grace_period
         roots = await engine.list_roots(ctx=ctx)
+        bad_roots = await engine.list_broken_roots(ctx=ctx)
+        if bad_roots and not broken_ok:
+            raise InvalidError(
+                f"{bad_roots[0]}: refusing to collect garbage while what it protects cannot be told "
+                "(fix or remove the entry; broken_ok=True keeps only its digest, if readable)"
+            )
+        kept_roots = {root.digest for root in bad_roots if root.digest is not None}
         graph = await walk(engine, roots, concurrency=concurrency, broken_ok=broken_ok, max_size=max_size, ctx=ctx)
         blobs = await engine.list_blobs(ctx=ctx)
         leased = await engine.leased_blobs(ctx=ctx)  # put by writers that have not tagged them yet
         # set arithmetic over every blob runs in a worker thread: O(n) work stays off the event loop
-        unreachable = await _compute(lambda: sorted(set(blobs) - graph.descriptors.keys()))
+        unreachable = await _compute(lambda: sorted(set(blobs) - graph.descriptors.keys() - kept_roots))
         infos = await engine.stat_blobs(unreachable, head=SNIFF_SIZE if referrers else 0, ctx=ctx)
 
         def triage() -> tuple[list[Digest], set[Digest]]:
@@ -170,7 +191,7 @@ async def gc(
             referrers=frozenset(kept_referrers),
             fresh=frozenset(fresh),
             vetoed=frozenset(vetoed),
-            broken=frozenset(graph.broken),
+            broken=frozenset(graph.broken.keys() | kept_roots),
             dry_run=dry_run,
             leased=frozenset(leased) - graph.descriptors.keys(),
         )

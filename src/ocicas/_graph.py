@@ -4,6 +4,12 @@ Edges: an index (or Docker manifest list) points at its manifests and its
 ``subject``; a manifest at its config, its layers and its ``subject``; a
 descriptor blob at the descriptor it holds. Everything else is a leaf and is
 never opened, so a walk reads manifests and indexes only, never layers.
+
+A ``subject`` edge is weak (image-spec: "a weak association"; a signature or an
+SBOM may be stored apart from what it describes): a subject that is present is
+walked like any node, but one that is absent is no fault. A walk records it in
+:attr:`Graph.absent_subjects`, and nothing (walk, copy, gc, fsck) fails for it.
+Content reached both through a subject edge and a strong edge is strong.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from ._threads import run_sync
 
 __all__ = [
     "DEFAULT_CONCURRENCY",
+    "Children",
     "DescriptorPath",
     "Expand",
     "Graph",
@@ -60,8 +67,24 @@ def is_node(descriptor: Descriptor) -> bool:
     return media_type in MANIFEST_MEDIA_TYPES or media_type in INDEX_MEDIA_TYPES or media_type == MEDIA_TYPE_DESCRIPTOR
 
 
-def children(descriptor: Descriptor, data: bytes) -> list[Descriptor]:
-    """The descriptors the blob ``data`` (described by ``descriptor``) points at.
+class Children(list[Descriptor]):
+    """The descriptors a node points at, as :func:`children` returns them.
+
+    A list whose last item, when :attr:`subject` is set, is that subject: the
+    node's one weak edge. An ``expand`` function given to :func:`walk` may return
+    a plain list (every edge strong) or a ``Children``.
+    """
+
+    def __init__(self, strong: Iterable[Descriptor] = (), subject: Descriptor | None = None) -> None:
+        super().__init__(strong)
+        #: The node's ``subject`` (also the last item), or ``None``.
+        self.subject = subject
+        if subject is not None:
+            self.append(subject)
+
+
+def children(descriptor: Descriptor, data: bytes) -> Children:
+    """The descriptors the blob ``data`` (described by ``descriptor``) points at, its ``subject`` last.
 
     Raises :class:`~ocicas.InvalidError` if the blob does not parse as its media type.
     """
@@ -70,13 +93,13 @@ def children(descriptor: Descriptor, data: bytes) -> list[Descriptor]:
     media_type = descriptor.media_type
     if media_type in MANIFEST_MEDIA_TYPES:
         manifest = Manifest.from_json(data, media_type=media_type)
-        return [manifest.config, *manifest.layers, *([manifest.subject] if manifest.subject else [])]
+        return Children([manifest.config, *manifest.layers], manifest.subject)
     if media_type in INDEX_MEDIA_TYPES:
         index = Index.from_json(data, media_type=media_type)
-        return [*index.manifests, *([index.subject] if index.subject else [])]
+        return Children(index.manifests, index.subject)
     if media_type == MEDIA_TYPE_DESCRIPTOR:
-        return [Descriptor.from_dict(load_json(data, "descriptor blob"))]
-    return []
+        return Children([Descriptor.from_dict(load_json(data, "descriptor blob"))])
+    return Children()
 
 
 @dataclasses.dataclass
@@ -93,6 +116,10 @@ class Graph:
     parents: dict[Digest, set[Digest]] = dataclasses.field(default_factory=dict)
     #: The bytes of every node read, with ``walk(keep_data=True)``; a walk uses bytes found here instead of reading.
     data: dict[Digest, bytes] = dataclasses.field(default_factory=dict)
+    #: Digests reached only through ``subject`` edges (weak: their absence is no fault).
+    weak: set[Digest] = dataclasses.field(default_factory=set)
+    #: Subjects (of :attr:`weak`) that are absent: in :attr:`descriptors`, but not content to copy or check.
+    absent_subjects: set[Digest] = dataclasses.field(default_factory=set)
 
     def where(self, digest: Digest) -> str:
         """`` (referenced by …)`` naming a node that points at ``digest``, for messages."""
@@ -162,6 +189,11 @@ async def walk(
     Pass ``graph`` to extend an earlier walk, ``expand`` to follow only some edges
     (the default, :func:`children`, follows all), and ``keep_data=True`` to keep
     the bytes of every node read in :attr:`Graph.data`.
+
+    A ``subject`` edge is weak: a subject reached only that way that is absent
+    is recorded in :attr:`Graph.absent_subjects`, never raised (nor put in
+    :attr:`Graph.broken`). An ``expand`` marks its weak edge by returning a
+    :class:`Children` with :attr:`Children.subject` set.
     """
     check_engine(engine)
     roots = _descriptors(roots, "roots")
@@ -176,6 +208,12 @@ async def walk(
     graph = Graph() if graph is None else graph
     limiter = anyio.CapacityLimiter(concurrency)
 
+    def missing(descriptor: Descriptor, exc: BlobNotFoundError) -> None:
+        digest = descriptor.digest
+        if not broken_ok:
+            raise BlobNotFoundError(f"{descriptor.media_type} {digest}{graph.where(digest)} is missing") from exc
+        graph.broken[digest] = exc
+
     async def visit(descriptor: Descriptor) -> None:
         digest = descriptor.digest
         try:
@@ -188,9 +226,10 @@ async def walk(
             else:
                 found = expand(descriptor, data)
         except BlobNotFoundError as exc:
-            if not broken_ok:
-                raise BlobNotFoundError(f"{descriptor.media_type} {digest}{graph.where(digest)} is missing") from exc
-            graph.broken[digest] = exc
+            if digest in graph.weak:  # only a subject so far: no fault, unless a strong edge reaches it later
+                graph.absent_subjects.add(digest)
+                return
+            missing(descriptor, exc)
             return
         except InvalidError as exc:
             if not broken_ok:
@@ -202,15 +241,24 @@ async def walk(
         else:
             graph.data.pop(digest, None)
         graph.edges[digest] = tuple(found)
+        subject = getattr(found, "subject", None)
         for child in found:
-            reach(child, digest)
+            reach(child, digest, weak=child is subject)
 
-    def reach(descriptor: Descriptor, parent: Digest | None) -> None:
+    def reach(descriptor: Descriptor, parent: Digest | None, *, weak: bool = False) -> None:
+        digest = descriptor.digest
         if parent is not None:
-            graph.parents.setdefault(descriptor.digest, set()).add(parent)
-        if descriptor.digest in graph.descriptors:
+            graph.parents.setdefault(digest, set()).add(parent)
+        if digest in graph.descriptors:
+            if not weak and digest in graph.weak:  # a strong edge to a former subject: it must be there now
+                graph.weak.discard(digest)
+                if digest in graph.absent_subjects:
+                    graph.absent_subjects.discard(digest)
+                    missing(graph.descriptors[digest], BlobNotFoundError(f"blob {digest} not found"))
             return
-        graph.descriptors[descriptor.digest] = descriptor
+        graph.descriptors[digest] = descriptor
+        if weak:
+            graph.weak.add(digest)
         if is_node(descriptor):
             tg.start_soon(visit, descriptor)
 

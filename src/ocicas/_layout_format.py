@@ -6,11 +6,14 @@ this module decides what their bytes mean.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import re
 from collections.abc import Mapping
 from typing import Any, Final
 
 from ._descriptor import Descriptor
+from ._digest import Digest
 from ._errors import ClobberError, InvalidError
 from ._json import dump_json, load_json
 from ._media_types import MEDIA_TYPE_IMAGE_INDEX
@@ -18,6 +21,7 @@ from ._media_types import MEDIA_TYPE_IMAGE_INDEX
 __all__ = [
     "ANNOTATION_REF_NAME",
     "IMAGE_LAYOUT_VERSION",
+    "BrokenRoot",
     "IndexDocument",
     "layout_file",
     "parse_layout_file",
@@ -69,14 +73,95 @@ def _comparable(descriptor: Descriptor) -> Descriptor:
     return descriptor if descriptor.annotations else descriptor.replace(annotations=None)
 
 
+@dataclasses.dataclass(frozen=True)
+class BrokenRoot:
+    """An ``index.json`` entry that does not parse as a descriptor (see :meth:`Engine.list_broken_roots`).
+
+    It is refused on its own: the other entries read as usual, and every rewrite
+    of ``index.json`` keeps it as written.
+    """
+
+    #: Its place in ``manifests`` (0-based).
+    position: int
+    #: Its ``org.opencontainers.image.ref.name``, if it has one that is a string.
+    name: str | None
+    #: Its ``digest``, if that much is a valid digest (what the entry may protect), else ``None``.
+    digest: Digest | None
+    #: What is wrong with it.
+    error: str
+
+    def __str__(self) -> str:
+        what = f"for reference {self.name!r}" if self.name is not None else f"#{self.position}"
+        return f"index.json entry {what}: {self.error}"
+
+
+_WS: Final = re.compile(r"[ \t\n\r]*")
+
+
+def _entry_texts(text: str) -> list[str] | None:
+    """The text of each ``manifests`` entry exactly as written, or ``None`` if it cannot be told.
+
+    Only called on text :func:`load_json` accepted, so the structure is known to be sound.
+    """
+    decode = json.JSONDecoder().raw_decode
+
+    def skip(at: int) -> int:
+        match = _WS.match(text, at)
+        assert match is not None  # matches the empty string
+        return match.end()
+
+    try:
+        at = skip(0)
+        if text[at] != "{":
+            return None
+        at = skip(at + 1)
+        while text[at] == '"':
+            key, at = decode(text, at)
+            at = skip(at)
+            at = skip(at + 1)  # the ':'
+            if key == "manifests" and text[at] == "[":
+                texts: list[str] = []
+                at = skip(at + 1)
+                while text[at] != "]":
+                    _, end = decode(text, at)
+                    texts.append(text[at:end])
+                    at = skip(end)
+                    if text[at] == ",":
+                        at = skip(at + 1)
+                return texts
+            _, at = decode(text, at)
+            at = skip(at)
+            if text[at] == ",":
+                at = skip(at + 1)
+        return None
+    except (ValueError, IndexError, RecursionError):
+        return None
+
+
+def _broken(position: int, entry: object, error: InvalidError) -> BrokenRoot:
+    name = digest = None
+    if isinstance(entry, dict):
+        annotations = entry.get("annotations")
+        value = annotations.get(ANNOTATION_REF_NAME) if isinstance(annotations, dict) else None
+        name = value if isinstance(value, str) else None
+        try:
+            digest = Digest(entry["digest"])
+        except (KeyError, InvalidError):
+            digest = None
+    return BrokenRoot(position, name, digest, str(error))
+
+
 class IndexDocument:
     """A parsed ``index.json``, kept as raw JSON so a rewrite loses nothing.
 
-    Entries are parsed as descriptors only when used, so one odd entry written by
-    another tool does not make the rest of the layout unreadable.
+    Entries are parsed as descriptors one by one, when used: an entry that does
+    not parse (written by another tool) is refused on its own, as a
+    :class:`BrokenRoot`, while the other entries read as usual. Every entry is
+    written back as it was read (its text from the file, byte for byte) unless a
+    change replaced it.
     """
 
-    __slots__ = ("_doc", "_encoded", "_entries", "_names")
+    __slots__ = ("_doc", "_encoded", "_entries", "_names", "_parsed")
 
     def __init__(
         self,
@@ -87,8 +172,9 @@ class IndexDocument:
     ) -> None:
         self._doc = doc
         self._entries: list[Any] = doc["manifests"]
-        # each entry's JSON, once written: a rewrite re-encodes only the entries that changed
+        # each entry's JSON, as read or once written: a rewrite re-encodes only the entries that changed
         self._encoded: list[bytes | None] = [None] * len(self._entries) if encoded is None else encoded
+        self._parsed: list[Descriptor | BrokenRoot | None] = [None] * len(self._entries)
         self._names: dict[str, list[int]] = {} if names is None else names
         for position in range(scan_from, len(self._entries)):  # names before scan_from are known
             entry = self._entries[position]
@@ -104,7 +190,11 @@ class IndexDocument:
 
     @classmethod
     def parse(cls, data: bytes) -> IndexDocument:
-        """Parse ``index.json``; ``"manifests": null`` (umoci 0.4) reads as empty."""
+        """Parse ``index.json``; ``"manifests": null`` (umoci 0.4) reads as empty.
+
+        Raises :class:`InvalidError` if the document as a whole is not an index;
+        a bad entry is not checked here (see :meth:`broken`).
+        """
         doc = load_json(data, "index.json")
         if not isinstance(doc, dict):
             raise InvalidError("index.json is not a JSON object")
@@ -122,10 +212,12 @@ class IndexDocument:
             manifests = doc["manifests"] = []
         if not isinstance(manifests, list):
             raise InvalidError("index.json manifests is not an array")
-        for entry in manifests:
-            if not isinstance(entry, dict):
-                raise InvalidError(f"index.json has a manifests entry that is not an object: {entry!r:.100}")
-        return cls(doc)
+        encoded: list[bytes | None] | None = None
+        if manifests:
+            texts = _entry_texts(bytes(data).decode("utf-8"))
+            if texts is not None and len(texts) == len(manifests):
+                encoded = [text.encode() for text in texts]
+        return cls(doc, encoded)
 
     def serialize(self) -> bytes:
         """The bytes to write (``manifests`` is always an array), members in their original order."""
@@ -139,42 +231,54 @@ class IndexDocument:
             members.append(dump_json(key) + b":" + data)
         return b"{" + b",".join(members) + b"}"
 
+    def _entry(self, position: int) -> Descriptor | BrokenRoot:
+        """Entry ``position`` as a descriptor (with its name annotation), or what is wrong with it."""
+        parsed = self._parsed[position]
+        if parsed is None:
+            entry = self._entries[position]
+            try:
+                parsed = Descriptor.from_dict(entry)
+            except InvalidError as exc:
+                parsed = _broken(position, entry, exc)
+            self._parsed[position] = parsed
+        return parsed
+
     def names(self) -> list[str]:
-        """Every reference name, sorted."""
+        """Every reference name, sorted (names of broken entries too)."""
         return sorted(self._names)
 
     def get(self, name: str) -> Descriptor | None:
-        """The descriptor named ``name`` (without its name annotation), or ``None``."""
+        """The descriptor named ``name`` (without its name annotation), or ``None``.
+
+        Raises :class:`InvalidError` naming the fault if that entry does not parse.
+        """
         positions = self._names.get(name)
         if not positions:
             return None
-        return self._strip(self._entries[positions[0]], name)
+        return self._strip(self._entry(positions[0]))
 
     def roots(self) -> list[Descriptor]:
-        """Every entry as a descriptor, named or not."""
-        out = []
-        for entry in self._entries:
-            try:
-                out.append(Descriptor.from_dict(entry))
-            except InvalidError as exc:
-                raise InvalidError(f"index.json entry {entry.get('digest')!r:.100}: {exc}") from None
-        return out
+        """Every entry that parses, as a descriptor, named or not."""
+        return [entry for entry in map(self._entry, range(len(self._entries))) if isinstance(entry, Descriptor)]
+
+    def broken(self) -> list[BrokenRoot]:
+        """Every entry that does not parse as a descriptor, in order."""
+        return [entry for entry in map(self._entry, range(len(self._entries))) if isinstance(entry, BrokenRoot)]
 
     @staticmethod
-    def _strip(entry: dict[str, Any], name: str) -> Descriptor:
-        try:
-            descriptor = Descriptor.from_dict(entry)
-        except InvalidError as exc:
-            raise InvalidError(f"index.json entry for reference {name!r}: {exc}") from None
-        annotations = dict(descriptor.annotations or {})
+    def _strip(entry: Descriptor | BrokenRoot) -> Descriptor:
+        if isinstance(entry, BrokenRoot):
+            raise InvalidError(str(entry))
+        annotations = dict(entry.annotations or {})
         annotations.pop(ANNOTATION_REF_NAME, None)
-        return descriptor.replace(annotations=annotations or None)
+        return entry.replace(annotations=annotations or None)
 
     def apply(self, changes: Mapping[str, Descriptor | None], *, replace: bool) -> IndexDocument | None:
         """Return the index with ``changes`` applied, or ``None`` if nothing would change.
 
         Raises :class:`ClobberError` (without ``replace``) if a put would change what
-        a name holds. Unnamed entries and unknown fields are carried over untouched.
+        a name holds, a broken entry included. Unnamed entries, other names' entries
+        (broken ones too) and unknown fields are carried over untouched.
         """
         drop: set[int] = set()
         added: list[dict[str, Any]] = []
@@ -184,12 +288,14 @@ class IndexDocument:
                 drop.update(positions)
                 continue
             if positions:
-                current = [self._strip(self._entries[p], name) for p in positions]
+                entries = [self._entry(p) for p in positions]
                 wanted = _comparable(descriptor)
-                if all(_comparable(c) == wanted for c in current):
+                broken = [e for e in entries if isinstance(e, BrokenRoot)]
+                if not broken and all(_comparable(self._strip(e)) == wanted for e in entries):
                     continue
                 if not replace:
-                    raise ClobberError(f"reference {name!r} already holds {current[0].digest}, not {descriptor.digest}")
+                    holds = f"an invalid entry ({broken[0].error})" if broken else str(self._strip(entries[0]).digest)
+                    raise ClobberError(f"reference {name!r} already holds {holds}, not {descriptor.digest}")
                 drop.update(positions)
             entry = descriptor.to_dict()
             entry["annotations"] = {**entry.get("annotations", {}), ANNOTATION_REF_NAME: name}
@@ -200,7 +306,12 @@ class IndexDocument:
         if not drop:  # only additions (the common tag): nothing to re-scan or re-encode
             doc["manifests"] = [*self._entries, *added]
             # added names are new (a changed name is dropped first), so the old lists are never touched
-            return IndexDocument(doc, [*self._encoded, *([None] * len(added))], dict(self._names), len(self._entries))
+            updated = IndexDocument(
+                doc, [*self._encoded, *([None] * len(added))], dict(self._names), len(self._entries)
+            )
+            updated._parsed[: len(self._parsed)] = self._parsed
+            return updated
         kept = [p for p in range(len(self._entries)) if p not in drop]
         doc["manifests"] = [self._entries[p] for p in kept] + added
-        return IndexDocument(doc, [self._encoded[p] for p in kept] + [None] * len(added))
+        updated = IndexDocument(doc, [self._encoded[p] for p in kept] + [None] * len(added))
+        return updated

@@ -12,7 +12,7 @@ from ._descriptor import Descriptor
 from ._digest import Digest, Verifier
 from ._engine import BlobInfo, Engine
 from ._errors import BlobNotFoundError, ReferenceNotFoundError
-from ._layout_format import IndexDocument
+from ._layout_format import BrokenRoot, IndexDocument
 from ._reader import BytesRaw, RawBlob
 from ._source import BlobSource, iterate_source
 from ._threads import run_sync
@@ -124,6 +124,10 @@ class MemoryEngine(Engine):
     async def _list_roots(self) -> list[Descriptor]:
         await anyio.lowlevel.checkpoint()
         return self._document.roots()
+
+    async def _list_broken_roots(self) -> list[BrokenRoot]:
+        await anyio.lowlevel.checkpoint()
+        return self._document.broken()
 
     async def _gc(self) -> None:
         """Nothing to collect: a memory engine leaves no temporary files."""

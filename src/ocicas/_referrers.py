@@ -2,7 +2,9 @@
 
 A referrer (a signature, an SBOM) points at its subject, not the other way
 round, so nothing in the graph leads to it: it has to be found among the other
-blobs of the store. GC keeps referrers of live content, and copy can bring them
+blobs of the store. Only a subject that is present counts: an absent one (in
+:attr:`Graph.absent_subjects`, reached through another referrer) keeps nothing.
+GC keeps referrers of live content, and copy can bring them
 along; both search the same way, reading only blobs that can be JSON documents.
 """
 
@@ -89,7 +91,9 @@ async def find_referrers(
     kept: set[Digest] = set()
     while True:  # a referrer's graph may hold the subject of another
         new = sorted(
-            d for d, (subject, _, _) in found.items() if d not in graph.descriptors and subject in graph.descriptors
+            d
+            for d, (subject, _, _) in found.items()
+            if d not in graph.descriptors and subject in graph.descriptors and subject not in graph.absent_subjects
         )
         if not new:
             return kept

@@ -44,7 +44,7 @@ from .._errors import (
     LayoutNotFoundError,
     ReferenceNotFoundError,
 )
-from .._layout_format import IndexDocument, layout_file, parse_layout_file
+from .._layout_format import BrokenRoot, IndexDocument, layout_file, parse_layout_file
 from .._reader import BlobReader, RawBlob
 from .._source import BlobSource
 from .._threads import checkpoint, run_split, run_sync
@@ -502,6 +502,9 @@ class DirEngine(Engine):
 
     async def _list_roots(self) -> list[Descriptor]:
         return (await self._index.read()).roots()
+
+    async def _list_broken_roots(self) -> list[BrokenRoot]:
+        return (await self._index.read()).broken()
 
     async def _update_references(self, changes: Mapping[str, Descriptor | None], replace: bool) -> None:
         await self._index.update(changes, replace)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import click
@@ -12,11 +13,11 @@ from .._descriptor import Descriptor, Platform
 from .._engine import Engine
 from .._errors import ClobberError, NotFoundError
 from .._graph import resolve_reference
-from ._locations import LOCATION, Location, open_location
+from ._locations import LOCATION, Location, open_location, remove_created
 from ._output import emit_json, json_option
 from ._params import PLATFORM, human_size
 from ._progress import CopyBars, Display
-from ._run import CommandError, ExitCode, run
+from ._run import CommandError, ExitCode, Interrupted, run
 
 __all__ = ["copy"]
 
@@ -109,7 +110,9 @@ def copy(
     registry (http://HOST:PORT/REPO, https://… or docker://HOST/REPO, which is
     HTTPS; credentials from the Docker config.json, OCICAS_TLS_VERIFY=0 to skip
     certificate checks). Without REF, every reference of SRC is copied. DST's reference defaults to
-    the same name; DST is created if it does not exist. Blobs DST has already are
+    the same name; DST is created if it does not exist, and removed again if the
+    copy fails (a DST that existed is left as it was; an interrupted copy keeps
+    what landed, for a rerun to finish). Blobs DST has already are
     not read again; every byte copied is verified; the reference is written
     last, so an interrupted copy leaves no reference to missing content, and a
     rerun moves only what is missing. Digests never change.
@@ -140,8 +143,13 @@ def copy(
     if single and len(platforms) != 1:
         raise click.UsageError("--single needs exactly one --platform")
 
+    created: list[Path] = []
+
     async def work(display: Display) -> list[CopyResult]:
-        async with open_location(source) as src, open_location(destination, create=True) as dst:
+        async with (
+            open_location(source) as src,
+            open_location(destination, create=True, created=created) as dst,
+        ):
             names = [source.reference] if source.reference is not None else await src.list_references()
             results = []
             for name in names:
@@ -168,8 +176,14 @@ def copy(
                 results.append(result)
             return results
 
-    with Display() as display:
-        results = run(lambda: work(display))
+    try:
+        with Display() as display:
+            results = run(lambda: work(display))
+    except Interrupted:
+        raise  # Ctrl-C: what landed stays, so a rerun moves only the rest
+    except BaseException:
+        remove_created(created)  # a failure: only a layout this command made goes, with what landed in it
+        raise
     if as_json:
         emit_json([_as_json(result) for result in results])
     elif not results:

@@ -16,7 +16,7 @@ from .._descriptor import Descriptor
 from .._digest import Digest
 from .._engine import Engine
 from .._errors import BlobNotFoundError, InvalidError
-from .._graph import walk
+from .._graph import Graph, walk
 from .._layout_format import ANNOTATION_REF_NAME
 from .._tasks import task_group
 
@@ -25,7 +25,7 @@ __all__ = ["CheckReport", "Problem", "check_store"]
 _READ_CHUNK = 4 << 20
 _CONCURRENCY = 4
 
-ProblemKind = Literal["corrupt", "missing", "dangling", "invalid"]
+ProblemKind = Literal["corrupt", "missing", "dangling", "invalid", "absent-subject"]
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -34,12 +34,16 @@ class Problem:
 
     ``corrupt``: a blob's bytes do not match its digest, or its size does not match a
     descriptor of it. ``missing``: content a root reaches is absent. ``dangling``: a
-    root (a reference) points at an absent blob. ``invalid``: a manifest, an index
-    or ``index.json`` does not parse.
+    root (a reference) points at an absent blob. ``invalid``: a manifest, an index,
+    ``index.json`` or one of its entries does not parse.
+
+    As a note (:attr:`CheckReport.notes`), not a problem: ``absent-subject``, a
+    referrer's ``subject`` is not in the store (a weak association, legal).
     """
 
     kind: ProblemKind
-    #: The blob concerned, or the reference name for ``dangling``, or ``index.json``.
+    #: The blob concerned, the reference name for ``dangling``, ``index.json``, or
+    #: ``index.json manifests[N]`` for a bad entry.
     subject: str
     message: str
 
@@ -52,6 +56,8 @@ class CheckReport:
     bytes: int
     roots: int
     problems: tuple[Problem, ...]
+    #: Information, not damage: subjects that are absent (``absent-subject``).
+    notes: tuple[Problem, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -76,9 +82,21 @@ async def check_store(
     as they are.
     """
     problems: dict[tuple[str, str], Problem] = {}
+    notes: dict[str, Problem] = {}
 
     def found(kind: ProblemKind, subject: str, message: str) -> None:
         problems.setdefault((kind, subject), Problem(kind, subject, message))
+
+    def absent_subject(graph: Graph, digest: Digest, descriptor: Descriptor, where: str) -> None:
+        referrers = ", ".join(sorted(graph.parents.get(digest, ())))
+        notes.setdefault(
+            digest,
+            Problem(
+                "absent-subject",
+                digest,
+                f"{descriptor.media_type} {digest}, subject of {referrers} in {where}, is absent (weak: not damage)",
+            ),
+        )
 
     digests = await engine.list_blobs()
     infos = await engine.stat_blobs(digests)
@@ -109,9 +127,14 @@ async def check_store(
     except InvalidError as exc:
         found("invalid", "index.json", str(exc))
         roots = []
+    else:
+        for bad in await engine.list_broken_roots():
+            found("invalid", f"index.json manifests[{bad.position}]", str(bad))
     for root in roots:
         where = _root_name(root)
         graph = await walk(engine, [root], broken_ok=True)
+        for digest in graph.absent_subjects:
+            absent_subject(graph, digest, graph.descriptors[digest], where)
         for digest, error in graph.broken.items():
             descriptor = graph.descriptors[digest]
             if isinstance(error, BlobNotFoundError):
@@ -133,7 +156,9 @@ async def check_store(
             if digest in graph.broken or descriptor.data is not None:
                 continue
             info = infos.get(digest)
-            if info is None:
+            if info is None and digest in graph.weak:
+                absent_subject(graph, digest, descriptor, where)
+            elif info is None:
                 if digest == root.digest:
                     found("dangling", where, f"{where} points at {descriptor.media_type} {digest}, which is missing")
                 else:
@@ -149,4 +174,5 @@ async def check_store(
         bytes=sum(info.size for info in infos.values()),
         roots=len(roots),
         problems=tuple(sorted(problems.values())),
+        notes=tuple(sorted(notes.values())),
     )

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Final
 
@@ -16,9 +14,8 @@ import click
 
 from .._build import _diff_ids, _image_config, _put_layer, build_image
 from .._descriptor import Descriptor, Platform
-from .._dir import create_layout, open_layout
 from .._engine import Engine
-from .._errors import ClobberError, InvalidError, LayoutExistsError, LayoutNotFoundError, UnsupportedError
+from .._errors import ClobberError, InvalidError, UnsupportedError
 from .._media_types import (
     MEDIA_TYPE_IMAGE_CONFIG,
     MEDIA_TYPE_IMAGE_LAYER,
@@ -27,7 +24,7 @@ from .._media_types import (
     MEDIA_TYPE_IMAGE_MANIFEST,
 )
 from .._models import Manifest
-from ._locations import LOCATION, Location, open_location
+from ._locations import LOCATION, Location, open_location, remove_created
 from ._output import emit_json, json_option
 from ._params import PLATFORM
 from ._progress import Bar, Display
@@ -138,51 +135,6 @@ async def _build_mixed(
     return Descriptor(media_type=MEDIA_TYPE_IMAGE_MANIFEST, digest=digest, size=size, platform=platform)
 
 
-def _missing_dirs(where: str) -> list[Path]:
-    """``where`` and those of its parents that do not exist, deepest first."""
-    path = Path(where).absolute()
-    missing = []
-    for candidate in (path, *path.parents):
-        if os.path.lexists(candidate):
-            break
-        missing.append(candidate)
-    return missing
-
-
-def _remove_created(created: list[Path]) -> None:
-    """Remove a layout this command created, and the parents it created if nothing else is in them."""
-    if not created:
-        return
-    shutil.rmtree(created[0], ignore_errors=True)
-    for parent in created[1:]:
-        try:
-            os.rmdir(parent)
-        except OSError:
-            return  # someone else put something there
-
-
-@asynccontextmanager
-async def _open_or_create(location: Location, created: list[Path]) -> AsyncIterator[Engine]:
-    """Open ``location``; a missing layout is created, and the directories made are added to ``created``."""
-    if location.kind == "layout":
-        engine: Engine
-        try:
-            engine = await open_layout(location.path)
-        except LayoutNotFoundError:
-            missing = await anyio.to_thread.run_sync(_missing_dirs, location.path)
-            try:
-                await create_layout(location.path)
-                created.extend(missing)
-            except LayoutExistsError:
-                pass  # created by someone else meanwhile: theirs, not ours to remove
-            engine = await open_layout(location.path)
-        async with engine:
-            yield engine
-        return
-    async with open_location(location) as engine:
-        yield engine
-
-
 @click.command()
 @click.argument("location", metavar="LAYOUT[:REF]", type=LOCATION)
 @click.option(
@@ -244,7 +196,7 @@ def image(
 
     async def work(display: Display) -> Descriptor:
         config = await anyio.to_thread.run_sync(_load_config, config_file) if config_file is not None else None
-        async with _open_or_create(location, created) as engine:
+        async with open_location(location, create=True, created=created) as engine:
             layers = [
                 _Layer(name, display.bar(f"layer {'stdin' if name == '-' else os.path.basename(name)}"))
                 for name in layer_files
@@ -280,7 +232,7 @@ def image(
         with Display() as display:
             descriptor = run(lambda: work(display))
     except BaseException:
-        _remove_created(created)
+        remove_created(created)
         raise
     if as_json:
         emit_json(descriptor.to_dict())

@@ -8,6 +8,10 @@ when the first component is not a host, as in ``docker pull``). :func:`parse_loc
 place that reads the syntax, and :func:`open_location` the one place that turns
 a location into an :class:`~ocicas.Engine`. Registry credentials come from the
 Docker ``config.json``; ``OCICAS_TLS_VERIFY=0`` skips certificate checks.
+
+A command that creates a destination layout and then fails removes it again
+(``open_location(..., created=)`` records what it made, :func:`remove_created`
+removes it): a layout the user already had is never touched.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 import click
@@ -25,9 +31,10 @@ from .._dir import create_layout, open_layout
 from .._engine import Engine
 from .._errors import InvalidError, LayoutExistsError, LayoutNotFoundError
 from .._layout_format import validate_reference_name
+from .._threads import run_sync
 from ..registry import open_registry, parse_registry_location
 
-__all__ = ["LOCATION", "Location", "open_location", "parse_location"]
+__all__ = ["LOCATION", "Location", "open_location", "parse_location", "remove_created"]
 
 _SCHEME: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _REGISTRY_SCHEMES: Final = ("http://", "https://", "docker://")
@@ -94,9 +101,40 @@ class _LocationType(_ParamType):
 LOCATION: Final = _LocationType()
 
 
+def _missing_dirs(where: str) -> list[Path]:
+    """``where`` and those of its parents that do not exist, deepest first."""
+    path = Path(where).absolute()
+    missing = []
+    for candidate in (path, *path.parents):
+        if os.path.lexists(candidate):
+            break
+        missing.append(candidate)
+    return missing
+
+
+def remove_created(created: list[Path]) -> None:
+    """Remove a layout a command created (as ``open_location(created=)`` recorded it), and the parents
+    it created if nothing else is in them."""
+    if not created:
+        return
+    shutil.rmtree(created[0], ignore_errors=True)
+    for parent in created[1:]:
+        try:
+            os.rmdir(parent)
+        except OSError:
+            return  # someone else put something there
+
+
 @asynccontextmanager
-async def open_location(location: Location | str, *, create: bool = False) -> AsyncIterator[Engine]:
-    """Open the engine of ``location``; a layout is created first if ``create`` (a registry needs nothing)."""
+async def open_location(
+    location: Location | str, *, create: bool = False, created: list[Path] | None = None
+) -> AsyncIterator[Engine]:
+    """Open the engine of ``location``; a layout is created first if ``create`` (a registry needs nothing).
+
+    With ``created``, the directories a creation made (the layout first, then the
+    parents it made) are appended to it, for :func:`remove_created` should the
+    command fail. A layout someone else created meanwhile is not recorded.
+    """
     if isinstance(location, str):
         location = (
             parse_location(location) if location.startswith(_REGISTRY_SCHEMES) else Location("layout", location, None)
@@ -112,10 +150,13 @@ async def open_location(location: Location | str, *, create: bool = False) -> As
     except LayoutNotFoundError:
         if not create:
             raise
+        missing = await run_sync(_missing_dirs, path)
         try:
             await create_layout(path)
+            if created is not None:
+                created.extend(missing)
         except LayoutExistsError:
-            pass  # created by someone else meanwhile
+            pass  # created by someone else meanwhile: theirs, not ours to remove
         engine = await open_layout(path)
     async with engine:
         yield engine

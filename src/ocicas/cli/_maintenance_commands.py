@@ -155,6 +155,8 @@ def fsck(layout: str, as_json: bool) -> int:
       roots_count              roots (references and unnamed roots) walked
       problems, problems_count [{"kind", "subject", "message"}], kind is
                                corrupt, missing, dangling or invalid
+      notes                    [{"kind", "subject", "message"}]: not damage; kind
+                               absent-subject (a referrer's subject is not here)
       stale_temp_dirs, _count  [{"name", "size"}]: temporary directories no live
       stale_temp_dirs_bytes    engine holds, and their bytes
 
@@ -181,12 +183,15 @@ def fsck(layout: str, as_json: bool) -> int:
                 "roots_count": report.roots,
                 "problems": [{"kind": p.kind, "subject": p.subject, "message": p.message} for p in report.problems],
                 "problems_count": len(report.problems),
+                "notes": [{"kind": n.kind, "subject": n.subject, "message": n.message} for n in report.notes],
                 **_temp_json("stale_temp_dirs", stale),
             }
         )
     else:
         for problem in report.problems:
             click.echo(f"{problem.kind}: {problem.message}")
+        for note in report.notes:
+            click.echo(f"note: {note.message}")
         for d in stale:
             click.echo(f"stale temporary directory {d.name}: {human_size(d.size)} (not damage; gc removes it)")
         found = _plural(len(report.problems), "problem") if report.problems else "no problems"

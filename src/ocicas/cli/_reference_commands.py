@@ -16,7 +16,7 @@ from ._locations import LOCATION, Location, open_location
 from ._output import emit_json, emit_lines, json_option
 from ._params import DIGEST, MEDIA_TYPE, REFERENCE
 from ._run import CommandError, ExitCode, run
-from ._tree import TreeNode, build_tree, render_tree, tree_json
+from ._tree import TreeNode, build_tree, damaged, render_tree, tree_json
 
 __all__ = ["refs", "tag", "tree", "untag"]
 
@@ -120,8 +120,11 @@ def untag(layout: str, name: str, force: bool) -> None:
 @click.command()
 @click.argument("layout", type=_LAYOUT)
 @json_option
-def refs(layout: str, as_json: bool) -> None:
+def refs(layout: str, as_json: bool) -> int:
     """List the references of LAYOUT: name, media type, digest and size in bytes.
+
+    A reference whose index.json entry does not parse is left out and named on
+    stderr, and the exit status is then 4.
 
     \b
     JSON output (--json): [{"name", "mediaType", "digest", "size", ...}, ...]
@@ -132,31 +135,44 @@ def refs(layout: str, as_json: bool) -> None:
       ocicas refs --json ./images | jq -r '.[].name'
     """
 
-    async def work() -> list[tuple[str, Descriptor]]:
+    async def work() -> tuple[list[tuple[str, Descriptor]], list[str]]:
         async with open_location(layout) as engine:
-            return [(name, await engine.get_reference(name)) for name in await engine.list_references()]
+            good, bad = [], []
+            for name in await engine.list_references():
+                try:
+                    good.append((name, await engine.get_reference(name)))
+                except InvalidError as exc:  # a bad index.json entry: refused on its own
+                    bad.append(str(exc))
+            return good, bad
 
-    found = run(work)
+    found, bad = run(work)
     if as_json:
         emit_json([{"name": name, **descriptor.to_dict()} for name, descriptor in found])
     else:
         emit_lines([(name, d.media_type, d.digest, str(d.size)) for name, d in found])
+    for message in bad:
+        click.echo(f"ocicas: error: {message}", err=True)
+    return ExitCode.INVALID if bad else ExitCode.OK
 
 
 @click.command()
 @click.argument("location", metavar="LAYOUT[:REF]", type=LOCATION)
 @json_option
-def tree(location: Location, as_json: bool) -> None:
+def tree(location: Location, as_json: bool) -> int:
     """Show what reference REF of LAYOUT reaches (every root without REF) as a tree.
 
     Each line gives a descriptor's media type, digest, size and platform, and
-    marks content that is missing, invalid, or shown above already.
+    marks content that is missing, invalid, or shown above already, and a
+    referrer's subject that is absent (a weak link: not damage). The exit status
+    is 4 if anything is missing or invalid, an index.json entry that does not
+    parse included (named on stderr).
 
     \b
     JSON output (--json): [{"reference", "root": node}, ...], each node the
     descriptor's fields (mediaType, digest, size, platform, annotations...) and
       edge       "subject" for a referrer's edge to its subject, else null
-      state      ok, missing, invalid or repeated (shown above already)
+      state      ok, missing, invalid, repeated (shown above already) or
+                 absent (a subject not in the layout)
       error      why it is invalid, else null
       children   [node, ...]
 
@@ -167,9 +183,10 @@ def tree(location: Location, as_json: bool) -> None:
       ocicas tree --json ./images:v1.0 | jq '.[0].root.children[].platform'
     """
 
-    async def work() -> list[tuple[str | None, TreeNode]]:
+    async def work() -> tuple[list[tuple[str | None, TreeNode]], list[str]]:
         async with open_location(location) as engine:
             roots: list[tuple[str | None, Descriptor]]
+            bad: list[str] = []
             if location.reference is not None:
                 roots = [(location.reference, await engine.get_reference(location.reference))]
             else:
@@ -179,9 +196,10 @@ def tree(location: Location, as_json: bool) -> None:
                     name = (root.annotations or {}).get(ANNOTATION_REF_NAME)
                     (named if name is not None else unnamed).append((name, root))
                 roots = sorted(named, key=lambda pair: pair[0] or "") + unnamed
-            return [(name, await build_tree(engine, root)) for name, root in roots]
+                bad = [str(entry) for entry in await engine.list_broken_roots()]
+            return [(name, await build_tree(engine, root)) for name, root in roots], bad
 
-    trees = run(work)
+    trees, bad = run(work)
     if as_json:
         emit_json([{"reference": name, "root": tree_json(node)} for name, node in trees])
     else:
@@ -190,3 +208,6 @@ def tree(location: Location, as_json: bool) -> None:
                 click.echo()
             for line in render_tree(name if name is not None else "(unnamed)", node):
                 click.echo(line)
+    for message in bad:
+        click.echo(f"ocicas: error: {message}", err=True)
+    return ExitCode.INVALID if bad or any(damaged(node) for _, node in trees) else ExitCode.OK

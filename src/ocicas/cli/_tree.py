@@ -18,9 +18,9 @@ from .._models import Index, Manifest
 from .._tasks import task_group
 from ._params import human_size
 
-__all__ = ["TreeNode", "build_tree", "render_tree", "tree_json"]
+__all__ = ["TreeNode", "build_tree", "damaged", "render_tree", "tree_json"]
 
-NodeState = Literal["ok", "missing", "invalid", "repeated"]
+NodeState = Literal["ok", "missing", "invalid", "repeated", "absent"]
 
 
 @dataclasses.dataclass
@@ -30,6 +30,7 @@ class TreeNode:
     descriptor: Descriptor
     #: ``"subject"`` for a referrer's subject edge, else ``None``.
     edge: str | None = None
+    #: ``"absent"``: a subject that is not in the store (weak: not damage, unlike ``"missing"``).
     state: NodeState = "ok"
     error: str | None = None
     children: list[TreeNode] = dataclasses.field(default_factory=list)
@@ -85,12 +86,9 @@ async def build_tree(engine: Engine, root: Descriptor) -> TreeNode:
     def build(descriptor: Descriptor, edge: str | None) -> TreeNode:
         node = TreeNode(descriptor, edge)
         digest = descriptor.digest
-        if digest not in present and descriptor.data is None:
-            node.state = "missing"
-            return node
         outcome = loaded.get(digest)
-        if isinstance(outcome, BlobNotFoundError):
-            node.state = "missing"
+        if (digest not in present and descriptor.data is None) or isinstance(outcome, BlobNotFoundError):
+            node.state = "absent" if edge == "subject" else "missing"
         elif isinstance(outcome, BaseException):
             node.state, node.error = "invalid", str(outcome)
         elif outcome:
@@ -104,6 +102,11 @@ async def build_tree(engine: Engine, root: Descriptor) -> TreeNode:
     return build(root, None)
 
 
+def damaged(node: TreeNode) -> bool:
+    """Whether the tree marks content missing or invalid (an absent subject is not damage)."""
+    return node.state in ("missing", "invalid") or any(damaged(child) for child in node.children)
+
+
 def _line(node: TreeNode) -> str:
     descriptor = node.descriptor
     parts = [f"{node.edge}:"] if node.edge else []
@@ -112,6 +115,8 @@ def _line(node: TreeNode) -> str:
         parts.append(str(descriptor.platform))
     if node.state == "missing":
         parts.append("(missing)")
+    elif node.state == "absent":
+        parts.append("(subject absent (weak))")
     elif node.state == "invalid":
         parts.append(f"(invalid: {node.error})")
     elif node.state == "repeated":
