@@ -25,7 +25,7 @@ hook                        does
 ==========================  ==================================================
 
 Optional hooks with defaults: ``_stat_blobs``, ``_touch_blobs``, ``_delete_blobs``,
-``_gc_lock`` and ``_mount_blob``.
+``_gc_lock``, ``_mount_blob`` and ``_referrers``.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ from ._checks import (
     type_name,
 )
 from ._context import Context
-from ._descriptor import Descriptor
+from ._descriptor import Descriptor, validate_media_type
 from ._digest import Digest, Verifier
 from ._errors import BlobNotFoundError, BlobTooLargeError, SizeMismatchError
 from ._json import dump_json
@@ -389,6 +389,27 @@ class Engine(ABC):
         async with self._operation(ctx):
             return await self._list_roots()
 
+    async def referrers(
+        self, subject: Digest | str | Descriptor, *, artifact_type: str | None = None, ctx: Context | None = None
+    ) -> list[Descriptor]:
+        """The stored manifests and indexes whose ``subject`` is ``subject``, sorted by digest.
+
+        Each comes as the distribution-spec's referrers API lists it: media type,
+        digest, size, ``artifact_type`` (the referrer's own, else its config's media
+        type) and annotations. With ``artifact_type``, only referrers of that type.
+        A registry asks its referrers API, or reads the tag-schema fallback where it
+        has none; other engines read every stored blob that can be a JSON document.
+        """
+        ctx = check_ctx(ctx)
+        digest, _ = _target(subject, "subject")
+        if artifact_type is not None:
+            if not isinstance(artifact_type, str):
+                raise TypeError(f"artifact_type must be a media type (str) or None, not {type_name(artifact_type)}")
+            validate_media_type(artifact_type, "artifact_type")
+        async with self._operation(ctx):
+            found = await self._referrers(digest, artifact_type)
+        return sorted({d.digest: d for d in found}.values(), key=lambda d: d.digest)
+
     # -- lifecycle -----------------------------------------------------------------
 
     async def gc(self, *, ctx: Context | None = None) -> None:
@@ -489,6 +510,12 @@ class Engine(ABC):
     async def _mount_blob(self, source: Engine, digest: Digest, size: int) -> bool:
         """Default: no mounting."""
         return False
+
+    async def _referrers(self, subject: Digest, artifact_type: str | None) -> list[Descriptor]:
+        """Default: every blob that can be a JSON document is read (``_list_blobs``, ``_stat_blobs``)."""
+        from ._referrers import scan_referrers  # it imports this module
+
+        return await scan_referrers(self, subject, artifact_type)
 
     @abstractmethod
     async def _update_references(self, changes: Mapping[str, Descriptor | None], replace: bool) -> None:

@@ -22,6 +22,12 @@ How the protocol maps onto the distribution API (``/v2/<name>/…``):
 ``delete_reference``       ``DELETE /manifests/<tag>`` (distribution spec 1.1); on registries that
                            delete only by digest (distribution 2.8), the manifest is deleted by
                            digest, but only when no other tag and no tagged index still needs it
+``referrers``              ``GET /referrers/<digest>``, following ``Link`` pages; where the registry
+                           answers 404, the image index tagged ``sha256-<hex>`` (``_referrers``).
+                           ``put_blob`` of content in hand that is a manifest or index with a
+                           ``subject`` also pushes it by digest to the manifest store (its blobs
+                           first), and any manifest pushed with a ``subject`` to a registry without
+                           the referrers API is added to that tag, as oras and regclient do
 ``list_blobs``             :class:`~ocicas.UnsupportedError`: the API cannot list blobs
 ``list_roots``             :class:`~ocicas.UnsupportedError`: nor untagged manifests, so
                            :func:`ocicas.gc` cannot run on a registry (use the registry's own GC)
@@ -135,6 +141,7 @@ class RegistryEngine(Engine):
                 await session.cancel()
                 raise
         self._documents.offer(digest, data)
+        await self._tags.referrers.stored(digest, data)  # a referrer is one only in the manifest store
         return digest, len(data)
 
     async def _put_stream(self, source: BlobSource, verifier: Verifier, *, absent: bool) -> tuple[Digest, int]:
@@ -372,6 +379,10 @@ class RegistryEngine(Engine):
                     f"reference {name!r}: a registry tag names a manifest or an index, not {descriptor.media_type}"
                 )
         await self._tags.update(changes, replace=replace)
+
+    async def _referrers(self, subject: Digest, artifact_type: str | None) -> list[Descriptor]:
+        """The referrers API, or the referrers tag where the registry answers the API 404."""
+        return await self._tags.referrers.find(subject, artifact_type)
 
     # -- lifecycle --------------------------------------------------------------------------
 
