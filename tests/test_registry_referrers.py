@@ -30,6 +30,7 @@ from ocicas import Descriptor, Digest, Engine
 from ocicas._copy import copy
 from ocicas.registry import RegistryEngine, open_registry
 from ocicas.registry._referrers import referrers_tag
+from ocicas.testing import sha256
 from tests.images import CONFIG, INDEX, MANIFEST, put_artifact, put_image, put_index
 from tests.registry_fixtures import Recorder, Registry, start_registry
 from tests.tools import require
@@ -404,3 +405,101 @@ async def test_cli_copy_referrers_both_ways(registry: Registry, tmp_path: Path) 
     async with await ocicas.open_layout(tmp_path / "dst") as dst:
         assert await all_blobs(dst) == image.reachable | image.referrer_blobs
         await assert_referrers(dst, image)
+
+
+# -- what docker-registry and serve_registry cannot show: pages, unfiltered answers, OCI-Subject ---------
+
+
+def referrer_manifest(subject: bytes, artifact_type: str, note: str = "") -> tuple[bytes, Descriptor]:
+    """A signature-like manifest whose subject is the manifest ``subject``: its bytes and descriptor."""
+    empty = Descriptor(media_type="application/vnd.oci.empty.v1+json", digest=sha256(b"{}"), size=2)
+    target = Descriptor(media_type=MANIFEST, digest=sha256(subject), size=len(subject))
+    document = {
+        "schemaVersion": 2,
+        "mediaType": MANIFEST,
+        "artifactType": artifact_type,
+        "config": empty.to_dict(),
+        "layers": [empty.to_dict()],
+        "subject": target.to_dict(),
+        "annotations": {"note": note},
+    }
+    data = json.dumps(document).encode()
+    return data, Descriptor(
+        media_type=MANIFEST,
+        digest=sha256(data),
+        size=len(data),
+        artifact_type=artifact_type,
+        annotations={"note": note},
+    )
+
+
+async def fake(handler: Any) -> RegistryEngine:
+    async def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v2/":
+            return httpx.Response(200, json={})
+        response: httpx.Response = await handler(request)
+        return response
+
+    return await open_registry("http://reg.test/team/app", docker_config=False, transport=httpx.MockTransport(answer))
+
+
+async def test_api_pages_are_followed_and_an_unapplied_filter_is_applied_here() -> None:
+    subject = sha256(b"subject")
+    listed = [referrer_manifest(b"subject", t, str(n))[1] for n, t in enumerate((SIG, SBOM, SIG))]
+    asked: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        asked.append(str(request.url))
+        assert request.url.path == f"/v2/team/app/referrers/{subject}"
+        page = request.url.params.get("page")
+        index = {"schemaVersion": 2, "mediaType": INDEX}
+        headers = {"Content-Type": INDEX}
+        if page is None:
+            headers["Link"] = f'</v2/team/app/referrers/{subject}?page=2>; rel="next"'
+            return httpx.Response(200, headers=headers, json={**index, "manifests": [d.to_dict() for d in listed[:2]]})
+        return httpx.Response(200, headers=headers, json={**index, "manifests": [listed[2].to_dict()]})
+
+    async with await fake(handler) as engine:
+        assert await engine.referrers(subject) == sorted(listed, key=lambda d: d.digest)
+        assert asked == [
+            f"http://reg.test/v2/team/app/referrers/{subject}",
+            f"http://reg.test/v2/team/app/referrers/{subject}?page=2",
+        ]
+        asked.clear()
+        found = await engine.referrers(subject, artifact_type=SIG)
+        assert found == sorted([listed[0], listed[2]], key=lambda d: d.digest)
+        assert asked[0] == f"http://reg.test/v2/team/app/referrers/{subject}?artifactType={SIG.replace('/', '%2F')}"
+
+
+@pytest.mark.parametrize("how", ["OCI-Subject", "probe"])
+async def test_a_registry_with_the_api_gets_no_referrers_tag(how: str) -> None:
+    data, descriptor = referrer_manifest(b"subject", SIG)
+    subject = sha256(b"subject")
+    requests: list[tuple[str, str]] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        requests.append((request.method, request.url.path))
+        if request.method == "HEAD" and request.url.path == f"/v2/team/app/blobs/{descriptor.digest}":
+            return httpx.Response(200, headers={"Content-Length": str(len(data))})
+        if request.method == "PUT" and request.url.path == f"/v2/team/app/manifests/{descriptor.digest}":
+            assert isinstance(request.stream, httpx.AsyncByteStream)
+            assert b"".join([chunk async for chunk in request.stream]) == data
+            headers = {"OCI-Subject": subject} if how == "OCI-Subject" else {}
+            return httpx.Response(201, headers={**headers, "Docker-Content-Digest": descriptor.digest})
+        if request.method == "GET" and request.url.path == f"/v2/team/app/referrers/{subject}":
+            manifests = [descriptor.to_dict()]
+            return httpx.Response(
+                200, headers={"Content-Type": INDEX}, json={"schemaVersion": 2, "manifests": manifests}
+            )
+        return httpx.Response(404, json={"errors": [{"code": "UNKNOWN", "message": "not here"}]})
+
+    async with await fake(handler) as engine:
+        assert await engine.put_blob(data) == (descriptor.digest, len(data))
+        expected = [
+            ("HEAD", f"/v2/team/app/blobs/{descriptor.digest}"),
+            ("PUT", f"/v2/team/app/manifests/{descriptor.digest}"),
+        ]
+        if how == "probe":
+            expected.append(("GET", f"/v2/team/app/referrers/{subject}"))
+        assert requests == expected
+        assert await engine.referrers(subject) == [descriptor]
