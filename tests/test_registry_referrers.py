@@ -307,6 +307,23 @@ async def test_a_pushed_referrer_is_listed_once_and_a_tagged_one_too(registry: R
     assert document == {"schemaVersion": 2, "mediaType": INDEX, "manifests": [entry(sig, SIG), entry(tagged, SBOM)]}
 
 
+async def test_a_deleted_referrer_leaves_the_referrers_tag(registry: Registry) -> None:
+    repository = registry.repository()
+    async with await open_repository(registry, repository) as engine:
+        subject, _ = await put_image(engine, [b"subject layer"])
+        await engine.put_reference("v1", subject)
+        first, _ = await put_artifact(engine, subject, b"first signature", SIG)
+        second, _ = await put_artifact(engine, subject, b"second signature", SIG)
+    async with await open_repository(registry, repository) as engine:  # it reads the manifest to know
+        await engine.delete_blob(first.digest)
+        assert await engine.referrers(subject) == [second]
+        third, _ = await put_artifact(engine, subject, b"third signature", SBOM)  # the tag still takes updates
+        await engine.delete_blob(second.digest)
+        await engine.delete_blob(second.digest)  # idempotent
+    document = await tag_document(registry, repository, referrers_tag(subject.digest))
+    assert document == {"schemaVersion": 2, "mediaType": INDEX, "manifests": [entry(third, SBOM)]}
+
+
 async def test_a_referrers_tag_that_is_not_an_index_is_not_overwritten(registry: Registry) -> None:
     repository = registry.repository()
     async with await open_repository(registry, repository) as engine:

@@ -28,6 +28,7 @@ How the protocol maps onto the distribution API (``/v2/<name>/…``):
                            ``subject`` also pushes it by digest to the manifest store (its blobs
                            first), and any manifest pushed with a ``subject`` to a registry without
                            the referrers API is added to that tag, as oras and regclient do
+                           (``delete_blob`` of one takes it out)
 ``list_blobs``             :class:`~ocicas.UnsupportedError`: the API cannot list blobs
 ``list_roots``             :class:`~ocicas.UnsupportedError`: nor untagged manifests, so
                            :func:`ocicas.gc` cannot run on a registry (use the registry's own GC)
@@ -335,12 +336,15 @@ class RegistryEngine(Engine):
         A registry drops every tag on a manifest it deletes. Raises
         :class:`~ocicas.UnsupportedError` if the registry does not allow deletes.
         """
+        subject = await self._tags.referrers.subject_of(digest)  # read while it is there
         for path in (f"blobs/{digest}", f"manifests/{digest}"):
             response = await self._client.request("DELETE", self._client.url(path))
             if response.status_code not in (200, 202, 204, 404):
                 raise self._client.delete_refused(response, path)
         self._documents.discard(digest)
         self._manifests.discard(digest)
+        if subject is not None:
+            await self._tags.referrers.deleted(digest, subject)
 
     async def _list_blobs(self) -> list[Digest]:
         """Unsupported: the distribution API has no way to list a repository's blobs."""

@@ -19,7 +19,9 @@ one with its digest is there, and ``PUT`` it back. Updates of one subject's tag
 are serialised within an engine; two clients updating the same tag at once can
 lose one update (distribution 2.8 has no conditional ``PUT``), as with oras. The
 superseded index stays in the repository untagged, for the registry's own
-collector (``garbage-collect --delete-untagged``).
+collector (``garbage-collect --delete-untagged``). ``delete_blob`` of a referrer
+takes it out of the tag (the spec's "Deleting Manifests"); a tag left with no
+referrers holds an empty index.
 
 ``put_blob`` of such a document (content in hand) also pushes it by digest to
 the manifest store (:meth:`Referrers.stored`): a referrer is usually untagged,
@@ -174,8 +176,42 @@ class Referrers:
         async with lock:
             await self._list(subject, listed)
 
+    async def subject_of(self, digest: Digest) -> Digest | None:
+        """Before ``delete_blob`` of ``digest``: its subject if it is a referrer whose removal must be listed."""
+        if self.api:
+            return None
+        data = self._tags._documents.get(digest)
+        if data is None:
+            found = await self._tags.fetch(str(digest))
+            if found is None:
+                return None  # not a manifest here
+            data = found[1]
+        referrer = referrer_descriptor(digest, data)
+        return None if referrer is None else referrer[0]
+
+    async def deleted(self, digest: Digest, subject: Digest) -> None:
+        """After ``delete_blob`` of the referrer ``digest``: take it out of its subject's referrers tag (no API).
+
+        Left listed, it would make every later update of the tag fail on registries
+        that check an index's manifests (distribution: ``MANIFEST_BLOB_UNKNOWN``).
+        """
+        if self.api is None:
+            await self._from_api(subject, None)
+        if self.api:
+            return
+        lock = self._locks.get(subject)
+        if lock is None:
+            lock = self._locks[subject] = anyio.Lock()
+        async with lock:
+            self._listed.discard((subject, digest))
+            await self._change(subject, removed=digest)
+
     async def _list(self, subject: Digest, listed: Descriptor) -> None:
-        """Add ``listed`` to the referrers tag of ``subject`` (read, append unless present, write back)."""
+        await self._change(subject, added=listed)
+        self._listed.add((subject, listed.digest))
+
+    async def _change(self, subject: Digest, *, added: Descriptor | None = None, removed: Digest | None = None) -> None:
+        """Read the referrers tag of ``subject``, add or remove one entry (by digest), and write it back if changed."""
         tag = referrers_tag(subject)
         found = await self._tags.fetch(tag)
         document: dict[str, object] = {"schemaVersion": 2, "mediaType": MEDIA_TYPE_IMAGE_INDEX, "manifests": []}
@@ -185,18 +221,23 @@ class Referrers:
             if held.media_type != MEDIA_TYPE_IMAGE_INDEX:
                 raise InvalidError(f"{what} holds a {held.media_type}, not an image index: it was not updated")
             try:
-                index = Index.from_json(body)
-                loaded = load_json(body, what)
+                Index.from_json(body)
+                document = load_json(body, what)
             except OCICASError as exc:
                 raise InvalidError(f"{what} is not a valid image index ({exc}): it was not updated") from None
-            if any(m.digest == listed.digest for m in index.manifests):
-                self._listed.add((subject, listed.digest))
-                return
-            document = loaded
+        elif added is None:
+            return
         manifests = document["manifests"]
         assert isinstance(manifests, list)
-        manifests.append(listed.to_dict())
+        digests = [entry.get("digest") for entry in manifests]
+        if added is not None:
+            if added.digest in digests:
+                return
+            manifests.append(added.to_dict())
+        if removed is not None:
+            if removed not in digests:
+                return
+            document["manifests"] = [entry for entry in manifests if entry.get("digest") != removed]
         data = dump_json(document)
-        index_descriptor = Descriptor(media_type=MEDIA_TYPE_IMAGE_INDEX, digest=Digest.from_bytes(data), size=len(data))
-        await self._tags._put_manifest(tag, index_descriptor, data)
-        self._listed.add((subject, listed.digest))
+        index = Descriptor(media_type=MEDIA_TYPE_IMAGE_INDEX, digest=Digest.from_bytes(data), size=len(data))
+        await self._tags._put_manifest(tag, index, data)
