@@ -39,7 +39,7 @@ import httpx
 
 from .._descriptor import Descriptor
 from .._digest import Digest
-from .._errors import BlobTooLargeError, InvalidError, OCICASError
+from .._errors import BlobTooLargeError, InvalidError, OCICASError, RegistryError
 from .._json import DEFAULT_JSON_LIMIT, dump_json, load_json
 from .._media_types import MEDIA_TYPE_IMAGE_INDEX
 from .._models import Index
@@ -182,12 +182,43 @@ class Referrers:
             return None
         data = self._tags._documents.get(digest)
         if data is None:
-            found = await self._tags.fetch(str(digest))
-            if found is None:
-                return None  # not a manifest here
-            data = found[1]
-        referrer = referrer_descriptor(digest, data)
+            try:
+                data = await self._document(digest)
+            except RegistryError:
+                return None  # the registry will not say: the delete itself reports what it answers
+        referrer = None if data is None else referrer_descriptor(digest, data)
         return None if referrer is None else referrer[0]
+
+    async def _document(self, digest: Digest) -> bytes | None:
+        """The bytes of ``digest`` if it can be a JSON document: a layer is sniffed, never read whole.
+
+        distribution answers ``GET /manifests/<digest>`` of a layer with a 500, so the
+        manifest store is asked only for what the blob store does not hold.
+        """
+        response = await self._client.head(f"blobs/{digest}")
+        if response is None:
+            found = await self._tags.fetch(str(digest))
+            return None if found is None else found[1]
+        if int(response.headers.get("content-length", "0") or 0) > DEFAULT_JSON_LIMIT:
+            return None
+        url = self._client.url(f"blobs/{digest}")
+        head = await self._client.request(
+            "GET",
+            url,
+            headers={"Range": "bytes=0-63", "Accept-Encoding": "identity"},
+            stream=True,
+            follow_redirects=True,
+        )
+        if head.status_code not in (200, 206):
+            await release(head)
+            return None
+        try:
+            start = (await read_body(head, 64))[:64]
+        except httpx.TransportError as exc:
+            raise self._client.dropped(f"reading the head of blob {digest}", exc) from exc
+        if start.lstrip()[:1] != b"{":
+            return None
+        return await self._tags._read(digest, DEFAULT_JSON_LIMIT)
 
     async def deleted(self, digest: Digest, subject: Digest) -> None:
         """After ``delete_blob`` of the referrer ``digest``: take it out of its subject's referrers tag (no API).
