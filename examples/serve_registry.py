@@ -13,7 +13,8 @@ served under every repository name. Otherwise it is a directory of layouts and
 
 Endpoints (distribution-spec "pull"): ``GET/HEAD /v2/``, ``/v2/<name>/manifests/<tag
 or digest>``, ``/v2/<name>/blobs/<digest>`` (with ``Range: bytes=…``),
-``/v2/<name>/tags/list``. Anything else is ``UNSUPPORTED`` (405 for writes).
+``/v2/<name>/tags/list``, and the referrers API ``/v2/<name>/referrers/<digest>``
+(``?artifactType=`` filters). Anything else is ``UNSUPPORTED`` (405 for writes).
 
 Verification: a whole blob is streamed from ``engine.get_blob``, which hashes it as
 it goes and withholds the last chunk until the digest checks out; a blob that
@@ -395,6 +396,25 @@ class Registry:
             headers["Link"] = f'</v2/{name}/tags/list?n={count}&last={tags[-1]}>; rel="next"'
         return Response(json.dumps({"name": name, "tags": tags}), headers=headers, media_type="application/json")
 
+    async def referrers(self, request: Request) -> Response:
+        """The referrers API (distribution-spec 1.1): an image index of the subject's referrers."""
+        engine = await self.layouts.engine(request.path_params["name"])
+        digest = _digest(request.path_params["digest"])
+        artifact_type = request.query_params.get("artifactType")
+        try:
+            found = await engine.referrers(digest, artifact_type=artifact_type)
+        except ocicas.InvalidError as exc:
+            if artifact_type is None:
+                raise
+            raise RegistryError(400, "UNSUPPORTED", f"cannot filter on {exc}") from None  # not a media type
+        headers = dict(API_VERSION)
+        if artifact_type is not None:
+            headers["OCI-Filters-Applied"] = "artifactType"
+        manifests = [d.to_dict() for d in found]
+        index = {"schemaVersion": 2, "mediaType": ocicas.MEDIA_TYPE_IMAGE_INDEX, "manifests": manifests}
+        body = json.dumps(index).encode() if request.method == "GET" else b""
+        return Response(body, headers=headers, media_type=ocicas.MEDIA_TYPE_IMAGE_INDEX)
+
     async def unsupported(self, request: Request) -> Response:
         raise RegistryError(404, "UNSUPPORTED", f"{request.method} {request.url.path} is not served here")
 
@@ -429,6 +449,7 @@ def create_app(root: str | os.PathLike[str]) -> Starlette:
         Route("/v2/{name:path}/manifests/{reference}", _pull_only(registry.manifest), methods=_METHODS),
         Route("/v2/{name:path}/blobs/{digest}", _pull_only(registry.blob), methods=_METHODS),
         Route("/v2/{name:path}/tags/list", _pull_only(registry.tags), methods=_METHODS),
+        Route("/v2/{name:path}/referrers/{digest}", _pull_only(registry.referrers), methods=_METHODS),
         Route("/{path:path}", _pull_only(registry.unsupported), methods=_METHODS),
     ]
     return Starlette(routes=routes, lifespan=lifespan)

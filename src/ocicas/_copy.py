@@ -48,7 +48,7 @@ from ._context import Context, bound
 from ._descriptor import Descriptor, Platform
 from ._digest import Digest
 from ._engine import Engine
-from ._errors import BlobNotFoundError, NotFoundError, SizeMismatchError
+from ._errors import BlobNotFoundError, NotFoundError, SizeMismatchError, UnsupportedError
 from ._graph import DEFAULT_CONCURRENCY, Children, Graph, _to_platform, children, platform_matches, walk
 from ._json import DEFAULT_JSON_LIMIT
 from ._media_types import INDEX_MEDIA_TYPES, MANIFEST_MEDIA_TYPES
@@ -172,9 +172,17 @@ class _Plan:
                 self.graph.data.setdefault(digest, descriptor.data)
 
     async def add_referrers(self) -> None:
-        """Add every manifest or index in the source whose ``subject`` is in the plan, to a fixed point."""
+        """Add every manifest or index in the source whose ``subject`` is in the plan, to a fixed point.
+
+        A source that lists its blobs is searched once for all subjects; one that
+        cannot (a registry) is asked :meth:`Engine.referrers` of each manifest and index.
+        """
         src, ctx = self.src, self.ctx
-        blobs = await src.list_blobs(ctx=ctx)
+        try:
+            blobs = await src.list_blobs(ctx=ctx)
+        except UnsupportedError:
+            await self._ask_referrers()
+            return
         candidates = sorted(set(blobs) - self.graph.descriptors.keys())
         infos = await src.stat_blobs(candidates, head=SNIFF_SIZE, ctx=ctx)
         found = await find_referrers(
@@ -188,6 +196,34 @@ class _Plan:
             ctx=ctx,
         )
         self.referrers.update(found)
+
+    async def _ask_referrers(self) -> None:
+        """Ask the source for the referrers of every manifest and index in the plan, theirs too, to a fixed point."""
+        asked: set[Digest] = set()
+        limiter = anyio.CapacityLimiter(DEFAULT_CONCURRENCY)
+        documents = MANIFEST_MEDIA_TYPES | INDEX_MEDIA_TYPES
+        found: dict[Digest, Descriptor] = {}
+
+        async def ask(subject: Digest) -> None:
+            async with limiter:
+                listed = await self.src.referrers(subject, ctx=self.ctx)
+            for referrer in listed:
+                if referrer.media_type in documents:
+                    found.setdefault(referrer.digest, referrer)
+
+        while True:
+            nodes = self.graph.descriptors
+            subjects = sorted(d for d, node in nodes.items() if d not in asked and node.media_type in documents)
+            if not subjects:
+                return
+            asked.update(subjects)
+            async with task_group() as tg:
+                for subject in subjects:
+                    tg.start_soon(ask, subject)
+            new = [found[d] for d in sorted(found) if d not in self.graph.descriptors]
+            if new:
+                self.referrers.update(d.digest for d in new)
+                await self.walk(new)
 
 
 class _Mover:
@@ -317,7 +353,9 @@ async def copy(
     turn, with what they point at; the destination's reference does not name them
     (:func:`ocicas.gc` keeps referrers of live content). Finding them reads every
     blob of ``src`` that is not otherwise copied, is at most ``max_size`` bytes and
-    starts like JSON (the first bytes of every blob are looked at: layers are not read).
+    starts like JSON (the first bytes of every blob are looked at: layers are not read);
+    a source that cannot list its blobs (a registry) is asked :meth:`Engine.referrers`
+    of every manifest and index instead.
 
     ``platforms`` (``["linux/amd64", "linux/arm/v7"]``) copies only the manifests
     of those platforms out of every index: the index itself is copied unchanged,

@@ -25,8 +25,8 @@ hook                        does
 ==========================  ==================================================
 
 Optional hooks with defaults: ``_stat_blobs``, ``_touch_blobs``, ``_delete_blobs``,
-``_mount_blob``, ``_list_broken_roots``, the collector's lock (``_gc_lock``
-exclusive, ``_gc_shared`` shared; in-process by default) and leases
+``_mount_blob``, ``_list_broken_roots``, ``_referrers``, the collector's lock
+(``_gc_lock`` exclusive, ``_gc_shared`` shared; in-process by default) and leases
 (``_lease_begin``, ``_lease_record``, ``_lease_end``, ``_leased_blobs``; in-process
 by default).
 """
@@ -60,7 +60,7 @@ from ._checks import (
     type_name,
 )
 from ._context import Context
-from ._descriptor import Descriptor
+from ._descriptor import Descriptor, validate_media_type
 from ._digest import Digest, Verifier
 from ._errors import BlobNotFoundError, BlobTooLargeError, SizeMismatchError
 from ._gclock import SharedExclusiveLock
@@ -471,6 +471,27 @@ class Engine(ABC):
         async with self._operation(ctx):
             return await self._list_broken_roots()
 
+    async def referrers(
+        self, subject: Digest | str | Descriptor, *, artifact_type: str | None = None, ctx: Context | None = None
+    ) -> list[Descriptor]:
+        """The stored manifests and indexes whose ``subject`` is ``subject``, sorted by digest.
+
+        Each comes as the distribution-spec's referrers API lists it: media type,
+        digest, size, ``artifact_type`` (the referrer's own, else its config's media
+        type) and annotations. With ``artifact_type``, only referrers of that type.
+        A registry asks its referrers API, or reads the tag-schema fallback where it
+        has none; other engines read every stored blob that can be a JSON document.
+        """
+        ctx = check_ctx(ctx)
+        digest, _ = _target(subject, "subject")
+        if artifact_type is not None:
+            if not isinstance(artifact_type, str):
+                raise TypeError(f"artifact_type must be a media type (str) or None, not {type_name(artifact_type)}")
+            validate_media_type(artifact_type, "artifact_type")
+        async with self._operation(ctx):
+            found = await self._referrers(digest, artifact_type)
+        return sorted({d.digest: d for d in found}.values(), key=lambda d: d.digest)
+
     # -- lifecycle -----------------------------------------------------------------
 
     async def gc(self, *, ctx: Context | None = None) -> None:
@@ -602,6 +623,12 @@ class Engine(ABC):
     async def _list_broken_roots(self) -> list[BrokenRoot]:
         """Default: every root parses."""
         return []
+
+    async def _referrers(self, subject: Digest, artifact_type: str | None) -> list[Descriptor]:
+        """Default: every blob that can be a JSON document is read (``_list_blobs``, ``_stat_blobs``)."""
+        from ._referrers import scan_referrers  # it imports this module
+
+        return await scan_referrers(self, subject, artifact_type)
 
     @abstractmethod
     async def _update_references(self, changes: Mapping[str, Descriptor | None], replace: bool) -> None:

@@ -23,25 +23,15 @@ from collections.abc import Sequence
 from ._descriptor import Descriptor
 from ._engine import Engine
 from ._errors import BlobNotFoundError, SizeMismatchError
-from ._graph import Graph, is_node, walk
-from ._json import load_json
-from ._media_types import INDEX_MEDIA_TYPES, MANIFEST_MEDIA_TYPES, MEDIA_TYPE_DESCRIPTOR
-from ._models import Index, Manifest
+from ._graph import Graph, children, is_node, walk
 
 __all__ = ["check_closure", "strong_children"]
 
 
 def strong_children(descriptor: Descriptor, data: bytes) -> list[Descriptor]:
     """What a node needs present: its children less its ``subject`` (a weak association)."""
-    media_type = descriptor.media_type
-    if media_type in MANIFEST_MEDIA_TYPES:
-        manifest = Manifest.from_json(data, media_type=media_type)
-        return [manifest.config, *manifest.layers]
-    if media_type in INDEX_MEDIA_TYPES:
-        return list(Index.from_json(data, media_type=media_type).manifests)
-    if media_type == MEDIA_TYPE_DESCRIPTOR:
-        return [Descriptor.from_dict(load_json(data, "descriptor blob"))]
-    return []
+    found = children(descriptor, data)
+    return list(found[:-1]) if found.subject is not None else list(found)
 
 
 async def check_closure(engine: Engine, targets: Sequence[tuple[str, Descriptor]]) -> None:

@@ -22,6 +22,13 @@ How the protocol maps onto the distribution API (``/v2/<name>/…``):
 ``delete_reference``       ``DELETE /manifests/<tag>`` (distribution spec 1.1); on registries that
                            delete only by digest (distribution 2.8), the manifest is deleted by
                            digest, but only when no other tag and no tagged index still needs it
+``referrers``              ``GET /referrers/<digest>``, following ``Link`` pages; where the registry
+                           answers 404, the image index tagged ``sha256-<hex>`` (``_referrers``).
+                           ``put_blob`` of content in hand that is a manifest or index with a
+                           ``subject`` also pushes it by digest to the manifest store (its blobs
+                           first), and any manifest pushed with a ``subject`` to a registry without
+                           the referrers API is added to that tag, as oras and regclient do
+                           (``delete_blob`` of one takes it out)
 ``list_blobs``             :class:`~ocicas.UnsupportedError`: the API cannot list blobs
 ``list_roots``             :class:`~ocicas.UnsupportedError`: nor untagged manifests, so
                            :func:`ocicas.gc` cannot run on a registry (use the registry's own GC)
@@ -130,6 +137,7 @@ class RegistryEngine(Engine):
         if absent or await self._blob_size(digest) != len(data):
             await self._upload_whole(digest, data)
         self._documents.offer(digest, data)
+        await self._tags.referrers.stored(digest, data)  # a referrer is one only in the manifest store
         return digest, len(data)
 
     async def _upload_whole(self, digest: Digest, data: bytes) -> None:
@@ -357,12 +365,15 @@ class RegistryEngine(Engine):
         A registry drops every tag on a manifest it deletes. Raises
         :class:`~ocicas.UnsupportedError` if the registry does not allow deletes.
         """
+        subject = await self._tags.referrers.subject_of(digest)  # read while it is there
         for path in (f"blobs/{digest}", f"manifests/{digest}"):
             response = await self._client.request("DELETE", self._client.url(path))
             if response.status_code not in (200, 202, 204, 404):
                 raise self._client.delete_refused(response, path)
         self._documents.discard(digest)
         self._manifests.discard(digest)
+        if subject is not None:
+            await self._tags.referrers.deleted(digest, subject)
 
     async def _list_blobs(self) -> list[Digest]:
         """Unsupported: the distribution API has no way to list a repository's blobs."""
@@ -401,6 +412,10 @@ class RegistryEngine(Engine):
                     f"reference {name!r}: a registry tag names a manifest or an index, not {descriptor.media_type}"
                 )
         await self._tags.update(changes, replace=replace)
+
+    async def _referrers(self, subject: Digest, artifact_type: str | None) -> list[Descriptor]:
+        """The referrers API, or the referrers tag where the registry answers the API 404."""
+        return await self._tags.referrers.find(subject, artifact_type)
 
     # -- lifecycle --------------------------------------------------------------------------
 

@@ -37,6 +37,7 @@ from .._json import DEFAULT_JSON_LIMIT
 from .._media_types import INDEX_MEDIA_TYPES
 from .._tasks import task_group
 from ._manifests import ACCEPT, DocumentCache, check_document, child_manifests, describe, is_manifest_type
+from ._referrers import Referrers
 from ._streams import body_of, read_body, release
 from ._transport import RegistryClient, error_codes, error_list
 
@@ -58,6 +59,8 @@ class TagStore:
         self._manifests = manifests
         self._read = read
         self._tag_deletes: bool | None = None  # whether DELETE /manifests/<tag> works here
+        #: Referrers found through the API or the referrers tag, which every manifest PUT keeps up.
+        self.referrers = Referrers(client, self)
 
     async def state(self, name: str) -> Descriptor | None:
         """What tag ``name`` holds (media type, digest, size) from a ``HEAD``, or ``None``."""
@@ -188,6 +191,7 @@ class TagStore:
         response = await self._client.request("PUT", url, headers={"Content-Type": descriptor.media_type}, content=data)
         if response.status_code in (200, 201, 202, 204):
             self._manifests.add(descriptor.digest)
+            await self.referrers.pushed(descriptor, data, response)
             return
         codes = error_codes(response)
         what = f"{descriptor.media_type} {descriptor.digest}"
