@@ -512,6 +512,37 @@ class EngineConformance:
         await engine.put_reference("sig", Descriptor(media_type=_MANIFEST, digest=digest, size=size))
         assert (await engine.get_reference("sig")).digest == digest
 
+    async def test_referrers_lists_what_names_a_subject(self, engine: Engine) -> None:
+        subject = await self.target(engine, b"subject")
+        empty, _ = await engine.put_blob(b"{}")
+        found = []
+        for kind in ("application/vnd.example.sbom", "application/vnd.example.signature"):
+            document = {
+                "schemaVersion": 2,
+                "mediaType": _MANIFEST,
+                "artifactType": kind,
+                "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": 2},
+                "layers": [],
+                "subject": subject.to_dict(),
+            }
+            digest, size = await engine.put_blob_json(document)
+            found.append(Descriptor(media_type=_MANIFEST, digest=digest, size=size, artifact_type=kind))
+        listed = await engine.referrers(subject)
+        assert [(d.digest, d.artifact_type) for d in listed] == sorted((d.digest, d.artifact_type) for d in found)
+        signatures = await engine.referrers(subject.digest, artifact_type="application/vnd.example.signature")
+        assert [d.digest for d in signatures] == [found[1].digest]
+        assert await engine.referrers(sha256(b"nothing refers to this")) == []
+
+    async def test_a_lease_records_what_is_put_inside_it(self, engine: Engine) -> None:
+        before, _ = await engine.put_blob(b"before")
+        async with engine.lease() as lease:
+            inside, _ = await engine.put_blob(b"inside")
+            assert lease.digests == {inside}
+            assert inside in await engine.leased_blobs()
+            assert set(await lease.add([before])) == {before}
+            assert lease.digests == {inside, before}
+        assert await engine.leased_blobs() == frozenset()
+
     async def test_put_reference_takes_only_descriptors(self, engine: Engine) -> None:
         with pytest.raises(TypeError):
             await engine.put_reference("x", {"digest": sha256(b"x")})  # type: ignore[arg-type]
