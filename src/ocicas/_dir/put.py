@@ -23,7 +23,7 @@ from .._digest import Digest, Verifier
 from .._source import BlobSource, iterate_source
 from .._tasks import task_group
 from .._threads import CHUNK_SIZE, checkpoint, run_sync
-from .fs import hold_blob, write_all
+from .fs import blobs_held, open_blob, write_all
 
 if TYPE_CHECKING:
     from .engine import DirEngine
@@ -157,17 +157,18 @@ class PendingBlob:
         engine = self._engine
         alg = engine._alg_dir(digest.algorithm, create=True)
         try:
-            held = hold_blob(alg, digest.encoded, f"blob path of {digest}")  # no collector unlinks it
-            try:
-                if held is not None and os.fstat(held).st_size == size:
-                    os.utime(held)  # freshen, as git does
-                    renamed = False
-                else:  # absent, or a damaged copy of the wrong size
-                    os.rename(self._name, digest.encoded, src_dir_fd=engine._temp_dir(), dst_dir_fd=alg)
-                    renamed = True
-            finally:
-                if held is not None:
-                    os.close(held)
+            with blobs_held(alg):  # no collector unlinks the blob meanwhile
+                held = open_blob(alg, digest.encoded, f"blob path of {digest}")
+                try:
+                    if held is not None and os.fstat(held).st_size == size:
+                        os.utime(held)  # freshen, as git does
+                        renamed = False
+                    else:  # absent, or a damaged copy of the wrong size
+                        os.rename(self._name, digest.encoded, src_dir_fd=engine._temp_dir(), dst_dir_fd=alg)
+                        renamed = True
+                finally:
+                    if held is not None:
+                        os.close(held)
             if renamed:
                 engine._dir_syncs[digest.algorithm].sync(alg)
         finally:
