@@ -13,7 +13,8 @@ The safety rules, each learnt from a peer's bug report:
   what it points at (signatures, SBOMs; umoci #455, oras-go #1294).
 - The age check and the unlink are atomic with respect to the engine's own
   ``put_blob`` (the directory engine's in any process: both ``flock`` the blob
-  directory, the collector exclusively per batch of blobs, writers shared), and collections of one store never overlap (``Engine.gc_lock``).
+  directory, the collector exclusively per batch of blobs, writers shared), and
+  collections of one store never overlap (``Engine.gc_lock``).
 """
 
 from __future__ import annotations

@@ -49,8 +49,8 @@ from .._source import BlobSource
 from .._threads import checkpoint, run_sync
 from .fs import (
     DIR_FLAGS,
-    GroupSync,
     READ_FLAGS,
+    GroupSync,
     blobs_held,
     open_blob,
     open_dir,
