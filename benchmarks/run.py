@@ -489,6 +489,57 @@ def case_tagging(workdir: Path, repeat: int, count: int) -> list[Row]:
     ]
 
 
+def case_tag_load(workdir: Path, seconds: float, concurrencies: list[int]) -> list[Row]:
+    """Builders each storing a small image then tagging it, for ``seconds``: put_reference latency and rate."""
+    rows = []
+    for concurrency in concurrencies:
+        layout = workdir / f"tagload-{concurrency}"
+        make_layout(layout)
+        latencies: list[float] = []
+        built = 0
+
+        async def one(concurrency: int = concurrency, layout: Path = layout) -> None:
+            nonlocal built
+            async with await ocicas.open_layout(layout) as engine:
+                deadline = time.perf_counter() + seconds
+
+                async def builder(worker: int) -> None:
+                    nonlocal built
+                    n = 0
+                    while time.perf_counter() < deadline:
+                        image = await ocicas.build_image(engine, [f"{worker}/{n}".encode() + os.urandom(512)])
+                        built += 1
+                        start = time.perf_counter()
+                        await engine.put_reference(f"b{worker}-{n}", image)
+                        latencies.append(time.perf_counter() - start)
+                        n += 1
+
+                async with anyio.create_task_group() as tg:
+                    for worker in range(concurrency):
+                        tg.start_soon(builder, worker)
+
+        anyio.run(one)
+        shutil.rmtree(layout)
+        latencies.sort()
+        p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+        rows.append(
+            Row(
+                f"tag under load: {concurrency} builders (build_image + tag), {seconds:g} s",
+                p99 * 1000,
+                "ms",
+                goal="p99 < 50 ms" if concurrency >= 50 else "",
+                met=p99 < 0.050 if concurrency >= 50 else None,
+                extra={
+                    "p50 ms": latencies[len(latencies) // 2] * 1000,
+                    "tags/s": len(latencies) / seconds,
+                    "images built": float(built),
+                },
+                note="ours = put_reference p99",
+            )
+        )
+    return rows
+
+
 LAG_SCRIPT = textwrap.dedent(
     """
     import os, sys, time, json, anyio, ocicas
@@ -688,7 +739,7 @@ def show(rows: list[Row]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "cases", nargs="*", default=["stream", "small", "gc", "copy", "tagging", "lag", "scaling", "import"]
+        "cases", nargs="*", default=["stream", "small", "gc", "copy", "tagging", "tagload", "lag", "scaling", "import"]
     )
     parser.add_argument("--dir", default=tempfile.gettempdir())
     parser.add_argument("--repeat", type=int, default=3)
@@ -712,6 +763,8 @@ def main() -> None:
             rows += case_copy(workdir, args.repeat, size)
         if "tagging" in args.cases:
             rows += case_tagging(workdir, args.repeat, 1_000 if args.quick else 10_000)
+        if "tagload" in args.cases:
+            rows += case_tag_load(workdir, 2.0 if args.quick else 6.0, [1, 10, 50])
         if "lag" in args.cases:
             rows += case_lag_and_rss(workdir, size)
         if "scaling" in args.cases:
