@@ -540,6 +540,74 @@ def case_tag_load(workdir: Path, seconds: float, concurrencies: list[int]) -> li
     return rows
 
 
+MANY_PUTS_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, json, time, resource, anyio, ocicas
+    from ocicas._budget import PUT_BUDGET
+    path, puts, mib, limit = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    if limit:
+        PUT_BUDGET.limit = limit
+    else:
+        PUT_BUDGET.limit = 1 << 62  # no budget: as before it existed
+    async def main():
+        async with await ocicas.open_layout(path) as engine:
+            await engine.put_blob(b"warm-up")
+            block = os.urandom(1 << 20)
+            baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            async def source(n):
+                for k in range(mib):
+                    # a fresh object per chunk, as a network stream yields, and none kept between chunks
+                    yield n.to_bytes(8, "big") + k.to_bytes(8, "big") + block[16:]
+            start = time.perf_counter()
+            async with anyio.create_task_group() as tg:
+                for n in range(puts):
+                    tg.start_soon(engine.put_blob, source(n))
+            elapsed = time.perf_counter() - start
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(json.dumps({"over_mib": (peak - baseline) / 1024, "seconds": elapsed}))
+    anyio.run(main)
+    """
+)
+
+
+def case_many_puts(workdir: Path, puts: int, mib: int) -> list[Row]:
+    """Concurrent streamed puts of fresh 1 MiB chunks: peak RSS over baseline and time, with and without the budget."""
+    out = {}
+    for label, limit in (("no budget", 0), ("budget", 48 * MiB)):
+        layout = workdir / f"many-{label.replace(' ', '-')}"
+        make_layout(layout)
+        run = subprocess.run(
+            [sys.executable, "-c", MANY_PUTS_SCRIPT, str(layout), str(puts), str(mib), str(limit)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        shutil.rmtree(layout)
+        out[label] = json.loads(run.stdout)
+    ours, before = out["budget"], out["no budget"]
+    return [
+        Row(
+            f"{puts} concurrent puts of {mib} × 1 MiB fresh chunks: peak RSS over baseline",
+            ours["over_mib"],
+            "MiB",
+            before["over_mib"],
+            "the same without the budget",
+            "< 64 MiB",
+            ours["over_mib"] < 64,
+            extra={"seconds": ours["seconds"], "seconds without budget": before["seconds"]},
+        ),
+        Row(
+            f"{puts} concurrent puts of {mib} MiB: time with the 48 MiB budget",
+            ours["seconds"],
+            "s",
+            before["seconds"],
+            "the same without the budget",
+            "≤ 1.1×",
+            ours["seconds"] <= 1.1 * before["seconds"],
+        ),
+    ]
+
+
 LAG_SCRIPT = textwrap.dedent(
     """
     import os, sys, time, json, anyio, ocicas
@@ -739,7 +807,9 @@ def show(rows: list[Row]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "cases", nargs="*", default=["stream", "small", "gc", "copy", "tagging", "tagload", "lag", "scaling", "import"]
+        "cases",
+        nargs="*",
+        default=["stream", "small", "gc", "copy", "tagging", "tagload", "memory", "lag", "scaling", "import"],
     )
     parser.add_argument("--dir", default=tempfile.gettempdir())
     parser.add_argument("--repeat", type=int, default=3)
@@ -765,6 +835,8 @@ def main() -> None:
             rows += case_tagging(workdir, args.repeat, 1_000 if args.quick else 10_000)
         if "tagload" in args.cases:
             rows += case_tag_load(workdir, 2.0 if args.quick else 6.0, [1, 10, 50])
+        if "memory" in args.cases:
+            rows += case_many_puts(workdir, 100, 8 if args.quick else 50)
         if "lag" in args.cases:
             rows += case_lag_and_rss(workdir, size)
         if "scaling" in args.cases:
