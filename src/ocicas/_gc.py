@@ -29,7 +29,8 @@ The safety rules, each learnt from a peer's bug report:
   :attr:`GCResult.broken`); what that blob points at is not protected.
 - The age check and the unlink are atomic with respect to the engine's own
   ``put_blob`` (the directory engine's in any process: both ``flock`` the blob
-  file), and collections of one store never overlap (``Engine.gc_lock``).
+  directory, the collector exclusively per batch of blobs, writers shared), and
+  collections of one store never overlap (``Engine.gc_lock``).
 """
 
 from __future__ import annotations

@@ -47,11 +47,13 @@ from .._errors import (
 from .._layout_format import BrokenRoot, IndexDocument, layout_file, parse_layout_file
 from .._reader import BlobReader, RawBlob
 from .._source import BlobSource
-from .._threads import checkpoint, run_split, run_sync
+from .._threads import checkpoint, run_sync
 from .fs import (
     DIR_FLAGS,
+    READ_FLAGS,
     GroupSync,
-    hold_blob,
+    blobs_held,
+    open_blob,
     open_dir,
     open_regular,
     read_open,
@@ -75,6 +77,10 @@ _LEASE_PREFIX: Final = "lease-"
 _LEASE_LIMIT: Final = 64 << 20
 #: Attempts at creating the temporary directory when another engine's gc() removes it under us.
 _TEMP_ATTEMPTS: Final = 8
+#: Blobs stat-ed, touched or deleted per lock hold and between cancellation checks.
+_BATCH: Final = 256
+#: Errors of a blob file that vanished or was swapped for a symlink or special file.
+_VANISHED: Final = frozenset({errno.ENOENT, errno.ELOOP, errno.ENXIO, errno.ENODEV, errno.ESPIPE, errno.EISDIR})
 
 
 async def create_layout(path: str | os.PathLike[str]) -> None:
@@ -334,46 +340,60 @@ class DirEngine(Engine):
         def stats(digests: list[Digest]) -> dict[Digest, BlobInfo]:
             out = {}
             for alg, group in self._by_algorithm(digests):
-                for digest in group:
+                for n, digest in enumerate(group):
+                    if not n % _BATCH:
+                        checkpoint()
+                    name = digest.encoded
                     try:
-                        if head:
-                            fd = open_regular(digest.encoded, alg, f"blob {digest}")
-                            try:
-                                st = os.fstat(fd)
-                                prefix = os.pread(fd, head, 0) if stat.S_ISREG(st.st_mode) else b""
-                            finally:
-                                os.close(fd)
-                        else:
-                            st = os.stat(digest.encoded, dir_fd=alg, follow_symlinks=False)
-                            prefix = b""
-                    except (FileNotFoundError, InvalidError):
-                        continue  # absent, or not a regular file: not a blob
-                    if stat.S_ISREG(st.st_mode):
-                        out[digest] = BlobInfo(st.st_size, st.st_mtime_ns / 1e9, prefix)
+                        # the stat first: a device or FIFO at a blob path is never opened
+                        st = os.stat(name, dir_fd=alg, follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    if not stat.S_ISREG(st.st_mode):
+                        continue  # not a blob
+                    prefix = b""
+                    if head and st.st_size:
+                        try:
+                            fd = os.open(name, READ_FLAGS, dir_fd=alg)
+                        except OSError as exc:
+                            if exc.errno in _VANISHED:
+                                continue  # gone, or swapped for something else meanwhile
+                            raise
+                        try:
+                            prefix = os.pread(fd, head, 0)
+                        except OSError as exc:
+                            if exc.errno not in _VANISHED:
+                                raise
+                        finally:
+                            os.close(fd)
+                    out[digest] = BlobInfo(st.st_size, st.st_mtime_ns / 1e9, prefix)
             return out
 
-        return await run_split(stats, digests)
+        return await run_sync(stats, digests)
 
     async def _touch_blobs(self, digests: list[Digest]) -> dict[Digest, BlobInfo]:
-        def touch(digests: list[Digest]) -> dict[Digest, BlobInfo]:
+        def touch() -> dict[Digest, BlobInfo]:
             out = {}
             for alg, group in self._by_algorithm(digests):
-                for digest in group:
-                    try:
-                        held = hold_blob(alg, digest.encoded, f"blob {digest}")
-                    except InvalidError:
-                        continue
-                    if held is None:
-                        continue
-                    try:
-                        st = os.fstat(held)
-                        os.utime(held)
-                    finally:
-                        os.close(held)
-                    out[digest] = BlobInfo(st.st_size, time.time())
+                for start in range(0, len(group), _BATCH):
+                    checkpoint()
+                    with blobs_held(alg):  # no collector unlinks them meanwhile
+                        for digest in group[start : start + _BATCH]:
+                            try:
+                                held = open_blob(alg, digest.encoded, f"blob {digest}")
+                            except InvalidError:
+                                continue
+                            if held is None:
+                                continue
+                            try:
+                                st = os.fstat(held)
+                                os.utime(held)
+                            finally:
+                                os.close(held)
+                            out[digest] = BlobInfo(st.st_size, time.time())
             return out
 
-        return await run_split(touch, digests)
+        return await run_sync(touch)
 
     async def _delete_blobs(self, digests: list[Digest], unmodified_since: float | None) -> dict[Digest, int]:
         cutoff = None if unmodified_since is None else int(unmodified_since * 1e9)
@@ -381,11 +401,14 @@ class DirEngine(Engine):
         def delete() -> dict[Digest, int]:
             removed = {}
             for alg, group in self._by_algorithm(digests):
-                for digest in group:
+                for start in range(0, len(group), _BATCH):
                     checkpoint()
-                    st = unlink_unused(alg, digest.encoded, cutoff)  # atomic with hold_blob, in any process
-                    if st is not None:
-                        removed[digest] = st.st_size
+                    # the age check and the unlink, atomic with any writer's freshening, in any process
+                    with blobs_held(alg, exclusive=True):
+                        for digest in group[start : start + _BATCH]:
+                            st = unlink_unused(alg, digest.encoded, cutoff)
+                            if st is not None:
+                                removed[digest] = st.st_size
             return removed
 
         return await run_sync(delete)

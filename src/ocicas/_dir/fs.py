@@ -2,8 +2,8 @@
 
 Everything here runs on worker threads (``_threads.run_sync``) and works relative to
 directory descriptors: opens that refuse symlinks and special files, durable
-writes, the per-blob ``flock`` that makes GC's age check and unlink atomic with
-a writer's freshening in any process, and a group-committed directory fsync.
+writes, the blob directory's ``flock`` that makes GC's age check and unlink atomic
+with a writer's freshening in any process, and a group-committed directory fsync.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import fcntl
 import os
 import stat
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Final
 
 from .._errors import InvalidError
@@ -139,29 +141,37 @@ class GroupSync:
                     self._cond.notify_all()
 
 
-def hold_blob(alg: int, name: str, what: str) -> int | None:
-    """Open blob file ``name`` under a shared ``flock``; ``None`` if there is none.
+@contextmanager
+def blobs_held(alg: int, exclusive: bool = False) -> Iterator[None]:
+    """Hold the ``flock`` of the blob directory open as ``alg``: shared by writers, exclusive by a collector.
 
-    :func:`unlink_unused` takes the exclusive lock, in whatever process, before
-    it checks a blob's age and unlinks it, so a blob held here is not collected
-    until it is released (freshen it meanwhile and it is kept); one collected while
-    this waited for the lock reads as absent. :class:`InvalidError` if the path
-    holds anything but a regular file. The wait (a collector holds the lock for
-    microseconds; anyone else longer) stops when the operation is cancelled.
+    A writer freshening or replacing blobs (``put_blob`` of present content,
+    ``touch_blobs``) holds it shared; :func:`unlink_unused` runs under it held
+    exclusively, in batches, so a collector's age check and unlink are atomic
+    with a writer's freshening in any process (one ``flock`` per batch, not one
+    per blob). Every holder opens the directory itself, so holders in one
+    process exclude each other as holders in different processes do. The wait
+    (a holder keeps it for milliseconds) stops when the operation is cancelled.
+    """
+    operation = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+    wait_for(lambda: try_flock(alg, operation))
+    try:
+        yield
+    finally:
+        fcntl.flock(alg, fcntl.LOCK_UN)
+
+
+def open_blob(alg: int, name: str, what: str) -> int | None:
+    """Open blob file ``name`` for reading; ``None`` if there is none.
+
+    Call it under :func:`blobs_held`, so that no collector unlinks the blob while
+    it is freshened. :class:`InvalidError` if the path holds anything but a
+    regular file.
     """
     try:
-        fd = open_regular(name, alg, what)
+        return open_regular(name, alg, what)
     except FileNotFoundError:
         return None
-    try:
-        wait_for(lambda: try_flock(fd, fcntl.LOCK_SH))
-        if os.fstat(fd).st_nlink > 0:
-            return fd
-    except BaseException:
-        os.close(fd)
-        raise
-    os.close(fd)
-    return None
 
 
 def try_flock(fd: int, operation: int) -> bool:
@@ -175,36 +185,18 @@ def try_flock(fd: int, operation: int) -> bool:
 def unlink_unused(alg: int, name: str, cutoff: int | None) -> os.stat_result | None:
     """Unlink blob file ``name`` unless written or freshened at or after ``cutoff`` (ns); its stat if removed.
 
-    Under an exclusive ``flock``, so never while a writer in any process holds it
-    (:func:`hold_blob`) to freshen or replace it: such a blob is kept.
+    Call it under :func:`blobs_held` held exclusively, so never while a writer in
+    any process freshens or replaces the blob: such a blob is kept. Anything but
+    a regular file is left alone.
     """
     try:
         st = os.stat(name, dir_fd=alg, follow_symlinks=False)
     except FileNotFoundError:
         return None
     if not stat.S_ISREG(st.st_mode) or (cutoff is not None and st.st_mtime_ns >= cutoff):
-        return None  # young blobs are kept without opening them
+        return None  # young, or not a blob of ours to remove
     try:
-        fd = os.open(name, READ_FLAGS, dir_fd=alg)
-    except FileNotFoundError:
-        return None  # gone meanwhile
-    except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENXIO, errno.ENODEV):
-            return None  # swapped for a symlink or a special file: not a blob of ours to remove
-        raise
-    try:
-        if not try_flock(fd, fcntl.LOCK_EX):
-            return None  # being reused right now
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_nlink == 0:
-            return None  # unlinked, or replaced by a new copy (which drops this one's last link), meanwhile
-        if cutoff is not None and st.st_mtime_ns >= cutoff:
-            return None  # freshened meanwhile
-        if st.st_nlink > 1 and os.stat(name, dir_fd=alg, follow_symlinks=False).st_ino != st.st_ino:
-            return None  # hard-linked elsewhere too, and no longer the file at this name
         os.unlink(name, dir_fd=alg)
-        return st
     except FileNotFoundError:
         return None
-    finally:
-        os.close(fd)
+    return st

@@ -9,7 +9,9 @@ stale read, and a lost update when the stale index is rewritten).
 Changes are a read-modify-write under an exclusive ``flock`` on the layout
 directory, so processes tagging at once lose nothing: the new index is written
 to a temporary file, fsynced, renamed over ``index.json`` and the directory
-fsynced, so readers never see a torn file.
+fsynced, so readers never see a torn file. Updates arriving while a rewrite runs
+join the next one (a group commit), and the directory fsync runs after the locks
+are released, shared by every caller whose rename it covers.
 """
 
 from __future__ import annotations
@@ -23,16 +25,33 @@ from collections.abc import Callable, Mapping
 from typing import Final
 
 import anyio
+import anyio.lowlevel
 
 from .._descriptor import Descriptor
 from .._errors import InvalidError
 from .._layout_format import IndexDocument
 from .._threads import checkpoint, run_sync
-from .fs import open_dir, open_regular, read_open, try_flock, write_file
+from .fs import GroupSync, open_dir, open_regular, read_open, try_flock, write_file
 
 __all__ = ["IndexStore"]
 
 _INDEX_LIMIT: Final = 256 << 20
+
+
+class _Request:
+    """One caller's change set, waiting for a rewrite of ``index.json`` to apply or refuse it."""
+
+    __slots__ = ("changes", "error", "pending", "replace")
+
+    def __init__(self, changes: Mapping[str, Descriptor | None], replace: bool) -> None:
+        self.changes = changes
+        self.replace = replace
+        self.pending = True
+        self.error: BaseException | None = None
+
+    def settle(self, error: BaseException | None) -> None:
+        self.error = error
+        self.pending = False
 
 
 class IndexStore:
@@ -43,6 +62,9 @@ class IndexStore:
         self._where = where
         self._temp_dir = temp_dir
         self._lock = anyio.Lock()  # one rewrite at a time in this process; flock for the others
+        self._dir_sync = GroupSync()
+        self._threads: tuple[object, anyio.CapacityLimiter] | None = None
+        self._queue: list[_Request] = []  # updates waiting for the next rewrite, in arrival order
         self._cache: tuple[tuple[int, int, int, int], IndexDocument] | None = None
         self._held: int | None = None  # the cached file, open (see the module doc)
         self._held_lock = threading.Lock()
@@ -84,23 +106,96 @@ class IndexStore:
         return await run_sync(self.load)
 
     async def update(self, changes: Mapping[str, Descriptor | None], replace: bool) -> None:
-        """Apply ``changes`` under the layout's exclusive lock, in this process and across processes."""
-        async with self._lock:
-            lock_fd = await run_sync(open_dir, ".", self._root, "the layout")  # the layout, not the working directory
-            try:
-                delay = 0.001
-                while not await run_sync(try_flock, lock_fd, fcntl.LOCK_EX):
-                    await anyio.sleep(delay)  # another process holds the lock: wait, cancellably
-                    delay = min(delay * 2, 0.05)
-                await run_sync(self._rewrite, changes, replace)
-            finally:
-                os.close(lock_fd)  # releases the flock
+        """Apply ``changes`` under the layout's exclusive lock, in this process and across processes.
 
-    def _rewrite(self, changes: Mapping[str, Descriptor | None], replace: bool) -> None:
-        updated = self.load().apply(changes, replace=replace)
-        if updated is None:
+        A group commit: updates arriving while a rewrite runs wait for it, then
+        the first of them rewrites ``index.json`` once for all of them. Each
+        caller's change set is applied on top of the previous ones in arrival
+        order, all or nothing; a set that fails (a clobber) fails its caller only.
+        """
+        request = _Request(changes, replace)
+        self._queue.append(request)
+        try:
+            async with self._lock:
+                if request.pending:  # no earlier rewrite took it: lead this one
+                    batch, self._queue = self._queue, []
+                    try:
+                        await self._commit(batch)
+                    finally:
+                        for other in batch:
+                            if other.pending:  # not reached (we were stopped first): the next leader takes it
+                                self._queue.append(other)
+        finally:
+            if request.pending and request in self._queue:
+                self._queue.remove(request)  # cancelled before any rewrite took it: never applied
+        if request.pending:
+            raise RuntimeError("index update was neither applied nor refused")  # pragma: no cover
+        if request.error is not None:
+            raise request.error
+        # outside the locks: the next rewrite proceeds while this one's rename is made durable, and
+        # callers whose renames landed before an fsync began share it
+        await run_sync(self._dir_sync.sync, self._root, limiter=self._limiter())
+
+    async def _commit(self, batch: list[_Request]) -> None:
+        limiter = self._limiter()
+        if await run_sync(self._try_rewrite, batch, limiter=limiter):  # uncontended: one thread hop
             return
+        lock_fd = await run_sync(open_dir, ".", self._root, "the layout", limiter=limiter)
+        try:
+            delay = 0.001
+            while not await run_sync(try_flock, lock_fd, fcntl.LOCK_EX, limiter=limiter):
+                await anyio.sleep(delay)  # another process holds the lock: wait, cancellably
+                delay = min(delay * 2, 0.05)
+            await run_sync(self._rewrite, batch, limiter=limiter)
+        finally:
+            os.close(lock_fd)  # releases the flock
+
+    def _limiter(self) -> anyio.CapacityLimiter:
+        """Threads of this index's own, so a tag never queues behind the blob I/O filling the default pool."""
+        token = anyio.lowlevel.current_token()
+        if self._threads is None or self._threads[0] is not token:
+            self._threads = (token, anyio.CapacityLimiter(2))
+        return self._threads[1]
+
+    def _try_rewrite(self, batch: list[_Request]) -> bool:
+        """Rewrite under the layout's ``flock`` if it is free now; whether it was."""
+        lock_fd = open_dir(".", self._root, "the layout")
+        try:
+            if not try_flock(lock_fd, fcntl.LOCK_EX):
+                return False
+            self._rewrite(batch)
+            return True
+        finally:
+            os.close(lock_fd)  # releases the flock
+
+    def _rewrite(self, batch: list[_Request]) -> None:
+        """Apply each request of ``batch`` in turn and write the result once; settle every request."""
+        # the leader's own cancellation or deadline stops it before anything is settled or written:
+        # the batch goes back to the queue for the next caller to lead
         checkpoint()
+        current = self.load()
+        updated = None
+        applied = []
+        for request in batch:
+            try:
+                result = (updated or current).apply(request.changes, replace=request.replace)
+            except Exception as exc:
+                request.settle(exc)
+                continue
+            if result is not None:
+                updated = result
+            applied.append(request)
+        try:
+            if updated is not None:
+                self._write(updated)
+        except BaseException as exc:
+            for request in applied:
+                request.settle(exc)
+            raise
+        for request in applied:
+            request.settle(None)
+
+    def _write(self, updated: IndexDocument) -> None:
         temp = self._temp_dir()
         name = f"index-{secrets.token_hex(8)}"
         held = -1
@@ -118,7 +213,6 @@ class IndexStore:
                 pass
             raise
         self._hold(held, st, updated)
-        os.fsync(self._root)
 
     def release(self) -> None:
         """Close the cached file (the engine is closing)."""

@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING, Final
 
 import anyio
 
+from .._budget import PUT_BUDGET
 from .._digest import Digest, Verifier
 from .._source import BlobSource, iterate_source
 from .._tasks import task_group
 from .._threads import CHUNK_SIZE, checkpoint, run_sync
-from .fs import hold_blob, write_all
+from .fs import blobs_held, open_blob, write_all
 
 if TYPE_CHECKING:
     from .engine import DirEngine
@@ -67,9 +68,14 @@ class PendingBlob:
         self._name = f"blob-{secrets.token_hex(8)}"
         self._fd = -1
         self._unsynced = 0
+        self._budgeted = False  # whether chunks count against PUT_BUDGET (streams do; bytes are already held)
+        self._held = 0  # bytes of PUT_BUDGET this put holds
+        self._guess = 1 << 20  # bytes reserved before reading a chunk: the size of the last one
 
     async def put(self, source: BlobSource) -> tuple[Digest, int]:
         """Consume ``source`` and commit it; on any failure, leave nothing behind."""
+        self._budgeted = not isinstance(source, bytes | bytearray | memoryview)
+        self._guess = min(self._guess, PUT_BUDGET.limit)
         try:
             tail = await self._take(source)
             return await run_sync(self._commit, tail)  # small blobs: open, write and commit in one hop
@@ -77,6 +83,38 @@ class PendingBlob:
             with anyio.CancelScope(shield=True):
                 await run_sync(self._abandon)
             raise
+        finally:
+            if self._held:
+                PUT_BUDGET.release(self._held)
+                self._held = 0
+
+    def _try_reserve(self, n: int) -> bool:
+        """Count ``n`` bytes against the process-wide budget if they fit now; whether they did."""
+        if not self._budgeted:
+            return True
+        if PUT_BUDGET.try_acquire(n):
+            self._held += n
+            return True
+        return False
+
+    async def _reserve(self, n: int) -> None:
+        """Count ``n`` bytes just taken from the source against the process-wide budget, waiting for room."""
+        if self._budgeted:
+            await PUT_BUDGET.acquire(n)
+            self._held += n
+
+    def _unreserve(self, n: int) -> None:
+        """Give back ``n`` reserved bytes (a negative ``n`` takes more, without waiting)."""
+        if self._budgeted and n:
+            self._held -= n
+            PUT_BUDGET.release(n)
+
+    def _written(self, batch: _Batch) -> None:
+        """Give back the budget of a batch now on disk."""
+        if self._budgeted:
+            n = sum(map(len, batch))
+            self._held -= n
+            PUT_BUDGET.release(n)
 
     def _open(self) -> None:
         if self._fd < 0:
@@ -99,19 +137,38 @@ class PendingBlob:
             os.fdatasync(self._fd)
             self._unsynced = 0
 
+    async def _read(self, chunks: AsyncIterator[bytes | bytearray | memoryview]) -> _Chunk | None:
+        """The next chunk of the source (``None`` at its end), read with ``self._guess`` bytes reserved for it."""
+        guess = self._guess
+        try:
+            chunk = await chunks.__anext__()
+        except StopAsyncIteration:
+            self._unreserve(guess)
+            return None
+        n = len(chunk)
+        # the surplus goes back; a chunk bigger than reserved is counted at once (at most one chunk over)
+        self._unreserve(guess - n)
+        if n:
+            self._guess = n
+        return chunk
+
     async def _take(self, source: BlobSource) -> _Batch:
         """Consume ``source``: hash and write all of it but a tail smaller than a batch, which is returned."""
         batch: _Batch = []
         pending = total = 0
         async with aclosing(iterate_source(source)) as chunks:
-            async for chunk in chunks:
-                batch.append(_frozen(chunk))
-                pending += len(chunk)
+            while True:
+                if not self._try_reserve(self._guess):  # no room: what we hold goes down the pipeline meanwhile
+                    return await self._pipeline(batch, total, chunks)
+                chunk = await self._read(chunks)
+                if chunk is None:
+                    return batch
                 total += len(chunk)
                 self._verifier.check_total(total)  # an oversized stream stops now, not a batch later
+                batch.append(_frozen(chunk))
+                pending += len(chunk)
                 if pending >= self._batch:
                     return await self._pipeline(batch, total, chunks)
-        return batch
 
     async def _pipeline(
         self, first: _Batch, total: int, chunks: AsyncIterator[bytes | bytearray | memoryview]
@@ -129,6 +186,7 @@ class PendingBlob:
             async with writing:
                 async for batch in writing:
                     await run_sync(self._write, batch)
+                    self._written(batch)
 
         batch: _Batch = []
         pending = 0
@@ -136,12 +194,21 @@ class PendingBlob:
             tg.start_soon(hasher)
             tg.start_soon(writer)
             async with to_hash:
-                await to_hash.send(first)
-                async for chunk in chunks:
-                    batch.append(_frozen(chunk))
-                    pending += len(chunk)
+                if first:
+                    await to_hash.send(first)
+                while True:
+                    if not self._try_reserve(self._guess):
+                        if batch:  # never wait for room holding a partial batch: all could wait so
+                            await to_hash.send(batch)
+                            batch, pending = [], 0
+                        await self._reserve(self._guess)
+                    chunk = await self._read(chunks)
+                    if chunk is None:
+                        break
                     total += len(chunk)
                     self._verifier.check_total(total)
+                    batch.append(_frozen(chunk))
+                    pending += len(chunk)
                     if pending >= self._batch:
                         await to_hash.send(batch)
                         batch, pending = [], 0
@@ -165,17 +232,18 @@ class PendingBlob:
         engine = self._engine
         alg = engine._alg_dir(digest.algorithm, create=True)
         try:
-            held = hold_blob(alg, digest.encoded, f"blob path of {digest}")  # no collector unlinks it
-            try:
-                if held is not None and os.fstat(held).st_size == size:
-                    os.utime(held)  # freshen, as git does
-                    renamed = False
-                else:  # absent, or a damaged copy of the wrong size
-                    os.rename(self._name, digest.encoded, src_dir_fd=engine._temp_dir(), dst_dir_fd=alg)
-                    renamed = True
-            finally:
-                if held is not None:
-                    os.close(held)
+            with blobs_held(alg):  # no collector unlinks the blob meanwhile
+                held = open_blob(alg, digest.encoded, f"blob path of {digest}")
+                try:
+                    if held is not None and os.fstat(held).st_size == size:
+                        os.utime(held)  # freshen, as git does
+                        renamed = False
+                    else:  # absent, or a damaged copy of the wrong size
+                        os.rename(self._name, digest.encoded, src_dir_fd=engine._temp_dir(), dst_dir_fd=alg)
+                        renamed = True
+                finally:
+                    if held is not None:
+                        os.close(held)
             if renamed:
                 engine._dir_syncs[digest.algorithm].sync(alg)
         finally:

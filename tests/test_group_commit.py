@@ -1,0 +1,147 @@
+"""Group commit of ``index.json``: reference updates that arrive while a rewrite runs share the next one.
+
+Each caller's change set applies on top of the earlier ones, in arrival order, all
+or nothing; a set that fails (a clobber) fails its caller only; a caller cancelled
+before any rewrite took its set changes nothing. To make the updates queue up, the
+test holds the layout's ``flock`` as another process would while they arrive.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import os
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import anyio
+import pytest
+
+import ocicas
+from ocicas import ClobberError, Descriptor
+from tests.images import put_image
+
+pytestmark = pytest.mark.anyio
+
+
+@contextmanager
+def layout_locked(layout: Path) -> Iterator[Callable[[], None]]:
+    """Hold the layout's ``flock`` (another open file description, as another process would); yield a release."""
+    fd = os.open(layout, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    released = False
+
+    def release() -> None:
+        nonlocal released
+        if not released:
+            released = True
+            os.close(fd)
+
+    try:
+        yield release
+    finally:
+        release()
+
+
+async def images(engine: ocicas.Engine, count: int) -> list[Descriptor]:
+    return [(await put_image(engine, [f"layer {n}".encode()], name=str(n)))[0] for n in range(count)]
+
+
+async def queued(calls: list[Callable[[], Awaitable[None]]], outcomes: dict[int, BaseException | None]) -> None:
+    """Start ``calls`` one after another, each waiting in the queue before the next starts."""
+
+    async def run(index: int) -> None:
+        try:
+            await calls[index]()
+            outcomes[index] = None
+        except ocicas.OCICASError as exc:
+            outcomes[index] = exc
+
+    async with anyio.create_task_group() as tg:
+        for index in range(len(calls)):
+            tg.start_soon(run, index)
+            await anyio.wait_all_tasks_blocked()
+
+
+async def test_updates_waiting_together_all_land(tmp_path: Path) -> None:
+    layout = tmp_path / "layout"
+    await ocicas.create_layout(layout)
+    async with await ocicas.open_layout(layout) as engine:
+        descriptors = await images(engine, 40)
+        outcomes: dict[int, BaseException | None] = {}
+        with layout_locked(layout) as release:
+            calls: list[Callable[[], Awaitable[None]]] = [
+                functools.partial(engine.put_reference, f"tag{n}", descriptors[n]) for n in range(40)
+            ]
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(queued, calls, outcomes)
+                await anyio.wait_all_tasks_blocked()
+                release()
+        assert outcomes == dict.fromkeys(range(40))
+        assert await engine.list_references() == sorted(f"tag{n}" for n in range(40))
+        for n in range(40):
+            assert await engine.get_reference(f"tag{n}") == descriptors[n]
+    async with await ocicas.open_layout(layout) as reopened:  # durable, and one well-formed file
+        assert await reopened.list_references() == sorted(f"tag{n}" for n in range(40))
+
+
+async def test_each_set_applies_on_top_of_the_earlier_ones_and_a_clobber_fails_its_caller_only(
+    tmp_path: Path,
+) -> None:
+    layout = tmp_path / "layout"
+    await ocicas.create_layout(layout)
+    async with await ocicas.open_layout(layout) as engine:
+        a, b, c, d = await images(engine, 4)
+        await engine.put_reference("held", a)
+        outcomes: dict[int, BaseException | None] = {}
+        calls: list[Callable[[], Awaitable[None]]] = [
+            lambda: engine.update_references({"x": b}),  # 0: lands
+            lambda: engine.update_references({"x": c}),  # 1: clobbers what 0 put: fails
+            lambda: engine.update_references({"y": c, "held": d}),  # 2: clobbers "held": fails whole, no "y"
+            lambda: engine.update_references({"x": c}, replace=True),  # 3: moves "x" on top of 0
+            lambda: engine.update_references({"z": d, "held": None}),  # 4: lands whole
+            lambda: engine.update_references({"held": b}),  # 5: "held" was deleted by 4: lands
+            lambda: engine.update_references({"x": c}),  # 6: same as what 3 put: idempotent
+        ]
+        with layout_locked(layout) as release:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(queued, calls, outcomes)
+                await anyio.wait_all_tasks_blocked()
+                release()
+        assert {n: type(e) for n, e in outcomes.items()} == {
+            0: type(None),
+            1: ClobberError,
+            2: ClobberError,
+            3: type(None),
+            4: type(None),
+            5: type(None),
+            6: type(None),
+        }
+        assert await engine.list_references() == ["held", "x", "z"]
+        assert await engine.get_reference("x") == c
+        assert await engine.get_reference("z") == d
+        assert await engine.get_reference("held") == b
+
+
+async def test_a_caller_cancelled_while_queued_changes_nothing(tmp_path: Path) -> None:
+    layout = tmp_path / "layout"
+    await ocicas.create_layout(layout)
+    async with await ocicas.open_layout(layout) as engine:
+        a, b = await images(engine, 2)
+        outcomes: dict[int, BaseException | None] = {}
+        with layout_locked(layout) as release:
+            async with anyio.create_task_group() as tg:
+                first: list[Callable[[], Awaitable[None]]] = [functools.partial(engine.put_reference, "kept", a)]
+                tg.start_soon(queued, first, outcomes)
+                await anyio.wait_all_tasks_blocked()
+                with anyio.CancelScope() as scope:
+                    async with anyio.create_task_group() as doomed:
+                        doomed.start_soon(engine.put_reference, "cancelled", b)
+                        await anyio.wait_all_tasks_blocked()
+                        scope.cancel()
+                release()
+        assert outcomes == {0: None}
+        assert await engine.list_references() == ["kept"]
+        await engine.put_reference("later", b)  # the store still works after the cancelled caller
+        assert await engine.list_references() == ["kept", "later"]
