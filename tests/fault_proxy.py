@@ -27,6 +27,7 @@ import re
 import socket
 import struct
 import sys
+import time
 from collections.abc import Iterator
 
 import anyio
@@ -55,6 +56,19 @@ class Faults:
     stall_seconds: float = 0.0
     strip_range: bool = False
     log: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
+
+    def take_cut(self, cut: int | None) -> int | None:
+        """``cut`` if one more cut may be made, counted now: answers served at once never cut more than asked."""
+        if cut is None or self.cuts == 0:
+            return None
+        if self.cuts is not None:
+            self.cuts -= 1
+        return cut
+
+    def give_back(self, cut: int | None) -> None:
+        """An answer taken to be cut ended before ``cut`` bytes: the cut was not made."""
+        if cut is not None and self.cuts is not None:
+            self.cuts += 1
 
     def matches(self, method: str, path: str) -> bool:
         return method in self.methods and re.search(self.path, path) is not None
@@ -104,6 +118,8 @@ class FaultProxy:
         self.upstream = (host, int(port or 80))
         self.faults = faults or Faults()
         self.url = ""
+        #: Client connections being served (a stalled one lives on after its client gave up).
+        self.connections = 0
 
     async def serve(self, *, task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED) -> None:
         listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
@@ -114,6 +130,20 @@ class FaultProxy:
             await listener.serve(self._connection)
 
     async def _connection(self, client: anyio.abc.SocketStream) -> None:
+        self.connections += 1
+        try:
+            await self._serve_connection(client)
+        finally:
+            self.connections -= 1
+
+    def wait_idle(self, timeout: float = 15.0) -> None:
+        """Block until every connection has ended (called from the test's thread, off its event loop)."""
+        deadline = time.monotonic() + timeout
+        while self.connections and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not self.connections, f"{self.connections} proxy connections still open"
+
+    async def _serve_connection(self, client: anyio.abc.SocketStream) -> None:
         upstream: anyio.abc.SocketStream | None = None
         up_reader: BufferedByteReceiveStream | None = None
         reader = BufferedByteReceiveStream(client)
@@ -158,16 +188,13 @@ class FaultProxy:
                     up_reader = BufferedByteReceiveStream(upstream)
                 assert up_reader is not None
                 await upstream.send(_head_bytes(first, headers))
-                cut = faults.cut_request_after if faults.matches(method, path) else None
-                if faults.cuts == 0:
-                    cut = None
+                cut = faults.take_cut(faults.cut_request_after if faults.matches(method, path) else None)
                 if not await self._relay_body(reader, headers, upstream, cut):
                     faults.log.append((method, path, "request cut"))
-                    if faults.cuts is not None:
-                        faults.cuts -= 1
                     _abort(upstream)
                     await upstream.aclose()
                     raise _Reset
+                faults.give_back(cut)
                 response_head = await up_reader.receive_until(b"\r\n\r\n", _MAX_HEAD)
                 status_line, response_headers = _parse_head(response_head)
                 status = int(status_line.split(" ")[1])
@@ -178,13 +205,12 @@ class FaultProxy:
                 if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
                     faults.log.append((method, path, fault or str(status)))
                     continue
-                cut = faults.cut_after if faults.matches(method, path) and faults.cuts != 0 else None
+                cut = faults.take_cut(faults.cut_after if faults.matches(method, path) else None)
                 complete = await self._relay_body(up_reader, response_headers, client, cut, until_close=True)
                 if not complete:  # an orderly close in mid-body: the client sees exactly ``cut`` bytes
                     faults.log.append((method, path, "cut"))
-                    if faults.cuts is not None:
-                        faults.cuts -= 1
                     return
+                faults.give_back(cut)
                 faults.log.append((method, path, fault or str(status)))
                 if _header(response_headers, "connection") == "close" or (
                     _header(response_headers, "content-length") is None

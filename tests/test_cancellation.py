@@ -46,7 +46,7 @@ import pytest
 import ocicas
 from ocicas import Context, Descriptor, Digest, Engine
 from ocicas.testing import blob_bytes, sha256
-from tests.images import MANIFEST, put, put_image, put_index
+from tests.images import LAYER, MANIFEST, put, put_image, put_index
 
 pytestmark = pytest.mark.anyio
 
@@ -231,8 +231,16 @@ def operations(scenario: Scenario) -> dict[str, Operation]:
 
     # -- put_reference ---------------------------------------------------------------
     def target(trial: int) -> Descriptor:
-        data = f"manifest {trial}".encode()
-        return Descriptor(media_type=MANIFEST, digest=sha256(data), size=len(data))
+        data = f"layer {trial}".encode()
+        return Descriptor(media_type=LAYER, digest=sha256(data), size=len(data))
+
+    async def store_targets(engine: Engine, trials: list[int]) -> None:
+        """The content the tags name: a tag names only what is present."""
+        for trial in trials:
+            await engine.put_blob(f"layer {trial}".encode())
+
+    async def prepare_put_reference(engine: Engine, trial: int) -> None:
+        await store_targets(engine, [trial])
 
     async def put_reference(engine: Engine, trial: int, ctx: Context, tick: Callable[[], None]) -> object:
         await engine.put_reference(f"single-{trial}", target(trial), ctx=ctx)
@@ -257,6 +265,7 @@ def operations(scenario: Scenario) -> dict[str, Operation]:
         return changes
 
     async def prepare_batch(engine: Engine, trial: int) -> None:
+        await store_targets(engine, [-1, -2, -3, trial, *(trial * 100 + i for i in range(BATCH_SIZE))])
         await engine.update_references(
             {f"doomed-{trial}-a": target(-1), f"doomed-{trial}-b": target(-2), "moved": target(-3)}, replace=True
         )
@@ -319,7 +328,7 @@ def operations(scenario: Scenario) -> dict[str, Operation]:
         op.name: op
         for op in (
             Operation("put_blob", nothing, put_blob, check_put_blob),
-            Operation("put_reference", nothing, put_reference, check_put_reference),
+            Operation("put_reference", prepare_put_reference, put_reference, check_put_reference),
             Operation("update_references", prepare_batch, update_references, check_batch),
             Operation("from_descriptor", nothing, read_typed, check_nothing),
             Operation("walk", nothing, walk, check_nothing),
@@ -450,7 +459,7 @@ async def test_waiting_for_a_lock_another_process_holds_is_cancellable(tmp_path:
             async def operation() -> None:
                 if lock == "index.json":
                     await engine.put_reference(
-                        "waiting", Descriptor(media_type=MANIFEST, digest=sha256(b"m"), size=1), ctx=ctx
+                        "waiting", Descriptor(media_type=MANIFEST, digest=sha256(b"m"), size=1), partial=True, ctx=ctx
                     )
                 else:
                     await ocicas.gc(engine, ctx=ctx)

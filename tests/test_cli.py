@@ -362,7 +362,7 @@ def test_fsck_finds_a_flipped_bit_a_missing_blob_and_a_dangling_reference(tmp_pa
     dangling = Descriptor(media_type=MANIFEST, digest=Digest.from_bytes(b"never stored"), size=12)
 
     async def tag_dangling(engine: Engine) -> None:
-        await engine.put_reference("dangling", dangling)
+        await engine.put_reference("dangling", dangling, partial=True)  # as a careless tool would
 
     async def main() -> None:
         async with await ocicas.open_layout(layout) as engine:

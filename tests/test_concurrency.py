@@ -329,17 +329,17 @@ async def test_a_rewrite_within_one_clock_tick_is_never_mistaken_for_the_cached_
         await ocicas.open_layout(tmp_path / "layout") as a,
         await ocicas.open_layout(tmp_path / "layout") as b,
     ):
-        await a.put_reference("tag", target(0))
+        await a.put_reference("tag", target(0), partial=True)  # index.json is the point: no content
         cached = index.stat()
         latest = 0
         while latest < INODE_REUSE_ATTEMPTS and (latest == 0 or index.stat().st_ino != cached.st_ino):
             latest += 1
-            await b.update_references({"tag": target(latest)}, replace=True)
+            await b.update_references({"tag": target(latest)}, replace=True, partial=True)
         reused = index.stat().st_ino == cached.st_ino
         assert index.stat().st_size == cached.st_size
         os.utime(index, ns=(cached.st_atime_ns, cached.st_mtime_ns))  # the same clock tick
         assert (await a.get_reference("tag")) == target(latest), f"stale read (inode reused: {reused})"
-        await a.put_reference("other", target(9999))
+        await a.put_reference("other", target(9999), partial=True)
         assert (await b.get_reference("tag")) == target(latest), f"lost update (inode reused: {reused})"
         assert await b.list_references() == ["other", "tag"]
 

@@ -513,6 +513,10 @@ async def closed_calls(engine: Engine) -> dict[str, Callable[[], Awaitable[objec
         async with engine:
             pass
 
+    async def lease() -> None:
+        async with engine.lease():
+            pass
+
     return {
         "put_blob": lambda: engine.put_blob(b"x"),
         "put_blob_json": lambda: engine.put_blob_json({}),
@@ -525,6 +529,10 @@ async def closed_calls(engine: Engine) -> dict[str, Callable[[], Awaitable[objec
         "touch_blobs": lambda: engine.touch_blobs([digest]),
         "delete_blobs": lambda: engine.delete_blobs([digest]),
         "gc_lock": gc_lock,
+        "lease": lease,
+        "leased_blobs": lambda: engine.leased_blobs(),
+        "referrers": lambda: engine.referrers(digest),
+        "list_broken_roots": lambda: engine.list_broken_roots(),
         "mount_blob_from": lambda: engine.mount_blob_from(other, digest, size=1),
         "put_reference": lambda: engine.put_reference("v1", descriptor),
         "delete_reference": lambda: engine.delete_reference("v1"),
@@ -548,7 +556,7 @@ async def test_every_call_of_a_closed_engine_raises_engine_closed(engine: Engine
     public = {
         name
         for name, member in inspect.getmembers(Engine)
-        if not name.startswith("_") and (inspect.iscoroutinefunction(member) or name == "gc_lock")
+        if not name.startswith("_") and (inspect.iscoroutinefunction(member) or name in ("gc_lock", "lease"))
     }
     assert public - {"close"} <= set(calls), "a public method is not tried closed"
     not_refused = []

@@ -50,10 +50,11 @@ def module_proxy(registry: Registry) -> Iterator[FaultProxy]:
 
 
 @pytest.fixture
-def proxy(module_proxy: FaultProxy) -> FaultProxy:
-    """The proxy, with no faults yet (each test sets its own)."""
+def proxy(module_proxy: FaultProxy) -> Iterator[FaultProxy]:
+    """The proxy, with no faults yet (each test sets its own); idle again (no socket open) afterwards."""
     module_proxy.faults = Faults()
-    return module_proxy
+    yield module_proxy
+    module_proxy.wait_idle()
 
 
 async def through(proxy: FaultProxy, repository: str, **options: Any) -> RegistryEngine:
@@ -144,7 +145,7 @@ async def test_a_registry_that_ignores_range_still_gives_exact_bytes(
             assert sha256(await dst.read_blob(digest)) == digest
     assert result.retries == 2
     assert len(proxy.faults.made("cut")) == 2
-    assert len(proxy.faults.made("range stripped")) == 2
+    assert 1 <= len(proxy.faults.made("range stripped")) <= 2  # a resume from byte 0 sends no Range
 
 
 async def test_exhausted_retries_name_the_blob_and_byte_and_leave_nothing(
@@ -166,7 +167,10 @@ async def test_exhausted_retries_name_the_blob_and_byte_and_leave_nothing(
         f"{sha256(big)} at byte {100 * KiB}: "
     )
     assert message.endswith(" (gave up after 3 retries without progress)")
-    assert layout_files(target) == before  # no blob of the image, no temporary file
+    added = layout_files(target) - before  # no temporary file, no partial blob: only whole, verified blobs
+    assert all(name.startswith("blobs/sha256/") for name in added), added
+    assert all(sha256((target / name).read_bytes()).encoded == name.rsplit("/", 1)[1] for name in added)
+    assert f"blobs/sha256/{sha256(big).encoded}" not in added
 
 
 async def test_a_range_answer_from_elsewhere_is_refused(registry: Registry, tmp_path: Path) -> None:

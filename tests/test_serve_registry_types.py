@@ -22,7 +22,9 @@ async def test_content_type_is_the_documents_own_media_type_by_tag_and_by_digest
         manifest = {"schemaVersion": 2, "mediaType": DOCKER_MANIFEST, "config": config.to_dict(), "layers": []}
         docker = await put_json(engine, manifest, DOCKER_MANIFEST)
         # index.json names it with the OCI type, as a tool converting formats might leave it
-        await engine.put_reference("mislabelled", docker.replace(media_type=MANIFEST))
+        await engine.put_reference(
+            "mislabelled", docker.replace(media_type=MANIFEST), partial=True
+        )  # mislabelled on purpose
         data = await engine.read_blob(docker.digest)
     assert json.loads(data)["mediaType"] == DOCKER_MANIFEST
     async with served(tmp_path) as client:

@@ -40,7 +40,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 import anyio
 
@@ -130,6 +130,10 @@ class Engine(ABC):
     Backends subclass it and implement the hooks listed in the module
     documentation; the public methods below are the same for every engine.
     """
+
+    #: Whether ``_update_references`` itself refuses a reference to absent content (a registry
+    #: checks what a manifest reaches before it tags it): the generic check is then not repeated.
+    _checks_own_references: ClassVar[bool] = False
 
     @property
     def _lifecycle(self) -> Lifecycle:
@@ -431,7 +435,7 @@ class Engine(ABC):
                 await self._update_references(checked, replace)
                 return
             async with self._gc_shared():
-                if not partial:
+                if not partial and not self._checks_own_references:
                     from ._tagging import check_closure  # the graph walk builds on this module
 
                     await check_closure(self, puts)

@@ -22,6 +22,8 @@ if sys.version_info < (3, 11):
 
 __all__ = ["SHIELD_TIMEOUT", "bounded_shield", "task_group"]
 
+#: Sibling failures listed in the first one's notes, at most.
+_MAX_NOTES: Final = 4
 #: Seconds clean-up of foreign resources may take while shielded from cancellation.
 SHIELD_TIMEOUT: Final = 5.0
 
@@ -53,7 +55,9 @@ async def task_group() -> AsyncIterator[anyio.abc.TaskGroup]:
         if first.__cause__ is None:
             raise first from group
         notes = first.__dict__.setdefault("__notes__", [])
-        notes.extend(f"also failed: {type(e).__name__}: {e}" for e in leaves[1:])
+        notes.extend(f"also failed: {type(e).__name__}: {e}" for e in leaves[1:_MAX_NOTES])
+        if len(leaves) > _MAX_NOTES:
+            notes.append(f"and {len(leaves) - _MAX_NOTES} more failures")
         raise first from first.__cause__
 
 

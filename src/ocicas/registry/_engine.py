@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from contextlib import aclosing
-from typing import Final, TypeGuard
+from typing import ClassVar, Final, TypeGuard
 
 import anyio
 import anyio.lowlevel
@@ -91,6 +91,9 @@ class RegistryEngine(Engine):
     are authenticated (basic or bearer tokens), retried when idempotent, and at
     most ``concurrency`` are in flight at once.
     """
+
+    # tagging pushes a manifest's children first and checks every blob it names is stored
+    _checks_own_references: ClassVar[bool] = True
 
     def __init__(self, client: RegistryClient, *, chunk_size: int = CHUNK_SIZE) -> None:
         if chunk_size < 1:
