@@ -1,9 +1,6 @@
 from __future__ import annotations
 
 import gc
-import os
-import re
-import sys
 import threading
 import warnings
 from collections.abc import AsyncIterator, Iterator
@@ -14,9 +11,9 @@ from blockbuster import blockbuster_ctx
 
 import ocicas
 from ocicas import Engine
+from tests.leaks import fd_targets, is_idle_worker
 
 #: Idle worker threads: anyio's on asyncio, trio's thread cache (named so only while idle).
-_IDLE_THREAD_NAME = re.compile(r"AnyIO worker thread|Trio thread \d+")
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -44,29 +41,6 @@ def blockbuster() -> Iterator[None]:
         yield
 
 
-def fd_targets() -> dict[int, str]:
-    """This process's open file descriptors and what each refers to."""
-    out = {}
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            out[int(name)] = os.readlink(f"/proc/self/fd/{name}")
-        except OSError:
-            pass  # the descriptor listdir itself used
-    return out
-
-
-def _busy(thread: threading.Thread) -> bool:
-    """Whether ``thread`` is doing something: not an idle anyio/trio worker (no ocicas frame on its stack)."""
-    if not _IDLE_THREAD_NAME.fullmatch(thread.name) or thread.ident is None:
-        return True
-    frame = sys._current_frames().get(thread.ident)
-    while frame is not None:
-        if f"{os.sep}ocicas{os.sep}" in frame.f_code.co_filename:
-            return True
-        frame = frame.f_back
-    return False
-
-
 @pytest.fixture(autouse=True)
 def no_leaks() -> Iterator[None]:
     """Fail a test that leaves a file descriptor, a busy thread or an unclosed reader behind.
@@ -85,7 +59,7 @@ def no_leaks() -> Iterator[None]:
         gc.collect()
     unclosed = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
     leaked = {fd: target for fd, target in fd_targets().items() if before_fds.get(fd) != target}
-    busy = [t for t in threading.enumerate() if t not in before_threads and t.is_alive() and _busy(t)]
+    busy = [t for t in threading.enumerate() if t not in before_threads and t.is_alive() and not is_idle_worker(t)]
     problems = []
     if unclosed:
         problems.append(f"left to the garbage collector unclosed: {unclosed}")

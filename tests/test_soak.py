@@ -74,6 +74,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 import ocicas
 from ocicas import BlobReader, Descriptor, DirEngine
 from ocicas.testing import blob_bytes
+from tests.leaks import fd_targets, is_idle_worker
 
 pytestmark = pytest.mark.anyio
 
@@ -107,7 +108,6 @@ SHARED_SIZE = 300_000
 
 WORKER = Path(__file__).parent / "workers" / "soak_worker.py"
 #: Idle worker threads: anyio's on asyncio, trio's thread cache (named so only while idle).
-IDLE_THREAD_NAME = re.compile(r"AnyIO worker thread|Trio thread \d+")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -150,33 +150,11 @@ def layer_bytes(layer: Layer) -> bytes:
     return blob_bytes(layer.size, layer.seed)
 
 
-def fd_targets() -> dict[int, str]:
-    out = {}
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            out[int(name)] = os.readlink(f"/proc/self/fd/{name}")
-        except OSError:
-            pass  # the descriptor listdir itself used
-    return out
-
-
 def rss_kib() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError("no VmRSS in /proc/self/status")
-
-
-def thread_is_idle_worker(thread: threading.Thread) -> bool:
-    """A named idle worker thread of anyio or trio, with no ocicas frame on its stack."""
-    if not IDLE_THREAD_NAME.fullmatch(thread.name) or thread.ident is None:
-        return False
-    frame = sys._current_frames().get(thread.ident)
-    while frame is not None:
-        if f"{os.sep}ocicas{os.sep}" in frame.f_code.co_filename:
-            return False
-        frame = frame.f_back
-    return True
 
 
 def thread_top(thread: threading.Thread) -> str:
@@ -726,7 +704,7 @@ async def test_soak(tmp_path: Path, anyio_backend: str) -> None:
         targets = Counter(re.sub(r"[0-9a-f]{64}", "<digest>", target) for target in leaked.values())
         problems.append(f"{len(leaked)} file descriptors left open: {dict(targets.most_common(8))}")
     extra = [t for t in threading.enumerate() if t not in baseline_threads]
-    idle = [t for t in extra if thread_is_idle_worker(t)]
+    idle = [t for t in extra if is_idle_worker(t)]
     for thread in extra:
         if thread not in idle:
             problems.append(f"thread {thread.name!r} left running:\n{thread_top(thread)}")
