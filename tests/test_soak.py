@@ -661,7 +661,7 @@ class Soak:
         report = json.loads(done.stdout) if done.stdout else {}
         if done.returncode != 0 or not report.get("ok") or report.get("problems"):
             problems.append(f"fsck: status {done.returncode}, {report or done.stderr.decode()}")
-        figures["fsck"] = {key: report.get(key) for key in ("ok", "blobs", "bytes", "roots")}
+        figures["fsck"] = {key: report.get(key) for key in ("ok", "blobs_count", "bytes", "roots_count")}
         return figures
 
 
