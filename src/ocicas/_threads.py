@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextvars import ContextVar
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
 import anyio.from_thread
 import anyio.to_thread
@@ -49,12 +49,15 @@ _local = threading.local()
 async def run_sync(func: Callable[..., _T], *args: object, limiter: anyio.CapacityLimiter | None = None) -> _T:
     """Run ``func(*args)`` in a worker thread, where :func:`checkpoint` sees this task's cancellation."""
     ctx = current_ctx.get()
+    job: list[Any] = [func, args]  # emptied once run: an idle worker thread keeps its last job's callable
 
     def call() -> _T:
+        work, arguments = job
+        job.clear()
         _local.ctx = ctx
         _local.hosted = True
         try:
-            return func(*args)
+            return work(*arguments)  # type: ignore[no-any-return]
         finally:
             _local.ctx = None
             _local.hosted = False
