@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import anyio
+import anyio.abc
 import pytest
 
 import ocicas
@@ -48,8 +49,20 @@ async def images(engine: ocicas.Engine, count: int) -> list[Descriptor]:
     return [(await put_image(engine, [f"layer {n}".encode()], name=str(n)))[0] for n in range(count)]
 
 
-async def queued(calls: list[Callable[[], Awaitable[None]]], outcomes: dict[int, BaseException | None]) -> None:
-    """Start ``calls`` one after another, each waiting in the queue before the next starts."""
+async def queued(
+    engine: ocicas.DirEngine,
+    calls: list[Callable[[], Awaitable[None]]],
+    outcomes: dict[int, BaseException | None],
+    *,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Start ``calls`` one after another, each waiting in the index's queue before the next starts.
+
+    A call first checks its content and takes the collector's lock (thread hops that
+    finish in any order), so arrival is watched in the queue itself: the first call
+    leads the rewrite (and waits for the layout's lock), the others queue behind it.
+    """
+    store = engine._index
 
     async def run(index: int) -> None:
         try:
@@ -61,7 +74,10 @@ async def queued(calls: list[Callable[[], Awaitable[None]]], outcomes: dict[int,
     async with anyio.create_task_group() as tg:
         for index in range(len(calls)):
             tg.start_soon(run, index)
-            await anyio.wait_all_tasks_blocked()
+            with anyio.fail_after(30):
+                while not (store._lock.locked() if index == 0 else len(store._queue) >= index):  # noqa: ASYNC110
+                    await anyio.sleep(0.001)
+        task_status.started()  # every call waits in the queue: the test may release the layout now
 
 
 async def test_updates_waiting_together_all_land(tmp_path: Path) -> None:
@@ -75,8 +91,7 @@ async def test_updates_waiting_together_all_land(tmp_path: Path) -> None:
                 functools.partial(engine.put_reference, f"tag{n}", descriptors[n]) for n in range(40)
             ]
             async with anyio.create_task_group() as tg:
-                tg.start_soon(queued, calls, outcomes)
-                await anyio.wait_all_tasks_blocked()
+                await tg.start(queued, engine, calls, outcomes)
                 release()
         assert outcomes == dict.fromkeys(range(40))
         assert await engine.list_references() == sorted(f"tag{n}" for n in range(40))
@@ -106,8 +121,7 @@ async def test_each_set_applies_on_top_of_the_earlier_ones_and_a_clobber_fails_i
         ]
         with layout_locked(layout) as release:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(queued, calls, outcomes)
-                await anyio.wait_all_tasks_blocked()
+                await tg.start(queued, engine, calls, outcomes)
                 release()
         assert {n: type(e) for n, e in outcomes.items()} == {
             0: type(None),
@@ -133,8 +147,7 @@ async def test_a_caller_cancelled_while_queued_changes_nothing(tmp_path: Path) -
         with layout_locked(layout) as release:
             async with anyio.create_task_group() as tg:
                 first: list[Callable[[], Awaitable[None]]] = [functools.partial(engine.put_reference, "kept", a)]
-                tg.start_soon(queued, first, outcomes)
-                await anyio.wait_all_tasks_blocked()
+                await tg.start(queued, engine, first, outcomes)
                 with anyio.CancelScope() as scope:
                     async with anyio.create_task_group() as doomed:
                         doomed.start_soon(engine.put_reference, "cancelled", b)

@@ -361,12 +361,12 @@ time.sleep(120)
 async def test_cancel_scope_stops_a_wait_on_another_process_lock(
     dir_engine: DirEngine, layout: Path, held: str
 ) -> None:
-    """Another process holds a lock ocicas waits for: the blob file (a put of present content
-    takes it shared), ``blobs/`` (gc_lock), the layout directory (a reference update)."""
+    """Another process holds a lock ocicas waits for: ``blobs/sha256/`` (a put of present content
+    freshens it holding that lock shared), ``blobs/`` (gc_lock), the layout directory (a reference update)."""
     data = b"locked content"
     digest, _ = await dir_engine.put_blob(data)
     descriptor = Descriptor(media_type="application/octet-stream", digest=digest, size=len(data))
-    target = {"blob": blob_path(layout, digest), "blobs": layout / "blobs", "layout": layout}[held]
+    target = {"blob": layout / "blobs" / "sha256", "blobs": layout / "blobs", "layout": layout}[held]
 
     async def call() -> None:
         if held == "blob":

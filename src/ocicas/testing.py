@@ -471,7 +471,8 @@ class EngineConformance:
         with pytest.raises(BlobNotFoundError) as info:
             await engine.put_reference("absent", absent)
         assert absent.digest in str(info.value)
-        assert "'absent'" in str(info.value)
+        if not self.references_are_tags:  # a registry names the repository instead
+            assert "'absent'" in str(info.value)
         with pytest.raises(BlobNotFoundError):
             await engine.update_references({"ok": await self.target(engine, b"ok"), "absent": absent})
         assert await engine.list_references() == []
