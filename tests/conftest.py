@@ -41,6 +41,18 @@ def blockbuster() -> Iterator[None]:
         yield
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Freeze what exists once the tests are collected: the leak check's collections then scan only the test's own.
+
+    Hypothesis is imported first: its plugins (trio's) register objects it then
+    looks for with ``gc.get_referrers``, which does not see frozen objects.
+    """
+    import hypothesis  # noqa: F401
+
+    gc.collect()
+    gc.freeze()
+
+
 @pytest.fixture(autouse=True)
 def no_leaks() -> Iterator[None]:
     """Fail a test that leaves a file descriptor, a busy thread or an unclosed reader behind.
