@@ -57,9 +57,12 @@ class Faults:
     strip_range: bool = False
     log: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
 
-    def take_cut(self, cut: int | None) -> int | None:
-        """``cut`` if one more cut may be made, counted now: answers served at once never cut more than asked."""
-        if cut is None or self.cuts == 0:
+    def take_cut(self, cut: int | None, length: str | None) -> int | None:
+        """``cut`` if one more cut may be made, counted now: answers served at once never cut more than asked.
+
+        A body whose ``Content-Length`` says it ends before ``cut`` takes no cut (another answer may).
+        """
+        if cut is None or self.cuts == 0 or (length is not None and length.isdigit() and int(length) <= cut):
             return None
         if self.cuts is not None:
             self.cuts -= 1
@@ -188,7 +191,10 @@ class FaultProxy:
                     up_reader = BufferedByteReceiveStream(upstream)
                 assert up_reader is not None
                 await upstream.send(_head_bytes(first, headers))
-                cut = faults.take_cut(faults.cut_request_after if faults.matches(method, path) else None)
+                cut = faults.take_cut(
+                    faults.cut_request_after if faults.matches(method, path) else None,
+                    _header(headers, "content-length"),
+                )
                 if not await self._relay_body(reader, headers, upstream, cut):
                     faults.log.append((method, path, "request cut"))
                     _abort(upstream)
@@ -205,7 +211,10 @@ class FaultProxy:
                 if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
                     faults.log.append((method, path, fault or str(status)))
                     continue
-                cut = faults.take_cut(faults.cut_after if faults.matches(method, path) else None)
+                cut = faults.take_cut(
+                    faults.cut_after if faults.matches(method, path) else None,
+                    _header(response_headers, "content-length"),
+                )
                 complete = await self._relay_body(up_reader, response_headers, client, cut, until_close=True)
                 if not complete:  # an orderly close in mid-body: the client sees exactly ``cut`` bytes
                     faults.log.append((method, path, "cut"))
