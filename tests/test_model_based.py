@@ -104,7 +104,10 @@ _VALID_NAMES = st.sampled_from(["latest", "v1", "v2", "a/b", "sig", "x.y-z"])
 REFERENCE_NAMES = st.integers(0, 9).flatmap(
     lambda roll: st.sampled_from(["", "../x", "A B"]) if roll == 0 else _VALID_NAMES
 )
-#: A collection can fail on whichever broken node its concurrent walk reaches first.
+#: Calls that walk the graph concurrently (a collection; a tag's check of its content): each can fail
+#: on whichever broken node its walk reaches first.
+GRAPH_WALKS = {"gc", "put_reference", "update_references"}
+#: The errors such a walk may end with.
 BROKEN_GRAPH = {"BlobNotFoundError", "InvalidError", "DigestMismatchError", "SizeMismatchError", "BlobTooLargeError"}
 
 
@@ -147,7 +150,7 @@ class EngineModel(RuleBasedStateMachine):
                 outcomes.append((type(exc).__name__, None))
         on_disk, in_memory = outcomes
         OUTCOMES[what, on_disk[0]] += 1
-        if {on_disk[0], in_memory[0]} <= BROKEN_GRAPH and what == "gc":
+        if {on_disk[0], in_memory[0]} <= BROKEN_GRAPH and what in GRAPH_WALKS:
             return on_disk
         assert on_disk == in_memory, f"{what}: directory {on_disk!r:.300}, memory {in_memory!r:.300}"
         return on_disk
