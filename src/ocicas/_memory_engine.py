@@ -15,12 +15,9 @@ from ._errors import BlobNotFoundError, ReferenceNotFoundError
 from ._layout_format import BrokenRoot, IndexDocument
 from ._reader import BytesRaw, RawBlob
 from ._source import BlobSource, iterate_source
-from ._threads import run_sync
+from ._threads import hash_into
 
 __all__ = ["MemoryEngine"]
-
-#: Chunks at least this big are hashed in a worker thread, off the event loop.
-_THREAD_HASH = 1 << 20
 
 
 class MemoryEngine(Engine):
@@ -43,10 +40,7 @@ class MemoryEngine(Engine):
         parts = []
         async with aclosing(iterate_source(source)) as chunks:
             async for chunk in chunks:
-                if len(chunk) >= _THREAD_HASH:
-                    await run_sync(verifier.update, chunk)
-                else:
-                    verifier.update(chunk)
+                await hash_into(verifier, chunk)
                 parts.append(bytes(chunk))
         digest = verifier.verify()
         await anyio.lowlevel.checkpoint()  # the last chance to cancel before it is stored

@@ -16,7 +16,7 @@ import sys
 import warnings
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, ClassVar, Final
+from typing import TYPE_CHECKING, ClassVar
 
 import anyio
 import anyio.lowlevel
@@ -29,15 +29,12 @@ else:
 from ._context import Context, bound
 from ._digest import Digest, Verifier
 from ._errors import EngineClosedError
-from ._threads import CHUNK_SIZE, run_sync
+from ._threads import CHUNK_SIZE, hash_into, run_sync
 
 if TYPE_CHECKING:
     from ._lifecycle import Lifecycle
 
 __all__ = ["BlobReader", "BytesRaw", "RawBlob"]
-
-#: Chunks at least this big are hashed in a worker thread, off the event loop.
-_THREAD_HASH: Final = 1 << 20
 
 
 class RawBlob:
@@ -199,10 +196,7 @@ class BlobReader:
             chunk = await raw.read(n)
             if len(chunk) > n:
                 raise RuntimeError(f"{type(raw).__name__}.read({n}) returned {len(chunk)} bytes")
-            if len(chunk) >= _THREAD_HASH:
-                await run_sync(verifier.update, chunk)
-            else:
-                verifier.update(chunk)
+            await hash_into(verifier, chunk)
         if verifier.received == self.size or not chunk:
             verifier.verify()  # raises before the last chunk is handed out, or on a short blob
             self._eof = True

@@ -61,7 +61,7 @@ from .._errors import (
 from .._reader import RawBlob
 from .._source import BlobSource, iterate_source
 from .._tasks import bounded_shield, task_group
-from .._threads import CHUNK_SIZE, run_sync
+from .._threads import CHUNK_SIZE, hash_into
 from ._download import ResumingRaw
 from ._location import RegistryLocation, validate_repository, validate_tag
 from ._manifests import ACCEPT, DocumentCache, is_manifest_type
@@ -79,8 +79,6 @@ _NO_GC: Final = (
     "neither the live set nor the garbage can be known from outside; run the registry's own collector "
     "(distribution: `registry garbage-collect`)"
 )
-#: Content at least this big is hashed in a worker thread, off the event loop.
-_THREAD_HASH: Final = 1 << 20
 
 
 class RegistryEngine(Engine):
@@ -132,10 +130,7 @@ class RegistryEngine(Engine):
     async def _put_whole(self, data: bytes, verifier: Verifier, *, absent: bool = False) -> tuple[Digest, int]:
         """Store content in hand: hashed first, then skipped if present, else one ``POST`` + ``PUT``."""
         verifier.check_total(len(data))
-        if len(data) >= _THREAD_HASH:
-            await run_sync(verifier.update, data)
-        else:
-            verifier.update(data)
+        await hash_into(verifier, data)
         digest = verifier.verify()
         if absent or await self._blob_size(digest) != len(data):
             await self._upload_whole(digest, data)
@@ -185,10 +180,7 @@ class RegistryEngine(Engine):
             last = b"".join(pending)
             if session is None:
                 return await self._put_whole(last, verifier, absent=absent)
-            if len(last) >= _THREAD_HASH:
-                await run_sync(verifier.update, last)
-            else:
-                verifier.update(last)
+            await hash_into(verifier, last)
             digest = verifier.verify()
             await anyio.lowlevel.checkpoint()  # the last chance to cancel before it is committed
             await session.commit(digest, last)

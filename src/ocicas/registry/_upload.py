@@ -32,15 +32,13 @@ from .._errors import (
     UnsupportedAlgorithmError,
 )
 from .._tasks import task_group
-from .._threads import run_sync
+from .._threads import hash_into
 from ._transport import RETRY_STATUSES, RegistryClient, error_codes, note_retry
 
 __all__ = ["UploadSession", "mount_blob", "transient"]
 
 #: Seconds a cancelled upload's ``DELETE`` may take before it is abandoned (the registry purges it later).
 _CANCEL_TIMEOUT: Final = 5.0
-#: Chunks at least this big are hashed in a worker thread, overlapping the send.
-_THREAD_HASH: Final = 1 << 20
 
 
 def transient(exc: BaseException) -> bool:
@@ -88,11 +86,8 @@ class UploadSession:
     async def append(self, data: bytes, verifier: Verifier) -> None:
         """Send ``data`` as the next chunk (``PATCH``) while hashing it into ``verifier``."""
         assert self._location is not None
-        async with task_group() as tg:
-            if len(data) >= _THREAD_HASH:
-                tg.start_soon(run_sync, verifier.update, data)
-            else:
-                verifier.update(data)
+        async with task_group() as tg:  # hashing and sending overlap
+            tg.start_soon(hash_into, verifier, data)
             await self._send(data, None)
 
     async def _send(self, data: bytes, digest: Digest | None) -> httpx.Response:
