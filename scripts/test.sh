@@ -27,4 +27,6 @@ fi
 
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
-exec .venv/bin/python -m pytest "$@"
+# one worker per core (pytest-xdist): much of the suite waits on fsync, subprocesses and sockets;
+# OCICAS_TEST_WORKERS=0 runs it in this process
+exec .venv/bin/python -m pytest -n "${OCICAS_TEST_WORKERS:-auto}" "$@"
