@@ -628,6 +628,14 @@ class Engine(ABC):
         """Default: every root parses."""
         return []
 
+    async def _closure_heads(self, roots: list[Descriptor]) -> tuple[dict[Digest, bytes], dict[Digest, BlobInfo]]:
+        """For a tag's content check, in one cheap look: verified bytes of root nodes and their leaves' stats.
+
+        Only the happy path: whatever is left out (absent, unverifiable, large) the
+        check reads and stats the usual way, which reports it. Default: nothing.
+        """
+        return {}, {}
+
     async def _referrers(self, subject: Digest, artifact_type: str | None) -> list[Descriptor]:
         """Default: every blob that can be a JSON document is read (``_list_blobs``, ``_stat_blobs``)."""
         from ._referrers import scan_referrers  # it imports this module

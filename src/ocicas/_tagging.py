@@ -24,6 +24,7 @@ from ._descriptor import Descriptor
 from ._engine import Engine
 from ._errors import BlobNotFoundError, SizeMismatchError
 from ._graph import Graph, children, is_node, walk
+from ._threads import metadata_hops
 
 __all__ = ["check_closure", "strong_children"]
 
@@ -37,9 +38,18 @@ def strong_children(descriptor: Descriptor, data: bytes) -> list[Descriptor]:
 async def check_closure(engine: Engine, targets: Sequence[tuple[str, Descriptor]]) -> None:
     """Raise :class:`~ocicas.BlobNotFoundError` unless every target ``(name, descriptor)`` is complete.
 
-    Runs inside an engine operation that holds the collector's lock shared.
+    Runs inside an engine operation that holds the collector's lock shared. Its reads and stats
+    run on the metadata threads, never queued behind other tasks' blob I/O.
     """
+    with metadata_hops():
+        await _check_closure(engine, targets)
+
+
+async def _check_closure(engine: Engine, targets: Sequence[tuple[str, Descriptor]]) -> None:
     graph = Graph()
+    # the common tag (one small manifest) in one thread hop: its bytes, verified, and its leaves' stats
+    heads, stats = await engine._closure_heads([d for _, d in targets])
+    graph.data.update(heads)  # the walk parses these instead of reading them
     try:
         await walk(engine, [d for _, d in targets], graph=graph, expand=strong_children)
     except BlobNotFoundError as exc:
@@ -50,7 +60,10 @@ async def check_closure(engine: Engine, targets: Sequence[tuple[str, Descriptor]
         for digest, descriptor in graph.descriptors.items()
         if not is_node(descriptor) and descriptor.data is None
     }
-    found = await engine.stat_blobs(list(unread)) if unread else {}
+    found = {digest: stats[digest] for digest in unread if digest in stats}
+    unseen = [digest for digest in unread if digest not in found]
+    if unseen:
+        found.update(await engine.stat_blobs(unseen))
     for digest in sorted(unread):
         descriptor = unread[digest]
         info = found.get(digest)
