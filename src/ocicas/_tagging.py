@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ._descriptor import Descriptor
+from ._digest import Digest
 from ._engine import Engine
 from ._errors import BlobNotFoundError, SizeMismatchError
 from ._graph import Graph, children, is_node, walk
@@ -46,14 +47,17 @@ async def check_closure(engine: Engine, targets: Sequence[tuple[str, Descriptor]
 
 
 async def _check_closure(engine: Engine, targets: Sequence[tuple[str, Descriptor]]) -> None:
-    graph = Graph()
+    roots = [d for _, d in targets]
     # the common tag (one small manifest) in one thread hop: its bytes, verified, and its leaves' stats
-    heads, stats = await engine._closure_heads([d for _, d in targets])
-    graph.data.update(heads)  # the walk parses these instead of reading them
-    try:
-        await walk(engine, [d for _, d in targets], graph=graph, expand=strong_children)
-    except BlobNotFoundError as exc:
-        raise BlobNotFoundError(f"cannot tag {_names(targets)}: {exc}") from exc
+    heads, stats = await engine._closure_heads(roots)
+    graph = _at_hand(roots, heads)
+    if graph is None:
+        graph = Graph()
+        graph.data.update(heads)  # the walk parses these instead of reading them
+        try:
+            await walk(engine, roots, graph=graph, expand=strong_children)
+        except BlobNotFoundError as exc:
+            raise BlobNotFoundError(f"cannot tag {_names(targets)}: {exc}") from exc
     # nodes were read and verified by the walk, and embedded data stands for its blob; leaves are checked by size
     unread = {
         digest: descriptor
@@ -76,6 +80,32 @@ async def _check_closure(engine: Engine, targets: Sequence[tuple[str, Descriptor
                 f"cannot tag {_names(targets)}: blob {digest}{graph.where(digest)} has {info.size} bytes, "
                 f"but its descriptor says {descriptor.size}"
             )
+
+
+def _at_hand(roots: list[Descriptor], heads: dict[Digest, bytes]) -> Graph | None:
+    """The graph a walk would build, when every root is a node at hand that reaches only leaves; else ``None``.
+
+    The walk would read nothing here, and would reach the roots, then each root's
+    children in order, as this does, without the tasks it takes to do so.
+    """
+    graph = Graph()
+    for root in roots:
+        if root.digest not in heads or not is_node(root):
+            return None
+        graph.descriptors.setdefault(root.digest, root)
+    for digest in list(graph.descriptors):
+        node = graph.descriptors[digest]
+        try:
+            found = strong_children(node, heads[digest])
+        except Exception:  # the walk reports it, in its words
+            return None
+        if any(is_node(child) for child in found):
+            return None
+        graph.edges[digest] = tuple(found)
+        for child in found:
+            graph.parents.setdefault(child.digest, set()).add(digest)
+            graph.descriptors.setdefault(child.digest, child)
+    return graph
 
 
 def _names(targets: Sequence[tuple[str, Descriptor]]) -> str:
