@@ -260,9 +260,10 @@ async def tag_error(engine: Engine, name: str, descriptor: Descriptor) -> tuple[
     return type(info.value), str(info.value)
 
 
+@pytest.mark.parametrize("root", ["manifest", "index"])
 @pytest.mark.parametrize("fault", ["config", "layer", "manifest", "layer size"])
-async def test_a_tag_of_one_manifest_is_refused_alike_by_every_engine(tmp_path: Path, fault: str) -> None:
-    """The directory engine reads a small manifest and stats its leaves in one look; a fault it finds there
+async def test_a_tag_is_refused_alike_by_every_engine(tmp_path: Path, fault: str, root: str) -> None:
+    """The directory engine reads a tag's nodes and stats its leaves in one look; a fault it finds there
     is reported as the memory engine (and the usual walk) reports it, word for word."""
     await ocicas.create_layout(tmp_path / "layout")
     errors = []
@@ -276,7 +277,8 @@ async def test_a_tag_of_one_manifest_is_refused_alike_by_every_engine(tmp_path: 
                 image = await put(engine, json.dumps(document).encode(), MANIFEST)
             else:
                 await engine.delete_blob(digests[{"manifest": 0, "config": 1, "layer": 3}[fault]])
-            errors.append(await tag_error(engine, "v1", image))
+            target = image if root == "manifest" else await put_index(engine, [image])
+            errors.append(await tag_error(engine, "v1", target))
     assert errors[0] == errors[1]
     expected = ocicas.SizeMismatchError if fault == "layer size" else ocicas.BlobNotFoundError
     assert errors[0][0] is expected
@@ -348,9 +350,13 @@ async def test_the_directory_engine_hands_a_tag_check_a_small_manifest_and_its_l
         image, digests = await put_image(engine, [b"one", b"two"])
         index = await put_index(engine, [image])
         heads, stats = await engine._closure_heads([image, index])
-        assert heads == {image.digest: await engine.read_blob(image), index.digest: await engine.read_blob(index)}
+        manifest = json.loads(await engine.read_blob(image))
+        leaves = [Descriptor.from_dict(manifest["config"]), *map(Descriptor.from_dict, manifest["layers"])]
+        assert heads == {image.digest: (image, leaves), index.digest: (index, [image])}
         assert stats == await engine.stat_blobs(digests[1:])  # the config and layers; the index's manifest is a node
         await engine.delete_blob(digests[2])
         heads, stats = await engine._closure_heads([image])
-        assert set(heads) == {image.digest}
+        assert heads == {image.digest: (image, leaves)}
         assert set(stats) == {digests[1], digests[3]}  # the absent layer is left to the usual stat, which names it
+        await engine.delete_blob(image.digest)
+        assert await engine._closure_heads([index]) == ({index.digest: (index, [image])}, {})

@@ -628,11 +628,14 @@ class Engine(ABC):
         """Default: every root parses."""
         return []
 
-    async def _closure_heads(self, roots: list[Descriptor]) -> tuple[dict[Digest, bytes], dict[Digest, BlobInfo]]:
-        """For a tag's content check, in one cheap look: verified bytes of root nodes and their leaves' stats.
+    async def _closure_heads(
+        self, roots: list[Descriptor]
+    ) -> tuple[dict[Digest, tuple[Descriptor, list[Descriptor]]], dict[Digest, BlobInfo]]:
+        """For a tag's content check, in one cheap look: the nodes reached from ``roots``, read, verified and
+        parsed (each one's descriptor and its children less its subject), and the stats of their leaves.
 
-        Only the happy path: whatever is left out (absent, unverifiable, large) the
-        check reads and stats the usual way, which reports it. Default: nothing.
+        Only the happy path: if anything is left out (absent, unverifiable,
+        large) the check walks the usual way, which reports it. Default: nothing.
         """
         return {}, {}
 

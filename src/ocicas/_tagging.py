@@ -48,12 +48,11 @@ async def check_closure(engine: Engine, targets: Sequence[tuple[str, Descriptor]
 
 async def _check_closure(engine: Engine, targets: Sequence[tuple[str, Descriptor]]) -> None:
     roots = [d for _, d in targets]
-    # the common tag (one small manifest) in one thread hop: its bytes, verified, and its leaves' stats
+    # the common tag in one thread hop: its nodes read, verified and parsed, and its leaves' stats
     heads, stats = await engine._closure_heads(roots)
     graph = _at_hand(roots, heads)
     if graph is None:
         graph = Graph()
-        graph.data.update(heads)  # the walk parses these instead of reading them
         try:
             await walk(engine, roots, graph=graph, expand=strong_children)
         except BlobNotFoundError as exc:
@@ -82,29 +81,33 @@ async def _check_closure(engine: Engine, targets: Sequence[tuple[str, Descriptor
             )
 
 
-def _at_hand(roots: list[Descriptor], heads: dict[Digest, bytes]) -> Graph | None:
-    """The graph a walk would build, when every root is a node at hand that reaches only leaves; else ``None``.
+def _at_hand(roots: list[Descriptor], heads: dict[Digest, tuple[Descriptor, list[Descriptor]]]) -> Graph | None:
+    """The graph a walk would build, when every node it reaches is at hand, parsed; else ``None``.
 
-    The walk would read nothing here, and would reach the roots, then each root's
-    children in order, as this does, without the tasks it takes to do so.
+    With every node at hand a walk reads nothing, and visits breadth first (each
+    visit reaches its children in order, and their visits queue behind the
+    others): as this does, without a task per node.
     """
     graph = Graph()
+    queue: list[Descriptor] = []
+
+    def reach(descriptor: Descriptor, parent: Digest | None) -> None:
+        if parent is not None:
+            graph.parents.setdefault(descriptor.digest, set()).add(parent)
+        if descriptor.digest not in graph.descriptors:
+            graph.descriptors[descriptor.digest] = descriptor
+            if is_node(descriptor):
+                queue.append(descriptor)
+
     for root in roots:
-        if root.digest not in heads or not is_node(root):
-            return None
-        graph.descriptors.setdefault(root.digest, root)
-    for digest in list(graph.descriptors):
-        node = graph.descriptors[digest]
-        try:
-            found = strong_children(node, heads[digest])
-        except Exception:  # the walk reports it, in its words
-            return None
-        if any(is_node(child) for child in found):
-            return None
-        graph.edges[digest] = tuple(found)
+        reach(root, None)
+    for node in queue:
+        parsed, found = heads.get(node.digest, (None, []))
+        if parsed != node:
+            return None  # a walk would read it (as this descriptor says), and report what is wrong with it
+        graph.edges[node.digest] = tuple(found)
         for child in found:
-            graph.parents.setdefault(child.digest, set()).add(digest)
-            graph.descriptors.setdefault(child.digest, child)
+            reach(child, node.digest)
     return graph
 
 

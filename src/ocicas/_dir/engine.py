@@ -79,8 +79,10 @@ _LEASE_PREFIX: Final = "lease-"
 _LEASE_LIMIT: Final = 64 << 20
 #: Attempts at creating the temporary directory when another engine's gc() removes it under us.
 _TEMP_ATTEMPTS: Final = 8
-#: Tag targets up to this size are read, with their leaves stat-ed, in one thread hop (see ``_closure_heads``).
-_SMALL_BLOB: Final = 64 << 10
+#: A tag's content check reads this many bytes of nodes, and stats their leaves, in one thread hop (``_closure_heads``).
+_LOOK_BUDGET: Final = 16 << 20
+#: The largest node it reads so.
+_LOOK_NODE: Final = 1 << 20
 #: Blobs stat-ed, touched or deleted per lock hold and between cancellation checks.
 _BATCH: Final = 256
 #: Errors of a blob file that vanished or was swapped for a symlink or special file.
@@ -127,6 +129,11 @@ async def open_layout(path: str | os.PathLike[str]) -> DirEngine:
     ``path`` is empty.
     """
     return await run_sync(DirEngine._open, check_path(path))
+
+
+def _readable_node(descriptor: Descriptor) -> bool:
+    """Whether a tag's one look reads ``descriptor``: a stored node, not too large."""
+    return descriptor.data is None and is_node(descriptor) and descriptor.size < _LOOK_NODE
 
 
 def _open_flocked(root: int, operation: int) -> tuple[int, bool]:
@@ -322,33 +329,52 @@ class DirEngine(Engine):
     async def _open_blob(self, digest: Digest) -> RawBlob:
         return await run_sync(self._open_file, digest)
 
-    async def _closure_heads(self, roots: list[Descriptor]) -> tuple[dict[Digest, bytes], dict[Digest, BlobInfo]]:
-        small = [d for d in roots if d.data is None and is_node(d) and d.size <= _SMALL_BLOB]
-        return await run_sync(self._look_at_closure, small) if small else ({}, {})
+    async def _closure_heads(
+        self, roots: list[Descriptor]
+    ) -> tuple[dict[Digest, tuple[Descriptor, list[Descriptor]]], dict[Digest, BlobInfo]]:
+        return await run_sync(self._look_at_closure, roots) if any(map(_readable_node, roots)) else ({}, {})
 
-    def _look_at_closure(self, roots: list[Descriptor]) -> tuple[dict[Digest, bytes], dict[Digest, BlobInfo]]:
-        heads: dict[Digest, bytes] = {}
-        leaves: list[Digest] = []
-        for root in roots:
+    def _look_at_closure(
+        self, roots: list[Descriptor]
+    ) -> tuple[dict[Digest, tuple[Descriptor, list[Descriptor]]], dict[Digest, BlobInfo]]:
+        """Read, verify and parse the nodes reached from ``roots`` (within a budget), stat their leaves: in one go."""
+        heads: dict[Digest, tuple[Descriptor, list[Descriptor]]] = {}
+        leaves: dict[Digest, None] = {}
+        queue = [d for d in roots if _readable_node(d)]
+        tried: set[Digest] = set()  # the first descriptor of a digest decides, as in a walk
+        budget = _LOOK_BUDGET
+        for node in queue:  # grows as nodes are read: breadth first, as a walk goes
+            if node.digest in tried:
+                continue
+            tried.add(node.digest)
+            if len(tried) % 64 == 0:
+                checkpoint()
+            if node.size > budget:
+                continue
             try:
-                raw = self._open_file(root.digest)
+                raw = self._open_file(node.digest)
                 try:
                     data = b""
-                    while len(data) <= root.size and (part := raw.read_blocking(root.size + 1 - len(data))):
+                    while len(data) <= node.size and (part := raw.read_blocking(node.size + 1 - len(data))):
                         data += part
                 finally:
                     raw.close_now()
-                verifier = Verifier(root.digest, root.size)
+                verifier = Verifier(node.digest, node.size)
                 verifier.update(data)
                 verifier.verify()
-                found = strong_children(root, data)
+                found = strong_children(node, data)
             except Exception:  # the usual read reports it, exactly
                 continue
-            heads[root.digest] = data
-            leaves.extend(child.digest for child in found if child.data is None and not is_node(child))
+            heads[node.digest] = (node, found)
+            budget -= node.size
+            for child in found:
+                if _readable_node(child):
+                    queue.append(child)
+                elif child.data is None and not is_node(child):
+                    leaves[child.digest] = None
         stats: dict[Digest, BlobInfo] = {}
         try:
-            for alg, group in self._by_algorithm(leaves):
+            for alg, group in self._by_algorithm(list(leaves)):
                 for digest in group:
                     try:
                         st = os.stat(digest.encoded, dir_fd=alg, follow_symlinks=False)
