@@ -251,3 +251,112 @@ async def test_platform_filtered_copies_tag_partial_content_on_purpose(engine: E
         assert (await dst.get_reference("multi")).digest == index.digest
         with pytest.raises(ocicas.BlobNotFoundError, match=amd64.digest):
             await dst.put_reference("again", index)  # without partial the check still holds
+
+
+async def tag_error(engine: Engine, name: str, descriptor: Descriptor) -> tuple[type[BaseException], str]:
+    with pytest.raises(ocicas.OCICASError) as info:
+        await engine.put_reference(name, descriptor)
+    assert await engine.list_references() == []
+    return type(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("root", ["manifest", "index"])
+@pytest.mark.parametrize("fault", ["config", "layer", "manifest", "layer size"])
+async def test_a_tag_is_refused_alike_by_every_engine(tmp_path: Path, fault: str, root: str) -> None:
+    """The directory engine reads a tag's nodes and stats its leaves in one look; a fault it finds there
+    is reported as the memory engine (and the usual walk) reports it, word for word."""
+    await ocicas.create_layout(tmp_path / "layout")
+    errors = []
+    async with ocicas.MemoryEngine() as memory, await ocicas.open_layout(tmp_path / "layout") as directory:
+        for engine in (memory, directory):
+            image, digests = await put_image(engine, [b"one", b"two"])
+            if fault == "layer size":
+                layer = Descriptor(media_type=LAYER, digest=digests[2], size=4)  # it has 3 bytes
+                document = {"schemaVersion": 2, "mediaType": MANIFEST, "config": {}, "layers": [layer.to_dict()]}
+                document["config"] = json.loads(await engine.read_blob(image))["config"]
+                image = await put(engine, json.dumps(document).encode(), MANIFEST)
+            else:
+                await engine.delete_blob(digests[{"manifest": 0, "config": 1, "layer": 3}[fault]])
+            target = image if root == "manifest" else await put_index(engine, [image])
+            errors.append(await tag_error(engine, "v1", target))
+    assert errors[0] == errors[1]
+    expected = ocicas.SizeMismatchError if fault == "layer size" else ocicas.BlobNotFoundError
+    assert errors[0][0] is expected
+    assert errors[0][1].startswith("cannot tag 'v1': ")
+
+
+@pytest.mark.parametrize("damage", ["same size", "shorter", "longer", "not json"])
+async def test_a_manifest_damaged_on_disk_is_refused_as_reading_it_reports(tmp_path: Path, damage: str) -> None:
+    await ocicas.create_layout(tmp_path / "layout")
+    async with await ocicas.open_layout(tmp_path / "layout") as engine:
+        image, _ = await put_image(engine, [b"one"])
+        data = await engine.read_blob(image)
+        if damage == "not json":  # a manifest that verifies but does not parse
+            image = await put(engine, b"[" * image.size, MANIFEST)
+        else:
+            damaged = {"same size": data[:-1] + b" ", "shorter": data[:-1], "longer": data + b" "}[damage]
+            path = tmp_path / "layout" / "blobs" / "sha256" / image.digest.encoded
+            await anyio.Path(path).unlink()
+            await anyio.Path(path).write_bytes(damaged)
+        with pytest.raises(ocicas.OCICASError) as walked:
+            await ocicas.walk(engine, [image])
+        assert await tag_error(engine, "v1", image) == (type(walked.value), str(walked.value))
+
+
+async def test_a_waiting_collection_goes_before_a_new_tag_and_its_cancellation_lets_the_tag_in(
+    engine: Engine,
+) -> None:
+    image, _ = await put_image(engine, [b"one"])
+    order: list[str] = []
+
+    async def collect(scope: anyio.CancelScope) -> None:
+        with scope:
+            async with engine.gc_lock():
+                order.append("collection")
+
+    async def tag(name: str) -> None:
+        await engine.put_reference(name, image)
+        order.append(name)
+
+    async def waiting_tag() -> None:  # until the tag waits for the lock, behind the collection
+        with anyio.fail_after(30):
+            while engine._gc_rw._waiters < 2:  # noqa: ASYNC110
+                await anyio.sleep(0.001)
+
+    async def waiting_collection() -> None:
+        with anyio.fail_after(30):
+            while not engine._gc_rw._exclusive_waiting:  # noqa: ASYNC110
+                await anyio.sleep(0.001)
+
+    for cancelled in (False, True):
+        order.clear()
+        scope = anyio.CancelScope()
+        async with anyio.create_task_group() as tg, engine._gc_shared():  # a tag or leased put in flight
+            tg.start_soon(collect, scope)
+            await waiting_collection()
+            tg.start_soon(tag, f"v{int(cancelled)}")
+            await waiting_tag()
+            if cancelled:
+                scope.cancel()
+                with anyio.fail_after(30):
+                    while not order:  # noqa: ASYNC110
+                        await anyio.sleep(0.001)
+        assert order == (["v1"] if cancelled else ["collection", "v0"])
+
+
+async def test_the_directory_engine_hands_a_tag_check_a_small_manifest_and_its_leaf_stats(tmp_path: Path) -> None:
+    await ocicas.create_layout(tmp_path / "layout")
+    async with await ocicas.open_layout(tmp_path / "layout") as engine:
+        image, digests = await put_image(engine, [b"one", b"two"])
+        index = await put_index(engine, [image])
+        heads, stats = await engine._closure_heads([image, index])
+        manifest = json.loads(await engine.read_blob(image))
+        leaves = [Descriptor.from_dict(manifest["config"]), *map(Descriptor.from_dict, manifest["layers"])]
+        assert heads == {image.digest: (image, leaves), index.digest: (index, [image])}
+        assert stats == await engine.stat_blobs(digests[1:])  # the config and layers; the index's manifest is a node
+        await engine.delete_blob(digests[2])
+        heads, stats = await engine._closure_heads([image])
+        assert heads == {image.digest: (image, leaves)}
+        assert set(stats) == {digests[1], digests[3]}  # the absent layer is left to the usual stat, which names it
+        await engine.delete_blob(image.digest)
+        assert await engine._closure_heads([index]) == ({index.digest: (index, [image])}, {})

@@ -628,6 +628,17 @@ class Engine(ABC):
         """Default: every root parses."""
         return []
 
+    async def _closure_heads(
+        self, roots: list[Descriptor]
+    ) -> tuple[dict[Digest, tuple[Descriptor, list[Descriptor]]], dict[Digest, BlobInfo]]:
+        """For a tag's content check, in one cheap look: the nodes reached from ``roots``, read, verified and
+        parsed (each one's descriptor and its children less its subject), and the stats of their leaves.
+
+        Only the happy path: if anything is left out (absent, unverifiable,
+        large) the check walks the usual way, which reports it. Default: nothing.
+        """
+        return {}, {}
+
     async def _referrers(self, subject: Digest, artifact_type: str | None) -> list[Descriptor]:
         """Default: every blob that can be a JSON document is read (``_list_blobs``, ``_stat_blobs``)."""
         from ._referrers import scan_referrers  # it imports this module

@@ -21,9 +21,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ._descriptor import Descriptor
+from ._digest import Digest
 from ._engine import Engine
 from ._errors import BlobNotFoundError, SizeMismatchError
 from ._graph import Graph, children, is_node, walk
+from ._threads import metadata_hops
 
 __all__ = ["check_closure", "strong_children"]
 
@@ -37,20 +39,34 @@ def strong_children(descriptor: Descriptor, data: bytes) -> list[Descriptor]:
 async def check_closure(engine: Engine, targets: Sequence[tuple[str, Descriptor]]) -> None:
     """Raise :class:`~ocicas.BlobNotFoundError` unless every target ``(name, descriptor)`` is complete.
 
-    Runs inside an engine operation that holds the collector's lock shared.
+    Runs inside an engine operation that holds the collector's lock shared. Its reads and stats
+    run on the metadata threads, never queued behind other tasks' blob I/O.
     """
-    graph = Graph()
-    try:
-        await walk(engine, [d for _, d in targets], graph=graph, expand=strong_children)
-    except BlobNotFoundError as exc:
-        raise BlobNotFoundError(f"cannot tag {_names(targets)}: {exc}") from exc
+    with metadata_hops():
+        await _check_closure(engine, targets)
+
+
+async def _check_closure(engine: Engine, targets: Sequence[tuple[str, Descriptor]]) -> None:
+    roots = [d for _, d in targets]
+    # the common tag in one thread hop: its nodes read, verified and parsed, and its leaves' stats
+    heads, stats = await engine._closure_heads(roots)
+    graph = _at_hand(roots, heads)
+    if graph is None:
+        graph = Graph()
+        try:
+            await walk(engine, roots, graph=graph, expand=strong_children)
+        except BlobNotFoundError as exc:
+            raise BlobNotFoundError(f"cannot tag {_names(targets)}: {exc}") from exc
     # nodes were read and verified by the walk, and embedded data stands for its blob; leaves are checked by size
     unread = {
         digest: descriptor
         for digest, descriptor in graph.descriptors.items()
         if not is_node(descriptor) and descriptor.data is None
     }
-    found = await engine.stat_blobs(list(unread)) if unread else {}
+    found = {digest: stats[digest] for digest in unread if digest in stats}
+    unseen = [digest for digest in unread if digest not in found]
+    if unseen:
+        found.update(await engine.stat_blobs(unseen))
     for digest in sorted(unread):
         descriptor = unread[digest]
         info = found.get(digest)
@@ -63,6 +79,36 @@ async def check_closure(engine: Engine, targets: Sequence[tuple[str, Descriptor]
                 f"cannot tag {_names(targets)}: blob {digest}{graph.where(digest)} has {info.size} bytes, "
                 f"but its descriptor says {descriptor.size}"
             )
+
+
+def _at_hand(roots: list[Descriptor], heads: dict[Digest, tuple[Descriptor, list[Descriptor]]]) -> Graph | None:
+    """The graph a walk would build, when every node it reaches is at hand, parsed; else ``None``.
+
+    With every node at hand a walk reads nothing, and visits breadth first (each
+    visit reaches its children in order, and their visits queue behind the
+    others): as this does, without a task per node.
+    """
+    graph = Graph()
+    queue: list[Descriptor] = []
+
+    def reach(descriptor: Descriptor, parent: Digest | None) -> None:
+        if parent is not None:
+            graph.parents.setdefault(descriptor.digest, set()).add(parent)
+        if descriptor.digest not in graph.descriptors:
+            graph.descriptors[descriptor.digest] = descriptor
+            if is_node(descriptor):
+                queue.append(descriptor)
+
+    for root in roots:
+        reach(root, None)
+    for node in queue:
+        parsed, found = heads.get(node.digest, (None, []))
+        if parsed != node:
+            return None  # a walk would read it (as this descriptor says), and report what is wrong with it
+        graph.edges[node.digest] = tuple(found)
+        for child in found:
+            reach(child, node.digest)
+    return graph
 
 
 def _names(targets: Sequence[tuple[str, Descriptor]]) -> str:

@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, Final, TypeVar
 
+import anyio
 import anyio.from_thread
+import anyio.lowlevel
 import anyio.to_thread
 
 from ._context import Context
@@ -30,11 +33,13 @@ from ._tasks import task_group
 
 __all__ = [
     "CHUNK_SIZE",
+    "METADATA_THREADS",
     "POLL_INTERVAL",
     "THREAD_HASH_SIZE",
     "checkpoint",
     "current_ctx",
     "hash_into",
+    "metadata_hops",
     "run_split",
     "run_sync",
     "wait_for",
@@ -53,14 +58,26 @@ THREAD_HASH_SIZE: Final = 1 << 20
 #: The longest a thread waits (for a lock) between two cancellation checks, in seconds.
 POLL_INTERVAL: Final = 0.02
 
+#: Worker threads for small metadata hops (a tag's lock, manifest reads and stats), apart from anyio's
+#: default pool, which bulk blob I/O can fill: a tag's hops never queue behind other tasks' blob writes.
+METADATA_THREADS: Final = 8
+
 #: The Context of the engine operation running in this task (or thread), if any.
 current_ctx: ContextVar[Context | None] = ContextVar("ocicas_current_ctx", default=None)
+
+_metadata: ContextVar[bool] = ContextVar("ocicas_metadata_hops", default=False)
+_metadata_limiter: anyio.lowlevel.RunVar[anyio.CapacityLimiter] = anyio.lowlevel.RunVar("ocicas_metadata_limiter")
 
 _local = threading.local()
 
 
 async def run_sync(func: Callable[..., _T], *args: object, limiter: anyio.CapacityLimiter | None = None) -> _T:
-    """Run ``func(*args)`` in a worker thread, where :func:`checkpoint` sees this task's cancellation."""
+    """Run ``func(*args)`` in a worker thread, where :func:`checkpoint` sees this task's cancellation.
+
+    Without ``limiter``: anyio's default one, or the metadata threads' inside :func:`metadata_hops`.
+    """
+    if limiter is None and _metadata.get():
+        limiter = _metadata_threads()
     ctx = current_ctx.get()
     job: list[Any] = [func, args]  # emptied once run: an idle worker thread keeps its last job's callable
 
@@ -76,6 +93,25 @@ async def run_sync(func: Callable[..., _T], *args: object, limiter: anyio.Capaci
             _local.hosted = False
 
     return await _run_in_thread(call, limiter=limiter)
+
+
+@contextmanager
+def metadata_hops() -> Iterator[None]:
+    """Send this task's (and its children's) hops without a limiter of their own to the metadata threads."""
+    token = _metadata.set(True)
+    try:
+        yield
+    finally:
+        _metadata.reset(token)
+
+
+def _metadata_threads() -> anyio.CapacityLimiter:
+    try:
+        return _metadata_limiter.get()
+    except LookupError:
+        limiter = anyio.CapacityLimiter(METADATA_THREADS)
+        _metadata_limiter.set(limiter)
+        return limiter
 
 
 #: What :func:`run_sync` hands its work to (tests wrap it to count and interrupt every hop).

@@ -44,10 +44,12 @@ from .._errors import (
     LayoutNotFoundError,
     ReferenceNotFoundError,
 )
+from .._graph import is_node
 from .._layout_format import BrokenRoot, IndexDocument, layout_file, parse_layout_file
 from .._reader import BlobReader, RawBlob
 from .._source import BlobSource
-from .._threads import checkpoint, run_sync
+from .._tagging import strong_children
+from .._threads import checkpoint, metadata_hops, run_sync
 from .fs import (
     DIR_FLAGS,
     READ_FLAGS,
@@ -77,6 +79,10 @@ _LEASE_PREFIX: Final = "lease-"
 _LEASE_LIMIT: Final = 64 << 20
 #: Attempts at creating the temporary directory when another engine's gc() removes it under us.
 _TEMP_ATTEMPTS: Final = 8
+#: A tag's content check reads this many bytes of nodes, and stats their leaves, in one thread hop (``_closure_heads``).
+_LOOK_BUDGET: Final = 16 << 20
+#: The largest node it reads so.
+_LOOK_NODE: Final = 1 << 20
 #: Blobs stat-ed, touched or deleted per lock hold and between cancellation checks.
 _BATCH: Final = 256
 #: Errors of a blob file that vanished or was swapped for a symlink or special file.
@@ -123,6 +129,21 @@ async def open_layout(path: str | os.PathLike[str]) -> DirEngine:
     ``path`` is empty.
     """
     return await run_sync(DirEngine._open, check_path(path))
+
+
+def _readable_node(descriptor: Descriptor) -> bool:
+    """Whether a tag's one look reads ``descriptor``: a stored node, not too large."""
+    return descriptor.data is None and is_node(descriptor) and descriptor.size < _LOOK_NODE
+
+
+def _open_flocked(root: int, operation: int) -> tuple[int, bool]:
+    """Open ``blobs/`` and try its ``flock``: the open descriptor, and whether it is locked (one hop)."""
+    blobs = open_dir("blobs", root, "blobs")
+    try:
+        return blobs, try_flock(blobs, operation)
+    except BaseException:
+        os.close(blobs)
+        raise
 
 
 def _read_leases(temp: int) -> set[Digest]:
@@ -180,6 +201,9 @@ class DirEngine(Engine):
         self._dir_syncs = {algorithm: GroupSync() for algorithm in SUPPORTED_ALGORITHMS}
         self._index = IndexStore(root_fd, repr(str(path)), self._temp_dir)
         self._leases: dict[str, int] = {}  # live leases: their files, open and flock-held
+        self._shared_flock: int | None = None  # blobs/, flock-held shared for the shared holders in this process
+        self._shared_holders = 0
+        self._flocking: anyio.Event | None = None  # while the first shared holder takes the flock
 
     @classmethod
     def _open(cls, path: Path) -> DirEngine:
@@ -305,6 +329,63 @@ class DirEngine(Engine):
     async def _open_blob(self, digest: Digest) -> RawBlob:
         return await run_sync(self._open_file, digest)
 
+    async def _closure_heads(
+        self, roots: list[Descriptor]
+    ) -> tuple[dict[Digest, tuple[Descriptor, list[Descriptor]]], dict[Digest, BlobInfo]]:
+        return await run_sync(self._look_at_closure, roots) if any(map(_readable_node, roots)) else ({}, {})
+
+    def _look_at_closure(
+        self, roots: list[Descriptor]
+    ) -> tuple[dict[Digest, tuple[Descriptor, list[Descriptor]]], dict[Digest, BlobInfo]]:
+        """Read, verify and parse the nodes reached from ``roots`` (within a budget), stat their leaves: in one go."""
+        heads: dict[Digest, tuple[Descriptor, list[Descriptor]]] = {}
+        leaves: dict[Digest, None] = {}
+        queue = [d for d in roots if _readable_node(d)]
+        tried: set[Digest] = set()  # the first descriptor of a digest decides, as in a walk
+        budget = _LOOK_BUDGET
+        for node in queue:  # grows as nodes are read: breadth first, as a walk goes
+            if node.digest in tried:
+                continue
+            tried.add(node.digest)
+            if len(tried) % 64 == 0:
+                checkpoint()
+            if node.size > budget:
+                continue
+            try:
+                raw = self._open_file(node.digest)
+                try:
+                    data = b""
+                    while len(data) <= node.size and (part := raw.read_blocking(node.size + 1 - len(data))):
+                        data += part
+                finally:
+                    raw.close_now()
+                verifier = Verifier(node.digest, node.size)
+                verifier.update(data)
+                verifier.verify()
+                found = strong_children(node, data)
+            except Exception:  # the usual read reports it, exactly
+                continue
+            heads[node.digest] = (node, found)
+            budget -= node.size
+            for child in found:
+                if _readable_node(child):
+                    queue.append(child)
+                elif child.data is None and not is_node(child):
+                    leaves[child.digest] = None
+        stats: dict[Digest, BlobInfo] = {}
+        try:
+            for alg, group in self._by_algorithm(list(leaves)):
+                for digest in group:
+                    try:
+                        st = os.stat(digest.encoded, dir_fd=alg, follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    if stat.S_ISREG(st.st_mode):
+                        stats[digest] = BlobInfo(st.st_size, st.st_mtime_ns / 1e9)
+        except Exception:  # the usual stat reports it
+            return heads, {}
+        return heads, stats
+
     async def _stat_blob(self, digest: Digest) -> int:
         def size() -> int:
             try:
@@ -419,20 +500,61 @@ class DirEngine(Engine):
 
     def _gc_shared(self) -> AbstractAsyncContextManager[None]:
         """The collector's lock, shared, in this process and in others (``flock`` on ``blobs/``)."""
-        return self._blobs_flock(fcntl.LOCK_SH, super()._gc_shared())
+        return self._blobs_shared(super()._gc_shared())
+
+    @asynccontextmanager
+    async def _blobs_shared(self, local: AbstractAsyncContextManager[None]) -> AsyncIterator[None]:
+        # one shared flock for all this process's shared holders, taken by the first and dropped by the
+        # last: under load (taggers, leased puts) most holders join it without a thread hop. Another
+        # process's collector still waits until no holder here is left, as it would for one flock each;
+        # a collector here waits for the local lock, which this one is held inside
+        async with local:
+            await self._join_shared_flock()
+            try:
+                yield
+            finally:
+                self._shared_holders -= 1
+                if self._shared_holders == 0 and self._shared_flock is not None:
+                    fd, self._shared_flock = self._shared_flock, None
+                    os.close(fd)  # releases the flock
+
+    async def _join_shared_flock(self) -> None:
+        while not self._shared_holders:
+            if self._flocking is None:  # the first holder takes the flock; the others wait for it together
+                self._flocking = ended = anyio.Event()
+                try:
+                    self._shared_flock = await self._take_blobs_flock(fcntl.LOCK_SH)
+                finally:
+                    self._flocking = None
+                    ended.set()
+                self._shared_holders = 1
+                return
+            await self._flocking.wait()
+        self._shared_holders += 1  # held: join it without a wait
 
     @asynccontextmanager
     async def _blobs_flock(self, operation: int, local: AbstractAsyncContextManager[None]) -> AsyncIterator[None]:
         async with local:
-            blobs = await run_sync(open_dir, "blobs", self._root, "blobs")
+            blobs = await self._take_blobs_flock(operation)
             try:
-                delay = 0.001
-                while not await run_sync(try_flock, blobs, operation):
-                    await anyio.sleep(delay)  # another process holds it: wait, cancellably
-                    delay = min(delay * 2, 0.05)
                 yield
             finally:
                 os.close(blobs)
+
+    async def _take_blobs_flock(self, operation: int) -> int:
+        """``blobs/``, open and ``flock``-ed with ``operation``, waiting (cancellably) for other processes."""
+        with metadata_hops():  # a tag's first hop: never queued behind blob I/O
+            blobs, locked = await run_sync(_open_flocked, self._root, operation)
+            try:
+                delay = 0.001
+                while not locked:
+                    await anyio.sleep(delay)  # another process holds it: wait, cancellably
+                    delay = min(delay * 2, 0.05)
+                    locked = await run_sync(try_flock, blobs, operation)
+            except BaseException:
+                os.close(blobs)
+                raise
+        return blobs
 
     # -- leases (files in this engine's temporary directory, flock-held while live) ----------
 

@@ -10,8 +10,8 @@ Changes are a read-modify-write under an exclusive ``flock`` on the layout
 directory, so processes tagging at once lose nothing: the new index is written
 to a temporary file, fsynced, renamed over ``index.json`` and the directory
 fsynced, so readers never see a torn file. Updates arriving while a rewrite runs
-join the next one (a group commit), and the directory fsync runs after the locks
-are released, shared by every caller whose rename it covers.
+join the next one (a group commit): one thread hop takes the lock, rewrites, releases
+the lock and fsyncs the directory for every caller in the batch.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ import anyio.lowlevel
 from .._descriptor import Descriptor
 from .._errors import InvalidError
 from .._layout_format import IndexDocument
-from .._threads import checkpoint, run_sync
-from .fs import GroupSync, open_dir, open_regular, read_open, try_flock, write_file
+from .._threads import checkpoint, metadata_hops, run_sync
+from .fs import open_dir, open_regular, read_open, try_flock, write_file
 
 __all__ = ["IndexStore"]
 
@@ -61,8 +61,7 @@ class IndexStore:
         self._root = root
         self._where = where
         self._temp_dir = temp_dir
-        self._lock = anyio.Lock()  # one rewrite at a time in this process; flock for the others
-        self._dir_sync = GroupSync()
+        self._committing: anyio.Event | None = None  # while a rewrite runs in this process (flock for others)
         self._threads: tuple[object, anyio.CapacityLimiter] | None = None
         self._queue: list[_Request] = []  # updates waiting for the next rewrite, in arrival order
         self._cache: tuple[tuple[int, int, int, int], IndexDocument] | None = None
@@ -103,28 +102,35 @@ class IndexStore:
                 os.close(fd)
 
     async def read(self) -> IndexDocument:
-        return await run_sync(self.load)
+        with metadata_hops():
+            return await run_sync(self.load)
 
     async def update(self, changes: Mapping[str, Descriptor | None], replace: bool) -> None:
         """Apply ``changes`` under the layout's exclusive lock, in this process and across processes.
 
         A group commit: updates arriving while a rewrite runs wait for it, then
-        the first of them rewrites ``index.json`` once for all of them. Each
+        the first of them rewrites ``index.json`` once for all of them (waiters
+        wake together, none waits for another's turn at a lock). Each
         caller's change set is applied on top of the previous ones in arrival
         order, all or nothing; a set that fails (a clobber) fails its caller only.
         """
         request = _Request(changes, replace)
         self._queue.append(request)
         try:
-            async with self._lock:
-                if request.pending:  # no earlier rewrite took it: lead this one
-                    batch, self._queue = self._queue, []
-                    try:
-                        await self._commit(batch)
-                    finally:
-                        for other in batch:
-                            if other.pending:  # not reached (we were stopped first): the next leader takes it
-                                self._queue.append(other)
+            while request.pending:
+                if self._committing is not None:  # a rewrite runs: wait for its end, then look again
+                    await self._committing.wait()
+                    continue
+                # no rewrite runs and none took this request: lead one for everything queued
+                self._committing = ended = anyio.Event()
+                batch, self._queue = self._queue, []
+                try:
+                    await self._commit(batch)
+                finally:
+                    # those not reached (we were stopped first) go back, ahead of later ones, for the next leader
+                    self._queue[:0] = [other for other in batch if other.pending]
+                    self._committing = None
+                    ended.set()  # every waiter wakes at once: the settled return, the first other one leads
         finally:
             if request.pending and request in self._queue:
                 self._queue.remove(request)  # cancelled before any rewrite took it: never applied
@@ -132,9 +138,6 @@ class IndexStore:
             raise RuntimeError("index update was neither applied nor refused")  # pragma: no cover
         if request.error is not None:
             raise request.error
-        # outside the locks: the next rewrite proceeds while this one's rename is made durable, and
-        # callers whose renames landed before an fsync began share it
-        await run_sync(self._dir_sync.sync, self._root, limiter=self._limiter())
 
     async def _commit(self, batch: list[_Request]) -> None:
         limiter = self._limiter()
@@ -146,9 +149,10 @@ class IndexStore:
             while not await run_sync(try_flock, lock_fd, fcntl.LOCK_EX, limiter=limiter):
                 await anyio.sleep(delay)  # another process holds the lock: wait, cancellably
                 delay = min(delay * 2, 0.05)
-            await run_sync(self._rewrite, batch, limiter=limiter)
+            applied = await run_sync(self._rewrite, batch, limiter=limiter)
         finally:
             os.close(lock_fd)  # releases the flock
+        await run_sync(self._make_durable, applied, limiter=limiter)
 
     def _limiter(self) -> anyio.CapacityLimiter:
         """Threads of this index's own, so a tag never queues behind the blob I/O filling the default pool."""
@@ -158,18 +162,34 @@ class IndexStore:
         return self._threads[1]
 
     def _try_rewrite(self, batch: list[_Request]) -> bool:
-        """Rewrite under the layout's ``flock`` if it is free now; whether it was."""
+        """Rewrite under the layout's ``flock`` if it is free now, then sync the directory; whether it was."""
         lock_fd = open_dir(".", self._root, "the layout")
         try:
             if not try_flock(lock_fd, fcntl.LOCK_EX):
                 return False
-            self._rewrite(batch)
-            return True
+            applied = self._rewrite(batch)
         finally:
             os.close(lock_fd)  # releases the flock
+        self._make_durable(applied)
+        return True
 
-    def _rewrite(self, batch: list[_Request]) -> None:
-        """Apply each request of ``batch`` in turn and write the result once; settle every request."""
+    def _make_durable(self, applied: list[_Request]) -> None:
+        """fsync the layout directory, outside the ``flock``, and settle the ``applied`` requests."""
+        # even when nothing was written: a name found present may rest on another process's rename
+        try:
+            os.fsync(self._root)
+        except BaseException as exc:
+            for request in applied:
+                request.settle(exc)
+            raise
+        for request in applied:
+            request.settle(None)
+
+    def _rewrite(self, batch: list[_Request]) -> list[_Request]:
+        """Apply each request of ``batch`` in turn and write the result once; return those applied.
+
+        Refused requests are settled here; the applied ones once the directory is synced.
+        """
         # the leader's own cancellation or deadline stops it before anything is settled or written:
         # the batch goes back to the queue for the next caller to lead
         checkpoint()
@@ -192,8 +212,7 @@ class IndexStore:
             for request in applied:
                 request.settle(exc)
             raise
-        for request in applied:
-            request.settle(None)
+        return applied
 
     def _write(self, updated: IndexDocument) -> None:
         temp = self._temp_dir()
