@@ -662,17 +662,59 @@ LAG_SCRIPT = textwrap.dedent(
                 name = "loop" if ident == main else f"thread-{ident % 10000}"
                 stacks[name] = [f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno} {f.name}" for f in summary]
             samples.append({"late_ms": round(late * 1000, 1), "stacks": stacks})
+    # load-independent evidence (CPU time, not wall time): the event loop's longest steps, and the collector's
+    # passes, which hold the GIL from start to end in whichever thread allocated
+    steps, collections, started, measuring = [], [], {}, [False]
+    def step_begin():
+        started["step"] = time.thread_time()
+    def step_end(name):
+        cpu = time.thread_time() - started.pop("step", time.thread_time())
+        if cpu > 0.002 and measuring[0]:
+            steps.append((round(cpu * 1000, 2), name))
+    if backend == "asyncio":
+        import asyncio.events
+        run_handle = asyncio.events.Handle._run
+        def timed_handle(handle):
+            step_begin()
+            try:
+                run_handle(handle)
+            finally:
+                task = getattr(handle._callback, "__self__", None)
+                step_end(task.get_name() if isinstance(task, asyncio.Task) else repr(handle._callback)[:100])
+        asyncio.events.Handle._run = timed_handle
+        options = {}
+    else:
+        import trio
+        class StepTimer(trio.abc.Instrument):
+            def before_task_step(self, task):
+                step_begin()
+            def after_task_step(self, task):
+                step_end(task.name[-100:])
+        options = {"instruments": [StepTimer()]}
+    def on_collection(phase, info):
+        if phase == "start":
+            started["gc"] = (time.thread_time(), time.perf_counter())
+            return
+        cpu, wall = time.thread_time() - started["gc"][0], time.perf_counter() - started["gc"][1]
+        if (info["generation"] == 2 or cpu > 0.002) and measuring[0]:
+            on_loop = threading.current_thread() is threading.main_thread()
+            collections.append({"generation": info["generation"], "cpu_ms": round(cpu * 1000, 2),
+                                "wall_ms": round(wall * 1000, 2), "thread": "loop" if on_loop else "worker"})
+    import gc
+    gc.callbacks.append(on_collection)
     async def main():
         lags = []
         done = False
         spans = {}
         async def ticker():
             global last_tick
+            measuring[0] = True
             while not done:
                 start = time.perf_counter()
                 await anyio.sleep(0.001)
                 last_tick = time.perf_counter()
                 lags.append(last_tick - start - 0.001)
+            measuring[0] = False
         async def timed(name, func, *args):
             start = time.perf_counter()
             await func(*args)
@@ -696,19 +738,21 @@ LAG_SCRIPT = textwrap.dedent(
             async with anyio.create_task_group() as tg:
                 tg.start_soon(ticker)
                 async with anyio.create_task_group() as work:
-                    work.start_soon(timed, "put", engine.put_blob, source())
-                    work.start_soon(timed, "get", get)
-                    work.start_soon(timed, "gc", collect)
+                    work.start_soon(timed, "put", engine.put_blob, source(), name="put")
+                    work.start_soon(timed, "get", get, name="get")
+                    work.start_soon(timed, "gc", collect, name="gc")
                 done = True
         lags.sort()
         pick = lambda q: lags[min(int(len(lags) * q), len(lags) - 1)]
-        print(json.dumps({"p50": pick(0.5), "p99": pick(0.99), "max": lags[-1], "ticks": len(lags), "spans": spans}))
+        steps.sort(reverse=True)
+        print(json.dumps({"p50": pick(0.5), "p99": pick(0.99), "max": lags[-1], "ticks": len(lags), "spans": spans,
+                          "loop_steps": steps[:5], "collections": collections}))
     stop = threading.Event()
     dog = threading.Thread(target=watchdog, args=(stop,), daemon=True)
     if sample_ms:
         dog.start()
     try:
-        anyio.run(main, backend=backend)
+        anyio.run(main, backend=backend, backend_options=options)
     finally:
         stop.set()
     if sample_ms:
@@ -796,6 +840,11 @@ def case_lag_and_rss(workdir: Path, size: int, repeat: int) -> list[Row]:
             shutil.rmtree(layout)
             runs.append(json.loads(out.stdout))
         p50, p99, worst = (median([run[key] * 1000 for run in runs]) for key in ("p50", "p99", "max"))
+        step = max(step for run in runs for step in run["loop_steps"][:1] or [(0.0, "")])
+        full = max(
+            ((c["cpu_ms"], c["thread"]) for run in runs for c in run["collections"] if c["generation"] == 2),
+            default=(0.0, ""),
+        )
         rows.append(
             Row(
                 f"event-loop lag p99 during {size // MiB} MiB put + get + gc ({label})",
@@ -808,6 +857,8 @@ def case_lag_and_rss(workdir: Path, size: int, repeat: int) -> list[Row]:
                     "max ms": worst,
                     "max ms per run": " / ".join(f"{run['max'] * 1000:.1f}" for run in runs),
                     "ticks": runs[0]["ticks"],
+                    "longest loop step, CPU ms": f"{step[0]:.1f} ({step[1][:60]})",
+                    "longest full collection, CPU ms": f"{full[0]:.1f} (on the {full[1] or '-'} thread)",
                 },
             )
         )
