@@ -561,6 +561,16 @@ class TestEngineDoor:
         await refused(TypeError, "digests", lambda: getattr(seeded, method)([5]))
         assert await state(seeded) == before
 
+    @pytest.mark.parametrize("method", ["stat_blobs", "touch_blobs", "delete_blobs"])
+    async def test_many_digests_are_checked_in_pieces_all_the_same(self, seeded: Engine, method: str) -> None:
+        # thousands of digests are checked a piece per turn of the event loop: a bad one late still refuses all
+        before = await state(seeded)
+        many = [sha256(n.to_bytes(4, "big")) for n in range(3000)]
+        for bad, exc_type in ((5, TypeError), ("sha256:00", InvalidError)):
+            await refused(exc_type, "digests", lambda: getattr(seeded, method)(iter([*many, bad])))  # noqa: B023
+        assert await state(seeded) == before
+        assert await getattr(seeded, method)(iter(many)) == {}  # none of them is present
+
     async def test_stat_blobs_head(self, seeded: Engine) -> None:
         await refused(InvalidError, "head", lambda: seeded.stat_blobs([], head=-1))
         await refused(TypeError, "head", lambda: seeded.stat_blobs([], head="1"))  # type: ignore[arg-type]

@@ -55,7 +55,7 @@ from ._checks import (
     check_ctx,
     check_descriptor,
     check_digest,
-    check_digests,
+    check_digests_yielding,
     check_int,
     type_name,
 )
@@ -269,7 +269,7 @@ class Engine(ABC):
         a JSON document from a tarball without reading either.
         """
         ctx = check_ctx(ctx)
-        wanted = check_digests(digests)
+        wanted = await check_digests_yielding(digests)
         head = check_int(head, "head")
         async with self._operation(ctx):
             return await self._stat_blobs(wanted, head)
@@ -285,7 +285,7 @@ class Engine(ABC):
         without blob times only report them.
         """
         ctx = check_ctx(ctx)
-        wanted = check_digests(digests)
+        wanted = await check_digests_yielding(digests)
         async with self._operation(ctx):
             return await self._touch_blobs(wanted)
 
@@ -304,7 +304,7 @@ class Engine(ABC):
         when it is given.
         """
         ctx = check_ctx(ctx)
-        wanted = check_digests(digests)
+        wanted = await check_digests_yielding(digests)
         if unmodified_since is not None and (
             isinstance(unmodified_since, bool) or not isinstance(unmodified_since, int | float)
         ):

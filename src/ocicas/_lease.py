@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
-from ._checks import check_ctx, check_digests
+from ._checks import check_ctx, check_digests_yielding
 from ._context import Context
 from ._digest import Digest
 
@@ -48,7 +48,7 @@ class Lease:
         destination has): from this call on no collector removes it.
         """
         ctx = check_ctx(ctx)
-        wanted = check_digests(digests)
+        wanted = await check_digests_yielding(digests)
         engine = self.engine
         async with engine._operation(ctx), engine._gc_shared():
             found = await engine._stat_blobs(wanted, 0)
