@@ -619,8 +619,11 @@ async def test_a_source_truncated_or_grown_while_copied_never_lands_wrong(tmp_pa
         assert (tmp_path / "dst/blobs/sha256" / digest.encoded).read_bytes() == data
 
 
-async def test_a_cancel_scope_around_a_kernel_copy_leaves_no_temporary_file_and_no_descriptor(tmp_path: Path) -> None:
-    data = _payload(40 << 20)
+@pytest.mark.parametrize("stop", [4 << 20, 68 << 20])  # in the first stretch; with a sync of the first 64 MiB running
+async def test_a_cancel_scope_around_a_kernel_copy_leaves_no_temporary_file_and_no_descriptor(
+    tmp_path: Path, stop: int
+) -> None:
+    data = _payload(stop + (12 << 20))
     src, dst = await _layouts(tmp_path / "src", tmp_path / "dst")
     async with src, dst:
         digest, size = await src.put_blob(data)
@@ -634,7 +637,6 @@ async def test_a_cancel_scope_around_a_kernel_copy_leaves_no_temporary_file_and_
             },
             MANIFEST,
         )
-        await dst.list_blobs()  # let the destination make its temporary directory first
         await dst.put_blob(b"make the temporary directory")
         before = fd_targets()
         moved: list[int] = []
@@ -643,11 +645,12 @@ async def test_a_cancel_scope_around_a_kernel_copy_leaves_no_temporary_file_and_
             def cancel_midway(event: CopyEvent) -> None:
                 if event.kind == "progress" and event.descriptor is not None and event.descriptor.digest == digest:
                     moved.append(event.nbytes)
-                    scope.cancel()
+                    if sum(moved) >= stop:
+                        scope.cancel()
 
             await copy(src, manifest, dst, "v1", concurrency=1, progress=cancel_midway)
         assert scope.cancelled_caught
-        assert moved == [4 << 20]
+        assert moved == [4 << 20] * (stop // (4 << 20))
         assert _temp_files(tmp_path / "dst") == []
         assert fd_targets() == before
         assert digest not in await dst.list_blobs()

@@ -101,7 +101,6 @@ class _Clone:
         self.methods = tuple(methods)
         self.kernel: KernelCopy | None = None
         self.readback = -1
-        self.unsynced = 0
         self.buffer = bytearray(_BUFFER)
 
     def open(self) -> None:
@@ -125,11 +124,10 @@ class _Clone:
             if n == 0:
                 break  # the source is shorter than it was: the hash will not match
             position += n
-        self.unsynced += position - start
-        if self.unsynced >= _SYNC_EVERY:  # the disk works while the hash goes on
-            os.fdatasync(self.pending._fd)
-            self.unsynced = 0
         return position
+
+    def sync(self) -> None:
+        os.fdatasync(self.pending._fd)
 
     def hash(self, start: int, end: int) -> None:
         """Read ``[start, end)`` back from the temporary file and hash it."""
@@ -178,13 +176,27 @@ async def clone_blob(
     try:
         await run_sync(clone.open)
         copied, arrivals = anyio.create_memory_object_stream[int](_AHEAD)
+        syncing = False
+
+        async def sync() -> None:
+            nonlocal syncing
+            try:
+                await run_sync(clone.sync)
+            finally:
+                syncing = False
 
         async def copier() -> None:
+            nonlocal syncing
             async with copied:
-                position = 0
+                position = unsynced = 0
                 while position < size:
                     end = min(position + _STEP, size)
-                    position = await run_sync(clone.copy, position, end)
+                    reached = await run_sync(clone.copy, position, end)
+                    unsynced += reached - position
+                    position = reached
+                    if unsynced >= _SYNC_EVERY and not syncing:  # the disk flushes while copy and hash go on
+                        syncing, unsynced = True, 0
+                        tg.start_soon(sync)
                     await copied.send(position)
                     if position < end:
                         return
