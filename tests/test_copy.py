@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections import Counter
@@ -26,9 +27,12 @@ from ocicas import (
     RawBlob,
     copy,
 )
+from ocicas._digest import Verifier
+from ocicas._dir.clone import METHODS, CopyMethod, KernelCopy, clone_blob
 from ocicas._media_types import EMPTY_DESCRIPTOR
 from tests.delegating import Delegating
 from tests.images import CONFIG, LAYER, MANIFEST, put, put_artifact, put_image, put_index, put_json
+from tests.leaks import fd_targets
 
 pytestmark = pytest.mark.anyio
 
@@ -516,3 +520,228 @@ async def test_a_large_index_is_filtered_and_copied(engines: tuple[Engine, Engin
     result = await copy(src, "large", dst, platforms=["linux/amd64"])
     assert set(await dst.list_blobs()) == {large.digest, *image.blobs[image.amd64]}
     assert set(result.excluded) == {image.arm64.digest, image.armv7.digest}
+
+
+# -- layout to layout: the kernel copies the file, the destination hashes what landed ------------------------------
+
+
+def _payload(size: int) -> bytes:
+    """``size`` bytes that differ all along (a block repeated would hide a misplaced range)."""
+    block = bytes(range(256)) * 4096  # 1 MiB
+    return b"".join(i.to_bytes(4, "big") + block[4:] for i in range(size // len(block) + 1))[:size]
+
+
+def _temp_files(layout: Path) -> list[Path]:
+    return [f for d in layout.iterdir() if d.name.startswith(".ocicas-") for f in d.iterdir()]
+
+
+async def _layouts(src_path: Path, dst_path: Path) -> tuple[Engine, Engine]:
+    await ocicas.create_layout(src_path)
+    await ocicas.create_layout(dst_path)
+    return await ocicas.open_layout(src_path), await ocicas.open_layout(dst_path)
+
+
+async def test_a_layout_reader_put_into_a_layout_is_copied_by_the_kernel(tmp_path: Path) -> None:
+    data = _payload(21 << 20)  # past one copy step (16 MiB), not a multiple of any chunk
+    src, dst = await _layouts(tmp_path / "src", tmp_path / "dst")
+    async with src, dst:
+        digest, size = await src.put_blob(data)
+        progress: list[int] = []
+        async with await src.get_blob(digest) as reader:
+            reader.on_read = progress.append
+            assert await dst.put_blob(reader, expected_digest=digest, expected_size=size) == (digest, size)
+            # the reader lent its file and read nothing itself: the fast path moved the bytes
+            assert (reader.bytes_read, reader.closed) == (0, True)
+        assert progress == [4 << 20] * 5 + [1 << 20]
+        assert (tmp_path / "dst/blobs/sha256" / digest.encoded).read_bytes() == data
+        assert await dst.read_blob(digest, max_size=None) == data
+        assert _temp_files(tmp_path / "dst") == []
+        # present already: freshened, not written again
+        async with await src.get_blob(digest) as reader:
+            assert await dst.put_blob(reader) == (digest, size)
+        assert _temp_files(tmp_path / "dst") == []
+
+
+@pytest.mark.parametrize("where", ["start", "middle", "end"])
+async def test_a_source_file_corrupt_on_disk_is_refused_by_the_kernel_copy(tmp_path: Path, where: str) -> None:
+    data = _payload(20 << 20)
+    src, dst = await _layouts(tmp_path / "src", tmp_path / "dst")
+    async with src, dst:
+        digest, size = await src.put_blob(data)
+        path = tmp_path / "src/blobs/sha256" / digest.encoded
+        offset = {"start": 0, "middle": size // 2, "end": size - 1}[where]
+        with open(path, "r+b") as f:  # same size, one bit flipped
+            f.seek(offset)
+            byte = f.read(1)[0]
+            f.seek(offset)
+            f.write(bytes([byte ^ 1]))
+        async with await src.get_blob(digest) as reader:
+            with pytest.raises(ocicas.DigestMismatchError, match=digest):
+                await dst.put_blob(reader, expected_digest=digest, expected_size=size)
+            assert (reader.bytes_read, reader.closed) == (0, True)
+        assert await dst.list_blobs() == []
+        assert _temp_files(tmp_path / "dst") == []
+        layer = Descriptor(media_type=LAYER, digest=digest, size=size)
+        manifest = await put_json(
+            src,
+            {
+                "schemaVersion": 2,
+                "mediaType": MANIFEST,
+                "config": EMPTY_DESCRIPTOR.to_dict(),
+                "layers": [layer.to_dict()],
+            },
+            MANIFEST,
+        )
+        with pytest.raises(ocicas.DigestMismatchError, match=digest):
+            await copy(src, manifest, dst, "bad")
+        assert digest not in await dst.list_blobs()
+        assert await dst.list_references() == []
+        assert _temp_files(tmp_path / "dst") == []
+
+
+async def test_a_source_truncated_or_grown_while_copied_never_lands_wrong(tmp_path: Path) -> None:
+    data = _payload(20 << 20)
+    src, dst = await _layouts(tmp_path / "src", tmp_path / "dst")
+    async with src, dst:
+        digest, size = await src.put_blob(data)
+        path = tmp_path / "src/blobs/sha256" / digest.encoded
+        async with await src.get_blob(digest) as reader:  # opened at its full size, then cut short
+            os.truncate(path, size - 3)
+            with pytest.raises(ocicas.SizeMismatchError):
+                await dst.put_blob(reader, expected_digest=digest, expected_size=size)
+        assert await dst.list_blobs() == []
+        assert _temp_files(tmp_path / "dst") == []
+        path.write_bytes(data)
+        async with await src.get_blob(digest) as reader:  # grown after it was opened: its first `size` bytes are right
+            with open(path, "ab") as f:
+                f.write(b"appended")
+            assert await dst.put_blob(reader, expected_digest=digest, expected_size=size) == (digest, size)
+        assert (tmp_path / "dst/blobs/sha256" / digest.encoded).read_bytes() == data
+
+
+@pytest.mark.parametrize("stop", [4 << 20, 68 << 20])  # in the first stretch; with a sync of the first 64 MiB running
+async def test_a_cancel_scope_around_a_kernel_copy_leaves_no_temporary_file_and_no_descriptor(
+    tmp_path: Path, stop: int
+) -> None:
+    data = _payload(stop + (12 << 20))
+    src, dst = await _layouts(tmp_path / "src", tmp_path / "dst")
+    async with src, dst:
+        digest, size = await src.put_blob(data)
+        manifest = await put_json(
+            src,
+            {
+                "schemaVersion": 2,
+                "mediaType": MANIFEST,
+                "config": EMPTY_DESCRIPTOR.to_dict(),
+                "layers": [{"mediaType": LAYER, "digest": digest, "size": size}],
+            },
+            MANIFEST,
+        )
+        await dst.put_blob(b"make the temporary directory")
+        before = fd_targets()
+        moved: list[int] = []
+        with anyio.CancelScope() as scope:
+
+            def cancel_midway(event: CopyEvent) -> None:
+                if event.kind == "progress" and event.descriptor is not None and event.descriptor.digest == digest:
+                    moved.append(event.nbytes)
+                    if sum(moved) >= stop:
+                        scope.cancel()
+
+            await copy(src, manifest, dst, "v1", concurrency=1, progress=cancel_midway)
+        assert scope.cancelled_caught
+        assert moved == [4 << 20] * (stop // (4 << 20))
+        assert _temp_files(tmp_path / "dst") == []
+        assert fd_targets() == before
+        assert digest not in await dst.list_blobs()
+        await copy(src, manifest, dst, "v1")
+        assert (tmp_path / "dst/blobs/sha256" / digest.encoded).read_bytes() == data
+
+
+def _other_filesystem(tmp_path: Path) -> Path:
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or not os.access(shm, os.W_OK) or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("no writable /dev/shm on another file system than the test's directory")
+    return shm
+
+
+async def test_a_copy_across_file_systems_falls_back_and_is_exact(tmp_path: Path) -> None:
+    import tempfile
+
+    data = _payload(19 << 20)
+    with tempfile.TemporaryDirectory(dir=_other_filesystem(tmp_path), prefix="ocicas-test-") as other:
+        src, dst = await _layouts(Path(other) / "src", tmp_path / "dst")
+        async with src, dst:
+            digest, size = await src.put_blob(data)
+            image, digests = await put_image(src, [data, b"small layer"])
+            await src.put_reference("v1", image)
+            async with await src.get_blob(digest) as reader:
+                assert await dst.put_blob(reader, expected_digest=digest, expected_size=size) == (digest, size)
+                assert (reader.bytes_read, reader.closed) == (0, True)
+            result = await copy(src, "v1", dst)
+            assert set(result.copied) == set(digests) - {digest}
+            assert set(result.skipped) == {digest}
+            assert (tmp_path / "dst/blobs/sha256" / digest.encoded).read_bytes() == data
+            assert await _intact(dst) == set(digests)
+            assert _temp_files(tmp_path / "dst") == []
+
+
+# copy_file_range alone across file systems is left out: whether the kernel takes it depends on its version
+@pytest.mark.parametrize(
+    ("methods", "across"),
+    [
+        (("copy_file_range",), False),
+        (("sendfile",), False),
+        (("sendfile",), True),
+        (("pread",), False),
+        (("pread",), True),
+        (METHODS, False),
+        (METHODS, True),
+    ],
+)
+async def test_every_kernel_copy_method_lands_the_exact_bytes(
+    tmp_path: Path, methods: tuple[CopyMethod, ...], across: bool
+) -> None:
+    data = _payload(18 << 20)
+    source = (_other_filesystem(tmp_path) if across else tmp_path) / f"ocicas-test-{os.getpid()}-{id(data)}"
+    expected = Digest("sha256:" + hashlib.sha256(data).hexdigest())
+    try:
+        source.write_bytes(data)
+        await ocicas.create_layout(tmp_path / "dst")
+        async with await ocicas.open_layout(tmp_path / "dst") as dst:
+            assert isinstance(dst, ocicas.DirEngine)
+            fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                async with dst._operation(None):
+                    stored = await clone_blob(dst, fd, len(data), Verifier(expected, len(data)), methods=methods)
+            finally:
+                os.close(fd)
+            assert stored == (expected, len(data))
+            assert (tmp_path / "dst/blobs/sha256" / expected.encoded).read_bytes() == data
+            assert _temp_files(tmp_path / "dst") == []
+    finally:
+        source.unlink(missing_ok=True)
+
+
+def test_kernel_copy_copies_ranges_in_place_by_the_method_asked(tmp_path: Path) -> None:
+    data = _payload(3 << 20)
+    (tmp_path / "a").write_bytes(data)
+    source = os.open(tmp_path / "a", os.O_RDONLY | os.O_CLOEXEC)
+    target = os.open(tmp_path / "b", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    ranges: dict[CopyMethod, tuple[int, int]] = {
+        "pread": (2 << 20, 3 << 20),
+        "sendfile": (1 << 20, 2 << 20),
+        "copy_file_range": (0, 1 << 20),
+    }
+    try:
+        for method, (start, end) in ranges.items():  # back to front: each must write at its offset
+            copier = KernelCopy(source, target, (method,))
+            position = start
+            while position < end:
+                position += copier.copy(position, end - position)
+            assert copier.method == method
+        assert KernelCopy(source, target).copy(len(data), 1 << 20) == 0  # the source's end
+    finally:
+        os.close(source)
+        os.close(target)
+    assert (tmp_path / "b").read_bytes() == data

@@ -15,7 +15,9 @@
    Every byte is verified: the source's reader streams into the destination's
    ``put_blob(expected_digest=, expected_size=)``, which stores nothing that does
    not match (the directory engine takes the verifying reader's word rather than
-   hashing every byte a second time; other engines hash again).
+   hashing every byte a second time; other engines hash again). Between two
+   directory engines the bytes never enter Python: the kernel copies the file
+   (``copy_file_range``) and the destination hashes what landed before it commits.
 3. **Tag.** Everything runs inside a lease of the destination (:meth:`Engine.lease`):
    no collector removes what the copy reuses or lands. The reference is written
    through :meth:`Engine.update_references`, which checks under the collector's

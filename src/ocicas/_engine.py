@@ -29,6 +29,10 @@ Optional hooks with defaults: ``_stat_blobs``, ``_touch_blobs``, ``_delete_blobs
 (``_gc_lock`` exclusive, ``_gc_shared`` shared; in-process by default) and leases
 (``_lease_begin``, ``_lease_record``, ``_lease_end``, ``_leased_blobs``; in-process
 by default).
+
+A :class:`RawBlob` over a local file says so with ``fileno()``: a directory engine
+given an unread reader of it (:func:`ocicas.copy` between layouts) borrows the file
+through the reader and lets the kernel copy it, hashing what lands (``_dir.clone``).
 """
 
 from __future__ import annotations

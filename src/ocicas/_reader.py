@@ -61,6 +61,15 @@ class RawBlob:
         """Up to ``n`` more bytes (``b""`` at the end); runs in a worker thread."""
         raise NotImplementedError
 
+    def fileno(self) -> int | None:
+        """The open local file holding the blob's bytes from offset 0, if there is one; else ``None``.
+
+        A consumer that copies a whole file by its own means (a directory engine's
+        put: the kernel copies, the put hashes what landed) asks for it through
+        the reader, never directly. Default: ``None``.
+        """
+        return None
+
     def close_now(self) -> None:
         """Release the resource now, without blocking. Idempotent."""
 
@@ -218,6 +227,28 @@ class BlobReader:
         commits only at the end need not hash again.
         """
         return self.bytes_read == 0 and not self._closed and digest == self.digest and size in (None, self.size)
+
+    @asynccontextmanager
+    async def _borrow_file(self) -> AsyncIterator[int | None]:
+        """Lend an unread reader's local file to a consumer that copies it whole and verifies what it copied.
+
+        Yields the file descriptor, or ``None`` (the reader was read from, or its
+        bytes are not a local file: read it as usual, it is left as it was). The
+        reader's operation is held meanwhile, as for a read: its engine's
+        ``close()`` cancels the consumer and waits for it before closing the file,
+        and no other read runs. Once a descriptor was lent the reader is closed,
+        whatever happened: it verified nothing itself, so it never claims an end.
+        """
+        async with self._operation():
+            raw = self._raw
+            fd = None if raw is None or self._eof or self.bytes_read else raw.fileno()
+            if fd is None:
+                yield None
+                return
+            try:
+                yield fd
+            finally:
+                await self._release()
 
     def __aiter__(self) -> Self:
         return self

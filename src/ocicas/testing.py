@@ -321,6 +321,22 @@ class EngineConformance:
         assert b"".join(chunks) == data
         assert all(len(c) <= CHUNK_SIZE for c in chunks)
 
+    async def test_put_blob_from_a_reader(self, engine: Engine) -> None:
+        """A reader put in whole lands as it is; one read from already gives only what is left."""
+        data = blob_bytes(2 * CHUNK_SIZE + 5, seed=7)
+        digest, size = await engine.put_blob(data)
+        async with await engine.get_blob(digest) as reader:  # an engine may copy an unread reader its own way
+            assert await engine.put_blob(reader, expected_digest=digest, expected_size=size) == (digest, size)
+        assert await engine.read_blob(digest, max_size=None) == data
+        rest = data[10:]
+        async with await engine.get_blob(digest) as reader:
+            assert await reader.read(10) == data[:10]
+            assert await engine.put_blob(reader) == (sha256(rest), len(rest))
+        assert await engine.read_blob(sha256(rest), max_size=None) == rest
+        async with await engine.get_blob(digest) as reader:
+            with pytest.raises(DigestMismatchError):  # a reader of other content is not taken at its word
+                await engine.put_blob(reader, expected_digest=sha256(b"other content"))
+
     async def test_get_blob_read_with_sizes(self, engine: Engine) -> None:
         digest, _ = await engine.put_blob(b"0123456789")
         async with await engine.get_blob(digest) as reader:

@@ -50,6 +50,7 @@ from .._reader import BlobReader, RawBlob
 from .._source import BlobSource
 from .._tagging import strong_children
 from .._threads import checkpoint, metadata_hops, run_sync
+from .clone import clone_blob
 from .fs import (
     DIR_FLAGS,
     READ_FLAGS,
@@ -182,6 +183,9 @@ class _FileRaw(RawBlob):
     def read_blocking(self, n: int) -> bytes:
         return os.read(self._fd, n)
 
+    def fileno(self) -> int | None:
+        return self._fd if self._fd >= 0 else None
+
     def close_now(self) -> None:
         with self._lock:
             fd, self._fd = self._fd, -1
@@ -304,8 +308,13 @@ class DirEngine(Engine):
     # -- blobs --------------------------------------------------------------------------
 
     async def _put_blob(self, source: BlobSource, verifier: Verifier) -> tuple[Digest, int]:
-        vouched = isinstance(source, BlobReader) and source.vouches_for(verifier.digest, verifier.size)
-        return await PendingBlob(self, verifier, vouched=vouched).put(source)
+        if isinstance(source, BlobReader) and source.vouches_for(verifier.digest, verifier.size):
+            async with source._borrow_file() as fd:
+                if fd is not None:  # an unread reader of a local file (copy from a layout): the kernel copies it
+                    return await clone_blob(self, fd, source.size, verifier, source.on_read)
+            # a verifying reader of other bytes (memory, a registry): its word is taken, the bytes only counted
+            return await PendingBlob(self, verifier, vouched=True).put(source)
+        return await PendingBlob(self, verifier).put(source)
 
     def _open_file(self, digest: Digest) -> _FileRaw:
         try:
