@@ -128,14 +128,15 @@ class PutBudget(NamedTuple):
     per_put: int
 
 
-def set_put_budget(total: int | None = None, *, per_put: int | None = None) -> PutBudget:
+def set_put_budget(total: int | None = None, per_put: int | None = None) -> PutBudget:
     """Bound the memory of the directory engine's streamed ``put_blob``; return the bounds as they were.
 
     ``total`` caps the bytes all puts of the process hold at once (default 16 MiB),
     ``per_put`` those one put holds (default 16 MiB; never more than ``total``).
-    A put always has room for the chunk its source just produced; more room makes
-    its reading, hashing and writing overlap. A bound left as ``None`` is kept.
-    Both must be at least 64 KiB. ``put_blob`` of ``bytes`` is not counted: those are held already.
+    A put always has room for the chunk its source just produced; more room lets
+    its reading, hashing and writing overlap. Both must be at least 64 KiB; one left
+    as ``None`` is kept, so ``set_put_budget(*before)`` restores earlier bounds.
+    ``put_blob`` of ``bytes`` is not counted: those bytes are held already.
     """
     new_total = check_int(total, "total", minimum=MIN_PUT_BUDGET, optional=True)
     new_per_put = check_int(per_put, "per_put", minimum=MIN_PUT_BUDGET, optional=True)
