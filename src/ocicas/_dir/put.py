@@ -11,9 +11,10 @@ thread hop from open to rename.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Final
 
@@ -86,6 +87,11 @@ class PendingBlob:
         self._unwritten = 0  # bytes taken from the source and not yet written
         self._per_put = 0  # the most this put may hold (PUT_BUDGET.holder_limit when it started)
         self._progress: anyio.Event | None = None  # set when the writer has written a batch
+        # a file with readinto is read into buffers of this put, reused once written: no allocation (and no
+        # page faults) per chunk; the budget then counts every buffer made, until the put ends
+        self._free: list[bytearray] | None = None
+        self._buffers = 0  # buffers made
+        self._buffer_size = 0
 
     async def put(self, source: BlobSource) -> tuple[Digest, int]:
         """Consume ``source`` and commit it; on any failure, leave nothing behind."""
@@ -97,6 +103,8 @@ class PendingBlob:
             read_size = max(_MIN_READ, min(CHUNK_SIZE, self._per_put // 4))
             # a file yields what it is asked for; an iterator's chunks are guessed, then counted as they come
             self._slot = read_size if reads_async(source) else min(_FIRST_SLOT, read_size)
+            if reads_async(source) and inspect.iscoroutinefunction(getattr(source, "readinto", None)):
+                self._free, self._buffer_size = [], read_size
         try:
             if self._budgeted:
                 await PUT_BUDGET.acquire(self._slot)
@@ -119,6 +127,18 @@ class PendingBlob:
         """
         if not self._budgeted:
             return True
+        if self._free is not None:
+            if self._free:
+                return True
+            if self._buffers:  # the first buffer is the slot
+                if (self._buffers + 1) * self._buffer_size > self._per_put:
+                    return False
+                if not PUT_BUDGET.try_acquire(self._buffer_size):
+                    return False
+                self._extra += self._buffer_size
+            self._free.append(bytearray(self._buffer_size))
+            self._buffers += 1
+            return True
         need = self._unwritten - self._extra
         if need <= 0:
             return True
@@ -130,7 +150,7 @@ class PendingBlob:
     def _taken(self, n: int) -> None:
         """Count a chunk of ``n`` bytes just read: it is the newest now, so ``_slot`` takes its size."""
         self._unwritten += n
-        if self._budgeted and n and n != self._slot:  # an empty chunk changes nothing
+        if self._budgeted and self._free is None and n and n != self._slot:  # an empty chunk changes nothing
             if n > self._slot:
                 PUT_BUDGET.take(n - self._slot)  # already in memory: counted at once
             else:
@@ -140,8 +160,18 @@ class PendingBlob:
     def _written(self, batch: _Batch) -> None:
         """A batch is on disk: drop it, and give back the budget of the older chunks it held."""
         self._unwritten -= sum(map(len, batch))
+        if self._free is not None:
+            for chunk in batch:
+                assert isinstance(chunk, memoryview)
+                buffer = chunk.obj
+                assert isinstance(buffer, bytearray)
+                try:
+                    chunk.release()  # any later use raises, rather than see the buffer refilled
+                except BufferError:  # still viewed somewhere: not reused
+                    buffer = bytearray(self._buffer_size)
+                self._free.append(buffer)
         batch.clear()  # the hasher's reference is this same list: nothing keeps the chunks now
-        if self._budgeted:
+        if self._budgeted and self._free is None:
             older = max(0, self._unwritten - self._slot)  # still unwritten, but for the newest chunk
             if self._extra > older:
                 PUT_BUDGET.release(self._extra - older)
@@ -156,6 +186,23 @@ class PendingBlob:
             if self._room():
                 return
             await progress.wait()
+
+    async def _read_into(self, source: BlobSource) -> AsyncGenerator[memoryview, None]:
+        """Read a file with ``readinto`` into this put's buffers; :meth:`_room` has made one free before each read."""
+        readinto = source.readinto  # type: ignore[union-attr]
+        assert self._free is not None
+        while True:
+            buffer = self._free.pop()
+            n = await readinto(memoryview(buffer))
+            if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= len(buffer):
+                raise TypeError(f"blob source readinto() returned {n!r}, expected a count of bytes")
+            if not n:
+                self._free.append(buffer)
+                return
+            chunk = memoryview(buffer).toreadonly()[:n]
+            del buffer  # the chunk is all that refers to it: when written, the buffer is free again
+            yield chunk
+            del chunk
 
     def _open(self) -> None:
         if self._fd < 0:
@@ -182,7 +229,8 @@ class PendingBlob:
         """Consume ``source``: hash and write all of it but a tail smaller than a batch, which is returned."""
         batch: _Batch = []
         pending = total = 0
-        async with aclosing(iterate_source(source, read_size)) as chunks:
+        reader = iterate_source(source, read_size) if self._free is None else self._read_into(source)
+        async with aclosing(reader) as chunks:
             while True:
                 if not self._room():  # no room: what we hold goes down the pipeline meanwhile
                     return await self._pipeline(batch, total, chunks)
