@@ -206,3 +206,46 @@ async def test_a_file_is_read_in_pieces_that_fit_the_bound(tmp_path: Path, resto
         assert digest.encoded == hashlib.sha256(data).hexdigest()
     assert set(sizes) == {64 * KiB}  # a quarter of the bound: room for the pipeline
     assert max(seen) <= 256 * KiB
+
+
+async def test_a_file_with_readinto_is_read_into_reused_buffers(tmp_path: Path, restore_budget: None) -> None:
+    ocicas.set_put_budget(512 * KiB, per_put=256 * KiB)
+    layout = tmp_path / "layout"
+    await ocicas.create_layout(layout)
+    blobs = {n: bytes([n]) * 8 + bytes(range(256)) * (4 * 1024 + n) for n in range(6)}  # 1 MiB and a bit each
+    for n, data in blobs.items():
+        (tmp_path / f"source-{n}").write_bytes(data)
+    buffers: dict[int, set[int]] = {n: set() for n in blobs}
+    seen: list[int] = []
+
+    class Recording:
+        def __init__(self, n: int, file: anyio.AsyncFile[bytes]) -> None:
+            self._n = n
+            self._file = file
+
+        async def read(self, size: int = -1) -> bytes:
+            raise AssertionError("read() is not used when readinto() is there")
+
+        async def readinto(self, buffer: memoryview) -> int:
+            assert len(buffer) == 64 * KiB  # a quarter of the per-put bound
+            buffers[self._n].add(id(buffer.obj))
+            seen.append(PUT_BUDGET.used)
+            return await self._file.readinto(buffer)
+
+    async with await ocicas.open_layout(layout) as engine:
+        results: dict[int, ocicas.Digest] = {}
+
+        async def put(n: int) -> None:
+            async with await anyio.open_file(tmp_path / f"source-{n}", "rb") as f:
+                results[n], _ = await engine.put_blob(Recording(n, f))
+
+        async with anyio.create_task_group() as tg:
+            for n in blobs:
+                tg.start_soon(put, n)
+        for n, data in blobs.items():
+            assert results[n].encoded == hashlib.sha256(data).hexdigest()
+            assert await engine.read_blob(results[n]) == data
+    # 17 reads or more each, into at most 4 buffers of 64 KiB: those the per-put bound allows
+    assert all(1 <= len(ids) <= 4 for ids in buffers.values())
+    assert max(seen) <= 512 * KiB
+    assert PUT_BUDGET.used == 0
