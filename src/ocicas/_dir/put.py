@@ -2,9 +2,9 @@
 
 Large blobs flow through three stages at once, each on its own worker thread
 when it runs (hashlib and write release the GIL): the source is read while the
-previous batch is hashed and the one before it is written. The writer also
-syncs as it goes, so the disk flushes while hashing continues and the final
-fsync has little left to do. A blob smaller than one batch takes a single
+previous batch is hashed and the one before it is written. A fourth task
+syncs every 64 MiB beside the writer, not in its way, so the disk flushes
+while writing and hashing go on and the final fsync has little left to do. A blob smaller than one batch takes a single
 thread hop from open to rename.
 """
 
@@ -221,9 +221,6 @@ class PendingBlob:
             checkpoint()
             write_all(self._fd, chunk)
             self._unsynced += len(chunk)
-        if self._unsynced >= _SYNC_EVERY:
-            os.fdatasync(self._fd)
-            self._unsynced = 0
 
     async def _take(self, source: BlobSource, read_size: int) -> _Batch:
         """Consume ``source``: hash and write all of it but a tail smaller than a batch, which is returned."""
@@ -259,17 +256,30 @@ class PendingBlob:
                     await run_sync(self._hash, batch)
                     await to_write.send(batch)
 
+        to_sync, syncing = anyio.create_memory_object_stream[None](1)
+
         async def writer() -> None:
-            async with writing:
+            async with writing, to_sync:
                 async for batch in writing:
                     await run_sync(self._write, batch)
                     self._written(batch)
+                    if self._unsynced >= _SYNC_EVERY:
+                        with contextlib.suppress(anyio.WouldBlock):  # a sync still running covers this one
+                            to_sync.send_nowait(None)
+                            self._unsynced = 0
+
+        async def syncer() -> None:
+            # beside the writer, not in its way: the disk flushes while writing (and hashing) go on
+            async with syncing:
+                async for _ in syncing:
+                    await run_sync(os.fdatasync, self._fd)
 
         batch: _Batch = []
         pending = 0
         async with task_group() as tg:
             tg.start_soon(hasher)
             tg.start_soon(writer)
+            tg.start_soon(syncer)
             async with to_hash:
                 if first:
                     await to_hash.send(first)
