@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._blob import Blob, BlobParser, from_descriptor, read_described, register_media_type, unregister_media_type
+    from ._budget import PutBudget, set_put_budget
     from ._build import build_image, build_index
     from ._context import Context
     from ._copy import DEFAULT_COPY_CONCURRENCY, CopyEvent, CopyProgress, CopyResult, copy
@@ -112,6 +113,8 @@ _LAZY: dict[str, str] = {
     "read_described": "._blob",
     "register_media_type": "._blob",
     "unregister_media_type": "._blob",
+    "PutBudget": "._budget",
+    "set_put_budget": "._budget",
     "build_image": "._build",
     "build_index": "._build",
     "Context": "._context",
@@ -305,6 +308,7 @@ __all__ = [
     "NotFoundError",
     "OCICASError",
     "Platform",
+    "PutBudget",
     "ReferenceNotFoundError",
     "RegistryEngine",
     "RegistryError",
@@ -333,6 +337,7 @@ __all__ = [
     "read_described",
     "register_media_type",
     "resolve_reference",
+    "set_put_budget",
     "unregister_media_type",
     "validate_reference_name",
     "walk",

@@ -2,18 +2,19 @@
 
 Large blobs flow through three stages at once, each on its own worker thread
 when it runs (hashlib and write release the GIL): the source is read while the
-previous batch is hashed and the one before it is written. The writer also
-syncs as it goes, so the disk flushes while hashing continues and the final
-fsync has little left to do. A blob smaller than one batch takes a single
+previous batch is hashed and the one before it is written. A fourth task
+syncs every 64 MiB beside the writer, not in its way, so the disk flushes
+while writing and hashing go on and the final fsync has little left to do. A blob smaller than one batch takes a single
 thread hop from open to rename.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Final
 
@@ -21,7 +22,7 @@ import anyio
 
 from .._budget import PUT_BUDGET
 from .._digest import Digest, Verifier
-from .._source import BlobSource, iterate_source
+from .._source import BlobSource, iterate_source, reads_async
 from .._tasks import task_group
 from .._threads import CHUNK_SIZE, checkpoint, run_sync
 from .fs import blobs_held, open_blob, write_all
@@ -33,7 +34,7 @@ __all__ = ["PendingBlob"]
 
 #: put_blob hands the worker threads this much at a time.
 _PIPELINE_BATCH: Final = CHUNK_SIZE
-#: Batches waiting between the stages of put_blob's pipeline (with those in work: ≈ 7 batches in memory).
+#: Batches waiting between the stages of put_blob's pipeline (a streamed put's memory is bounded by the budget).
 _PIPELINE_DEPTH: Final = 2
 # issue 16 (memory): a vouched put (the source is a verifying BlobReader, as in copy) only counts, so its
 # pipeline is shallow and its batches small: with copy's 4 transfers at once, about 4 x 5 MiB instead of 4 x 28 MiB.
@@ -41,6 +42,10 @@ _PIPELINE_DEPTH: Final = 2
 _VOUCHED_BATCH: Final = 1 << 20
 #: Batches waiting between the stages of a vouched put.
 _VOUCHED_DEPTH: Final = 1
+#: Room a streamed put is admitted with, before it knows the size of its source's chunks.
+_FIRST_SLOT: Final = 1 << 20
+#: The least a streamed put reads from a file at once, however small its bound.
+_MIN_READ: Final = 64 << 10
 #: put_blob syncs each time this much more is written, so the disk works while hashing goes on.
 _SYNC_EVERY: Final = 64 << 20
 
@@ -56,7 +61,15 @@ def _frozen(chunk: _Chunk) -> bytes | memoryview:
 
 
 class PendingBlob:
-    """A blob on its way in: a temporary file, fed by a pipeline of reading, hashing and writing."""
+    """A blob on its way in: a temporary file, fed by a pipeline of reading, hashing and writing.
+
+    A streamed put counts its memory against :data:`PUT_BUDGET` (see :mod:`ocicas._budget`):
+    ``_slot`` covers the newest chunk taken from the source (which the source may
+    still hold), ``_extra`` the older chunks not yet written. Before each read every
+    unwritten byte must be covered by ``_extra``, taken without waiting; when it does
+    not fit, the put hands what it has to the pipeline and waits for its own writes.
+    Only admission (the first ``_slot``) waits for other puts, holding nothing.
+    """
 
     def __init__(self, engine: DirEngine, verifier: Verifier, *, vouched: bool = False) -> None:
         self._engine = engine
@@ -69,52 +82,127 @@ class PendingBlob:
         self._fd = -1
         self._unsynced = 0
         self._budgeted = False  # whether chunks count against PUT_BUDGET (streams do; bytes are already held)
-        self._held = 0  # bytes of PUT_BUDGET this put holds
-        self._guess = 1 << 20  # bytes reserved before reading a chunk: the size of the last one
+        self._slot = 0  # budget held for the newest chunk
+        self._extra = 0  # budget held for older chunks not yet written
+        self._unwritten = 0  # bytes taken from the source and not yet written
+        self._per_put = 0  # the most this put may hold (PUT_BUDGET.holder_limit when it started)
+        self._progress: anyio.Event | None = None  # set when the writer has written a batch
+        # a file with readinto is read into buffers of this put, reused once written: no allocation (and no
+        # page faults) per chunk; the budget then counts every buffer made, until the put ends
+        self._free: list[bytearray] | None = None
+        self._buffers = 0  # buffers made
+        self._buffer_size = 0
 
     async def put(self, source: BlobSource) -> tuple[Digest, int]:
         """Consume ``source`` and commit it; on any failure, leave nothing behind."""
         self._budgeted = not isinstance(source, bytes | bytearray | memoryview)
-        self._guess = min(self._guess, PUT_BUDGET.limit)
+        read_size = CHUNK_SIZE
+        if self._budgeted:
+            self._per_put = PUT_BUDGET.holder_limit
+            # a file is read in pieces that leave room for the pipeline; an iterator's chunks are its own
+            read_size = max(_MIN_READ, min(CHUNK_SIZE, self._per_put // 4))
+            # a file yields what it is asked for; an iterator's chunks are guessed, then counted as they come
+            self._slot = read_size if reads_async(source) else min(_FIRST_SLOT, read_size)
+            if reads_async(source) and inspect.iscoroutinefunction(getattr(source, "readinto", None)):
+                self._free, self._buffer_size = [], read_size
         try:
-            tail = await self._take(source)
+            if self._budgeted:
+                await PUT_BUDGET.acquire(self._slot)
+            tail = await self._take(source, read_size)
             return await run_sync(self._commit, tail)  # small blobs: open, write and commit in one hop
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await run_sync(self._abandon)
             raise
         finally:
-            if self._held:
-                PUT_BUDGET.release(self._held)
-                self._held = 0
+            # the budget is given back after the source is closed (by _take): nothing of it is held any more
+            if self._budgeted and (self._slot or self._extra):
+                PUT_BUDGET.release(self._slot + self._extra)
+                self._slot = self._extra = 0
 
-    def _try_reserve(self, n: int) -> bool:
-        """Count ``n`` bytes against the process-wide budget if they fit now; whether they did."""
+    def _room(self) -> bool:
+        """Whether the next chunk may be read now: every unwritten byte covered by ``_extra``, within the per-put bound.
+
+        The next chunk becomes the newest (covered by ``_slot``); all unwritten ones are then older.
+        """
         if not self._budgeted:
             return True
-        if PUT_BUDGET.try_acquire(n):
-            self._held += n
+        if self._free is not None:
+            if self._free:
+                return True
+            if self._buffers:  # the first buffer is the slot
+                if (self._buffers + 1) * self._buffer_size > self._per_put:
+                    return False
+                if not PUT_BUDGET.try_acquire(self._buffer_size):
+                    return False
+                self._extra += self._buffer_size
+            self._free.append(bytearray(self._buffer_size))
+            self._buffers += 1
             return True
-        return False
+        need = self._unwritten - self._extra
+        if need <= 0:
+            return True
+        if self._unwritten + self._slot > self._per_put or not PUT_BUDGET.try_acquire(need):
+            return False
+        self._extra += need
+        return True
 
-    async def _reserve(self, n: int) -> None:
-        """Count ``n`` bytes just taken from the source against the process-wide budget, waiting for room."""
-        if self._budgeted:
-            await PUT_BUDGET.acquire(n)
-            self._held += n
-
-    def _unreserve(self, n: int) -> None:
-        """Give back ``n`` reserved bytes (a negative ``n`` takes more, without waiting)."""
-        if self._budgeted and n:
-            self._held -= n
-            PUT_BUDGET.release(n)
+    def _taken(self, n: int) -> None:
+        """Count a chunk of ``n`` bytes just read: it is the newest now, so ``_slot`` takes its size."""
+        self._unwritten += n
+        if self._budgeted and self._free is None and n and n != self._slot:  # an empty chunk changes nothing
+            if n > self._slot:
+                PUT_BUDGET.take(n - self._slot)  # already in memory: counted at once
+            else:
+                PUT_BUDGET.release(self._slot - n)
+            self._slot = n
 
     def _written(self, batch: _Batch) -> None:
-        """Give back the budget of a batch now on disk."""
-        if self._budgeted:
-            n = sum(map(len, batch))
-            self._held -= n
-            PUT_BUDGET.release(n)
+        """A batch is on disk: drop it, and give back the budget of the older chunks it held."""
+        self._unwritten -= sum(map(len, batch))
+        if self._free is not None:
+            for chunk in batch:
+                assert isinstance(chunk, memoryview)
+                buffer = chunk.obj
+                assert isinstance(buffer, bytearray)
+                try:
+                    chunk.release()  # any later use raises, rather than see the buffer refilled
+                except BufferError:  # still viewed somewhere: not reused
+                    buffer = bytearray(self._buffer_size)
+                self._free.append(buffer)
+        batch.clear()  # the hasher's reference is this same list: nothing keeps the chunks now
+        if self._budgeted and self._free is None:
+            older = max(0, self._unwritten - self._slot)  # still unwritten, but for the newest chunk
+            if self._extra > older:
+                PUT_BUDGET.release(self._extra - older)
+                self._extra = older
+        if self._progress is not None:
+            self._progress.set()
+
+    async def _wait_for_room(self) -> None:
+        """Wait until the next chunk may be read; the caller has handed every unwritten batch to the pipeline."""
+        while True:
+            self._progress = progress = anyio.Event()
+            if self._room():
+                return
+            await progress.wait()
+
+    async def _read_into(self, source: BlobSource) -> AsyncGenerator[memoryview, None]:
+        """Read a file with ``readinto`` into this put's buffers; :meth:`_room` has made one free before each read."""
+        readinto = source.readinto  # type: ignore[union-attr]
+        assert self._free is not None
+        while True:
+            buffer = self._free.pop()
+            n = await readinto(memoryview(buffer))
+            if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= len(buffer):
+                raise TypeError(f"blob source readinto() returned {n!r}, expected a count of bytes")
+            if not n:
+                self._free.append(buffer)
+                return
+            chunk = memoryview(buffer).toreadonly()[:n]
+            del buffer  # the chunk is all that refers to it: when written, the buffer is free again
+            yield chunk
+            del chunk
 
     def _open(self) -> None:
         if self._fd < 0:
@@ -133,40 +221,26 @@ class PendingBlob:
             checkpoint()
             write_all(self._fd, chunk)
             self._unsynced += len(chunk)
-        if self._unsynced >= _SYNC_EVERY:
-            os.fdatasync(self._fd)
-            self._unsynced = 0
 
-    async def _read(self, chunks: AsyncIterator[bytes | bytearray | memoryview]) -> _Chunk | None:
-        """The next chunk of the source (``None`` at its end), read with ``self._guess`` bytes reserved for it."""
-        guess = self._guess
-        try:
-            chunk = await chunks.__anext__()
-        except StopAsyncIteration:
-            self._unreserve(guess)
-            return None
-        n = len(chunk)
-        # the surplus goes back; a chunk bigger than reserved is counted at once (at most one chunk over)
-        self._unreserve(guess - n)
-        if n:
-            self._guess = n
-        return chunk
-
-    async def _take(self, source: BlobSource) -> _Batch:
+    async def _take(self, source: BlobSource, read_size: int) -> _Batch:
         """Consume ``source``: hash and write all of it but a tail smaller than a batch, which is returned."""
         batch: _Batch = []
         pending = total = 0
-        async with aclosing(iterate_source(source)) as chunks:
+        reader = iterate_source(source, read_size) if self._free is None else self._read_into(source)
+        async with aclosing(reader) as chunks:
             while True:
-                if not self._try_reserve(self._guess):  # no room: what we hold goes down the pipeline meanwhile
+                if not self._room():  # no room: what we hold goes down the pipeline meanwhile
                     return await self._pipeline(batch, total, chunks)
-                chunk = await self._read(chunks)
-                if chunk is None:
+                try:
+                    chunk = _frozen(await chunks.__anext__())
+                except StopAsyncIteration:
                     return batch
+                self._taken(len(chunk))
                 total += len(chunk)
                 self._verifier.check_total(total)  # an oversized stream stops now, not a batch later
-                batch.append(_frozen(chunk))
+                batch.append(chunk)
                 pending += len(chunk)
+                del chunk  # once written, nothing may keep it: this frame waits on the pipeline below
                 if pending >= self._batch:
                     return await self._pipeline(batch, total, chunks)
 
@@ -182,33 +256,49 @@ class PendingBlob:
                     await run_sync(self._hash, batch)
                     await to_write.send(batch)
 
+        to_sync, syncing = anyio.create_memory_object_stream[None](1)
+
         async def writer() -> None:
-            async with writing:
+            async with writing, to_sync:
                 async for batch in writing:
                     await run_sync(self._write, batch)
                     self._written(batch)
+                    if self._unsynced >= _SYNC_EVERY:
+                        with contextlib.suppress(anyio.WouldBlock):  # a sync still running covers this one
+                            to_sync.send_nowait(None)
+                            self._unsynced = 0
+
+        async def syncer() -> None:
+            # beside the writer, not in its way: the disk flushes while writing (and hashing) go on
+            async with syncing:
+                async for _ in syncing:
+                    await run_sync(os.fdatasync, self._fd)
 
         batch: _Batch = []
         pending = 0
         async with task_group() as tg:
             tg.start_soon(hasher)
             tg.start_soon(writer)
+            tg.start_soon(syncer)
             async with to_hash:
                 if first:
                     await to_hash.send(first)
                 while True:
-                    if not self._try_reserve(self._guess):
-                        if batch:  # never wait for room holding a partial batch: all could wait so
+                    if not self._room():
+                        if batch:  # never wait for room holding a partial batch: our own writes free the room
                             await to_hash.send(batch)
                             batch, pending = [], 0
-                        await self._reserve(self._guess)
-                    chunk = await self._read(chunks)
-                    if chunk is None:
+                        await self._wait_for_room()
+                    try:
+                        chunk = _frozen(await chunks.__anext__())
+                    except StopAsyncIteration:
                         break
+                    self._taken(len(chunk))
                     total += len(chunk)
                     self._verifier.check_total(total)
-                    batch.append(_frozen(chunk))
+                    batch.append(chunk)
                     pending += len(chunk)
+                    del chunk
                     if pending >= self._batch:
                         await to_hash.send(batch)
                         batch, pending = [], 0
