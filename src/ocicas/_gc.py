@@ -136,12 +136,24 @@ async def gc(
                 "(fix or remove the entry; broken_ok=True keeps only its digest, if readable)"
             )
         kept_roots = {root.digest for root in bad_roots if root.digest is not None}
-        graph = await walk(engine, roots, concurrency=concurrency, broken_ok=broken_ok, max_size=max_size, ctx=ctx)
-        blobs = await engine.list_blobs(ctx=ctx)
+        head = SNIFF_SIZE if referrers else 0
+        blobs: list[Digest] = []
+        infos: dict[Digest, BlobInfo] = {}
+
+        async def survey() -> None:
+            # every blob is listed and stat-ed while the walk reads manifests: the two overlap.
+            # The hooks themselves run, inside gc_lock's operation: the public methods would
+            # check every one of 20,000 digests again, on the event loop.
+            nonlocal blobs, infos
+            blobs = await engine._list_blobs()
+            infos = await engine._stat_blobs(blobs, head)
+
+        async with task_group() as tg:
+            tg.start_soon(survey)
+            graph = await walk(engine, roots, concurrency=concurrency, broken_ok=broken_ok, max_size=max_size, ctx=ctx)
         leased = await engine.leased_blobs(ctx=ctx)  # put by writers that have not tagged them yet
         # set arithmetic over every blob runs in a worker thread: O(n) work stays off the event loop
         unreachable = await _compute(lambda: sorted(set(blobs) - graph.descriptors.keys() - kept_roots))
-        infos = await engine.stat_blobs(unreachable, head=SNIFF_SIZE if referrers else 0, ctx=ctx)
 
         def triage() -> tuple[list[Digest], set[Digest]]:
             old, fresh = [], set()
@@ -179,7 +191,7 @@ async def gc(
         if dry_run:
             removed = {d: infos[d].size for d in candidates}
         else:
-            removed = await engine.delete_blobs(candidates, unmodified_since=cutoff if grace_period else None, ctx=ctx)
+            removed = await engine._delete_blobs(candidates, cutoff if grace_period else None)
             if len(removed) < len(candidates):
                 fresh.update(d for d in candidates if d not in removed)  # freshened by a writer meanwhile
             await engine.gc(ctx=ctx)

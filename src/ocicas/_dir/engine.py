@@ -262,11 +262,15 @@ class DirEngine(Engine):
                 os.close(fd)
             raise OSError(errno.EAGAIN, f"could not create a temporary directory in {str(self.path)!r}")
 
-    def _by_algorithm(self, digests: list[Digest]) -> Iterator[tuple[int, list[Digest]]]:
-        """Group digests by algorithm, yielding each group with its open directory."""
-        groups: dict[str, list[Digest]] = {}
+    def _by_algorithm(self, digests: list[Digest]) -> Iterator[tuple[int, list[tuple[Digest, str]]]]:
+        """Group digests by algorithm, yielding each group, as (digest, file name), with its open directory."""
+        groups: dict[str, list[tuple[Digest, str]]] = {}
         for digest in digests:
-            groups.setdefault(digest.algorithm, []).append(digest)
+            algorithm, _, name = digest.partition(":")
+            group = groups.get(algorithm)
+            if group is None:
+                group = groups[algorithm] = []
+            group.append((digest, name))
         for algorithm, group in groups.items():
             try:
                 alg = self._alg_dir(algorithm)
@@ -339,33 +343,33 @@ class DirEngine(Engine):
     async def _stat_blobs(self, digests: list[Digest], head: int) -> dict[Digest, BlobInfo]:
         def stats(digests: list[Digest]) -> dict[Digest, BlobInfo]:
             out = {}
+            lstat, S_ISREG, open_, pread, close = os.stat, stat.S_ISREG, os.open, os.pread, os.close
             for alg, group in self._by_algorithm(digests):
-                for n, digest in enumerate(group):
+                for n, (digest, name) in enumerate(group):
                     if not n % _BATCH:
                         checkpoint()
-                    name = digest.encoded
                     try:
                         # the stat first: a device or FIFO at a blob path is never opened
-                        st = os.stat(name, dir_fd=alg, follow_symlinks=False)
+                        st = lstat(name, dir_fd=alg, follow_symlinks=False)
                     except FileNotFoundError:
                         continue
-                    if not stat.S_ISREG(st.st_mode):
+                    if not S_ISREG(st.st_mode):
                         continue  # not a blob
                     prefix = b""
                     if head and st.st_size:
                         try:
-                            fd = os.open(name, READ_FLAGS, dir_fd=alg)
+                            fd = open_(name, READ_FLAGS, dir_fd=alg)
                         except OSError as exc:
                             if exc.errno in _VANISHED:
                                 continue  # gone, or swapped for something else meanwhile
                             raise
                         try:
-                            prefix = os.pread(fd, head, 0)
+                            prefix = pread(fd, head, 0)
                         except OSError as exc:
                             if exc.errno not in _VANISHED:
                                 raise
                         finally:
-                            os.close(fd)
+                            close(fd)
                     out[digest] = BlobInfo(st.st_size, st.st_mtime_ns / 1e9, prefix)
             return out
 
@@ -378,9 +382,9 @@ class DirEngine(Engine):
                 for start in range(0, len(group), _BATCH):
                     checkpoint()
                     with blobs_held(alg):  # no collector unlinks them meanwhile
-                        for digest in group[start : start + _BATCH]:
+                        for digest, name in group[start : start + _BATCH]:
                             try:
-                                held = open_blob(alg, digest.encoded, f"blob {digest}")
+                                held = open_blob(alg, name, f"blob {digest}")
                             except InvalidError:
                                 continue
                             if held is None:
@@ -405,8 +409,8 @@ class DirEngine(Engine):
                     checkpoint()
                     # the age check and the unlink, atomic with any writer's freshening, in any process
                     with blobs_held(alg, exclusive=True):
-                        for digest in group[start : start + _BATCH]:
-                            st = unlink_unused(alg, digest.encoded, cutoff)
+                        for digest, name in group[start : start + _BATCH]:
+                            st = unlink_unused(alg, name, cutoff)
                             if st is not None:
                                 removed[digest] = st.st_size
             return removed
