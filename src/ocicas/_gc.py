@@ -152,8 +152,14 @@ async def gc(
             tg.start_soon(survey)
             graph = await walk(engine, roots, concurrency=concurrency, broken_ok=broken_ok, max_size=max_size, ctx=ctx)
         leased = await engine.leased_blobs(ctx=ctx)  # put by writers that have not tagged them yet
-        # set arithmetic over every blob runs in a worker thread: O(n) work stays off the event loop
-        unreachable = await _compute(lambda: sorted(set(blobs) - graph.descriptors.keys() - kept_roots))
+        live = graph.descriptors
+
+        def unreached() -> list[Digest]:
+            # a Python loop in a worker thread, not set arithmetic and a sort (single calls that would
+            # hold the GIL, and so the event loop, for milliseconds); the listing's order is kept: sorted
+            return [d for d in blobs if d not in live and d not in kept_roots]
+
+        unreachable = await _compute(unreached)
 
         def triage() -> tuple[list[Digest], set[Digest]]:
             old, fresh = [], set()
@@ -183,17 +189,18 @@ async def gc(
                 ctx=ctx,
             )
             if kept_referrers:
-                candidates = [d for d in candidates if d not in graph.descriptors]
+                candidates = await _compute(lambda: [d for d in candidates if d not in live])
         vetoed: set[Digest] = set()
         if policy is not None:
             vetoed = await _vetoes(policy, candidates, concurrency)
-            candidates = [d for d in candidates if d not in vetoed]
+            candidates = await _compute(lambda: [d for d in candidates if d not in vetoed])
         if dry_run:
-            removed = {d: infos[d].size for d in candidates}
+            removed = await _compute(lambda: {d: infos[d].size for d in candidates})
         else:
             removed = await engine._delete_blobs(candidates, cutoff if grace_period else None)
             if len(removed) < len(candidates):
-                fresh.update(d for d in candidates if d not in removed)  # freshened by a writer meanwhile
+                # freshened by a writer meanwhile
+                await _compute(lambda: fresh.update(d for d in candidates if d not in removed))
             await engine.gc(ctx=ctx)
 
     def result() -> GCResult:
