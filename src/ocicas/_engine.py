@@ -24,7 +24,7 @@ hook                        does
 ``_release``                free the engine's resources (after every operation left)
 ==========================  ==================================================
 
-Optional hooks with defaults: ``_stat_blobs``, ``_survey_blobs``, ``_touch_blobs``, ``_delete_blobs``,
+Optional hooks with defaults: ``_stat_blobs``, ``_touch_blobs``, ``_delete_blobs``,
 ``_mount_blob``, ``_list_broken_roots``, ``_referrers``, the collector's lock
 (``_gc_lock`` exclusive, ``_gc_shared`` shared; in-process by default) and leases
 (``_lease_begin``, ``_lease_record``, ``_lease_end``, ``_leased_blobs``; in-process
@@ -569,13 +569,6 @@ class Engine(ABC):
                 continue
             out[digest] = BlobInfo(size, None, prefix)
         return out
-
-    async def _survey_blobs(self, head: int) -> dict[Digest, BlobInfo]:
-        """Every stored blob with its :class:`BlobInfo` (and ``head`` bytes), in digest order: GC's first pass.
-
-        Default: :meth:`_list_blobs`, then :meth:`_stat_blobs`; an engine may do both in one pass.
-        """
-        return await self._stat_blobs(await self._list_blobs(), head)
 
     async def _touch_blobs(self, digests: list[Digest]) -> dict[Digest, BlobInfo]:
         """Default, for engines without blob times: only report them."""

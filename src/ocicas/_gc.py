@@ -136,13 +136,17 @@ async def gc(
                 "(fix or remove the entry; broken_ok=True keeps only its digest, if readable)"
             )
         kept_roots = {root.digest for root in bad_roots if root.digest is not None}
+        head = SNIFF_SIZE if referrers else 0
+        blobs: list[Digest] = []
         infos: dict[Digest, BlobInfo] = {}
 
         async def survey() -> None:
-            # every blob is listed and stat-ed (in one pass, where the engine can) while the walk
-            # reads manifests: the two overlap. The hooks themselves run, inside gc_lock's operation.
-            nonlocal infos
-            infos = await engine._survey_blobs(SNIFF_SIZE if referrers else 0)
+            # every blob is listed and stat-ed while the walk reads manifests: the two overlap.
+            # The hooks themselves run, inside gc_lock's operation: the public methods would
+            # check every one of 20,000 digests again, on the event loop.
+            nonlocal blobs, infos
+            blobs = await engine._list_blobs()
+            infos = await engine._stat_blobs(blobs, head)
 
         async with task_group() as tg:
             tg.start_soon(survey)
@@ -152,8 +156,8 @@ async def gc(
 
         def unreached() -> list[Digest]:
             # a Python loop in a worker thread, not set arithmetic and a sort (single calls that would
-            # hold the GIL, and so the event loop, for milliseconds); the survey's order is kept: sorted
-            return [d for d in infos if d not in live and d not in kept_roots]
+            # hold the GIL, and so the event loop, for milliseconds); the listing's order is kept: sorted
+            return [d for d in blobs if d not in live and d not in kept_roots]
 
         unreachable = await _compute(unreached)
 

@@ -375,68 +375,6 @@ class DirEngine(Engine):
 
         return await run_sync(stats, digests)
 
-    async def _survey_blobs(self, head: int) -> dict[Digest, BlobInfo]:
-        """The listing and the stats in one pass over each blob directory, in one thread hop."""
-
-        def survey() -> dict[Digest, BlobInfo]:
-            out: dict[Digest, BlobInfo] = {}
-            lstat, S_ISREG, open_, pread, close = os.stat, stat.S_ISREG, os.open, os.pread, os.close
-            for algorithm in sorted(SUPPORTED_ALGORITHMS):
-                try:
-                    alg = self._alg_dir(algorithm)
-                except FileNotFoundError:
-                    continue
-                # sorted in buckets by the first two hex digits: no one sort call holds the GIL
-                # (and so the event loop) for the milliseconds one over every blob would take
-                buckets: dict[str, list[tuple[str, BlobInfo]]] = {}
-                try:
-                    fullmatch = _ENCODED[algorithm].fullmatch
-                    with os.scandir(alg) as entries:
-                        for n, entry in enumerate(entries):
-                            if not n % _BATCH:
-                                checkpoint()
-                            name = entry.name
-                            if not fullmatch(name) or not entry.is_file(follow_symlinks=False):
-                                continue
-                            try:
-                                # the stat first: a device or FIFO at a blob path is never opened
-                                st = lstat(name, dir_fd=alg, follow_symlinks=False)
-                            except FileNotFoundError:
-                                continue
-                            if not S_ISREG(st.st_mode):
-                                continue
-                            prefix = b""
-                            if head and st.st_size:
-                                try:
-                                    fd = open_(name, READ_FLAGS, dir_fd=alg)
-                                except OSError as exc:
-                                    if exc.errno in _VANISHED:
-                                        continue  # gone, or swapped for something else meanwhile
-                                    raise
-                                try:
-                                    prefix = pread(fd, head, 0)
-                                except OSError as exc:
-                                    if exc.errno not in _VANISHED:
-                                        raise
-                                finally:
-                                    close(fd)
-                            info = BlobInfo(st.st_size, st.st_mtime_ns / 1e9, prefix)
-                            bucket = buckets.get(name[:2])
-                            if bucket is None:
-                                bucket = buckets[name[:2]] = []
-                            bucket.append((name, info))
-                finally:
-                    os.close(alg)
-                trusted, label = Digest._trusted, f"{algorithm}:"
-                for key in sorted(buckets):
-                    bucket = buckets[key]
-                    bucket.sort()  # names are unique: the infos are never compared
-                    for name, info in bucket:
-                        out[trusted(label + name)] = info  # the name matched the grammar
-            return out
-
-        return await run_sync(survey)
-
     async def _touch_blobs(self, digests: list[Digest]) -> dict[Digest, BlobInfo]:
         def touch() -> dict[Digest, BlobInfo]:
             out = {}
