@@ -136,20 +136,17 @@ async def gc(
                 "(fix or remove the entry; broken_ok=True keeps only its digest, if readable)"
             )
         kept_roots = {root.digest for root in bad_roots if root.digest is not None}
-        head = SNIFF_SIZE if referrers else 0
         blobs: list[Digest] = []
-        infos: dict[Digest, BlobInfo] = {}
 
-        async def survey() -> None:
-            # every blob is listed and stat-ed while the walk reads manifests: the two overlap.
-            # The hooks themselves run, inside gc_lock's operation: the public methods would
-            # check every one of 20,000 digests again, on the event loop.
-            nonlocal blobs, infos
+        async def listing() -> None:
+            # the listing runs while the walk reads manifests: the two overlap. The hooks themselves
+            # run, inside gc_lock's operation: the public methods would check every digest again,
+            # on the event loop.
+            nonlocal blobs
             blobs = await engine._list_blobs()
-            infos = await engine._stat_blobs(blobs, head)
 
         async with task_group() as tg:
-            tg.start_soon(survey)
+            tg.start_soon(listing)
             graph = await walk(engine, roots, concurrency=concurrency, broken_ok=broken_ok, max_size=max_size, ctx=ctx)
         leased = await engine.leased_blobs(ctx=ctx)  # put by writers that have not tagged them yet
         live = graph.descriptors
@@ -160,6 +157,8 @@ async def gc(
             return [d for d in blobs if d not in live and d not in kept_roots]
 
         unreachable = await _compute(unreached)
+        # only what is unreachable is stat-ed and sniffed: a store of mostly live blobs costs no more
+        infos = await engine._stat_blobs(unreachable, SNIFF_SIZE if referrers else 0)
 
         def triage() -> tuple[list[Digest], set[Digest]]:
             old, fresh = [], set()
