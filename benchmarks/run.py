@@ -331,32 +331,54 @@ GC_SCRIPT = textwrap.dedent(
 )
 
 
+def child_cpu(func: Callable[[], object]) -> tuple[float, float]:
+    """Wall seconds of ``func()`` and the CPU seconds (user + system) of the child processes it waited for."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    seconds = timed(func)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return seconds, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
 def case_gc(workdir: Path, repeat: int, images: int, garbage: int) -> list[Row]:
-    """Whole-process GC against umoci gc, each on a fresh copy of the same layout."""
+    """Whole-process GC against umoci gc, each on a fresh copy of the same layout.
+
+    CPU seconds (user + system) are reported too: on a loaded machine they vary far less than wall time.
+    """
     base = workdir / "gc-base"
     make_gc_layout(base, images, garbage)
     # compiled once, as an installed package is: an uncompiled import costs a whole-process run 0.1-0.3 s
     subprocess.run([sys.executable, "-c", "import ocicas; ocicas.gc; ocicas.open_layout"], check=True)
     umoci = shutil.which("umoci")
-    ours_samples, umoci_samples = [], []
+    ours_samples, umoci_samples, ours_cpu, umoci_cpu = [], [], [], []
     for i in range(repeat):
         copy = workdir / f"gc-ours-{i}"
         shutil.copytree(base, copy)
-        start = time.perf_counter()
-        out = subprocess.run([sys.executable, "-c", GC_SCRIPT, str(copy)], check=True, capture_output=True, text=True)
-        ours_samples.append(time.perf_counter() - start)
-        assert int(out.stdout) == garbage, out.stdout
+        out: list[subprocess.CompletedProcess[str]] = []
+        seconds, cpu = child_cpu(
+            lambda: out.append(
+                subprocess.run([sys.executable, "-c", GC_SCRIPT, str(copy)], check=True, capture_output=True, text=True)
+            )
+        )
+        ours_samples.append(seconds)
+        ours_cpu.append(cpu)
+        assert int(out[0].stdout) == garbage, out[0].stdout
         kept = set(os.listdir(copy / "blobs" / "sha256"))
         shutil.rmtree(copy)
         if umoci:
             copy = workdir / f"gc-umoci-{i}"
             shutil.copytree(base, copy)
-            umoci_samples.append(run_quiet([umoci, "gc", "--layout", str(copy)]))
+            seconds, cpu = child_cpu(lambda: run_quiet([umoci, "gc", "--layout", str(copy)]))
+            umoci_samples.append(seconds)
+            umoci_cpu.append(cpu)
             assert set(os.listdir(copy / "blobs" / "sha256")) == kept
             shutil.rmtree(copy)
     shutil.rmtree(base)
     ours = median(ours_samples)
     reference = median(umoci_samples) if umoci_samples else None
+    extra: dict[str, Any] = {"cpu ms": median(ours_cpu) * 1000}
+    if umoci_cpu:
+        extra["umoci cpu ms"] = median(umoci_cpu) * 1000
+        extra["cpu ratio ×100"] = median(ours_cpu) / median(umoci_cpu) * 100
     return [
         Row(
             f"gc: {images} images + {garbage} garbage blobs, whole process",
@@ -366,6 +388,7 @@ def case_gc(workdir: Path, repeat: int, images: int, garbage: int) -> list[Row]:
             "umoci gc" if umoci else "(umoci not installed)",
             "≤ 1.0×",
             None if reference is None else ours <= reference,
+            extra=extra,
         )
     ]
 

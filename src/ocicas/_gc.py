@@ -136,12 +136,29 @@ async def gc(
                 "(fix or remove the entry; broken_ok=True keeps only its digest, if readable)"
             )
         kept_roots = {root.digest for root in bad_roots if root.digest is not None}
-        graph = await walk(engine, roots, concurrency=concurrency, broken_ok=broken_ok, max_size=max_size, ctx=ctx)
-        blobs = await engine.list_blobs(ctx=ctx)
+        blobs: list[Digest] = []
+
+        async def listing() -> None:
+            # the listing runs while the walk reads manifests: the two overlap. The hooks themselves
+            # run, inside gc_lock's operation: the public methods would check every digest again,
+            # on the event loop.
+            nonlocal blobs
+            blobs = await engine._list_blobs()
+
+        async with task_group() as tg:
+            tg.start_soon(listing)
+            graph = await walk(engine, roots, concurrency=concurrency, broken_ok=broken_ok, max_size=max_size, ctx=ctx)
         leased = await engine.leased_blobs(ctx=ctx)  # put by writers that have not tagged them yet
-        # set arithmetic over every blob runs in a worker thread: O(n) work stays off the event loop
-        unreachable = await _compute(lambda: sorted(set(blobs) - graph.descriptors.keys() - kept_roots))
-        infos = await engine.stat_blobs(unreachable, head=SNIFF_SIZE if referrers else 0, ctx=ctx)
+        live = graph.descriptors
+
+        def unreached() -> list[Digest]:
+            # a Python loop in a worker thread, not set arithmetic and a sort (single calls that would
+            # hold the GIL, and so the event loop, for milliseconds); the listing's order is kept: sorted
+            return [d for d in blobs if d not in live and d not in kept_roots]
+
+        unreachable = await _compute(unreached)
+        # only what is unreachable is stat-ed and sniffed: a store of mostly live blobs costs no more
+        infos = await engine._stat_blobs(unreachable, SNIFF_SIZE if referrers else 0)
 
         def triage() -> tuple[list[Digest], set[Digest]]:
             old, fresh = [], set()
@@ -171,17 +188,18 @@ async def gc(
                 ctx=ctx,
             )
             if kept_referrers:
-                candidates = [d for d in candidates if d not in graph.descriptors]
+                candidates = await _compute(lambda: [d for d in candidates if d not in live])
         vetoed: set[Digest] = set()
         if policy is not None:
             vetoed = await _vetoes(policy, candidates, concurrency)
-            candidates = [d for d in candidates if d not in vetoed]
+            candidates = await _compute(lambda: [d for d in candidates if d not in vetoed])
         if dry_run:
-            removed = {d: infos[d].size for d in candidates}
+            removed = await _compute(lambda: {d: infos[d].size for d in candidates})
         else:
-            removed = await engine.delete_blobs(candidates, unmodified_since=cutoff if grace_period else None, ctx=ctx)
+            removed = await engine._delete_blobs(candidates, cutoff if grace_period else None)
             if len(removed) < len(candidates):
-                fresh.update(d for d in candidates if d not in removed)  # freshened by a writer meanwhile
+                # freshened by a writer meanwhile
+                await _compute(lambda: fresh.update(d for d in candidates if d not in removed))
             await engine.gc(ctx=ctx)
 
     def result() -> GCResult:
