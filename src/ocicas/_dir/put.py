@@ -36,9 +36,10 @@ _PIPELINE_BATCH: Final = CHUNK_SIZE
 #: Batches waiting between the stages of put_blob's pipeline (with those in work: ≈ 7 batches in memory).
 _PIPELINE_DEPTH: Final = 2
 # issue 16 (memory): a vouched put (the source is a verifying BlobReader, as in copy) only counts, so its
-# pipeline is shallow and its batches small: with copy's 4 transfers at once, about 4 x 5 MiB instead of 4 x 28 MiB.
+# pipeline is shallow and its batches small, and it reads its source a batch at a time: with copy's 4 transfers at
+# once, a few MiB in all (a whole 1 GiB pull from a registry stays under 64 MiB of RSS) instead of 4 x 28 MiB.
 #: A vouched put hands the worker threads this much at a time.
-_VOUCHED_BATCH: Final = 1 << 20
+_VOUCHED_BATCH: Final = 256 << 10
 #: Batches waiting between the stages of a vouched put.
 _VOUCHED_DEPTH: Final = 1
 #: put_blob syncs each time this much more is written, so the disk works while hashing goes on.
@@ -156,7 +157,8 @@ class PendingBlob:
         """Consume ``source``: hash and write all of it but a tail smaller than a batch, which is returned."""
         batch: _Batch = []
         pending = total = 0
-        async with aclosing(iterate_source(source)) as chunks:
+        # a vouched source is read a batch at a time: its chunks are what a copy holds in flight
+        async with aclosing(iterate_source(source, _VOUCHED_BATCH if self._vouched else CHUNK_SIZE)) as chunks:
             while True:
                 if not self._try_reserve(self._guess):  # no room: what we hold goes down the pipeline meanwhile
                     return await self._pipeline(batch, total, chunks)
@@ -181,12 +183,14 @@ class PendingBlob:
                 async for batch in hashing:
                     await run_sync(self._hash, batch)
                     await to_write.send(batch)
+                    del batch  # not held (outside the budget) while waiting for the next one
 
         async def writer() -> None:
             async with writing:
                 async for batch in writing:
                     await run_sync(self._write, batch)
                     self._written(batch)
+                    del batch  # given back to the budget: not held while waiting for the next one
 
         batch: _Batch = []
         pending = 0
