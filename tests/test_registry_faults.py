@@ -295,7 +295,9 @@ async def test_a_push_through_5xx_on_every_upload_step_lands_verified(
     proxy.faults = Faults(
         methods=frozenset({"POST", "PATCH", "PUT"}), path=UPLOADS, fail=[503, 500, 503, 503, 500, 503]
     )
-    async with src, await through(proxy, repository, chunk_size=256 * KiB) as dst:
+    # retries enough for all six to hit one request: which requests they hit depends on timing
+    patient = RetryPolicy(retries=6, backoff=0.001, max_delay=5)
+    async with src, await through(proxy, repository, chunk_size=256 * KiB, retry=patient) as dst:
         result = await copy(src, "v1", dst)
     await check_pushed(registry, repository, root, digests)
     assert len([f for _, _, f in proxy.faults.log if f in ("500", "503")]) == 6
