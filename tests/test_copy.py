@@ -223,18 +223,20 @@ async def test_a_copy_cancelled_within_a_blob_leaves_no_part_of_it(
     engines: tuple[Engine, Engine], tmp_path: Path
 ) -> None:
     src, dst = engines
-    image = await Image.put(src, big=9 << 20)  # the amd64 layer moves in three chunks
+    image = await Image.put(src, big=9 << 20)  # the amd64 layer moves in several chunks
     ctx = Context.background().with_cancel()
     chunks: list[int] = []
 
     def cancel_midway(event: CopyEvent) -> None:
-        if event.kind == "progress" and event.nbytes > 1 << 20:
+        # the first chunk of the big layer, whatever size the destination reads it in
+        if event.kind == "progress" and event.descriptor is not None and event.descriptor.size > 9 << 20:
             chunks.append(event.nbytes)
             ctx.cancel()
 
     with pytest.raises(ocicas.ContextCancelledError):
         await copy(src, "v1", dst, concurrency=1, progress=cancel_midway, ctx=ctx)
-    assert chunks == [4 << 20]
+    assert len(chunks) == 1
+    assert 0 < chunks[0] < 9 << 20  # cancelled within the blob
     landed = await _intact(dst)
     assert all(info.size < 1 << 20 for info in (await dst.stat_blobs(landed)).values())  # no part of the big one
     if isinstance(dst, ocicas.DirEngine):

@@ -175,7 +175,8 @@ async def test_a_long_stream_goes_up_in_chunked_patches(registry: Registry) -> N
     async with await open_repository(registry, repository, transport=recorder, chunk_size=4 * MiB) as engine:
         recorder.take()
         assert await engine.put_blob(chunks()) == (sha256(data), len(data))
-        assert [m for m, _ in recorder.take()] == ["POST", "PATCH", "PATCH", "PUT"]
+        # two full chunks, the tail as a PATCH too, and a closing PUT that carries no bytes (one cut is resumable)
+        assert [m for m, _ in recorder.take()] == ["POST", "PATCH", "PATCH", "PATCH", "PUT"]
         assert await engine.read_blob(sha256(data)) == data
 
 

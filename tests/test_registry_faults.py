@@ -23,6 +23,7 @@ from ocicas import Descriptor, Digest, Engine
 from ocicas._copy import CopyEvent, copy
 from ocicas._errors import InvalidError, RegistryUnreachableError
 from ocicas.registry import RegistryEngine, RetryPolicy, open_registry
+from ocicas.registry._upload import UPLOAD_BUDGET
 from ocicas.testing import sha256
 from tests.fault_proxy import FaultProxy, Faults, running_proxy
 from tests.images import put_image
@@ -294,8 +295,51 @@ async def test_a_push_through_5xx_on_every_upload_step_lands_verified(
     proxy.faults = Faults(
         methods=frozenset({"POST", "PATCH", "PUT"}), path=UPLOADS, fail=[503, 500, 503, 503, 500, 503]
     )
-    async with src, await through(proxy, repository, chunk_size=256 * KiB) as dst:
+    # retries enough for all six to hit one request: which requests they hit depends on timing
+    patient = RetryPolicy(retries=6, backoff=0.001, max_delay=5)
+    async with src, await through(proxy, repository, chunk_size=256 * KiB, retry=patient) as dst:
         result = await copy(src, "v1", dst)
     await check_pushed(registry, repository, root, digests)
     assert len([f for _, _, f in proxy.faults.log if f in ("500", "503")]) == 6
     assert result.retries == 6
+
+
+async def test_concurrent_pushes_hold_at_most_the_upload_budget(
+    registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # two 256 KiB chunks in flight across all four transfers: each chunk is reserved before it is read
+    monkeypatch.setattr(UPLOAD_BUDGET, "limit", 512 * KiB)
+    repository = registry.repository()
+    src, root, digests = await layout_image(tmp_path / "src")
+    held: list[int] = []
+    async with src, await direct_options(registry, repository, chunk_size=256 * KiB) as dst:
+        await copy(src, "v1", dst, concurrency=4, progress=lambda event: held.append(UPLOAD_BUDGET.used))
+    await check_pushed(registry, repository, root, digests)
+    assert 0 < max(held) <= 512 * KiB
+    assert UPLOAD_BUDGET.used == 0
+
+
+async def test_a_failed_push_gives_its_budget_back(registry: Registry, proxy: FaultProxy, tmp_path: Path) -> None:
+    repository = registry.repository()
+    src, _, _ = await layout_image(tmp_path / "src")
+    proxy.faults = Faults(methods=frozenset({"PATCH"}), path=UPLOADS, fail=[503] * 100)
+    async with src, await through(proxy, repository, chunk_size=256 * KiB) as dst:
+        with pytest.raises(ocicas.RegistryError):
+            await copy(src, "v1", dst)
+    assert UPLOAD_BUDGET.used == 0
+
+
+async def test_a_chunk_bigger_than_the_whole_budget_goes_alone(
+    registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(UPLOAD_BUDGET, "limit", 100 * KiB)
+    repository = registry.repository()
+    src, root, digests = await layout_image(tmp_path / "src")
+    async with src, await direct_options(registry, repository, chunk_size=256 * KiB) as dst:
+        await copy(src, "v1", dst, concurrency=4)
+    await check_pushed(registry, repository, root, digests)
+    assert UPLOAD_BUDGET.used == 0
+
+
+async def direct_options(registry: Registry, repository: str, **options: Any) -> RegistryEngine:
+    return await open_registry(registry.location(repository), docker_config=False, **options)

@@ -387,10 +387,10 @@ class DirEngine(Engine):
                     leaves[child.digest] = None
         stats: dict[Digest, BlobInfo] = {}
         try:
-            for alg, group in self._by_algorithm(list(leaves)):
+            for alg, start, group in self._by_algorithm(list(leaves)):
                 for digest in group:
                     try:
-                        st = os.stat(digest.encoded, dir_fd=alg, follow_symlinks=False)
+                        st = os.stat(digest[start:], dir_fd=alg, follow_symlinks=False)
                     except FileNotFoundError:
                         continue
                     if stat.S_ISREG(st.st_mode):

@@ -37,9 +37,10 @@ _PIPELINE_BATCH: Final = CHUNK_SIZE
 #: Batches waiting between the stages of put_blob's pipeline (a streamed put's memory is bounded by the budget).
 _PIPELINE_DEPTH: Final = 2
 # issue 16 (memory): a vouched put (the source is a verifying BlobReader, as in copy) only counts, so its
-# pipeline is shallow and its batches small: with copy's 4 transfers at once, about 4 x 5 MiB instead of 4 x 28 MiB.
+# pipeline is shallow and its batches small, and it reads its source a batch at a time: with copy's 4 transfers at
+# once, a few MiB in all (a whole 1 GiB pull from a registry stays under 64 MiB of RSS) instead of 4 x 28 MiB.
 #: A vouched put hands the worker threads this much at a time.
-_VOUCHED_BATCH: Final = 1 << 20
+_VOUCHED_BATCH: Final = 256 << 10
 #: Batches waiting between the stages of a vouched put.
 _VOUCHED_DEPTH: Final = 1
 #: Room a streamed put is admitted with, before it knows the size of its source's chunks.
@@ -100,7 +101,8 @@ class PendingBlob:
         if self._budgeted:
             self._per_put = PUT_BUDGET.holder_limit
             # a file is read in pieces that leave room for the pipeline; an iterator's chunks are its own
-            read_size = max(_MIN_READ, min(CHUNK_SIZE, self._per_put // 4))
+            # (a vouched source, copy's reader, a batch at a time: its chunks are what a copy holds in flight)
+            read_size = max(_MIN_READ, min(_VOUCHED_BATCH if self._vouched else CHUNK_SIZE, self._per_put // 4))
             # a file yields what it is asked for; an iterator's chunks are guessed, then counted as they come
             self._slot = read_size if reads_async(source) else min(_FIRST_SLOT, read_size)
             if reads_async(source) and inspect.iscoroutinefunction(getattr(source, "readinto", None)):
@@ -255,6 +257,7 @@ class PendingBlob:
                 async for batch in hashing:
                     await run_sync(self._hash, batch)
                     await to_write.send(batch)
+                    del batch  # not held (outside the budget) while waiting for the next one
 
         to_sync, syncing = anyio.create_memory_object_stream[None](1)
 
@@ -263,6 +266,7 @@ class PendingBlob:
                 async for batch in writing:
                     await run_sync(self._write, batch)
                     self._written(batch)
+                    del batch  # given back to the budget: not held while waiting for the next one
                     if self._unsynced >= _SYNC_EVERY:
                         with contextlib.suppress(anyio.WouldBlock):  # a sync still running covers this one
                             to_sync.send_nowait(None)

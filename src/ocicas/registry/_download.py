@@ -74,9 +74,17 @@ class ResumingRaw(RawBlob):
             self._buffer.append(piece)
             self._buffered += len(piece)
             self._fetched += len(piece)
-        data = self._buffer[0] if len(self._buffer) == 1 else b"".join(self._buffer)
-        chunk, rest = data[:n], data[n:]
-        self._buffer, self._buffered = ([rest] if rest else []), len(rest)
+        buffer = self._buffer
+        if self._buffered <= n:  # the usual case: all of it, joined once
+            chunk = buffer[0] if len(buffer) == 1 else b"".join(buffer)
+            self._buffer, self._buffered = [], 0
+            return chunk
+        # the last piece overshot: only it is split, so the bytes are copied once
+        last = buffer.pop()
+        cut = len(last) - (self._buffered - n)
+        buffer.append(last[:cut])
+        chunk = buffer[0] if len(buffer) == 1 else b"".join(buffer)
+        self._buffer, self._buffered = [last[cut:]], len(last) - cut
         return chunk
 
     async def _next_piece(self) -> bytes:

@@ -58,7 +58,7 @@ from .._errors import (
     SizeMismatchError,
     UnsupportedError,
 )
-from .._reader import RawBlob
+from .._reader import BlobReader, RawBlob
 from .._source import BlobSource, iterate_source
 from .._tasks import bounded_shield, task_group
 from .._threads import CHUNK_SIZE, hash_into
@@ -68,9 +68,12 @@ from ._manifests import ACCEPT, DocumentCache, is_manifest_type
 from ._streams import read_body, release
 from ._tags import TagStore
 from ._transport import RegistryClient, note_retry
-from ._upload import UploadSession, mount_blob, transient
+from ._upload import UPLOAD_BUDGET, UploadSession, mount_blob, transient
 
 __all__ = ["RegistryEngine"]
+
+#: A push reads its source this much at a time: a chunk goes up as these pieces, never joined.
+_PIECE_SIZE: Final = 256 << 10
 
 #: Why :func:`ocicas.gc` cannot run on a registry (raised by ``list_roots``).
 _NO_GC: Final = (
@@ -159,36 +162,75 @@ class RegistryEngine(Engine):
                 note_retry(self._client)
 
     async def _put_stream(self, source: BlobSource, verifier: Verifier, *, absent: bool) -> tuple[Digest, int]:
-        """Store a stream: a short one as a whole, a long one as chunked ``PATCH``es."""
+        """Store a stream: a short one as a whole, a long one as chunked ``PATCH``es.
+
+        Every byte read and not yet acknowledged by the registry counts against
+        :data:`UPLOAD_BUDGET`, reserved a chunk at a time before it is read: the
+        pushes of a process hold that much at most, however many run at once. A
+        source that verifies itself (a :class:`BlobReader` of this digest, as in
+        :func:`ocicas.copy`) is not hashed a second time.
+        """
+        vouched = isinstance(source, BlobReader) and source.vouches_for(verifier.digest, verifier.size)
+        chunk_size = self._chunk_size
         session: UploadSession | None = None
+        held = 0  # bytes of UPLOAD_BUDGET this upload holds
         try:
             pending: list[bytes] = []
             size = total = 0
-            async with aclosing(iterate_source(source)) as chunks:
-                async for chunk in chunks:
+            async with aclosing(iterate_source(source, min(chunk_size, _PIECE_SIZE))) as chunks:
+                while True:
+                    if not held:  # a new chunk: room for all of it first, so none waits holding part of one
+                        want = chunk_size if verifier.size is None else min(chunk_size, verifier.size - total)
+                        if want > 0:
+                            await UPLOAD_BUDGET.acquire(want)
+                            held = want
+                    chunk = await anext(chunks, None)
+                    if chunk is None:
+                        break
                     total += len(chunk)
                     verifier.check_total(total)  # an oversized stream stops here, before it is sent
                     pending.append(bytes(chunk))
                     size += len(chunk)
-                    if size >= self._chunk_size:
+                    if size > held:  # more than reserved (a source of bigger pieces): counted, not waited for
+                        UPLOAD_BUDGET.release(held - size)
+                        held = size
+                    if size >= chunk_size:
                         if session is None:
                             session = UploadSession(self._client)
                             await session.start()
-                        if size >= max(self._chunk_size, session.min_chunk):
-                            await session.append(pending[0] if len(pending) == 1 else b"".join(pending), verifier)
+                        if size >= max(chunk_size, session.min_chunk):
+                            await session.append(pending, verifier, vouched=vouched)
                             pending, size = [], 0
-            last = b"".join(pending)
+                            UPLOAD_BUDGET.release(held)
+                            held = 0
             if session is None:
-                return await self._put_whole(last, verifier, absent=absent)
-            await hash_into(verifier, last)
-            digest = verifier.verify()
+                return await self._put_whole(b"".join(pending), verifier, absent=absent)
+            if pending and size >= session.min_chunk:
+                # the tail goes as a PATCH too: a cut one resumes, while a closing PUT cut with bytes on board
+                # loses the session (distribution drops it) and, the source being read, the upload
+                await session.append(pending, verifier, vouched=vouched)
+                pending = []
+            if vouched:
+                for piece in pending:
+                    verifier.count(piece)
+                if verifier.size is not None and verifier.received != verifier.size:
+                    verifier.verify()  # raises SizeMismatchError
+                assert verifier.digest is not None  # the reader raised before its end had the content been wrong
+                digest = verifier.digest
+            else:
+                for piece in pending:
+                    await hash_into(verifier, piece)
+                digest = verifier.verify()
             await anyio.lowlevel.checkpoint()  # the last chance to cancel before it is committed
-            await session.commit(digest, last)
+            await session.commit(digest, pending)
             return digest, verifier.received
         except BaseException:
             if session is not None:
                 await session.cancel()
             raise
+        finally:
+            if held:
+                UPLOAD_BUDGET.release(held)
 
     async def mount_blob(
         self,

@@ -14,6 +14,7 @@ from .._threads import run_sync
 from ._auth import Authenticator, Credentials, load_docker_credentials
 from ._engine import RegistryEngine
 from ._location import RegistryLocation, parse_registry_location
+from ._net import big_reads
 from ._transport import RegistryClient, RetryPolicy
 
 __all__ = ["open_registry"]
@@ -95,6 +96,8 @@ async def open_registry(
         )
 
     http = await run_sync(client)
+    if transport is None:
+        big_reads(http)
     authenticator = Authenticator(credentials, f"repository {location.repository!r} on registry {location.base_url}")
     engine = RegistryEngine(
         RegistryClient(http, location, authenticator, concurrency=concurrency, retry=retry or RetryPolicy()),

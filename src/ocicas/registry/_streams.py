@@ -11,7 +11,7 @@ once because the connection is closed.
 from __future__ import annotations
 
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Final
 
 import anyio
@@ -25,30 +25,38 @@ BODIES: Final[weakref.WeakKeyDictionary[httpx.Response, bytes]] = weakref.WeakKe
 _RELEASE_TIMEOUT: Final = 1.0
 
 
-class _Once:
-    """An async iterator yielding one bytes object: a request body without an async generator."""
+class _Pieces:
+    """An async iterator over bytes objects: a request body without an async generator."""
 
-    def __init__(self, data: bytes) -> None:
-        self._data: bytes | None = data
+    def __init__(self, pieces: Sequence[bytes]) -> None:
+        self._pieces = iter(pieces)
 
-    def __aiter__(self) -> _Once:
+    def __aiter__(self) -> _Pieces:
         return self
 
     async def __anext__(self) -> bytes:
-        if self._data is None:
-            raise StopAsyncIteration
-        data, self._data = self._data, None
-        return data
+        for piece in self._pieces:
+            if piece:
+                return piece
+        raise StopAsyncIteration
 
 
 class Body(httpx.AsyncByteStream):
-    """A request body of known bytes, iterated without an async generator (see the module doc)."""
+    """A request body of known bytes, in one piece or several (sent as they are, never joined).
 
-    def __init__(self, data: bytes) -> None:
-        self._data = data
+    Iterated without an async generator (see the module doc).
+    """
+
+    def __init__(self, data: bytes | Sequence[bytes]) -> None:
+        self._pieces: Sequence[bytes] = (data,) if isinstance(data, bytes) else data
 
     def __aiter__(self) -> AsyncIterator[bytes]:
-        return _Once(self._data)
+        return _Pieces(self._pieces)
+
+    def drop(self) -> None:
+        """Let go of the bytes once sent: httpx's responses are reference cycles that keep their request,
+        so a body would otherwise stay in memory until the cyclic collector runs."""
+        self._pieces = ()
 
 
 async def release(response: httpx.Response, iterator: AsyncIterator[bytes] | None = None) -> None:

@@ -29,7 +29,7 @@ import random
 import ssl
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Final
 
 import anyio
@@ -183,7 +183,7 @@ class RegistryClient:
         url: str,
         *,
         headers: Mapping[str, str] | None = None,
-        content: bytes | None = None,
+        content: bytes | Sequence[bytes] | None = None,
         params: Mapping[str, str] | None = None,
         scope: str | None = None,
         stream: bool = False,
@@ -197,15 +197,21 @@ class RegistryClient:
         answered_challenge = False
         while True:
             request = self.http.build_request(method, url, headers=headers, params=params)
+            body = None
             if content is not None:
-                request.headers["Content-Length"] = str(len(content))
-                request.stream = Body(content)
+                length = len(content) if isinstance(content, bytes) else sum(map(len, content))
+                request.headers["Content-Length"] = str(length)
+                request.stream = body = Body(content)
             authorization = self.auth.authorization(scope)
             if authorization is not None:
                 request.headers["Authorization"] = authorization
             try:
                 async with self.limiter:
-                    response = await self.http.send(request, stream=True, follow_redirects=follow_redirects)
+                    try:
+                        response = await self.http.send(request, stream=True, follow_redirects=follow_redirects)
+                    finally:
+                        if body is not None:  # sent (HTTP/1.1 answers after the whole body) or failed
+                            body.drop()
             except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
                 if retryable and attempt < self.retry.retries:
                     await anyio.sleep(self.retry.delay(attempt))

@@ -17,11 +17,13 @@ hand is then sent again as a new upload by the engine.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Final
 
 import anyio
 import httpx
 
+from .._budget import ByteBudget
 from .._digest import Digest, Verifier
 from .._errors import (
     BlobNotFoundError,
@@ -35,8 +37,12 @@ from .._tasks import task_group
 from .._threads import hash_into
 from ._transport import RETRY_STATUSES, RegistryClient, error_codes, note_retry
 
-__all__ = ["UploadSession", "mount_blob", "transient"]
+__all__ = ["UPLOAD_BUDGET", "UploadSession", "mount_blob", "transient"]
 
+#: Bytes all blob pushes of the process may hold at once (read, and not yet acknowledged by a registry):
+#: a chunk is reserved before it is read and given back once its ``PATCH`` was answered. Two 4 MiB
+#: chunks in flight keep a 2-core machine busy; ``UPLOAD_BUDGET.limit`` may be changed at any time.
+UPLOAD_BUDGET: Final = ByteBudget(8 << 20)
 #: Seconds a cancelled upload's ``DELETE`` may take before it is abandoned (the registry purges it later).
 _CANCEL_TIMEOUT: Final = 5.0
 
@@ -46,6 +52,17 @@ def transient(exc: BaseException) -> bool:
     return isinstance(exc, RegistryUnreachableError) or (
         isinstance(exc, RegistryError) and exc.status in RETRY_STATUSES
     )
+
+
+def _tail(pieces: Sequence[bytes], offset: int) -> Sequence[bytes]:
+    """The pieces less their first ``offset`` bytes (the first piece kept cut, if need be)."""
+    if not offset:
+        return pieces
+    for i, piece in enumerate(pieces):
+        if offset < len(piece):
+            return [piece[offset:], *pieces[i + 1 :]]
+        offset -= len(piece)
+    return []
 
 
 def _octets(size: int) -> dict[str, str]:
@@ -83,26 +100,40 @@ class UploadSession:
         except ValueError:
             self.min_chunk = 0
 
-    async def append(self, data: bytes, verifier: Verifier) -> None:
-        """Send ``data`` as the next chunk (``PATCH``) while hashing it into ``verifier``."""
+    async def append(self, data: Sequence[bytes], verifier: Verifier, *, vouched: bool = False) -> None:
+        """Send the pieces ``data`` as the next chunk (``PATCH``) while hashing them into ``verifier``.
+
+        ``vouched``: the source verifies the content itself, so the bytes are only counted.
+        """
         assert self._location is not None
+        if vouched:
+            for piece in data:
+                verifier.count(piece)
+            await self._send(data, None)
+            return
+
+        async def hash_all() -> None:
+            for piece in data:
+                await hash_into(verifier, piece)
+
         async with task_group() as tg:  # hashing and sending overlap
-            tg.start_soon(hash_into, verifier, data)
+            tg.start_soon(hash_all)
             await self._send(data, None)
 
-    async def _send(self, data: bytes, digest: Digest | None) -> httpx.Response:
+    async def _send(self, data: Sequence[bytes], digest: Digest | None) -> httpx.Response:
         """``PATCH`` ``data`` (or, with ``digest``, the closing ``PUT``), resuming where a failed attempt stopped."""
         start, sent, failures = self.offset, 0, 0
+        length = sum(map(len, data))
+        failure: Exception | None = None
         while True:
             assert self._location is not None
-            piece = data[sent:] if sent else data
-            headers = _octets(len(piece))
+            piece = _tail(data, sent)
+            headers = _octets(length - sent)
             if digest is None:
-                headers["Content-Range"] = f"{start + sent}-{start + len(data) - 1}"
+                headers["Content-Range"] = f"{start + sent}-{start + length - 1}"
                 method, url = "PATCH", self._location
             else:
                 method, url = "PUT", str(httpx.URL(self._location).copy_add_param("digest", str(digest)))
-            failure: Exception
             try:
                 response = await self._client.request(method, url, headers=headers, content=piece, idempotent=False)
             except RegistryError as exc:  # dropped, or a 5xx (never retried by the client for these)
@@ -113,21 +144,27 @@ class UploadSession:
                 status = response.status_code
                 if digest is None and status == 202:
                     self._follow(response)
-                    self.offset = start + len(data)
+                    self.offset = start + length
                     return response
                 if digest is not None and status in (200, 201, 204):
                     return response
+                if status == 404 and failure is not None:
+                    # the session answered the status query, then the registry dropped it for the cut request
+                    # after all (distribution cleans up behind it): the first failure is what happened
+                    await response.aclose()
+                    raise failure
                 if status not in RETRY_STATUSES:
                     return response
                 failure = self._failed(response, "upload a blob chunk" if digest is None else f"commit blob {digest}")
             policy = self._client.retry
+            assert failure is not None
             if failures >= policy.retries:
                 raise failure
             await anyio.sleep(policy.delay(failures))
             failures += 1
             note_retry(self._client)
             reached = await self._status()
-            if reached is None or not start <= reached <= start + len(data):
+            if reached is None or not start <= reached <= start + length:
                 raise failure
             sent = reached - start
 
@@ -146,10 +183,10 @@ class UploadSession:
         # "0-0" is distribution's answer for an empty upload as well as for one byte
         return 0 if end == 0 and self.offset == 0 else end + 1
 
-    async def commit(self, digest: Digest, last: bytes = b"") -> None:
+    async def commit(self, digest: Digest, last: bytes | Sequence[bytes] = b"") -> None:
         """Close the session with ``PUT ?digest=``, carrying the ``last`` bytes; the blob is then stored."""
         assert self._location is not None
-        response = await self._send(last, digest)
+        response = await self._send((last,) if isinstance(last, bytes) else last, digest)
         self._location = None  # used up, whatever the answer
         if response.status_code in (200, 201, 204):
             return
