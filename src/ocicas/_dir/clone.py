@@ -34,7 +34,7 @@ from .._digest import Digest, Verifier
 from .._tasks import task_group
 from .._threads import CHUNK_SIZE, checkpoint, run_sync
 from .fs import READ_FLAGS, write_all
-from .put import _SYNC_EVERY, PendingBlob
+from .put import PendingBlob
 
 if TYPE_CHECKING:
     from .engine import DirEngine
@@ -126,9 +126,6 @@ class _Clone:
             position += n
         return position
 
-    def sync(self) -> None:
-        os.fdatasync(self.pending._fd)
-
     def hash(self, start: int, end: int) -> None:
         """Read ``[start, end)`` back from the temporary file and hash it."""
         view = memoryview(self.buffer)
@@ -176,27 +173,16 @@ async def clone_blob(
     try:
         await run_sync(clone.open)
         copied, arrivals = anyio.create_memory_object_stream[int](_AHEAD)
-        syncing = False
-
-        async def sync() -> None:
-            nonlocal syncing
-            try:
-                await run_sync(clone.sync)
-            finally:
-                syncing = False
 
         async def copier() -> None:
-            nonlocal syncing
             async with copied:
-                position = unsynced = 0
+                position = 0
                 while position < size:
                     end = min(position + _STEP, size)
                     reached = await run_sync(clone.copy, position, end)
-                    unsynced += reached - position
+                    clone.pending._unsynced += reached - position
                     position = reached
-                    if unsynced >= _SYNC_EVERY and not syncing:  # the disk flushes while copy and hash go on
-                        syncing, unsynced = True, 0
-                        tg.start_soon(sync)
+                    clone.pending._sync_soon(tg)  # the disk flushes while copy and hash go on
                     await copied.send(position)
                     if position < end:
                         return

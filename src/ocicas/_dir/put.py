@@ -2,10 +2,11 @@
 
 Large blobs flow through three stages at once, each on its own worker thread
 when it runs (hashlib and write release the GIL): the source is read while the
-previous batch is hashed and the one before it is written. A fourth task
-syncs every 64 MiB beside the writer, not in its way, so the disk flushes
-while writing and hashing go on and the final fsync has little left to do. A blob smaller than one batch takes a single
-thread hop from open to rename.
+previous batch is hashed and the one before it is written. Every 64 MiB
+written, an ``fdatasync`` starts beside the writer, not in its way (the kernel
+copy of ``clone.py`` does the same), so the disk flushes while writing and
+hashing go on and the final fsync has little left to do. A blob smaller than
+one batch takes a single thread hop from open to rename.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from .._threads import CHUNK_SIZE, checkpoint, run_sync
 from .fs import blobs_held, open_blob, write_all
 
 if TYPE_CHECKING:
+    from anyio.abc import TaskGroup
+
     from .engine import DirEngine
 
 __all__ = ["PendingBlob"]
@@ -83,7 +86,8 @@ class PendingBlob:
         self._depth = _VOUCHED_DEPTH if vouched else _PIPELINE_DEPTH
         self._name = f"blob-{secrets.token_hex(8)}"
         self._fd = -1
-        self._unsynced = 0
+        self._unsynced = 0  # bytes written since the last fdatasync began
+        self._syncing = False
         self._budgeted = False  # whether chunks count against PUT_BUDGET (streams do; bytes are already held)
         self._slot = 0  # budget held for the newest chunk
         self._extra = 0  # budget held for older chunks not yet written
@@ -222,6 +226,19 @@ class PendingBlob:
         for chunk in batch:
             self._verifier.count(chunk)
 
+    def _sync_soon(self, tg: TaskGroup) -> None:
+        """Every :data:`_SYNC_EVERY` bytes written, start an ``fdatasync`` in ``tg``: beside the writer, not in its
+        way, so the disk flushes while writing and hashing go on; one at a time (a running one covers the rest)."""
+        if self._unsynced >= _SYNC_EVERY and not self._syncing:
+            self._syncing, self._unsynced = True, 0
+            tg.start_soon(self._sync)
+
+    async def _sync(self) -> None:
+        try:
+            await run_sync(os.fdatasync, self._fd)
+        finally:
+            self._syncing = False
+
     def _write(self, batch: _Batch) -> None:
         self._open()
         for chunk in batch:
@@ -265,33 +282,19 @@ class PendingBlob:
                     else:
                         await run_sync(self._hash, batch)
                     await to_write.send(batch)
-                    del batch  # not held (outside the budget) while waiting for the next one
-
-        to_sync, syncing = anyio.create_memory_object_stream[None](1)
 
         async def writer() -> None:
-            async with writing, to_sync:
+            async with writing:
                 async for batch in writing:
                     await run_sync(self._write, batch)
-                    self._written(batch)
-                    del batch  # given back to the budget: not held while waiting for the next one
-                    if self._unsynced >= _SYNC_EVERY:
-                        with contextlib.suppress(anyio.WouldBlock):  # a sync still running covers this one
-                            to_sync.send_nowait(None)
-                            self._unsynced = 0
-
-        async def syncer() -> None:
-            # beside the writer, not in its way: the disk flushes while writing (and hashing) go on
-            async with syncing:
-                async for _ in syncing:
-                    await run_sync(os.fdatasync, self._fd)
+                    self._written(batch)  # empties the list the hasher sent too: no chunk is held after
+                    self._sync_soon(tg)
 
         batch: _Batch = []
         pending = 0
         async with task_group() as tg:
             tg.start_soon(hasher)
             tg.start_soon(writer)
-            tg.start_soon(syncer)
             async with to_hash:
                 if first:
                     await to_hash.send(first)
