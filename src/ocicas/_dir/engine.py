@@ -269,6 +269,8 @@ class DirEngine(Engine):
                 os.mkdir(name, 0o700, dir_fd=self._root)
                 try:
                     fd = os.open(name, DIR_FLAGS, dir_fd=self._root)
+                except FileNotFoundError:  # another engine's gc() took it for stale before we opened it: try again
+                    continue
                 except BaseException:  # EMFILE, say: leave no directory behind for each failed attempt
                     with contextlib.suppress(OSError):
                         os.rmdir(name, dir_fd=self._root)
