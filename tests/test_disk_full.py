@@ -6,7 +6,8 @@ private mount namespace (root only) makes them fail with ENOSPC. The writes run 
 a subprocess (``tests/workers/limited_writer.py``) on both backends. ocicas
 documents that operating-system failures propagate as the ``OSError`` the system
 raised: that is the "clear error" expected here, with the temporary file removed
-at once and the layout exactly as it was.
+at once and the layout exactly as it was. The same holds when the kernel copies a
+blob from another layout (``copy_file_range``, ``sendfile`` or ``pread``/``pwrite``).
 """
 
 from __future__ import annotations
@@ -78,9 +79,10 @@ async def test_writes_over_the_file_size_limit_fail_cleanly(tmp_path: Path, anyi
         await engine.put_blob(big)
         await engine.put_blob(b"small and old")
     assert (layout / "index.json").stat().st_size > FSIZE_LIMIT
+    source = await source_layout(tmp_path / "source", FSIZE_LIMIT * 4, FSIZE_LIMIT // 4)
     before = identity(layout)
 
-    code, steps, stderr = await run_worker(sys.executable, WORKER, "fsize", layout, FSIZE_LIMIT, anyio_backend)
+    code, steps, stderr = await run_worker(sys.executable, WORKER, "fsize", layout, FSIZE_LIMIT, anyio_backend, source)
     assert code == 0, stderr
     outcome = {s["step"]: (s["error"], s["errno"]) for s in steps}
     too_big = ("OSError", errno.EFBIG)
@@ -92,6 +94,10 @@ async def test_writes_over_the_file_size_limit_fail_cleanly(tmp_path: Path, anyi
         "put_reference": too_big,
         "update_references": too_big,
         "put under the limit": (None, None),
+        "kernel copy over the limit": too_big,
+        "sendfile copy over the limit": too_big,
+        "pread copy over the limit": too_big,
+        "kernel copy under the limit": (None, None),
     }, stderr
     for s in steps:
         assert s["temp_files"] == [], f"{s['step']} left {s['temp_files']}"
@@ -101,11 +107,20 @@ async def test_writes_over_the_file_size_limit_fail_cleanly(tmp_path: Path, anyi
     added = {name for name in after if name not in before}
     assert added == {
         f"blobs/sha256/{sha256(blob_bytes(size, seed)).encoded}"
-        for size, seed in ((FSIZE_LIMIT, 1), (FSIZE_LIMIT // 2, 4))
+        for size, seed in ((FSIZE_LIMIT, 1), (FSIZE_LIMIT // 2, 4), (FSIZE_LIMIT // 4, 21))
     }
     for name, value in before.items():
         assert after[name] == value, f"{name} changed"
     verify_blobs(layout)
+
+
+async def source_layout(path: Path, *sizes: int) -> Path:
+    """A layout holding one blob of each of ``sizes`` (``blob_bytes(size, seed=20 + i)``), for kernel copies."""
+    await ocicas.create_layout(path)
+    async with await ocicas.open_layout(path) as engine:
+        for i, size in enumerate(sizes):
+            await engine.put_blob(blob_bytes(size, seed=20 + i))
+    return path
 
 
 def can_mount() -> bool:
@@ -117,10 +132,11 @@ async def test_writes_on_a_full_disk_fail_cleanly(tmp_path: Path, anyio_backend:
     mount = tmp_path / "mnt"
     mount.mkdir()
     copy = tmp_path / "copy"
+    source = await source_layout(tmp_path / "source", 16 << 20)  # on another filesystem than the tmpfs
     script = 'mount -t tmpfs -o size="$1" tmpfs "$2" && shift 2 && exec "$@"'
     code, steps, stderr = await run_worker(
         "unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", TMPFS_SIZE, mount,
-        sys.executable, WORKER, "enospc", mount / "layout", TMPFS_SIZE, anyio_backend, copy,
+        sys.executable, WORKER, "enospc", mount / "layout", TMPFS_SIZE, anyio_backend, copy, source,
     )  # fmt: skip
     if code != 0 and not steps and "mount" in stderr:
         pytest.skip(f"cannot mount a tmpfs here: {stderr.strip()[:200]}")
@@ -130,6 +146,7 @@ async def test_writes_on_a_full_disk_fail_cleanly(tmp_path: Path, anyio_backend:
     assert outcome == {
         "put larger than the disk": full,
         "put on a full disk": full,
+        "kernel copy on a full disk": full,
         "put_reference on a full disk": full,
         "put_reference with room again": (None, None),
     }, stderr
