@@ -68,7 +68,7 @@ from ._manifests import ACCEPT, DocumentCache, is_manifest_type
 from ._streams import read_body, release
 from ._tags import TagStore
 from ._transport import RegistryClient, note_retry
-from ._upload import UPLOAD_BUDGET, UploadSession, mount_blob, transient
+from ._upload import UPLOAD_BUDGET, UploadSession, mount_blob, transient, upload_file
 
 __all__ = ["RegistryEngine"]
 
@@ -172,6 +172,12 @@ class RegistryEngine(Engine):
         """
         vouched = isinstance(source, BlobReader) and source.vouches_for(verifier.digest, verifier.size)
         chunk_size = self._chunk_size
+        if vouched and isinstance(source, BlobReader) and source.size > chunk_size:
+            async with source._borrow_file() as fd:
+                if fd is not None:  # an unread reader of a local file (a push from a layout): streamed, resumable
+                    assert verifier.digest is not None
+                    await upload_file(self._client, fd, source.size, verifier.digest, source.on_read)
+                    return verifier.digest, source.size
         session: UploadSession | None = None
         held = 0  # bytes of UPLOAD_BUDGET this upload holds
         try:
