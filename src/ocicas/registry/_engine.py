@@ -68,7 +68,7 @@ from ._manifests import ACCEPT, DocumentCache, is_manifest_type
 from ._streams import read_body, release
 from ._tags import TagStore
 from ._transport import RegistryClient, note_retry
-from ._upload import UPLOAD_BUDGET, UploadSession, mount_blob, transient, upload_file
+from ._upload import UPLOAD_BUDGET, UploadSession, mount_blob, named, transient, upload_file
 
 __all__ = ["RegistryEngine"]
 
@@ -179,10 +179,10 @@ class RegistryEngine(Engine):
                     await upload_file(self._client, fd, source.size, verifier.digest, source.on_read)
                     return verifier.digest, source.size
         session: UploadSession | None = None
-        held = 0  # bytes of UPLOAD_BUDGET this upload holds
+        held = total = 0  # bytes of UPLOAD_BUDGET this upload holds; bytes read from the source
         try:
             pending: list[bytes] = []
-            size = total = 0
+            size = 0
             async with aclosing(iterate_source(source, min(chunk_size, _PIECE_SIZE))) as chunks:
                 while True:
                     if not held:  # a new chunk: room for all of it first, so none waits holding part of one
@@ -230,9 +230,12 @@ class RegistryEngine(Engine):
             await anyio.lowlevel.checkpoint()  # the last chance to cancel before it is committed
             await session.commit(digest, pending)
             return digest, verifier.received
-        except BaseException:
+        except BaseException as exc:
             if session is not None:
                 await session.cancel()
+            if isinstance(exc, Exception) and transient(exc):
+                why = ", and its source cannot be read again" if session is not None else ""
+                raise named(exc, verifier.digest, total, verifier.size, why) from exc
             raise
         finally:
             if held:

@@ -44,10 +44,19 @@ from .._errors import (
     UnsupportedAlgorithmError,
 )
 from .._tasks import task_group
-from .._threads import THREAD_HASH_SIZE, hash_into, run_sync
+from .._threads import hash_into, run_sync
 from ._transport import RETRY_STATUSES, RegistryClient, error_codes, note_retry
 
-__all__ = ["UPLOAD_BUDGET", "FileBody", "FileSource", "UploadSession", "mount_blob", "transient", "upload_file"]
+__all__ = [
+    "UPLOAD_BUDGET",
+    "FileBody",
+    "FileSource",
+    "UploadSession",
+    "mount_blob",
+    "named",
+    "transient",
+    "upload_file",
+]
 
 #: Bytes all blob pushes of the process may hold at once (read, and not yet acknowledged by a registry):
 #: a chunk is reserved before it is read and given back once its ``PATCH`` was answered. Two 4 MiB
@@ -56,7 +65,7 @@ UPLOAD_BUDGET: Final = ByteBudget(8 << 20)
 #: Seconds a cancelled upload's ``DELETE`` may take before it is abandoned (the registry purges it later).
 _CANCEL_TIMEOUT: Final = 5.0
 #: A streamed upload reads its file this much per worker-thread hop (and hashes it in the same hop).
-FILE_PIECE: Final = THREAD_HASH_SIZE
+FILE_PIECE: Final = 512 << 10
 
 
 def transient(exc: BaseException) -> bool:
@@ -391,9 +400,10 @@ class _FileIterator:
         return data
 
 
-def _named(exc: Exception, digest: Digest, reached: int, size: int) -> Exception:
-    """``exc`` again, its message naming the blob and the byte its push reached."""
-    message = f"pushing blob {digest} stopped at byte {reached} of {size}: {exc}"
+def named(exc: Exception, digest: Digest | None, reached: int, size: int | None, why: str = "") -> Exception:
+    """``exc`` again, its message naming the blob and the byte its push reached (and ``why`` it ended there)."""
+    of = "" if size is None else f" of {size}"
+    message = f"pushing {f'blob {digest}' if digest else 'a blob'} stopped at byte {reached}{of}{why}: {exc}"
     if isinstance(exc, RegistryError):
         named: Exception = type(exc)(message, status=exc.status, codes=exc.codes)
     else:
@@ -437,7 +447,7 @@ async def upload_file(
                 if not transient(exc):
                     raise
                 if failures >= policy.retries:
-                    raise _named(exc, digest, source.reached, size) from exc
+                    raise named(exc, digest, source.reached, size) from exc
             await anyio.sleep(policy.delay(failures))
             failures += 1
             note_retry(client)
