@@ -5,8 +5,10 @@ How the protocol maps onto the distribution API (``/v2/<name>/…``):
 =========================  ==================================================================
 ``put_blob``               blob store. Content in hand (and streams that end within ``chunk_size``)
                            is hashed first, then ``HEAD`` (present content is never sent again),
-                           ``POST`` and one ``PUT ?digest=``; longer streams go up as ``POST``,
-                           chunked ``PATCH``es and ``PUT``. With ``expected_digest``, a ``HEAD``
+                           ``POST`` and one ``PUT ?digest=``; an unread reader of a local file
+                           (a push from a layout) goes up as ``POST``, one streamed ``PATCH``
+                           (resumed, or made again, when cut) and ``PUT``; other longer streams
+                           as ``POST``, chunked ``PATCH``es and ``PUT``. With ``expected_digest``, a ``HEAD``
                            comes first. Verified locally before the ``PUT``: on a mismatch the
                            upload is cancelled (``DELETE``) and nothing is stored
 ``get_blob``/``stat_blob`` blob store, falling back to the manifest store (``/manifests/<digest>``),
@@ -162,7 +164,8 @@ class RegistryEngine(Engine):
                 note_retry(self._client)
 
     async def _put_stream(self, source: BlobSource, verifier: Verifier, *, absent: bool) -> tuple[Digest, int]:
-        """Store a stream: a short one as a whole, a long one as chunked ``PATCH``es.
+        """Store a stream: a local file as one streamed ``PATCH``, a short one as a whole, a long one as chunked
+        ``PATCH``es.
 
         Every byte read and not yet acknowledged by the registry counts against
         :data:`UPLOAD_BUDGET`, reserved a chunk at a time before it is read: the

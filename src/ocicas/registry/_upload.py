@@ -58,8 +58,9 @@ __all__ = [
     "upload_file",
 ]
 
-#: Bytes all blob pushes of the process may hold at once (read, and not yet acknowledged by a registry):
-#: a chunk is reserved before it is read and given back once its ``PATCH`` was answered. Two 4 MiB
+#: Bytes all blob pushes of the process may hold at once (read, and not yet acknowledged by a registry, or
+#: for a streamed upload not yet written to its connection): a chunk is reserved before it is read and given
+#: back once its ``PATCH`` was answered (a streamed piece once the next one is asked for). Two 4 MiB
 #: chunks in flight keep a 2-core machine busy; ``UPLOAD_BUDGET.limit`` may be changed at any time.
 UPLOAD_BUDGET: Final = ByteBudget(8 << 20)
 #: Seconds a cancelled upload's ``DELETE`` may take before it is abandoned (the registry purges it later).
