@@ -454,7 +454,7 @@ async def upload_file(
             note_retry(client)
             assert session is not None
             reached = await session._status() if session._location is not None else None
-            if reached is not None and held <= reached <= size:
+            if reached is not None and held <= reached <= source.reached:  # never more than was sent
                 held = reached
                 continue
             await session.cancel()  # lost (or answered nonsense): a new upload from byte 0
