@@ -310,6 +310,11 @@ class FileSource:
         #: Bytes handed out at least once (progress counts each byte once).
         self.reached = 0
 
+    @property
+    def position(self) -> int:
+        """Where the next read starts: the end of what the current pass read."""
+        return self._position
+
     def rewind(self, start: int) -> int:
         """Read from the piece holding byte ``start`` next; returns where that piece begins."""
         position = start - start % FILE_PIECE
@@ -367,7 +372,7 @@ class FileBody(httpx.AsyncByteStream):
     async def _next(self, skip: int) -> bytes:
         self.release()  # the last piece was sent
         source = self.source
-        want = min(FILE_PIECE, source.size - source._position)
+        want = min(FILE_PIECE, source.size - source.position)
         if want <= 0:
             return b""
         await UPLOAD_BUDGET.acquire(want)
@@ -375,7 +380,7 @@ class FileBody(httpx.AsyncByteStream):
         data = await run_sync(source.read)
         if skip:
             data = data[skip:]
-        end = source._position
+        end = source.position
         if end > source.reached:
             if self._progress is not None:
                 self._progress(end - source.reached)
@@ -454,7 +459,7 @@ async def upload_file(
             note_retry(client)
             assert session is not None
             reached = await session._status() if session._location is not None else None
-            if reached is not None and held <= reached <= source.reached:  # never more than was sent
+            if reached is not None and held <= reached <= source.position:  # never more than was sent
                 held = reached
                 continue
             await session.cancel()  # lost (or answered nonsense): a new upload from byte 0
