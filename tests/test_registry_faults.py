@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 
@@ -23,7 +24,7 @@ import ocicas
 from ocicas import Descriptor, Digest, Engine
 from ocicas._copy import CopyEvent, copy
 from ocicas._errors import InvalidError, RegistryUnreachableError
-from ocicas.registry import RegistryEngine, RetryPolicy, open_registry
+from ocicas.registry import RegistryEngine, RetryPolicy, _upload, open_registry
 from ocicas.registry._upload import UPLOAD_BUDGET
 from ocicas.testing import sha256
 from tests.fault_proxy import FaultProxy, Faults, running_proxy
@@ -478,3 +479,29 @@ async def test_a_streamed_push_resumes_at_the_byte_the_registry_reports(tmp_path
     assert ranges == [f"0-{len(data) - 1}", f"{cut_at}-{len(data) - 1}"]
     assert bytes(kept) == data
     assert UPLOAD_BUDGET.used == 0
+
+
+async def test_a_file_body_from_any_byte_gives_exactly_the_rest_and_one_digest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # three hash states at most: resuming reads (and hashes, without sending) from the last one before the byte
+    monkeypatch.setattr(_upload, "MAX_STATES", 3)
+    piece = _upload.FILE_PIECE
+    data = os.urandom(5 * piece + 1234)
+    path = anyio.Path(tmp_path / "blob")
+    await path.write_bytes(data)
+    fd = await anyio.to_thread.run_sync(os.open, str(path), os.O_RDONLY)
+    try:
+        source = _upload.FileSource(fd, len(data), sha256(data))
+        progress: list[int] = []
+        assert b"".join([p async for p in _upload.FileBody(source, 0, progress.append)]) == data
+        source.verify()
+        for start in (len(data) - 1, 3 * piece + 7, 2 * piece, piece, 1, 0):
+            body = _upload.FileBody(source, start, progress.append)
+            assert b"".join([p async for p in body]) == data[start:]
+            source.verify()
+        assert sum(progress) == len(data)  # every byte reported once
+        assert len(source._states) <= 3
+        assert UPLOAD_BUDGET.used == 0
+    finally:
+        os.close(fd)

@@ -65,6 +65,8 @@ __all__ = [
 UPLOAD_BUDGET: Final = ByteBudget(8 << 20)
 #: Seconds a cancelled upload's ``DELETE`` may take before it is abandoned (the registry purges it later).
 _CANCEL_TIMEOUT: Final = 5.0
+#: Hash states a streamed upload keeps to resume from (their spacing doubles as the blob grows past them).
+MAX_STATES: Final = 64
 #: A streamed upload reads its file this much per worker-thread hop (and hashes it in the same hop).
 FILE_PIECE: Final = 512 << 10
 
@@ -295,9 +297,10 @@ async def mount_blob(client: RegistryClient, digest: Digest, source: str) -> boo
 class FileSource:
     """The bytes of a blob in a local file, read a piece at a time and hashed as read, from any byte again.
 
-    The hash state is kept at every :data:`FILE_PIECE` boundary reached, so reading
-    again from byte ``n`` (an upload resumed there) rehashes at most one piece
-    before it: the digest is always that of one pass over the whole file.
+    Hash states are kept at evenly spaced piece boundaries (at most :data:`MAX_STATES`,
+    however large the blob), so reading again from byte ``n`` (an upload resumed
+    there) rehashes the bytes since the last one before ``n``: the digest is always
+    that of one pass over the whole file.
     """
 
     def __init__(self, fd: int, size: int, digest: Digest) -> None:
@@ -305,6 +308,7 @@ class FileSource:
         self.size = size
         self.digest = digest
         self._states: dict[int, Any] = {0: _new_hash(digest.algorithm)}
+        self._every = FILE_PIECE  # the spacing of the kept hash states
         self._hash: Any = None
         self._position = 0
         #: Bytes handed out at least once (progress counts each byte once).
@@ -316,10 +320,8 @@ class FileSource:
         return self._position
 
     def rewind(self, start: int) -> int:
-        """Read from the piece holding byte ``start`` next; returns where that piece begins."""
-        position = start - start % FILE_PIECE
-        while position not in self._states:  # not reached yet (cannot be: a registry holds what was sent)
-            position -= FILE_PIECE
+        """Read again from the last kept hash state at or before byte ``start``; returns where that is."""
+        position = max(p for p in self._states if p <= start)
         self._hash = self._states[position].copy()
         self._position = position
         return position
@@ -335,8 +337,11 @@ class FileSource:
             raise SizeMismatchError(f"blob {self.digest} ended at byte {position + len(data)}, expected {self.size}")
         self._hash.update(data)
         self._position = position = position + n
-        if position % FILE_PIECE == 0 and position not in self._states:
+        if position % self._every == 0 and position not in self._states:
             self._states[position] = self._hash.copy()
+            if len(self._states) > MAX_STATES:
+                self._every *= 2
+                self._states = {p: state for p, state in self._states.items() if p % self._every == 0}
         return data
 
     def verify(self) -> None:
@@ -369,7 +374,7 @@ class FileBody(httpx.AsyncByteStream):
         if held:
             UPLOAD_BUDGET.release(held)
 
-    async def _next(self, skip: int) -> bytes:
+    async def _next(self) -> bytes:
         self.release()  # the last piece was sent
         source = self.source
         want = min(FILE_PIECE, source.size - source.position)
@@ -378,8 +383,6 @@ class FileBody(httpx.AsyncByteStream):
         await UPLOAD_BUDGET.acquire(want)
         self._held = want
         data = await run_sync(source.read)
-        if skip:
-            data = data[skip:]
         end = source.position
         if end > source.reached:
             if self._progress is not None:
@@ -393,17 +396,22 @@ class _FileIterator:
 
     def __init__(self, body: FileBody) -> None:
         self._body = body
-        self._skip = body.start - body.source.rewind(body.start)
+        self._start = body.start
+        body.source.rewind(body.start)
 
     def __aiter__(self) -> _FileIterator:
         return self
 
     async def __anext__(self) -> bytes:
-        skip, self._skip = self._skip, 0
-        data = await self._body._next(skip)
-        if not data:
-            raise StopAsyncIteration
-        return data
+        source = self._body.source
+        while True:
+            before = source.position
+            data = await self._body._next()
+            if not data:
+                raise StopAsyncIteration
+            if source.position <= self._start:  # before ``start``: read to be hashed, not sent
+                continue
+            return data[self._start - before :] if before < self._start else data
 
 
 def named(exc: Exception, digest: Digest | None, reached: int, size: int | None, why: str = "") -> Exception:
