@@ -711,7 +711,8 @@ async def test_dropped_connections_are_retried_for_idempotent_requests_only() ->
     # the failed PATCH is not sent again blindly: the upload's status is asked (GET), and this fake gives no Range
     assert calls == ["HEAD", "HEAD", "POST", "PATCH", "GET", "DELETE"]
     assert str(info.value) == (
-        "connection to repository 'team/app' on registry http://reg.test dropped during PATCH "
+        f"pushing blob {sha256(b'x' * 600 + b'y' * 600)} stopped at byte 1200, and its source cannot be read "
+        "again: connection to repository 'team/app' on registry http://reg.test dropped during PATCH "
         "/v2/team/app/blobs/uploads/1: connection reset"
     )
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 
@@ -22,7 +24,7 @@ import ocicas
 from ocicas import Descriptor, Digest, Engine
 from ocicas._copy import CopyEvent, copy
 from ocicas._errors import InvalidError, RegistryUnreachableError
-from ocicas.registry import RegistryEngine, RetryPolicy, open_registry
+from ocicas.registry import RegistryEngine, RetryPolicy, _upload, open_registry
 from ocicas.registry._upload import UPLOAD_BUDGET
 from ocicas.testing import sha256
 from tests.fault_proxy import FaultProxy, Faults, running_proxy
@@ -343,3 +345,163 @@ async def test_a_chunk_bigger_than_the_whole_budget_goes_alone(
 
 async def direct_options(registry: Registry, repository: str, **options: Any) -> RegistryEngine:
     return await open_registry(registry.location(repository), docker_config=False, **options)
+
+
+# -- streamed pushes (a layout's blob goes up as one PATCH, read from its file) ----------------
+
+
+def uploads_left(registry: Registry, repository: str) -> list[str]:
+    """Upload sessions the registry still keeps for ``repository``."""
+    path = registry.directory / "data" / "docker" / "registry" / "v2" / "repositories" / repository / "_uploads"
+    return sorted(p.name for p in path.iterdir()) if path.exists() else []
+
+
+async def test_a_streamed_push_cut_midway_starts_a_new_upload_and_lands_verified(
+    registry: Registry, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    repository = registry.repository()
+    src, root, digests = await layout_image(tmp_path / "src")
+    # distribution keeps the 300 KiB it got, and then refuses the session: the blob goes again from byte 0
+    proxy.faults = Faults(methods=frozenset({"PATCH"}), path=UPLOADS, cut_request_after=300 * KiB, cuts=1)
+    events: list[CopyEvent] = []
+    async with src, await through(proxy, repository, chunk_size=256 * KiB) as dst:
+        result = await copy(src, "v1", dst, concurrency=1, progress=events.append)
+    await check_pushed(registry, repository, root, digests)
+    assert len(proxy.faults.made("request cut")) == 1
+    # one PATCH per blob over the chunk size (three), and the cut one again
+    assert sorted(f for m, _, f in proxy.faults.log if m == "PATCH") == ["202", "202", "202", "request cut"]
+    assert result.retries == 1
+    assert [e.kind for e in events].count("retry") == 1
+    # every byte is reported once, though the cut blob was read twice
+    assert sum(e.nbytes for e in events if e.kind == "progress") == result.bytes_copied
+    assert UPLOAD_BUDGET.used == 0
+    # distribution keeps the cut session's directory (its state no longer matches, so even DELETE is refused)
+    # until its upload purger runs; the upload that landed left nothing
+    assert len(uploads_left(registry, repository)) == 1
+
+
+async def test_streamed_pushes_that_keep_being_cut_name_the_blob_and_byte_and_tag_nothing(
+    registry: Registry, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    repository = registry.repository()
+    src, _, _ = await layout_image(tmp_path / "src")
+    proxy.faults = Faults(methods=frozenset({"PATCH"}), path=UPLOADS, cut_request_after=100 * KiB)
+    async with src, await through(proxy, repository, chunk_size=256 * KiB) as dst:
+        with pytest.raises(RegistryUnreachableError) as info:
+            await copy(src, "v1", dst, concurrency=1)
+        assert await dst.list_references() == []
+    found = re.match(
+        r"pushing blob (\S+) stopped at byte (\d+) of (\d+): connection to repository '(.+?)' ", str(info.value)
+    )
+    assert found is not None, str(info.value)
+    blob, reached, size = Digest(found[1]), int(found[2]), int(found[3])
+    assert found[4] == repository
+    assert size == {sha256(layer): len(layer) for layer in LAYERS}[blob] > 256 * KiB
+    assert 100 * KiB <= reached <= size
+    assert len(proxy.faults.made("request cut")) == 4  # the first PATCH, then 3 retries
+    assert UPLOAD_BUDGET.used == 0
+    async with await direct(registry, repository) as engine:
+        assert await engine.stat_blobs([blob]) == {}
+
+
+async def test_a_stream_that_cannot_be_read_again_fails_clearly_when_cut(registry: Registry, proxy: FaultProxy) -> None:
+    repository = registry.repository()
+    data = os.urandom(1100 * KiB)
+    digest = sha256(data)
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for start in range(0, len(data), 100 * KiB):
+            yield data[start : start + 100 * KiB]
+
+    proxy.faults = Faults(methods=frozenset({"PATCH"}), path=UPLOADS, cut_request_after=300 * KiB, cuts=1)
+    async with await through(proxy, repository, chunk_size=512 * KiB) as dst:
+        with pytest.raises(RegistryUnreachableError) as info:
+            await dst.put_blob(pieces(), expected_digest=digest, expected_size=len(data))
+    message = str(info.value)
+    assert message.startswith(
+        f"pushing blob {digest} stopped at byte {600 * KiB} of {len(data)}, and its source cannot be read again: "
+    )
+    assert len(proxy.faults.made("request cut")) == 1
+    assert UPLOAD_BUDGET.used == 0
+    async with await direct(registry, repository) as engine:
+        assert await engine.stat_blobs([digest]) == {}
+
+
+async def test_a_streamed_push_resumes_at_the_byte_the_registry_reports(tmp_path: Path) -> None:
+    """Against a registry that keeps what a cut PATCH brought (and says so), the next PATCH starts there."""
+    data = os.urandom(1500 * KiB)
+    digest = sha256(data)
+    kept = bytearray()
+    ranges: list[str] = []
+    cut_at = 300 * KiB + 1  # not on a piece boundary: the piece before is read and hashed again, not sent
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        path, method = request.url.path, request.method
+        if path == "/v2/":
+            return httpx.Response(200, json={})
+        if method == "HEAD":
+            return httpx.Response(404)
+        if method == "POST":
+            return httpx.Response(202, headers={"Location": "/v2/team/app/blobs/uploads/u1"})
+        if method == "GET":
+            return httpx.Response(
+                204, headers={"Location": "/v2/team/app/blobs/uploads/u1", "Range": f"0-{len(kept) - 1}"}
+            )
+        if method == "PATCH":
+            ranges.append(request.headers["content-range"])
+            assert isinstance(request.stream, httpx.AsyncByteStream)
+            async for piece in request.stream:
+                if not ranges[1:] and len(kept) + len(piece) > cut_at:
+                    kept.extend(piece[: cut_at - len(kept)])
+                    raise httpx.WriteError("connection reset by peer")
+                kept.extend(piece)
+            return httpx.Response(202, headers={"Location": "/v2/team/app/blobs/uploads/u1"})
+        assert method == "PUT"
+        assert request.url.params["digest"] == digest
+        return httpx.Response(201 if sha256(bytes(kept)) == digest else 400)
+
+    await ocicas.create_layout(tmp_path / "src")
+    async with (
+        await ocicas.open_layout(tmp_path / "src") as src,
+        await open_registry(
+            "http://reg.test/team/app",
+            docker_config=False,
+            transport=httpx.MockTransport(handler),
+            retry=FAST,
+            chunk_size=256 * KiB,
+        ) as dst,
+    ):
+        await src.put_blob(data)
+        before = dst._client.transfer_retries
+        async with await src.get_blob(digest) as reader:
+            assert await dst.put_blob(reader, expected_digest=digest, expected_size=len(data)) == (digest, len(data))
+        assert dst._client.transfer_retries - before == 1
+    assert ranges == [f"0-{len(data) - 1}", f"{cut_at}-{len(data) - 1}"]
+    assert bytes(kept) == data
+    assert UPLOAD_BUDGET.used == 0
+
+
+async def test_a_file_body_from_any_byte_gives_exactly_the_rest_and_one_digest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # three hash states at most: resuming reads (and hashes, without sending) from the last one before the byte
+    monkeypatch.setattr(_upload, "MAX_STATES", 3)
+    piece = _upload.FILE_PIECE
+    data = os.urandom(5 * piece + 1234)
+    path = anyio.Path(tmp_path / "blob")
+    await path.write_bytes(data)
+    fd = await anyio.to_thread.run_sync(os.open, str(path), os.O_RDONLY)
+    try:
+        source = _upload.FileSource(fd, len(data), sha256(data))
+        progress: list[int] = []
+        assert b"".join([p async for p in _upload.FileBody(source, 0, progress.append)]) == data
+        source.verify()
+        for start in (len(data) - 1, 3 * piece + 7, 2 * piece, piece, 1, 0):
+            body = _upload.FileBody(source, start, progress.append)
+            assert b"".join([p async for p in body]) == data[start:]
+            source.verify()
+        assert sum(progress) == len(data)  # every byte reported once
+        assert len(source._states) <= 3
+        assert UPLOAD_BUDGET.used == 0
+    finally:
+        os.close(fd)

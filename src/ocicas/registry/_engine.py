@@ -5,8 +5,10 @@ How the protocol maps onto the distribution API (``/v2/<name>/…``):
 =========================  ==================================================================
 ``put_blob``               blob store. Content in hand (and streams that end within ``chunk_size``)
                            is hashed first, then ``HEAD`` (present content is never sent again),
-                           ``POST`` and one ``PUT ?digest=``; longer streams go up as ``POST``,
-                           chunked ``PATCH``es and ``PUT``. With ``expected_digest``, a ``HEAD``
+                           ``POST`` and one ``PUT ?digest=``; an unread reader of a local file
+                           (a push from a layout) goes up as ``POST``, one streamed ``PATCH``
+                           (resumed, or made again, when cut) and ``PUT``; other longer streams
+                           as ``POST``, chunked ``PATCH``es and ``PUT``. With ``expected_digest``, a ``HEAD``
                            comes first. Verified locally before the ``PUT``: on a mismatch the
                            upload is cancelled (``DELETE``) and nothing is stored
 ``get_blob``/``stat_blob`` blob store, falling back to the manifest store (``/manifests/<digest>``),
@@ -68,7 +70,7 @@ from ._manifests import ACCEPT, DocumentCache, is_manifest_type
 from ._streams import read_body, release
 from ._tags import TagStore
 from ._transport import RegistryClient, note_retry
-from ._upload import UPLOAD_BUDGET, UploadSession, mount_blob, transient
+from ._upload import UPLOAD_BUDGET, UploadSession, mount_blob, named, transient, upload_file
 
 __all__ = ["RegistryEngine"]
 
@@ -162,7 +164,8 @@ class RegistryEngine(Engine):
                 note_retry(self._client)
 
     async def _put_stream(self, source: BlobSource, verifier: Verifier, *, absent: bool) -> tuple[Digest, int]:
-        """Store a stream: a short one as a whole, a long one as chunked ``PATCH``es.
+        """Store a stream: a local file as one streamed ``PATCH``, a short one as a whole, a long one as chunked
+        ``PATCH``es.
 
         Every byte read and not yet acknowledged by the registry counts against
         :data:`UPLOAD_BUDGET`, reserved a chunk at a time before it is read: the
@@ -172,11 +175,17 @@ class RegistryEngine(Engine):
         """
         vouched = isinstance(source, BlobReader) and source.vouches_for(verifier.digest, verifier.size)
         chunk_size = self._chunk_size
+        if vouched and isinstance(source, BlobReader) and source.size > chunk_size:
+            async with source._borrow_file() as fd:
+                if fd is not None:  # an unread reader of a local file (a push from a layout): streamed, resumable
+                    assert verifier.digest is not None
+                    await upload_file(self._client, fd, source.size, verifier.digest, source.on_read)
+                    return verifier.digest, source.size
         session: UploadSession | None = None
-        held = 0  # bytes of UPLOAD_BUDGET this upload holds
+        held = total = 0  # bytes of UPLOAD_BUDGET this upload holds; bytes read from the source
         try:
             pending: list[bytes] = []
-            size = total = 0
+            size = 0
             async with aclosing(iterate_source(source, min(chunk_size, _PIECE_SIZE))) as chunks:
                 while True:
                     if not held:  # a new chunk: room for all of it first, so none waits holding part of one
@@ -224,9 +233,12 @@ class RegistryEngine(Engine):
             await anyio.lowlevel.checkpoint()  # the last chance to cancel before it is committed
             await session.commit(digest, pending)
             return digest, verifier.received
-        except BaseException:
+        except BaseException as exc:
             if session is not None:
                 await session.cancel()
+            if isinstance(exc, Exception) and transient(exc):
+                why = ", and its source cannot be read again" if session is not None else ""
+                raise named(exc, verifier.digest, total, verifier.size, why) from exc
             raise
         finally:
             if held:

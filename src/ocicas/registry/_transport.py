@@ -183,7 +183,7 @@ class RegistryClient:
         url: str,
         *,
         headers: Mapping[str, str] | None = None,
-        content: bytes | Sequence[bytes] | None = None,
+        content: bytes | Sequence[bytes] | httpx.AsyncByteStream | None = None,
         params: Mapping[str, str] | None = None,
         scope: str | None = None,
         stream: bool = False,
@@ -198,7 +198,9 @@ class RegistryClient:
         while True:
             request = self.http.build_request(method, url, headers=headers, params=params)
             body = None
-            if content is not None:
+            if isinstance(content, httpx.AsyncByteStream):  # streamed: the caller gives its Content-Length
+                request.stream = content
+            elif content is not None:
                 length = len(content) if isinstance(content, bytes) else sum(map(len, content))
                 request.headers["Content-Length"] = str(length)
                 request.stream = body = Body(content)

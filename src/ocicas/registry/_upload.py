@@ -13,38 +13,62 @@ byte ``N + 1``. Retries are bounded by the client's :class:`RetryPolicy`. A
 registry that lost the session (distribution 2.8 drops a session whose last
 request was cut midway) ends the upload with the original error; content in
 hand is then sent again as a new upload by the engine.
+
+A blob read from a local file (:func:`upload_file`, a push from a layout) goes
+up as one streamed ``PATCH`` instead, read and hashed a piece at a time in a
+worker thread. When that ``PATCH`` is cut, the registry is asked how far it got
+and a new ``PATCH`` continues from there, the file read again from that byte;
+where the registry lost the session (distribution 2.8 does, for any request cut
+once part of its body was stored), a new upload starts from byte 0.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Final
+import os
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, Final
 
 import anyio
+import anyio.lowlevel
 import httpx
 
 from .._budget import ByteBudget
-from .._digest import Digest, Verifier
+from .._digest import Digest, Verifier, _new_hash
 from .._errors import (
     BlobNotFoundError,
     DigestMismatchError,
     InvalidError,
     RegistryError,
     RegistryUnreachableError,
+    SizeMismatchError,
     UnsupportedAlgorithmError,
 )
 from .._tasks import task_group
-from .._threads import hash_into
+from .._threads import hash_into, run_sync
 from ._transport import RETRY_STATUSES, RegistryClient, error_codes, note_retry
 
-__all__ = ["UPLOAD_BUDGET", "UploadSession", "mount_blob", "transient"]
+__all__ = [
+    "UPLOAD_BUDGET",
+    "FileBody",
+    "FileSource",
+    "UploadSession",
+    "mount_blob",
+    "named",
+    "transient",
+    "upload_file",
+]
 
-#: Bytes all blob pushes of the process may hold at once (read, and not yet acknowledged by a registry):
-#: a chunk is reserved before it is read and given back once its ``PATCH`` was answered. Two 4 MiB
+#: Bytes all blob pushes of the process may hold at once (read, and not yet acknowledged by a registry, or
+#: for a streamed upload not yet written to its connection): a chunk is reserved before it is read and given
+#: back once its ``PATCH`` was answered (a streamed piece once the next one is asked for). Two 4 MiB
 #: chunks in flight keep a 2-core machine busy; ``UPLOAD_BUDGET.limit`` may be changed at any time.
 UPLOAD_BUDGET: Final = ByteBudget(8 << 20)
 #: Seconds a cancelled upload's ``DELETE`` may take before it is abandoned (the registry purges it later).
 _CANCEL_TIMEOUT: Final = 5.0
+#: Hash states a streamed upload keeps to resume from (their spacing doubles as the blob grows past them).
+MAX_STATES: Final = 64
+#: A streamed upload reads its file this much per worker-thread hop (and hashes it in the same hop).
+FILE_PIECE: Final = 512 << 10
 
 
 def transient(exc: BaseException) -> bool:
@@ -168,6 +192,23 @@ class UploadSession:
                 raise failure
             sent = reached - start
 
+    async def stream(self, body: FileBody) -> None:
+        """``PATCH`` the file ``body`` streams, from its start to the end of its source, in one request."""
+        assert self._location is not None
+        start, size = body.start, body.source.size
+        headers = _octets(size - start)
+        headers["Content-Range"] = f"{start}-{size - 1}"
+        try:
+            response = await self._client.request(
+                "PATCH", self._location, headers=headers, content=body, idempotent=False
+            )
+        finally:
+            body.release()
+        if response.status_code != 202:
+            raise self._failed(response, f"upload blob {body.source.digest}")
+        self._follow(response)
+        self.offset = size
+
     async def _status(self) -> int | None:
         """How many bytes the registry holds for this upload (``GET``: ``Range: 0-N``), or ``None`` if it lost it."""
         assert self._location is not None
@@ -251,3 +292,190 @@ async def mount_blob(client: RegistryClient, digest: Digest, source: str) -> boo
     if response.status_code == 404:
         raise BlobNotFoundError(f"cannot mount blob {digest} from {source!r}: {client.error(response, 'mount')}")
     raise client.error(response, f"mount blob {digest} from {source!r}")
+
+
+class FileSource:
+    """The bytes of a blob in a local file, read a piece at a time and hashed as read, from any byte again.
+
+    Hash states are kept at evenly spaced piece boundaries (at most :data:`MAX_STATES`,
+    however large the blob), so reading again from byte ``n`` (an upload resumed
+    there) rehashes the bytes since the last one before ``n``: the digest is always
+    that of one pass over the whole file.
+    """
+
+    def __init__(self, fd: int, size: int, digest: Digest) -> None:
+        self.fd = fd
+        self.size = size
+        self.digest = digest
+        self._states: dict[int, Any] = {0: _new_hash(digest.algorithm)}
+        self._every = FILE_PIECE  # the spacing of the kept hash states
+        self._hash: Any = None
+        self._position = 0
+        #: Bytes handed out at least once (progress counts each byte once).
+        self.reached = 0
+
+    @property
+    def position(self) -> int:
+        """Where the next read starts: the end of what the current pass read."""
+        return self._position
+
+    def rewind(self, start: int) -> int:
+        """Read again from the last kept hash state at or before byte ``start``; returns where that is."""
+        position = max(p for p in self._states if p <= start)
+        self._hash = self._states[position].copy()
+        self._position = position
+        return position
+
+    def read(self) -> bytes:
+        """The next piece, hashed (in a worker thread); ``b""`` at the end."""
+        position = self._position
+        n = min(FILE_PIECE, self.size - position)
+        if n <= 0:
+            return b""
+        data = os.pread(self.fd, n, position)
+        if len(data) != n:
+            raise SizeMismatchError(f"blob {self.digest} ended at byte {position + len(data)}, expected {self.size}")
+        self._hash.update(data)
+        self._position = position = position + n
+        if position % self._every == 0 and position not in self._states:
+            self._states[position] = self._hash.copy()
+            if len(self._states) > MAX_STATES:
+                self._every *= 2
+                self._states = {p: state for p, state in self._states.items() if p % self._every == 0}
+        return data
+
+    def verify(self) -> None:
+        """Check that what was read last, end to end, hashes to :attr:`digest`."""
+        actual = f"{self.digest.algorithm}:{self._hash.hexdigest()}"
+        if self._position != self.size or actual != self.digest:
+            raise DigestMismatchError(f"blob {self.digest} hashes to {actual}: the source file changed")
+
+
+class FileBody(httpx.AsyncByteStream):
+    """A request body of a :class:`FileSource` from byte ``start`` to its end.
+
+    Each piece is reserved in :data:`UPLOAD_BUDGET` before it is read and given
+    back once the next one is asked for (it was written to the connection), or
+    by :meth:`release`. Iterated again (a request sent again), it reads again.
+    """
+
+    def __init__(self, source: FileSource, start: int, progress: Callable[[int], None] | None = None) -> None:
+        self.source = source
+        self.start = start
+        self._progress = progress
+        self._held = 0
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return _FileIterator(self)
+
+    def release(self) -> None:
+        """Give back the budget of the piece in flight, if any."""
+        held, self._held = self._held, 0
+        if held:
+            UPLOAD_BUDGET.release(held)
+
+    async def _next(self) -> bytes:
+        self.release()  # the last piece was sent
+        source = self.source
+        want = min(FILE_PIECE, source.size - source.position)
+        if want <= 0:
+            return b""
+        await UPLOAD_BUDGET.acquire(want)
+        self._held = want
+        data = await run_sync(source.read)
+        end = source.position
+        if end > source.reached:
+            if self._progress is not None:
+                self._progress(end - source.reached)
+            source.reached = end
+        return data
+
+
+class _FileIterator:
+    """One pass of a :class:`FileBody` (a plain async iterator, no async generator: see ``_streams``)."""
+
+    def __init__(self, body: FileBody) -> None:
+        self._body = body
+        self._start = body.start
+        body.source.rewind(body.start)
+
+    def __aiter__(self) -> _FileIterator:
+        return self
+
+    async def __anext__(self) -> bytes:
+        source = self._body.source
+        while True:
+            before = source.position
+            data = await self._body._next()
+            if not data:
+                raise StopAsyncIteration
+            if source.position <= self._start:  # before ``start``: read to be hashed, not sent
+                continue
+            return data[self._start - before :] if before < self._start else data
+
+
+def named(exc: Exception, digest: Digest | None, reached: int, size: int | None, why: str = "") -> Exception:
+    """``exc`` again, its message naming the blob and the byte its push reached (and ``why`` it ended there)."""
+    of = "" if size is None else f" of {size}"
+    message = f"pushing {f'blob {digest}' if digest else 'a blob'} stopped at byte {reached}{of}{why}: {exc}"
+    if isinstance(exc, RegistryError):
+        named: Exception = type(exc)(message, status=exc.status, codes=exc.codes)
+    else:
+        named = type(exc)(message)
+    named.__cause__ = exc
+    return named
+
+
+async def upload_file(
+    client: RegistryClient, fd: int, size: int, digest: Digest, progress: Callable[[int], None] | None = None
+) -> None:
+    """Push the blob ``digest`` of ``size`` bytes from the local file ``fd``: one streamed ``PATCH``, then ``PUT``.
+
+    A failed ``PATCH`` resumes where the registry says it got (``GET`` on the
+    session), re-reading the file from there; a lost session starts a new upload
+    from byte 0. Every retry is counted (:func:`note_retry`), at most
+    ``client.retry.retries`` of them, with backoff. The content is hashed as read:
+    nothing is committed unless it hashes to ``digest``. On failure the session is
+    cancelled and the error names the blob and the byte reached.
+    """
+    source = FileSource(fd, size, digest)
+    policy = client.retry
+    session: UploadSession | None = None
+    held = 0  # bytes the open session holds
+    failures = 0
+    try:
+        while True:
+            try:
+                if session is None:
+                    session = UploadSession(client)
+                    await session.start()
+                    held = 0
+                if held < size:
+                    await session.stream(FileBody(source, held, progress))
+                    held = size
+                source.verify()
+                await anyio.lowlevel.checkpoint()  # the last chance to cancel before it is committed
+                await session.commit(digest)
+                return
+            except Exception as exc:
+                if not transient(exc):
+                    raise
+                if failures >= policy.retries:
+                    raise named(exc, digest, source.reached, size) from exc
+            await anyio.sleep(policy.delay(failures))
+            failures += 1
+            note_retry(client)
+            assert session is not None
+            reached = await session._status() if session._location is not None else None
+            if reached is not None and held <= reached <= source.position:  # never more than was sent
+                held = reached
+                continue
+            await session.cancel()  # lost (or answered nonsense): a new upload from byte 0
+            session = None
+            response = await client.head(f"blobs/{digest}")  # a lost commit answer: it may have landed
+            if response is not None and response.headers.get("content-length") == str(size):
+                return
+    except BaseException:
+        if session is not None:
+            await session.cancel()
+        raise
