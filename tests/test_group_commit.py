@@ -75,7 +75,7 @@ async def queued(
         for index in range(len(calls)):
             tg.start_soon(run, index)
             with anyio.fail_after(30):
-                while not (store._committing is not None if index == 0 else len(store._queue) >= index):  # noqa: ASYNC110
+                while not (store._committing if index == 0 else len(store._queue) >= index):  # noqa: ASYNC110
                     await anyio.sleep(0.001)
         task_status.started()  # every call waits in the queue: the test may release the layout now
 

@@ -22,12 +22,12 @@ from collections.abc import Sequence
 
 from ._descriptor import Descriptor
 from ._digest import Digest
-from ._engine import Engine
+from ._engine import BlobInfo, Engine
 from ._errors import BlobNotFoundError, SizeMismatchError
 from ._graph import Graph, children, is_node, walk
 from ._threads import metadata_hops
 
-__all__ = ["check_closure", "strong_children"]
+__all__ = ["check_closure", "complete_at_hand", "strong_children"]
 
 
 def strong_children(descriptor: Descriptor, data: bytes) -> list[Descriptor]:
@@ -79,6 +79,29 @@ async def _check_closure(engine: Engine, targets: Sequence[tuple[str, Descriptor
                 f"cannot tag {_names(targets)}: blob {digest}{graph.where(digest)} has {info.size} bytes, "
                 f"but its descriptor says {descriptor.size}"
             )
+
+
+def complete_at_hand(
+    roots: list[Descriptor],
+    heads: dict[Digest, tuple[Descriptor, list[Descriptor]]],
+    stats: dict[Digest, BlobInfo],
+) -> bool:
+    """Whether one look (``Engine._closure_heads``'s result) shows ``roots`` complete: no read or walk needed.
+
+    Every node at hand, parsed, and every leaf among ``stats`` with its size; a
+    ``False`` decides nothing (:func:`check_closure` then finds and names the fault).
+    Pure: runs in the worker thread that took the look.
+    """
+    graph = _at_hand(roots, heads)
+    if graph is None:
+        return False
+    for digest, descriptor in graph.descriptors.items():
+        if is_node(descriptor) or descriptor.data is not None:
+            continue
+        info = stats.get(digest)
+        if info is None or info.size != descriptor.size:
+            return False
+    return True
 
 
 def _at_hand(roots: list[Descriptor], heads: dict[Digest, tuple[Descriptor, list[Descriptor]]]) -> Graph | None:
