@@ -10,7 +10,11 @@ side of the collector's lock, so no collection, in this process or another, can
 remove content between them, whatever its grace period.
 
 Each manifest or index is read (verified) and parsed once per call; leaves are
-checked by their size only (``stat_blobs``), never read. A descriptor with
+checked by their size only (``stat_blobs``), never read. The directory engine
+takes that look in the same worker-thread hop as the group commit that writes
+the tag (:func:`complete_at_hand` decides there), and walks with
+:func:`check_closure` only when the look cannot tell, so every fault is named
+as here. A descriptor with
 embedded ``data`` (verified against its digest when parsed) stands for its blob. Callers that must tag
 partial content on purpose (a platform-filtered copy, a partial layout) pass
 ``partial=True``.
