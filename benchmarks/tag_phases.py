@@ -95,7 +95,8 @@ def _instrument() -> None:
     engine_class: Any = dir_engine.DirEngine
     engine_class._gc_shared = timed_entry("collector's lock, shared: taking it", engine_class._gc_shared)
 
-    check = dir_engine.check_closure
+    engine_module: Any = dir_engine
+    check = engine_module.check_closure
 
     async def timed_check(*args: Any) -> None:
         start = time.perf_counter()
@@ -104,7 +105,7 @@ def _instrument() -> None:
         finally:
             _record("content check, the slow way (check_closure)", time.perf_counter() - start)
 
-    dir_engine.check_closure = timed_check  # type: ignore[assignment]
+    engine_module.check_closure = timed_check
 
     update = engine_class._check_and_update_references
 

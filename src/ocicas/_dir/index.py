@@ -38,7 +38,7 @@ import anyio.lowlevel
 from .._descriptor import Descriptor
 from .._errors import InvalidError
 from .._layout_format import IndexDocument
-from .._threads import POLL_INTERVAL, checkpoint, metadata_hops, run_sync, wait_for
+from .._threads import POLL_INTERVAL, QuickLimiter, checkpoint, metadata_hops, run_sync, wait_for
 from .fs import open_dir, open_regular, read_open, try_flock, write_all
 
 __all__ = ["IndexStore"]
@@ -75,7 +75,7 @@ class IndexStore:
         self._root = root
         self._where = where
         self._temp_dir = temp_dir
-        self._threads: tuple[object, anyio.CapacityLimiter] | None = None
+        self._threads: tuple[object, QuickLimiter] | None = None
         # the group commit's state, shared by the worker threads (never touched on the event loop)
         self._changed = threading.Condition()  # a request was settled, or the rewrite in progress ended
         self._queue: list[_Request] = []  # ready updates, in arrival order, for the next rewrite
@@ -154,11 +154,11 @@ class IndexStore:
             raise request.error
         return True
 
-    def _limiter(self) -> anyio.CapacityLimiter:
+    def _limiter(self) -> QuickLimiter:
         """Threads of this index's own, so a tag never queues behind the blob I/O filling the default pool."""
         token = anyio.lowlevel.current_token()
         if self._threads is None or self._threads[0] is not token:
-            self._threads = (token, anyio.CapacityLimiter(_UPDATE_THREADS))
+            self._threads = (token, QuickLimiter(_UPDATE_THREADS))
         return self._threads[1]
 
     def _join(self, request: _Request, check: Callable[[], bool] | None) -> bool:
