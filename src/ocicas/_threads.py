@@ -86,6 +86,10 @@ class QuickLimiter:
         self._used = 0
         self._waiting: deque[anyio.Event] = deque()
 
+    @property
+    def available_tokens(self) -> int:
+        return self.total_tokens - self._used
+
     async def acquire(self) -> None:
         if self._used < self.total_tokens and not self._waiting:
             self._used += 1
