@@ -28,10 +28,11 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 
 import ocicas
-from ocicas import _tagging, _threads
+from ocicas import _threads
 from ocicas._descriptor import Descriptor
 from ocicas._dir import engine as dir_engine
 from ocicas._dir import index as dir_index
@@ -94,50 +95,51 @@ def _instrument() -> None:
     engine_class: Any = dir_engine.DirEngine
     engine_class._gc_shared = timed_entry("collector's lock, shared: taking it", engine_class._gc_shared)
 
-    check = _tagging.check_closure
+    engine_module: Any = dir_engine
+    check = engine_module.check_closure
 
     async def timed_check(*args: Any) -> None:
         start = time.perf_counter()
         try:
             await check(*args)
         finally:
-            _record("content check (check_closure)", time.perf_counter() - start)
+            _record("content check, the slow way (check_closure)", time.perf_counter() - start)
 
-    _tagging.check_closure = timed_check  # type: ignore[assignment]
+    engine_module.check_closure = timed_check
 
-    update = engine_class._update_references
+    update = engine_class._check_and_update_references
 
-    async def timed_update(self: Any, changes: Mapping[str, Descriptor | None], replace: bool) -> None:
+    async def timed_update(self: Any, changes: Mapping[str, Descriptor | None], replace: bool, targets: Any) -> None:
         start = time.perf_counter()
         try:
-            await update(self, changes, replace)
+            await update(self, changes, replace, targets)
         finally:
-            _record("reference update (wait + group commit)", time.perf_counter() - start)
+            _record("reference update (check + group commit)", time.perf_counter() - start)
 
-    engine_class._update_references = timed_update
+    engine_class._check_and_update_references = timed_update
+
+    def timed_sync(owner: Any, attribute: str, name: str, on_batch: bool = False) -> None:
+        inner = getattr(owner, attribute)
+
+        def wrapper(*args: Any) -> Any:
+            if on_batch:
+                _batches.append(len(args[1]))
+            start, cpu = time.perf_counter(), time.thread_time()
+            try:
+                return inner(*args)
+            finally:
+                wall = time.perf_counter() - start
+                _record(name, wall)
+                # off this thread's CPU: the GIL, and system calls that block (fsync, a lock)
+                _record(name + ", off-CPU", wall - (time.thread_time() - cpu))
+
+        setattr(owner, attribute, wrapper)
 
     store: Any = dir_index.IndexStore
-    commit = store._commit
-
-    async def timed_commit(self: Any, batch: list[Any]) -> None:
-        _batches.append(len(batch))
-        start = time.perf_counter()
-        try:
-            await commit(self, batch)
-        finally:
-            _record("  a commit, as its leader sees it", time.perf_counter() - start)
-
-    store._commit = timed_commit
-    write = store._write
-
-    def timed_write(self: Any, updated: Any) -> None:
-        start = time.perf_counter()
-        try:
-            write(self, updated)
-        finally:
-            _phases["  in the commit: temp file written, fsynced, renamed"].append(time.perf_counter() - start)
-
-    store._write = timed_write
+    timed_sync(engine_class, "_look_at_closure", "  in the hop: the look at the content (_look_at_closure)")
+    timed_sync(store, "_commit", "  in the hop: a rewrite run (lock, rewrite, directory fsync)", on_batch=True)
+    timed_sync(store, "_rewrite", "    in the rewrite: under the flock (load, apply, write)")
+    timed_sync(store, "_write", "    in the rewrite: temp file written, fsynced, renamed")
 
 
 def _run(root: str, seconds: float, builders: int, backend: str) -> None:
@@ -146,6 +148,7 @@ def _run(root: str, seconds: float, builders: int, backend: str) -> None:
     anyio.run(ocicas.create_layout, layout)
     latencies: list[float] = []
     loop_cpu: list[float] = []
+    turns: list[float] = []
 
     async def main() -> None:
         started = time.thread_time()
@@ -163,7 +166,15 @@ def _run(root: str, seconds: float, builders: int, backend: str) -> None:
                     _in_tag.reset(token)
                     n += 1
 
+            async def probe() -> None:  # how long a task that is ready waits for its turn on the loop
+                while time.perf_counter() < deadline:
+                    start = time.perf_counter()
+                    await anyio.lowlevel.cancel_shielded_checkpoint()
+                    turns.append(time.perf_counter() - start)
+                    await anyio.sleep(0.005)
+
             async with anyio.create_task_group() as tg:
+                tg.start_soon(probe)
                 for worker in range(builders):
                     tg.start_soon(builder, worker)
         loop_cpu.append(time.thread_time() - started)
@@ -186,11 +197,16 @@ def _run(root: str, seconds: float, builders: int, backend: str) -> None:
         f"system {after.ru_stime - before.ru_stime:.2f} s; event-loop thread {loop_cpu[0]:.2f} s; "
         f"context switches {after.ru_nvcsw - before.ru_nvcsw} voluntary, {after.ru_nivcsw - before.ru_nivcsw} forced"
     )
-    print(f"   {'phase':58s} {'count':>6s} {'per tag':>9s} {'p50':>9s} {'p99':>9s}  (ms)")
+    turns.sort()
+    print(
+        f"   a ready task's wait for its loop turn: p50 {turns[len(turns) // 2] * 1e3:.1f} ms, "
+        f"p99 {turns[int(len(turns) * 0.99)] * 1e3:.1f} ms, max {turns[-1] * 1e3:.1f} ms"
+    )
+    print(f"   {'phase':66s} {'count':>6s} {'per tag':>9s} {'p50':>9s} {'p99':>9s}  (ms)")
     for name in sorted(_phases, key=lambda k: -sum(_phases[k])):
         values = sorted(_phases[name])
         p50, p99 = values[len(values) // 2], values[min(len(values) - 1, int(len(values) * 0.99))]
-        print(f"   {name:58s} {len(values):6d} {sum(values) / n * 1e3:9.2f} {p50 * 1e3:9.2f} {p99 * 1e3:9.2f}")
+        print(f"   {name:66s} {len(values):6d} {sum(values) / n * 1e3:9.2f} {p50 * 1e3:9.2f} {p99 * 1e3:9.2f}")
     _phases.clear()
     _batches.clear()
 

@@ -75,7 +75,7 @@ async def queued(
         for index in range(len(calls)):
             tg.start_soon(run, index)
             with anyio.fail_after(30):
-                while not (store._committing is not None if index == 0 else len(store._queue) >= index):  # noqa: ASYNC110
+                while not (store._committing if index == 0 else len(store._queue) >= index):  # noqa: ASYNC110
                     await anyio.sleep(0.001)
         task_status.started()  # every call waits in the queue: the test may release the layout now
 
@@ -158,3 +158,104 @@ async def test_a_caller_cancelled_while_queued_changes_nothing(tmp_path: Path) -
         assert await engine.list_references() == ["kept"]
         await engine.put_reference("later", b)  # the store still works after the cancelled caller
         assert await engine.list_references() == ["kept", "later"]
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    with anyio.fail_after(30):
+        while not condition():  # noqa: ASYNC110
+            await anyio.sleep(0.001)
+
+
+async def test_a_tag_of_incomplete_content_fails_alone_with_the_error_a_lone_tag_gets(tmp_path: Path) -> None:
+    layout = tmp_path / "layout"
+    await ocicas.create_layout(layout)
+    async with await ocicas.open_layout(layout) as engine:
+        a, c = await images(engine, 2)
+        broken, digests = await put_image(engine, [b"a layer that goes missing"], name="broken")
+        await engine.delete_blob(digests[0])
+        with pytest.raises(ocicas.BlobNotFoundError) as alone:
+            await engine.put_reference("b", broken)  # the error a tag alone gets
+        store = engine._index
+        outcomes: dict[str, BaseException | None] = {}
+
+        async def tag(name: str, descriptor: Descriptor) -> None:
+            try:
+                await engine.put_reference(name, descriptor)
+                outcomes[name] = None
+            except ocicas.OCICASError as exc:
+                outcomes[name] = exc
+
+        with layout_locked(layout) as release:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(tag, "a", a)
+                await until(lambda: store._committing)  # "a" runs the rewrite: it waits for the layout's lock
+                tg.start_soon(tag, "b", broken)
+                await until(lambda: "b" in outcomes)  # refused by its own check, while the rewrite waits
+                tg.start_soon(tag, "c", c)
+                await until(lambda: len(store._queue) == 1)  # "c" waits for the next rewrite
+                release()
+        assert set(outcomes) == {"a", "b", "c"}
+        assert outcomes["a"] is None
+        assert outcomes["c"] is None
+        assert type(outcomes["b"]) is ocicas.BlobNotFoundError
+        assert str(outcomes["b"]) == str(alone.value)
+        assert await engine.list_references() == ["a", "c"]
+        assert await engine.get_reference("a") == a
+        assert await engine.get_reference("c") == c
+    async with await ocicas.open_layout(layout) as reopened:
+        assert await reopened.list_references() == ["a", "c"]
+
+
+async def test_the_caller_that_runs_the_rewrite_fails_alone_when_its_own_set_clobbers(tmp_path: Path) -> None:
+    layout = tmp_path / "layout"
+    await ocicas.create_layout(layout)
+    async with await ocicas.open_layout(layout) as engine:
+        a, b, c = await images(engine, 3)
+        await engine.put_reference("held", a)
+        outcomes: dict[int, BaseException | None] = {}
+        calls: list[Callable[[], Awaitable[None]]] = [
+            lambda: engine.update_references({"held": b, "x": b}),  # 0 runs the rewrite: clobbers, no "x"
+            lambda: engine.update_references({"y": c}),  # 1: lands
+            lambda: engine.update_references({"x": c}),  # 2: lands ("x" was never put by 0)
+        ]
+        with layout_locked(layout) as release:
+            async with anyio.create_task_group() as tg:
+                await tg.start(queued, engine, calls, outcomes)
+                release()
+        assert {n: type(e) for n, e in outcomes.items()} == {0: ClobberError, 1: type(None), 2: type(None)}
+        assert str(outcomes[0]) == f"reference 'held' already holds {a.digest}, not {b.digest}"
+        assert await engine.list_references() == ["held", "x", "y"]
+        assert await engine.get_reference("held") == a
+        assert await engine.get_reference("x") == c
+        assert await engine.get_reference("y") == c
+
+
+async def test_when_the_caller_running_the_rewrite_is_cancelled_the_next_one_runs_it(tmp_path: Path) -> None:
+    layout = tmp_path / "layout"
+    await ocicas.create_layout(layout)
+    async with await ocicas.open_layout(layout) as engine:
+        descriptors = await images(engine, 4)
+        store = engine._index
+        outcomes: dict[int, BaseException | None] = {}
+
+        async def tag(index: int) -> None:
+            await engine.put_reference(f"tag{index}", descriptors[index])
+            outcomes[index] = None
+
+        with layout_locked(layout) as release:
+            async with anyio.create_task_group() as tg:
+                with anyio.CancelScope() as doomed:
+                    async with anyio.create_task_group() as first:
+                        first.start_soon(tag, 0)
+                        await until(lambda: store._committing)  # 0 runs the rewrite, waiting for the lock
+                        for index in range(1, 4):
+                            tg.start_soon(tag, index)
+                        await until(lambda: len(store._queue) == 3)
+                        doomed.cancel()  # stops 0 before anything is written
+                assert 0 not in outcomes
+                await until(lambda: store._committing)  # another caller runs the rewrite of the batch, less 0's set
+                release()
+        assert outcomes == {1: None, 2: None, 3: None}
+        assert await engine.list_references() == ["tag1", "tag2", "tag3"]
+    async with await ocicas.open_layout(layout) as reopened:
+        assert await reopened.list_references() == ["tag1", "tag2", "tag3"]

@@ -25,7 +25,7 @@ hook                        does
 ==========================  ==================================================
 
 Optional hooks with defaults: ``_stat_blobs``, ``_touch_blobs``, ``_delete_blobs``,
-``_mount_blob``, ``_list_broken_roots``, ``_referrers``, the collector's lock
+``_mount_blob``, ``_list_broken_roots``, ``_referrers``, ``_check_and_update_references``, the collector's lock
 (``_gc_lock`` exclusive, ``_gc_shared`` shared; in-process by default) and leases
 (``_lease_begin``, ``_lease_record``, ``_lease_end``, ``_leased_blobs``; in-process
 by default).
@@ -439,11 +439,9 @@ class Engine(ABC):
                 await self._update_references(checked, replace)
                 return
             async with self._gc_shared():
-                if not partial and not self._checks_own_references:
-                    from ._tagging import check_closure  # the graph walk builds on this module
-
-                    await check_closure(self, puts)
-                await self._update_references(checked, replace)
+                await self._check_and_update_references(
+                    checked, replace, [] if partial or self._checks_own_references else puts
+                )
 
     async def get_reference(self, name: str, *, ctx: Context | None = None) -> Descriptor:
         """The descriptor stored under ``name``; :class:`~ocicas.ReferenceNotFoundError` if absent."""
@@ -631,6 +629,20 @@ class Engine(ABC):
     async def _list_broken_roots(self) -> list[BrokenRoot]:
         """Default: every root parses."""
         return []
+
+    async def _check_and_update_references(
+        self, changes: dict[str, Descriptor | None], replace: bool, targets: list[tuple[str, Descriptor]]
+    ) -> None:
+        """Under the collector's lock, shared: check ``targets`` are complete, then apply ``changes``.
+
+        Default: :func:`~ocicas._tagging.check_closure`, then ``_update_references``. A
+        backend may do both in one step (the directory engine checks in the group commit's hop).
+        """
+        if targets:
+            from ._tagging import check_closure  # the graph walk builds on this module
+
+            await check_closure(self, targets)
+        await self._update_references(changes, replace)
 
     async def _closure_heads(
         self, roots: list[Descriptor]

@@ -10,7 +10,11 @@ side of the collector's lock, so no collection, in this process or another, can
 remove content between them, whatever its grace period.
 
 Each manifest or index is read (verified) and parsed once per call; leaves are
-checked by their size only (``stat_blobs``), never read. A descriptor with
+checked by their size only (``stat_blobs``), never read. The directory engine
+takes that look in the same worker-thread hop as the group commit that writes
+the tag (:func:`complete_at_hand` decides there), and walks with
+:func:`check_closure` only when the look cannot tell, so every fault is named
+as here. A descriptor with
 embedded ``data`` (verified against its digest when parsed) stands for its blob. Callers that must tag
 partial content on purpose (a platform-filtered copy, a partial layout) pass
 ``partial=True``.
@@ -22,12 +26,12 @@ from collections.abc import Sequence
 
 from ._descriptor import Descriptor
 from ._digest import Digest
-from ._engine import Engine
+from ._engine import BlobInfo, Engine
 from ._errors import BlobNotFoundError, SizeMismatchError
 from ._graph import Graph, children, is_node, walk
 from ._threads import metadata_hops
 
-__all__ = ["check_closure", "strong_children"]
+__all__ = ["check_closure", "complete_at_hand", "strong_children"]
 
 
 def strong_children(descriptor: Descriptor, data: bytes) -> list[Descriptor]:
@@ -79,6 +83,29 @@ async def _check_closure(engine: Engine, targets: Sequence[tuple[str, Descriptor
                 f"cannot tag {_names(targets)}: blob {digest}{graph.where(digest)} has {info.size} bytes, "
                 f"but its descriptor says {descriptor.size}"
             )
+
+
+def complete_at_hand(
+    roots: list[Descriptor],
+    heads: dict[Digest, tuple[Descriptor, list[Descriptor]]],
+    stats: dict[Digest, BlobInfo],
+) -> bool:
+    """Whether one look (``Engine._closure_heads``'s result) shows ``roots`` complete: no read or walk needed.
+
+    Every node at hand, parsed, and every leaf among ``stats`` with its size; a
+    ``False`` decides nothing (:func:`check_closure` then finds and names the fault).
+    Pure: runs in the worker thread that took the look.
+    """
+    graph = _at_hand(roots, heads)
+    if graph is None:
+        return False
+    for digest, descriptor in graph.descriptors.items():
+        if is_node(descriptor) or descriptor.data is not None:
+            continue
+        info = stats.get(digest)
+        if info is None or info.size != descriptor.size:
+            return False
+    return True
 
 
 def _at_hand(roots: list[Descriptor], heads: dict[Digest, tuple[Descriptor, list[Descriptor]]]) -> Graph | None:

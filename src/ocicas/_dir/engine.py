@@ -48,7 +48,7 @@ from .._graph import is_node
 from .._layout_format import BrokenRoot, IndexDocument, layout_file, parse_layout_file
 from .._reader import BlobReader, RawBlob
 from .._source import BlobSource
-from .._tagging import strong_children
+from .._tagging import check_closure, complete_at_hand, strong_children
 from .._threads import checkpoint, metadata_hops, run_sync
 from .clone import clone_blob
 from .fs import (
@@ -352,54 +352,91 @@ class DirEngine(Engine):
     def _look_at_closure(
         self, roots: list[Descriptor]
     ) -> tuple[dict[Digest, tuple[Descriptor, list[Descriptor]]], dict[Digest, BlobInfo]]:
-        """Read, verify and parse the nodes reached from ``roots`` (within a budget), stat their leaves: in one go."""
+        """Read, verify and parse the nodes reached from ``roots`` (within a budget), stat their leaves: in one go.
+
+        Only the happy path, in few system calls (each may wait for the GIL under load): a
+        directory opened once per algorithm, one ``read`` per node. Anything odd is left out,
+        for the usual walk to report.
+        """
         heads: dict[Digest, tuple[Descriptor, list[Descriptor]]] = {}
         leaves: dict[Digest, None] = {}
         queue = [d for d in roots if _readable_node(d)]
         tried: set[Digest] = set()  # the first descriptor of a digest decides, as in a walk
         budget = _LOOK_BUDGET
-        for node in queue:  # grows as nodes are read: breadth first, as a walk goes
-            if node.digest in tried:
-                continue
-            tried.add(node.digest)
-            if len(tried) % 64 == 0:
-                checkpoint()
-            if node.size > budget:
-                continue
-            try:
-                raw = self._open_file(node.digest)
+        dirs: dict[str, int | None] = {}
+        lstat, S_ISREG = os.stat, stat.S_ISREG
+
+        def alg_dir(digest: Digest) -> int | None:
+            algorithm = digest.algorithm
+            if algorithm not in dirs:
                 try:
-                    data = b""
-                    while len(data) <= node.size and (part := raw.read_blocking(node.size + 1 - len(data))):
-                        data += part
-                finally:
-                    raw.close_now()
-                verifier = Verifier(node.digest, node.size)
-                verifier.update(data)
-                verifier.verify()
-                found = strong_children(node, data)
-            except Exception:  # the usual read reports it, exactly
-                continue
-            heads[node.digest] = (node, found)
-            budget -= node.size
-            for child in found:
-                if _readable_node(child):
-                    queue.append(child)
-                elif child.data is None and not is_node(child):
-                    leaves[child.digest] = None
-        stats: dict[Digest, BlobInfo] = {}
+                    dirs[algorithm] = self._alg_dir(algorithm)
+                except OSError:
+                    dirs[algorithm] = None
+            return dirs[algorithm]
+
         try:
-            for alg, start, group in self._by_algorithm(list(leaves)):
-                for digest in group:
-                    try:
-                        st = os.stat(digest[start:], dir_fd=alg, follow_symlinks=False)
-                    except FileNotFoundError:
+            for node in queue:  # grows as nodes are read: breadth first, as a walk goes
+                if node.digest in tried:
+                    continue
+                tried.add(node.digest)
+                if len(tried) % 64 == 0:
+                    checkpoint()
+                alg = alg_dir(node.digest)
+                if node.size > budget or alg is None:
+                    continue
+                try:
+                    # the type first: a device or FIFO at a blob path is never opened
+                    st = lstat(node.digest.encoded, dir_fd=alg, follow_symlinks=False)
+                    if not S_ISREG(st.st_mode) or st.st_size != node.size:
                         continue
-                    if stat.S_ISREG(st.st_mode):
-                        stats[digest] = BlobInfo(st.st_size, st.st_mtime_ns / 1e9)
-        except Exception:  # the usual stat reports it
-            return heads, {}
+                    fd = os.open(node.digest.encoded, READ_FLAGS, dir_fd=alg)
+                    try:
+                        data = os.read(fd, node.size + 1)  # whole: a regular file reads short only at its end
+                    finally:
+                        os.close(fd)
+                    verifier = Verifier(node.digest, node.size)
+                    verifier.update(data)
+                    verifier.verify()
+                    found = strong_children(node, data)
+                except Exception:  # the usual read reports it, exactly
+                    continue
+                heads[node.digest] = (node, found)
+                budget -= node.size
+                for child in found:
+                    if _readable_node(child):
+                        queue.append(child)
+                    elif child.data is None and not is_node(child):
+                        leaves[child.digest] = None
+            stats: dict[Digest, BlobInfo] = {}
+            for digest in leaves:
+                alg = alg_dir(digest)
+                if alg is None:
+                    continue
+                try:
+                    st = lstat(digest.encoded, dir_fd=alg, follow_symlinks=False)
+                except OSError:
+                    continue  # the usual stat reports it
+                if S_ISREG(st.st_mode):
+                    stats[digest] = BlobInfo(st.st_size, st.st_mtime_ns / 1e9)
+        finally:
+            for opened in dirs.values():
+                if opened is not None:
+                    os.close(opened)
         return heads, stats
+
+    async def _check_and_update_references(
+        self, changes: dict[str, Descriptor | None], replace: bool, targets: list[tuple[str, Descriptor]]
+    ) -> None:
+        roots = [d for _, d in targets]
+        if not roots or any(map(_readable_node, roots)):
+            # the common tag in one thread hop: the look at its content, then the group commit
+            check = (lambda: complete_at_hand(roots, *self._look_at_closure(roots))) if roots else None
+            if await self._index.update(changes, replace, check):
+                return
+        # the look could not tell (missing or large content, a bare blob): the walk decides, and names the fault
+        await check_closure(self, targets)
+        await self._index.update(changes, replace)
 
     async def _stat_blob(self, digest: Digest) -> int:
         def size() -> int:

@@ -9,9 +9,16 @@ stale read, and a lost update when the stale index is rewritten).
 Changes are a read-modify-write under an exclusive ``flock`` on the layout
 directory, so processes tagging at once lose nothing: the new index is written
 to a temporary file, fsynced, renamed over ``index.json`` and the directory
-fsynced, so readers never see a torn file. Updates arriving while a rewrite runs
-join the next one (a group commit): one thread hop takes the lock, rewrites, releases
-the lock and fsyncs the directory for every caller in the batch.
+fsynced, so readers never see a torn file.
+
+A group commit, run by the worker threads themselves: each update is one thread
+hop, which first runs the caller's check (a tag's content check, in parallel with
+other callers'), then joins the list of ready updates. A hop that finds no rewrite
+in progress takes every ready update and rewrites ``index.json`` once for all of
+them; the others wait in their threads for the rewrite that takes theirs. The next
+rewrite may start while the previous one syncs the directory, so a tag waits for
+at most the rewrite in progress and its own, and never for the event loop between
+two rewrites.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import errno
 import fcntl
 import os
 import secrets
+import stat
 import threading
 from collections.abc import Callable, Mapping
 from typing import Final
@@ -30,22 +38,28 @@ import anyio.lowlevel
 from .._descriptor import Descriptor
 from .._errors import InvalidError
 from .._layout_format import IndexDocument
-from .._threads import checkpoint, metadata_hops, run_sync
-from .fs import open_dir, open_regular, read_open, try_flock, write_file
+from .._threads import POLL_INTERVAL, QuickLimiter, checkpoint, metadata_hops, run_sync, wait_for
+from .fs import open_dir, open_regular, read_open, try_flock, write_all
 
 __all__ = ["IndexStore"]
 
 _INDEX_LIMIT: Final = 256 << 20
+#: Updates in flight in worker threads at once, per event loop: each holds its thread while it waits for a rewrite.
+_UPDATE_THREADS: Final = 32
 
 
 class _Request:
-    """One caller's change set, waiting for a rewrite of ``index.json`` to apply or refuse it."""
+    """One caller's change set, waiting for a rewrite of ``index.json`` to apply or refuse it.
 
-    __slots__ = ("changes", "error", "pending", "replace")
+    Its fields change only under the store's condition, in worker threads.
+    """
+
+    __slots__ = ("changes", "error", "pending", "ready", "replace")
 
     def __init__(self, changes: Mapping[str, Descriptor | None], replace: bool) -> None:
         self.changes = changes
         self.replace = replace
+        self.ready = False  # in the list of updates the next rewrite takes
         self.pending = True
         self.error: BaseException | None = None
 
@@ -61,9 +75,12 @@ class IndexStore:
         self._root = root
         self._where = where
         self._temp_dir = temp_dir
-        self._committing: anyio.Event | None = None  # while a rewrite runs in this process (flock for others)
-        self._threads: tuple[object, anyio.CapacityLimiter] | None = None
-        self._queue: list[_Request] = []  # updates waiting for the next rewrite, in arrival order
+        self._threads: tuple[object, QuickLimiter] | None = None
+        # the group commit's state, shared by the worker threads (never touched on the event loop)
+        self._changed = threading.Condition()  # a request was settled, or the rewrite in progress ended
+        self._queue: list[_Request] = []  # ready updates, in arrival order, for the next rewrite
+        self._committing = False  # a rewrite is in progress (in this process; the flock covers others)
+        self._lock_fd: int | None = None  # the layout directory, open for its flock (used by the rewrite only)
         self._cache: tuple[tuple[int, int, int, int], IndexDocument] | None = None
         self._held: int | None = None  # the cached file, open (see the module doc)
         self._held_lock = threading.Lock()
@@ -78,6 +95,16 @@ class IndexStore:
 
     def load(self) -> IndexDocument:
         """The parsed ``index.json``, re-read only when the file's identity changed (worker thread)."""
+        cached = self._cache
+        if cached is not None:
+            # one stat: the cached file is held open, so no new index.json can take its inode
+            try:
+                st = os.stat("index.json", dir_fd=self._root, follow_symlinks=False)
+            except FileNotFoundError:
+                pass  # reported below
+            else:
+                if stat.S_ISREG(st.st_mode) and cached[0] == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns):
+                    return cached[1]
         try:
             fd = open_regular("index.json", self._root, "index.json")
         except FileNotFoundError:
@@ -105,102 +132,128 @@ class IndexStore:
         with metadata_hops():
             return await run_sync(self.load)
 
-    async def update(self, changes: Mapping[str, Descriptor | None], replace: bool) -> None:
+    async def update(
+        self,
+        changes: Mapping[str, Descriptor | None],
+        replace: bool,
+        check: Callable[[], bool] | None = None,
+    ) -> bool:
         """Apply ``changes`` under the layout's exclusive lock, in this process and across processes.
 
-        A group commit: updates arriving while a rewrite runs wait for it, then
-        the first of them rewrites ``index.json`` once for all of them (waiters
-        wake together, none waits for another's turn at a lock). Each
-        caller's change set is applied on top of the previous ones in arrival
-        order, all or nothing; a set that fails (a clobber) fails its caller only.
+        One thread hop: ``check`` (if given) runs first, in the worker thread; if it
+        returns false nothing is applied and this returns ``False`` (the caller
+        decides the slow way, then comes back without a check). Else the change set
+        joins the next rewrite of ``index.json`` (a group commit), applied on top of
+        the earlier ones in arrival order, all or nothing; a set that fails (a
+        clobber) fails its caller only. Returns ``True`` once applied and durable.
         """
         request = _Request(changes, replace)
-        self._queue.append(request)
-        try:
-            while request.pending:
-                if self._committing is not None:  # a rewrite runs: wait for its end, then look again
-                    await self._committing.wait()
-                    continue
-                # no rewrite runs and none took this request: lead one for everything queued
-                self._committing = ended = anyio.Event()
-                batch, self._queue = self._queue, []
-                try:
-                    await self._commit(batch)
-                finally:
-                    # those not reached (we were stopped first) go back, ahead of later ones, for the next leader
-                    self._queue[:0] = [other for other in batch if other.pending]
-                    self._committing = None
-                    ended.set()  # every waiter wakes at once: the settled return, the first other one leads
-        finally:
-            if request.pending and request in self._queue:
-                self._queue.remove(request)  # cancelled before any rewrite took it: never applied
-        if request.pending:
-            raise RuntimeError("index update was neither applied nor refused")  # pragma: no cover
+        if not await run_sync(self._join, request, check, limiter=self._limiter()):
+            return False
         if request.error is not None:
             raise request.error
+        return True
 
-    async def _commit(self, batch: list[_Request]) -> None:
-        limiter = self._limiter()
-        if await run_sync(self._try_rewrite, batch, limiter=limiter):  # uncontended: one thread hop
-            return
-        lock_fd = await run_sync(open_dir, ".", self._root, "the layout", limiter=limiter)
-        try:
-            delay = 0.001
-            while not await run_sync(try_flock, lock_fd, fcntl.LOCK_EX, limiter=limiter):
-                await anyio.sleep(delay)  # another process holds the lock: wait, cancellably
-                delay = min(delay * 2, 0.05)
-            applied = await run_sync(self._rewrite, batch, limiter=limiter)
-        finally:
-            os.close(lock_fd)  # releases the flock
-        await run_sync(self._make_durable, applied, limiter=limiter)
-
-    def _limiter(self) -> anyio.CapacityLimiter:
+    def _limiter(self) -> QuickLimiter:
         """Threads of this index's own, so a tag never queues behind the blob I/O filling the default pool."""
         token = anyio.lowlevel.current_token()
         if self._threads is None or self._threads[0] is not token:
-            self._threads = (token, anyio.CapacityLimiter(2))
+            self._threads = (token, QuickLimiter(_UPDATE_THREADS))
         return self._threads[1]
 
-    def _try_rewrite(self, batch: list[_Request]) -> bool:
-        """Rewrite under the layout's ``flock`` if it is free now, then sync the directory; whether it was."""
-        lock_fd = open_dir(".", self._root, "the layout")
+    def _join(self, request: _Request, check: Callable[[], bool] | None) -> bool:
+        """Worker thread: check, then wait until a rewrite settled ``request``, running it if none runs."""
+        if check is not None and not check():
+            return False
+        changed = self._changed
+        with changed:
+            checkpoint()  # cancelled before joining: never applied
+            request.ready = True
+            self._queue.append(request)
+            while True:
+                if not request.pending:
+                    return True
+                if request.ready and not self._committing:
+                    # no rewrite in progress, and none took this request: run one for every ready update
+                    self._committing = True
+                    batch, self._queue = self._queue, []
+                    for other in batch:
+                        other.ready = False
+                    break
+                try:
+                    checkpoint()
+                except BaseException:
+                    if request.ready:  # cancelled before a rewrite took it: never applied
+                        request.ready = False
+                        self._queue.remove(request)
+                    raise  # else a rewrite has it: it lands or fails without its caller
+                changed.wait(POLL_INTERVAL)
         try:
-            if not try_flock(lock_fd, fcntl.LOCK_EX):
-                return False
-            applied = self._rewrite(batch)
-        finally:
-            os.close(lock_fd)  # releases the flock
-        self._make_durable(applied)
+            self._commit(batch, request)
+        except BaseException:
+            if request.pending:
+                raise
+            # settled before the rewrite failed (refused, say): its caller gets its own outcome
         return True
 
-    def _make_durable(self, applied: list[_Request]) -> None:
-        """fsync the layout directory, outside the ``flock``, and settle the ``applied`` requests."""
+    def _commit(self, batch: list[_Request], own: _Request) -> None:
+        """Rewrite ``index.json`` once for ``batch``, then fsync the directory; settle each request."""
+        changed = self._changed
+        try:
+            lock_fd = self._lock_fd
+            if lock_fd is None:
+                lock_fd = self._lock_fd = open_dir(".", self._root, "the layout")
+            # another process may hold it: wait, cancellably
+            wait_for(lambda: try_flock(lock_fd, fcntl.LOCK_EX))
+            try:
+                applied = self._rewrite(batch)
+            finally:
+                fcntl.flock(lock_fd, fcntl.LOCK_UN)
+        except BaseException:
+            with changed:
+                # those not settled (this rewrite was stopped first) go back, ahead of later ones, for the next
+                # rewrite; this caller's own leaves with the error
+                back = [other for other in batch if other.pending and other is not own]
+                for other in back:
+                    other.ready = True
+                self._queue[:0] = back
+                self._committing = False
+                changed.notify_all()
+            raise
+        with changed:
+            self._committing = False  # the next rewrite may run while this one's directory syncs
+            changed.notify_all()
         # even when nothing was written: a name found present may rest on another process's rename
         try:
             os.fsync(self._root)
         except BaseException as exc:
-            for request in applied:
-                request.settle(exc)
+            self._settle(applied, exc)
             raise
-        for request in applied:
-            request.settle(None)
+        self._settle(applied, None)
+
+    def _settle(self, requests: list[_Request], error: BaseException | None) -> None:
+        with self._changed:
+            for request in requests:
+                request.settle(error)
+            self._changed.notify_all()
 
     def _rewrite(self, batch: list[_Request]) -> list[_Request]:
         """Apply each request of ``batch`` in turn and write the result once; return those applied.
 
         Refused requests are settled here; the applied ones once the directory is synced.
         """
-        # the leader's own cancellation or deadline stops it before anything is settled or written:
-        # the batch goes back to the queue for the next caller to lead
+        # the committing caller's cancellation or deadline stops it before anything is settled or written:
+        # the batch goes back to the queue for the next rewrite
         checkpoint()
         current = self.load()
         updated = None
         applied = []
+        refused = []
         for request in batch:
             try:
                 result = (updated or current).apply(request.changes, replace=request.replace)
             except Exception as exc:
-                request.settle(exc)
+                refused.append((request, exc))
                 continue
             if result is not None:
                 updated = result
@@ -209,33 +262,38 @@ class IndexStore:
             if updated is not None:
                 self._write(updated)
         except BaseException as exc:
-            for request in applied:
-                request.settle(exc)
+            self._settle(applied, exc)
             raise
+        finally:
+            with self._changed:
+                for request, error in refused:
+                    request.settle(error)
         return applied
 
     def _write(self, updated: IndexDocument) -> None:
         temp = self._temp_dir()
         name = f"index-{secrets.token_hex(8)}"
-        held = -1
+        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=temp)
         try:
-            write_file(temp, name, updated.serialize())
-            held = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=temp)
-            st = os.fstat(held)
+            write_all(fd, updated.serialize())
+            os.fsync(fd)
+            st = os.fstat(fd)
             os.rename(name, "index.json", src_dir_fd=temp, dst_dir_fd=self._root)
         except BaseException:
-            if held >= 0:
-                os.close(held)
+            os.close(fd)
             try:
                 os.unlink(name, dir_fd=temp)
             except FileNotFoundError:
                 pass
             raise
-        self._hold(held, st, updated)
+        self._hold(fd, st, updated)  # the written file stays open as the cached one
 
     def release(self) -> None:
-        """Close the cached file (the engine is closing)."""
+        """Close the cached file and the lock's descriptor (the engine is closing)."""
         with self._held_lock:
             held, self._held, self._cache = self._held, None, None
         if held is not None:
             os.close(held)
+        lock_fd, self._lock_fd = self._lock_fd, None
+        if lock_fd is not None:
+            os.close(lock_fd)
