@@ -992,7 +992,7 @@ def _lag_rows(workdir: Path, size: int, repeat: int, part: str) -> list[Row]:
         p50, p99, worst = (median([run[key] * 1000 for run in runs]) for key in ("p50", "p99", "max"))
         ref_p99, ref_max = (median([run["reference"][key] * 1000 for run in runs]) for key in ("p99", "max"))
         thread_p99, thread_max = (median([run["thread"][key] * 1000 for run in runs]) for key in ("p99", "max"))
-        step = max(step for run in runs for step in run["loop_steps"][:1] or [(0.0, "")])
+        step = max((tuple(step) for run in runs for step in run["loop_steps"][:1]), default=(0.0, ""))
         full = max(
             ((c["cpu_ms"], c["thread"]) for run in runs for c in run["collections"] if c["generation"] == 2),
             default=(0.0, ""),
