@@ -966,14 +966,22 @@ REGISTRY_COPY_SCRIPT = textwrap.dedent(
 
 def timed_rss(args: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
     """Run ``args`` under ``/usr/bin/time``: wall seconds, peak RSS in MiB of the process, its stdout."""
-    out = subprocess.run(["/usr/bin/time", "-f", "%e %M", *args], capture_output=True, text=True, env=env)
+    seconds, rss, out, _ = timed_rss_cpu(args, env)
+    return seconds, rss, out
+
+
+def timed_rss_cpu(args: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str, float]:
+    """As :func:`timed_rss`, and the process's CPU seconds (user + system): less noisy than wall time."""
+    out = subprocess.run(["/usr/bin/time", "-f", "%e %M %U %S", *args], capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"{args[:3]} failed:\n{out.stderr[-2000:]}")
-    seconds, kib = out.stderr.strip().splitlines()[-1].split()
-    return float(seconds), int(kib) / 1024, out.stdout
+    seconds, kib, user, system = out.stderr.strip().splitlines()[-1].split()
+    return float(seconds), int(kib) / 1024, out.stdout, float(user) + float(system)
 
 
-def case_registry(workdir: Path, repeat: int, size: int, cut_mib: int) -> list[Row]:
+def case_registry(
+    workdir: Path, repeat: int, size: int, cut_mib: int, modes: tuple[str, ...] = ("pull", "push")
+) -> list[Row]:
     """Pull and push of an image (4 layers) with a real docker-registry, against skopeo; also through a proxy
     that cuts every response after ``cut_mib`` MiB. Time and peak RSS of the whole copying process.
 
@@ -993,7 +1001,9 @@ def case_registry(workdir: Path, repeat: int, size: int, cut_mib: int) -> list[R
     env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, paths))}
     counter = iter(range(10**6))
 
-    def measured(mode: str, cut: bool, run: Callable[[str, str], tuple[float, float, int]]) -> tuple[float, float, int]:
+    def measured(
+        mode: str, cut: bool, run: Callable[[str, str], tuple[float, float, int, float]]
+    ) -> tuple[float, float, int, float]:
         """``run(url, repository)`` against a fresh registry (the image pushed first for a pull), maybe proxied."""
         directory = workdir / f"registry-{next(counter)}"
         directory.mkdir()
@@ -1031,7 +1041,7 @@ def case_registry(workdir: Path, repeat: int, size: int, cut_mib: int) -> list[R
             registry.stop()
             shutil.rmtree(directory)
 
-    def ours(mode: str, backend: str, url: str, repo: str) -> tuple[float, float, int]:
+    def ours(mode: str, backend: str, url: str, repo: str) -> tuple[float, float, int, float]:
         layout = workdir / f"ours-{next(counter)}"
         script = [
             sys.executable,
@@ -1043,13 +1053,13 @@ def case_registry(workdir: Path, repeat: int, size: int, cut_mib: int) -> list[R
             backend,
         ]
         try:
-            seconds, rss, out = timed_rss(script, env)
+            seconds, rss, out, cpu = timed_rss_cpu(script, env)
         finally:
             if mode == "pull":
                 shutil.rmtree(layout, ignore_errors=True)
-        return seconds, rss, json.loads(out)["retries"]
+        return seconds, rss, json.loads(out)["retries"], cpu
 
-    def reference(mode: str, url: str, repo: str) -> tuple[float, float, int]:
+    def reference(mode: str, url: str, repo: str) -> tuple[float, float, int, float]:
         address = url.partition("://")[2]
         target = workdir / f"skopeo-{next(counter)}"
         if mode == "pull":
@@ -1057,31 +1067,33 @@ def case_registry(workdir: Path, repeat: int, size: int, cut_mib: int) -> list[R
         else:
             args = ["--dest-tls-verify=false", f"oci:{source}:v1", f"docker://{address}/{repo}:v1"]
         try:
-            seconds, rss, _ = timed_rss([skopeo or "skopeo", "--insecure-policy", "copy", *args])
+            seconds, rss, _, cpu = timed_rss_cpu([skopeo or "skopeo", "--insecure-policy", "copy", *args])
         except RuntimeError:
-            seconds, rss = float("nan"), float("nan")
+            seconds, rss, cpu = float("nan"), float("nan"), float("nan")
         shutil.rmtree(target, ignore_errors=True)
-        return seconds, rss, 0
+        return seconds, rss, 0, cpu
 
     rows = []
     try:
-        for mode in ("pull", "push"):
+        for mode in modes:
             for cut in (False, True):
                 label = f"cut every {cut_mib} MiB" if cut else "direct"
                 # skopeo's figure is always the direct one: the goal is to beat its copy without faults
                 ref = (
                     [measured(mode, False, lambda u, r: reference(mode, u, r)) for _ in range(repeat)] if skopeo else []
                 )
-                ref_time = median([t for t, _, _ in ref]) if ref else None
-                ref_rss = median([r for _, r, _ in ref]) if ref else None
+                ref_time = median([t for t, _, _, _ in ref]) if ref else None
+                ref_rss = median([r for _, r, _, _ in ref]) if ref else None
+                ref_cpu = median([c for _, _, _, c in ref]) if ref else None
                 for backend in ("asyncio", "trio"):
                     samples = [
                         measured(mode, cut, lambda u, r, b=backend: ours(mode, b, u, r))  # type: ignore[misc]
                         for _ in range(repeat)
                     ]
-                    seconds = median([t for t, _, _ in samples])
-                    rss = max(r for _, r, _ in samples)
-                    retries = median([n for _, _, n in samples])
+                    seconds = median([t for t, _, _, _ in samples])
+                    rss = max(r for _, r, _, _ in samples)
+                    retries = median([n for _, _, n, _ in samples])
+                    cpu = median([c for _, _, _, c in samples])
                     ok_time = ref_time is not None and ref_time == ref_time and seconds <= 0.8 * ref_time
                     rows.append(
                         Row(
@@ -1095,6 +1107,8 @@ def case_registry(workdir: Path, repeat: int, size: int, cut_mib: int) -> list[R
                             extra={
                                 "peak RSS MiB": rss,
                                 "skopeo RSS MiB": ref_rss,
+                                "CPU s": cpu,
+                                "skopeo CPU s": ref_cpu,
                                 "retries": retries,
                                 "load": Path("/proc/loadavg").read_text().split()[0],
                             },
@@ -1222,6 +1236,9 @@ def main() -> None:
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--quick", action="store_true", help="small inputs: a smoke run, not a measurement")
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument(
+        "--registry-modes", default="pull,push", help="the registry case's directions, comma-separated (pull, push)"
+    )
     args = parser.parse_args()
     size = (64 if args.quick else args.size_mib) * MiB
     print(machine())
@@ -1251,7 +1268,8 @@ def main() -> None:
         if "scaling" in args.cases:
             rows += case_gc_scaling(workdir, [200, 2_000] if args.quick else [2_000, 20_000, 200_000])
         if "registry" in args.cases:
-            rows += case_registry(workdir, args.repeat, size, 4 if args.quick else 20)
+            modes = tuple(mode for mode in args.registry_modes.split(",") if mode in ("pull", "push"))
+            rows += case_registry(workdir, args.repeat, size, 4 if args.quick else 20, modes)
         if "import" in args.cases:
             rows += case_import(10 if args.quick else max(args.repeat, 30))
     show(rows)
