@@ -14,8 +14,11 @@ import base64
 import gzip
 import io
 import json
+import os
 import re
 import ssl
+import subprocess
+import sys
 import tarfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -758,6 +761,57 @@ async def test_a_corrupt_blob_is_refused() -> None:
     async with await fake(handler) as engine:
         with pytest.raises(DigestMismatchError, match=f"blob {sha256(b'hello')} hashes to {sha256(b'HELLO')}"):
             await engine.read_blob(sha256(b"hello"))
+
+
+async def test_a_blob_pulled_into_a_layout_is_hashed_by_the_put_and_lands_whole(tmp_path: Path) -> None:
+    data = bytes(range(256)) * (13 << 10)  # 3.25 MiB: several of the put's batches
+    digest = sha256(data)
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == f"/v2/team/app/blobs/{digest}"
+        return httpx.Response(200, headers={"Content-Length": str(len(data))}, content=data)
+
+    await ocicas.create_layout(tmp_path / "dst")
+    read: list[int] = []
+    async with await fake(handler) as registry, await ocicas.open_layout(tmp_path / "dst") as layout:
+        async with await registry.get_blob(digest) as reader:
+            reader.on_read = read.append
+            assert await layout.put_blob(reader, expected_digest=digest, expected_size=len(data)) == (digest, len(data))
+            assert reader.closed  # it lent its source: it claims nothing itself
+        assert await layout.read_blob(digest) == data
+    assert sum(read) == len(data)
+    assert [f for d in (tmp_path / "dst").iterdir() if d.name.startswith(".ocicas-") for f in d.iterdir()] == []
+
+
+async def test_a_corrupt_blob_pulled_into_a_layout_never_lands(tmp_path: Path) -> None:
+    good = bytes(range(256)) * (13 << 10)
+    bad = good[:-1] + bytes([good[-1] ^ 1])  # the last byte: everything before it was written already
+    digest = sha256(good)
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"Content-Length": str(len(bad))}, content=bad)
+
+    await ocicas.create_layout(tmp_path / "dst")
+    async with await fake(handler) as registry, await ocicas.open_layout(tmp_path / "dst") as layout:
+        async with await registry.get_blob(digest) as reader:
+            with pytest.raises(DigestMismatchError, match=f"blob {digest} hashes to {sha256(bad)}"):
+                await layout.put_blob(reader, expected_digest=digest, expected_size=len(good))
+            assert (reader.bytes_read, reader.closed) == (0, True)
+        assert await layout.list_blobs() == []
+    assert [f for d in (tmp_path / "dst").iterdir() if d.name.startswith(".ocicas-") for f in d.iterdir()] == []
+
+
+def test_the_registry_engine_does_not_import_httpx_command_line_until_used() -> None:
+    script = (
+        "import sys, ocicas.registry, httpx\n"
+        "print(sorted(m for m in ('click', 'rich', 'pygments', 'httpx._main') if m in sys.modules))\n"
+        "import httpx._main\n"
+        "print(httpx._main.__file__.endswith('_main.py'), callable(httpx.main))\n"
+    )
+    src = str(Path(ocicas.__file__).resolve().parent.parent)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": src}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert (done.returncode, done.stdout) == (0, "[]\nTrue True\n"), done.stderr
 
 
 async def test_tags_are_listed_across_link_pages() -> None:

@@ -57,6 +57,14 @@ class RawBlob:
         """Up to ``n`` more bytes (``b""`` at the end)."""
         raise NotImplementedError
 
+    async def read_some(self, n: int) -> bytes:
+        """Up to ``n`` more bytes, perhaps fewer than :meth:`read` would wait for (``b""`` at the end).
+
+        For a consumer that gathers pieces itself: a network source hands out what
+        arrived, unjoined. Default: :meth:`read`.
+        """
+        return await self.read(n)
+
     def read_blocking(self, n: int) -> bytes:
         """Up to ``n`` more bytes (``b""`` at the end); runs in a worker thread."""
         raise NotImplementedError
@@ -247,6 +255,25 @@ class BlobReader:
                 return
             try:
                 yield fd
+            finally:
+                await self._release()
+
+    @asynccontextmanager
+    async def _borrow_raw(self) -> AsyncIterator[RawBlob | None]:
+        """Lend an unread reader's async raw source to a consumer that hashes and verifies what it takes itself.
+
+        As :meth:`_borrow_file`: ``None`` leaves the reader as it was (read from,
+        or a blocking source); once a source was lent the reader is closed,
+        whatever happened. A directory put hashes in the thread that writes, off
+        the event loop, where this reader would hash on it.
+        """
+        async with self._operation():
+            raw = self._raw
+            if raw is None or raw.blocking or self._eof or self.bytes_read:
+                yield None
+                return
+            try:
+                yield raw
             finally:
                 await self._release()
 

@@ -68,7 +68,7 @@ from .fs import (
     write_file,
 )
 from .index import IndexStore
-from .put import PendingBlob
+from .put import LentRaw, PendingBlob
 
 __all__ = ["TEMP_PREFIX", "DirEngine", "create_layout", "open_layout"]
 
@@ -318,7 +318,11 @@ class DirEngine(Engine):
             async with source._borrow_file() as fd:
                 if fd is not None:  # an unread reader of a local file (copy from a layout): the kernel copies it
                     return await clone_blob(self, fd, source.size, verifier, source.on_read)
-            # a verifying reader of other bytes (memory, a registry): its word is taken, the bytes only counted
+            if verifier.size == source.size:  # a registry's or memory's bytes: hashed in the thread that writes them
+                async with source._borrow_raw() as raw:
+                    if raw is not None:
+                        return await PendingBlob(self, verifier, lent=True).put(LentRaw(raw, source.on_read))
+            # a verifying reader of other bytes: its word is taken, the bytes only counted
             return await PendingBlob(self, verifier, vouched=True).put(source)
         return await PendingBlob(self, verifier).put(source)
 

@@ -2,7 +2,8 @@
 
 Large blobs flow through three stages at once, each on its own worker thread
 when it runs (hashlib and write release the GIL): the source is read while the
-previous batch is hashed and the one before it is written. Every 64 MiB
+previous batch is hashed and the one before it is written. A source lent by a
+verifying reader (a pull) has two: the writer hashes what it writes. Every 64 MiB
 written, an ``fdatasync`` starts beside the writer, not in its way (the kernel
 copy of ``clone.py`` does the same), so the disk flushes while writing and
 hashing go on and the final fsync has little left to do. A blob smaller than
@@ -15,7 +16,7 @@ import contextlib
 import inspect
 import os
 import secrets
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Final
 
@@ -31,23 +32,28 @@ from .fs import blobs_held, open_blob, write_all
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
 
+    from .._reader import RawBlob
     from .engine import DirEngine
 
-__all__ = ["PendingBlob"]
+__all__ = ["LentRaw", "PendingBlob"]
 
 #: put_blob hands the worker threads this much at a time.
 _PIPELINE_BATCH: Final = CHUNK_SIZE
 #: Batches waiting between the stages of put_blob's pipeline (a streamed put's memory is bounded by the budget).
 _PIPELINE_DEPTH: Final = 2
-# A vouched put (the source is a verifying BlobReader, as in copy) only counts what it writes, on the event loop,
-# and hands each batch straight to the writer (no queue): one thread hop per batch. Batch size is memory against
-# hops, measured pulling 512 MiB (4 layers) from a loopback registry: 256 KiB batches 3.2-3.6 s (with a hop to
-# count), 512 KiB 2.3-2.5 s at 55-57 MiB peak RSS, 1 MiB (hashed by the reader in a thread) 1.8-2.2 s but 59-66
-# MiB, over the 64 MiB a 1 GiB pull may take.
+# A vouched put (the source is a verifying BlobReader that could not lend its source, see below) only counts what
+# it writes, on the event loop, and hands each batch straight to the writer (no queue): one thread hop per batch.
 #: A vouched put reads and writes this much at a time.
 _VOUCHED_BATCH: Final = 512 << 10
 #: Batches waiting between the stages of a vouched put: none, the writer takes each as it comes.
 _VOUCHED_DEPTH: Final = 0
+# A lent put (an unread verifying reader lent its async source, as in a pull from a registry) is hashed by the
+# thread that writes it, one hop per batch, while the event loop receives the next batch: the loop hashes nothing.
+# Batch size is memory against hops: a 1 GiB pull (4 layers at once) holds about two batches per layer. Measured
+# with 512 KiB socket reads: 1 MiB batches took 3.6-3.9 s of CPU at 52-54 MiB peak RSS (the reader hashing 512 KiB
+# batches on the loop before: 5.3-5.6 s, 55-57 MiB).
+#: A lent put hands the writer this much at a time.
+_LENT_BATCH: Final = 1 << 20
 #: Room a streamed put is admitted with, before it knows the size of its source's chunks.
 _FIRST_SLOT: Final = 1 << 20
 #: The least a streamed put reads from a file at once, however small its bound.
@@ -57,6 +63,27 @@ _SYNC_EVERY: Final = 64 << 20
 
 _Chunk = bytes | bytearray | memoryview
 _Batch = list[_Chunk]
+
+
+class LentRaw:
+    """A reader's raw source lent to a put (``BlobReader._borrow_raw``): read like a file, within its size."""
+
+    def __init__(self, raw: RawBlob, on_read: Callable[[int], None] | None) -> None:
+        self._raw = raw
+        self._on_read = on_read
+        self._left = raw.size
+
+    async def read(self, n: int = -1, /) -> bytes:
+        n = self._left if n < 0 else min(n, self._left)
+        if n <= 0:
+            return b""
+        chunk = await self._raw.read_some(n)
+        if len(chunk) > n:
+            raise RuntimeError(f"{type(self._raw).__name__}.read_some({n}) returned {len(chunk)} bytes")
+        self._left -= len(chunk)
+        if chunk and self._on_read is not None:
+            self._on_read(len(chunk))
+        return chunk
 
 
 def _frozen(chunk: _Chunk) -> bytes | memoryview:
@@ -77,13 +104,15 @@ class PendingBlob:
     Only admission (the first ``_slot``) waits for other puts, holding nothing.
     """
 
-    def __init__(self, engine: DirEngine, verifier: Verifier, *, vouched: bool = False) -> None:
+    def __init__(self, engine: DirEngine, verifier: Verifier, *, vouched: bool = False, lent: bool = False) -> None:
         self._engine = engine
         self._verifier = verifier
         # the source is a BlobReader of this very digest: it verifies, so the bytes are only counted here
         self._vouched = vouched
-        self._batch = _VOUCHED_BATCH if vouched else _PIPELINE_BATCH
-        self._depth = _VOUCHED_DEPTH if vouched else _PIPELINE_DEPTH
+        # the source is a LentRaw: the writer hashes each batch in the hop that writes it
+        self._lent = lent
+        self._batch = _LENT_BATCH if lent else _VOUCHED_BATCH if vouched else _PIPELINE_BATCH
+        self._depth = _VOUCHED_DEPTH if vouched or lent else _PIPELINE_DEPTH
         self._name = f"blob-{secrets.token_hex(8)}"
         self._fd = -1
         self._unsynced = 0  # bytes written since the last fdatasync began
@@ -108,7 +137,8 @@ class PendingBlob:
             self._per_put = PUT_BUDGET.holder_limit
             # a file is read in pieces that leave room for the pipeline; an iterator's chunks are its own
             # (a vouched source, copy's reader, a batch at a time: its chunks are what a copy holds in flight)
-            read_size = max(_MIN_READ, min(_VOUCHED_BATCH if self._vouched else CHUNK_SIZE, self._per_put // 4))
+            batch = self._batch if self._vouched or self._lent else CHUNK_SIZE
+            read_size = max(_MIN_READ, min(batch, self._per_put // 4))
             # a file yields what it is asked for; an iterator's chunks are guessed, then counted as they come
             self._slot = read_size if reads_async(source) else min(_FIRST_SLOT, read_size)
             if reads_async(source) and inspect.iscoroutinefunction(getattr(source, "readinto", None)):
@@ -241,8 +271,11 @@ class PendingBlob:
 
     def _write(self, batch: _Batch) -> None:
         self._open()
+        hashing = self._lent
         for chunk in batch:
             checkpoint()
+            if hashing:
+                self._verifier.update(chunk)
             write_all(self._fd, chunk)
             self._unsynced += len(chunk)
 
@@ -271,17 +304,25 @@ class PendingBlob:
     async def _pipeline(
         self, first: _Batch, total: int, chunks: AsyncIterator[bytes | bytearray | memoryview]
     ) -> _Batch:
-        to_hash, hashing = anyio.create_memory_object_stream[_Batch](self._depth)
         to_write, writing = anyio.create_memory_object_stream[_Batch](self._depth)
+        # a hashing stage of its own only when the source neither verifies (vouched) nor is hashed by the writer (lent)
+        staged = not (self._vouched or self._lent)
+        if staged:
+            to_hash, hashing = anyio.create_memory_object_stream[_Batch](self._depth)
+        else:
+            to_hash, hashing = to_write, None
 
         async def hasher() -> None:
+            assert hashing is not None
             async with hashing, to_write:
                 async for batch in hashing:
-                    if self._vouched:  # only counted: no hop for that
-                        self._count(batch)
-                    else:
-                        await run_sync(self._hash, batch)
+                    await run_sync(self._hash, batch)
                     await to_write.send(batch)
+
+        async def send(batch: _Batch) -> None:
+            if self._vouched:  # only counted, here: no hop for that
+                self._count(batch)
+            await to_hash.send(batch)
 
         async def writer() -> None:
             async with writing:
@@ -293,15 +334,16 @@ class PendingBlob:
         batch: _Batch = []
         pending = 0
         async with task_group() as tg:
-            tg.start_soon(hasher)
+            if staged:
+                tg.start_soon(hasher)
             tg.start_soon(writer)
             async with to_hash:
                 if first:
-                    await to_hash.send(first)
+                    await send(first)
                 while True:
                     if not self._room():
                         if batch:  # never wait for room holding a partial batch: our own writes free the room
-                            await to_hash.send(batch)
+                            await send(batch)
                             batch, pending = [], 0
                         await self._wait_for_room()
                     try:
@@ -315,7 +357,7 @@ class PendingBlob:
                     pending += len(chunk)
                     del chunk
                     if pending >= self._batch:
-                        await to_hash.send(batch)
+                        await send(batch)
                         batch, pending = [], 0
         return batch
 
@@ -323,7 +365,7 @@ class PendingBlob:
         """Take the last batch, verify, fsync and move the file into ``blobs/`` (or freshen a present copy)."""
         if self._vouched:
             self._count(batch)
-        else:
+        elif not self._lent:  # a lent put's writer hashes
             self._hash(batch)
         self._write(batch)
         verifier = self._verifier

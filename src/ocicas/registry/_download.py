@@ -87,6 +87,23 @@ class ResumingRaw(RawBlob):
         self._buffer, self._buffered = [last[cut:]], len(last) - cut
         return chunk
 
+    async def read_some(self, n: int) -> bytes:
+        """Up to ``n`` bytes: one piece of the answer as it came (never joined: a copy saved)."""
+        buffer = self._buffer
+        if buffer:
+            piece = buffer.pop(0)
+            self._buffered -= len(piece)
+        else:
+            if self._fetched >= self.size:
+                return b""
+            piece = await self._next_piece()
+            self._fetched += len(piece)
+        if len(piece) > n:  # only a piece larger than asked for is split
+            buffer.insert(0, piece[n:])
+            self._buffered += len(piece) - n
+            piece = piece[:n]
+        return piece
+
     async def _next_piece(self) -> bytes:
         """The next piece of the body past what was received (``b""`` only once closed)."""
         while not self._closed:
