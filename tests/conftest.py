@@ -71,7 +71,13 @@ def no_leaks() -> Iterator[None]:
         gc.collect()
     unclosed = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
     leaked = {fd: target for fd, target in fd_targets().items() if before_fds.get(fd) != target}
-    busy = [t for t in threading.enumerate() if t not in before_threads and t.is_alive() and not is_idle_worker(t)]
+    new_threads = [t for t in threading.enumerate() if t not in before_threads]
+    for thread in new_threads:
+        if thread.name.startswith("asyncio-waitpid-"):
+            # asyncio's child watcher reaps a subprocess the test ran in a thread of its own, which hands the
+            # exit status to the loop and then ends: the test may finish first
+            thread.join(5)
+    busy = [t for t in new_threads if t.is_alive() and not is_idle_worker(t)]
     problems = []
     if unclosed:
         problems.append(f"left to the garbage collector unclosed: {unclosed}")
