@@ -84,7 +84,7 @@ async def find_referrers(
     engine: Engine,
     graph: Graph,
     candidates: Iterable[Digest],
-    infos: Mapping[Digest, BlobInfo],
+    infos: Mapping[Digest, BlobInfo] | None,
     grow: Callable[[list[Descriptor]], Awaitable[object]],
     *,
     concurrency: int,
@@ -96,8 +96,9 @@ async def find_referrers(
     ``infos`` must hold each candidate's :class:`BlobInfo` with at least
     :data:`SNIFF_SIZE` bytes of ``head``: only candidates no larger than
     ``max_size`` that start like JSON are read (tarballs and compressed layers
-    never are). ``grow(descriptors)`` walks new roots into ``graph``; the bytes
-    read here are left in :attr:`Graph.data`, so the walk does not read them again.
+    never are; ``None``: they were sniffed so already, by ``Engine._gc_triage``).
+    ``grow(descriptors)`` walks new roots into ``graph``; the bytes read here are
+    left in :attr:`Graph.data`, so the walk does not read them again.
     """
     found: dict[Digest, tuple[Digest, Descriptor, bytes]] = {}
     limiter = anyio.CapacityLimiter(concurrency)
@@ -113,6 +114,8 @@ async def find_referrers(
             found[digest] = (*referrer, data)
 
     def json_like() -> list[Digest]:
+        if infos is None:
+            return list(candidates)
         return [d for d in candidates if infos[d].size <= max_size and infos[d].head.lstrip()[:1] in (b"{", b"")]
 
     async with task_group() as tg:
