@@ -69,13 +69,13 @@ async def test_gc_delete_keeps_young_blobs_and_reports_sizes(engine: Engine) -> 
     assert await engine.list_blobs() == []
 
 
-async def test_gc_list_is_the_sorted_listing_as_text(engine: Engine) -> None:
+async def test_gc_list_is_the_listing_as_text(engine: Engine) -> None:
     for n in range(40):
         await engine.put_blob(f"blob {n}".encode())
     async with engine._operation(None):
         listed = await engine._gc_list()
-    assert listed == await engine.list_blobs()
-    assert listed == sorted(listed)
+    assert sorted(listed) == await engine.list_blobs()  # in the engine's own order
+    assert len(listed) == 40
 
 
 async def test_gc_keeps_special_files_and_symlinks_at_blob_paths(tmp_path: Path) -> None:

@@ -598,7 +598,7 @@ class Engine(ABC):
     # (tracked objects that provoke full runs of Python's cyclic garbage collector)
 
     async def _gc_list(self) -> list[str]:
-        """Every stored digest, sorted, as text. Default: :meth:`_list_blobs`."""
+        """Every stored digest as text, in the order the engine sweeps fastest. Default: :meth:`_list_blobs`."""
         return list[str](await self._list_blobs())
 
     async def _gc_triage(

@@ -48,7 +48,7 @@ from ._context import Context, bound
 from ._digest import Digest
 from ._engine import Engine
 from ._errors import InvalidError
-from ._graph import DEFAULT_CONCURRENCY, walk
+from ._graph import DEFAULT_CONCURRENCY, sorted_in_pieces, walk
 from ._json import DEFAULT_JSON_LIMIT
 from ._referrers import SNIFF_SIZE, find_referrers
 from ._tasks import task_group
@@ -149,8 +149,8 @@ async def gc(
         live = graph.descriptors
 
         def unreached() -> list[str]:
-            # a Python loop in a worker thread, not set arithmetic and a sort (single calls that would
-            # hold the GIL, and so the event loop, for milliseconds); the listing's order is kept: sorted
+            # a Python loop in a worker thread, not set arithmetic (single calls that would hold the GIL,
+            # and so the event loop, for milliseconds); the listing's order is kept: the engine's fastest
             return [d for d in blobs if d not in live and d not in kept_roots and d not in leased]
 
         unreachable = await _compute(unreached)
@@ -191,7 +191,7 @@ async def gc(
 
     def result() -> GCResult:
         return GCResult(
-            removed=tuple(map(Digest._trusted, sorted(removed))),
+            removed=tuple(map(Digest._trusted, sorted_in_pieces(list(removed)))),
             bytes_freed=sum(removed.values()),
             live=frozenset(graph.descriptors),
             referrers=frozenset(kept_referrers),
