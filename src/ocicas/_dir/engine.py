@@ -769,10 +769,13 @@ class DirEngine(Engine):
         return (await self._index.read()).names()
 
     async def _list_roots(self) -> list[Descriptor]:
-        return (await self._index.read()).roots()
+        # parsed in the thread that reads index.json: parsing 200 entries is ~7 ms of event-loop time
+        with metadata_hops():
+            return await run_sync(lambda: self._index.load().roots())
 
     async def _list_broken_roots(self) -> list[BrokenRoot]:
-        return (await self._index.read()).broken()
+        with metadata_hops():
+            return await run_sync(lambda: self._index.load().broken())
 
     async def _update_references(self, changes: Mapping[str, Descriptor | None], replace: bool) -> None:
         await self._index.update(changes, replace)
