@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from pathlib import Path
@@ -126,3 +127,31 @@ async def test_a_batched_walk_reaches_everything_and_names_the_one_bad_node(tmp_
         graph = await ocicas.walk(engine, [*roots[:100], bad, *roots[100:]], broken_ok=True)
         assert set(graph.broken) == {bad.digest}
         assert set(graph.descriptors) == reached | {bad.digest}
+
+
+async def test_a_large_triage_splits_and_keeps_every_answer_in_order(tmp_path: Path) -> None:
+    """Enough blobs for the directory engine's two-thread triage: the same answer, in the order given."""
+    await ocicas.create_layout(tmp_path / "layout")
+    blobs = tmp_path / "layout" / "blobs" / "sha256"
+    expected_sizes: dict[str, int] = {}
+    young: set[str] = set()
+    json_like: set[str] = set()
+    for n in range(5000):
+        data = (b'{"n": %d}' % n) if n % 7 == 0 else n.to_bytes(4, "big") * (n % 5 + 1)
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        (blobs / digest[7:]).write_bytes(data)
+        when = time.time() if n % 11 == 0 else OLD
+        os.utime(blobs / digest[7:], (when, when))
+        expected_sizes[digest] = len(data)
+        if n % 11 == 0:
+            young.add(digest)
+        elif n % 7 == 0:
+            json_like.add(digest)
+    async with await ocicas.open_layout(tmp_path / "layout") as engine, engine._operation(None):
+        listed = await engine._gc_list()
+        given = listed[::2] + listed[1::2]  # any order: the answer keeps it
+        sizes, fresh, old, found = await engine._gc_triage(given, time.time() - 3600, 64, 1 << 20)
+    assert sizes == expected_sizes
+    assert fresh == [d for d in given if d in young]
+    assert old == [d for d in given if d not in young]
+    assert found == [d for d in given if d in json_like]
