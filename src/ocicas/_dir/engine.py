@@ -50,7 +50,6 @@ from .._layout_format import BrokenRoot, IndexDocument, layout_file, parse_layou
 from .._reader import BlobReader, RawBlob
 from .._source import BlobSource
 from .._tagging import strong_children
-from .._tasks import task_group
 from .._threads import checkpoint, metadata_hops, run_sync
 from .clone import clone_blob
 from .fs import (
@@ -90,8 +89,6 @@ _LOOK_BUDGET: Final = 16 << 20
 _LOOK_NODE: Final = 1 << 20
 #: Blobs stat-ed, touched or deleted per lock hold and between cancellation checks.
 _BATCH: Final = 256
-#: GC's triage of this many blobs or more runs in two threads.
-_PARALLEL_TRIAGE: Final = 4096
 #: A walk's fast path reads up to this many bytes of nodes in one thread hop (``_read_nodes``), each under 1 MiB.
 _NODES_BUDGET: Final = 8 << 20
 _NODE_LIMIT: Final = 1 << 20
@@ -702,21 +699,7 @@ class DirEngine(Engine):
                     old.append(digest)
             return sizes, fresh, old, json_like
 
-        if len(digests) < _PARALLEL_TRIAGE:
-            return await run_sync(triage, digests)
-        # two threads: the kernel's share (stat, open, read, close) runs on two cores at once
-        half = len(digests) // 2
-        parts: list[tuple[dict[str, int], list[str], list[str], list[str]]] = [({}, [], [], [])] * 2
-
-        async def part(n: int, digests: list[str]) -> None:
-            parts[n] = await run_sync(triage, digests)
-
-        async with task_group() as tg:
-            tg.start_soon(part, 0, digests[:half])
-            tg.start_soon(part, 1, digests[half:])
-        (sizes, fresh, old, json_like), (sizes2, fresh2, old2, json_like2) = parts
-        sizes.update(sizes2)
-        return sizes, fresh + fresh2, old + old2, json_like + json_like2
+        return await run_sync(triage, digests)
 
     async def _gc_delete(self, digests: list[str], unmodified_since: float | None) -> dict[str, int]:
         return await self._unlink_old(digests, unmodified_since)
