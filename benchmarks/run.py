@@ -331,12 +331,18 @@ GC_SCRIPT = textwrap.dedent(
 )
 
 
-def child_cpu(func: Callable[[], object]) -> tuple[float, float]:
-    """Wall seconds of ``func()`` and the CPU seconds (user + system) of the child processes it waited for."""
+def child_cpu(func: Callable[[], object], split: list[tuple[float, float]] | None = None) -> tuple[float, float]:
+    """Wall seconds of ``func()`` and the CPU seconds (user + system) of the child processes it waited for.
+
+    With ``split``, (user, system) seconds are appended to it.
+    """
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     seconds = timed(func)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return seconds, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    user, system = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
+    if split is not None:
+        split.append((user, system))
+    return seconds, user + system
 
 
 def case_gc(workdir: Path, repeat: int, images: int, garbage: int) -> list[Row]:
@@ -350,6 +356,8 @@ def case_gc(workdir: Path, repeat: int, images: int, garbage: int) -> list[Row]:
     subprocess.run([sys.executable, "-c", "import ocicas; ocicas.gc; ocicas.open_layout"], check=True)
     umoci = shutil.which("umoci")
     ours_samples, umoci_samples, ours_cpu, umoci_cpu = [], [], [], []
+    ours_split: list[tuple[float, float]] = []
+    umoci_split: list[tuple[float, float]] = []
     for i in range(repeat):
         copy = workdir / f"gc-ours-{i}"
         shutil.copytree(base, copy)
@@ -357,7 +365,8 @@ def case_gc(workdir: Path, repeat: int, images: int, garbage: int) -> list[Row]:
         seconds, cpu = child_cpu(
             lambda: out.append(
                 subprocess.run([sys.executable, "-c", GC_SCRIPT, str(copy)], check=True, capture_output=True, text=True)
-            )
+            ),
+            ours_split,
         )
         ours_samples.append(seconds)
         ours_cpu.append(cpu)
@@ -367,7 +376,7 @@ def case_gc(workdir: Path, repeat: int, images: int, garbage: int) -> list[Row]:
         if umoci:
             copy = workdir / f"gc-umoci-{i}"
             shutil.copytree(base, copy)
-            seconds, cpu = child_cpu(lambda: run_quiet([umoci, "gc", "--layout", str(copy)]))
+            seconds, cpu = child_cpu(lambda: run_quiet([umoci, "gc", "--layout", str(copy)]), umoci_split)
             umoci_samples.append(seconds)
             umoci_cpu.append(cpu)
             assert set(os.listdir(copy / "blobs" / "sha256")) == kept
@@ -375,9 +384,15 @@ def case_gc(workdir: Path, repeat: int, images: int, garbage: int) -> list[Row]:
     shutil.rmtree(base)
     ours = median(ours_samples)
     reference = median(umoci_samples) if umoci_samples else None
-    extra: dict[str, Any] = {"cpu ms": median(ours_cpu) * 1000}
+    extra: dict[str, Any] = {
+        "cpu ms": median(ours_cpu) * 1000,
+        "user ms": median([u for u, _ in ours_split]) * 1000,
+        "sys ms": median([s for _, s in ours_split]) * 1000,
+    }
     if umoci_cpu:
         extra["umoci cpu ms"] = median(umoci_cpu) * 1000
+        extra["umoci user ms"] = median([u for u, _ in umoci_split]) * 1000
+        extra["umoci sys ms"] = median([s for _, s in umoci_split]) * 1000
         extra["cpu ratio ×100"] = median(ours_cpu) / median(umoci_cpu) * 100
     return [
         Row(

@@ -46,9 +46,9 @@ import anyio
 from ._checks import check_async_callable, check_bool, check_ctx, check_engine, check_int, check_seconds, type_name
 from ._context import Context, bound
 from ._digest import Digest
-from ._engine import BlobInfo, Engine
+from ._engine import Engine
 from ._errors import InvalidError
-from ._graph import DEFAULT_CONCURRENCY, walk
+from ._graph import DEFAULT_CONCURRENCY, sorted_in_pieces, walk
 from ._json import DEFAULT_JSON_LIMIT
 from ._referrers import SNIFF_SIZE, find_referrers
 from ._tasks import task_group
@@ -87,11 +87,6 @@ class GCResult:
     dry_run: bool
     #: Unreachable blobs kept because a live lease holds them (:meth:`Engine.lease`).
     leased: frozenset[Digest] = frozenset()
-
-
-def _older(info: BlobInfo, cutoff: float) -> bool:
-    """Whether the blob was last written before ``cutoff``; unknown ages are never old."""
-    return info.modified is not None and info.modified < cutoff
 
 
 async def gc(
@@ -136,14 +131,16 @@ async def gc(
                 "(fix or remove the entry; broken_ok=True keeps only its digest, if readable)"
             )
         kept_roots = {root.digest for root in bad_roots if root.digest is not None}
-        blobs: list[Digest] = []
+        # per-blob state is plain text, ints and lists (no Digest or BlobInfo per blob): 200,000 tracked
+        # objects would set off full runs of Python's cyclic collector, each holding the GIL for tens of ms
+        blobs: list[str] = []
 
         async def listing() -> None:
             # the listing runs while the walk reads manifests: the two overlap. The hooks themselves
             # run, inside gc_lock's operation: the public methods would check every digest again,
             # on the event loop.
             nonlocal blobs
-            blobs = await engine._list_blobs()
+            blobs = await engine._gc_list()
 
         async with task_group() as tg:
             tg.start_soon(listing)
@@ -151,35 +148,25 @@ async def gc(
         leased = await engine.leased_blobs(ctx=ctx)  # put by writers that have not tagged them yet
         live = graph.descriptors
 
-        def unreached() -> list[Digest]:
-            # a Python loop in a worker thread, not set arithmetic and a sort (single calls that would
-            # hold the GIL, and so the event loop, for milliseconds); the listing's order is kept: sorted
-            return [d for d in blobs if d not in live and d not in kept_roots]
+        def unreached() -> list[str]:
+            # a Python loop in a worker thread, not set arithmetic (single calls that would hold the GIL,
+            # and so the event loop, for milliseconds); the listing's order is kept: the engine's fastest
+            return [d for d in blobs if d not in live and d not in kept_roots and d not in leased]
 
         unreachable = await _compute(unreached)
-        # only what is unreachable is stat-ed and sniffed: a store of mostly live blobs costs no more
-        infos = await engine._stat_blobs(unreachable, SNIFF_SIZE if referrers else 0)
-
-        def triage() -> tuple[list[Digest], set[Digest]]:
-            old, fresh = [], set()
-            for digest in unreachable:
-                info = infos.get(digest)
-                if info is None or digest in leased:
-                    continue  # vanished meanwhile, or leased
-                if grace_period and not _older(info, cutoff):
-                    fresh.add(digest)
-                else:
-                    old.append(digest)
-            return old, fresh
-
-        candidates, fresh = await _compute(triage)
+        blobs = []  # O(live set) from here on
+        # only what is unreachable is stat-ed, and sniffed if old: a store of mostly live blobs costs no more
+        sizes, fresh_list, candidates, json_like = await engine._gc_triage(
+            unreachable, cutoff if grace_period else None, SNIFF_SIZE if referrers else 0, max_size
+        )
+        del unreachable
         kept_referrers: set[Digest] = set()
-        if referrers:
+        if json_like:
             kept_referrers = await find_referrers(
                 engine,
                 graph,
-                candidates,
-                infos,
+                [Digest(d) for d in json_like],
+                None,
                 lambda roots: walk(
                     engine, roots, graph=graph, concurrency=concurrency, broken_ok=broken_ok, max_size=max_size, ctx=ctx
                 ),
@@ -194,21 +181,21 @@ async def gc(
             vetoed = await _vetoes(policy, candidates, concurrency)
             candidates = await _compute(lambda: [d for d in candidates if d not in vetoed])
         if dry_run:
-            removed = await _compute(lambda: {d: infos[d].size for d in candidates})
+            removed = await _compute(lambda: {d: sizes[d] for d in candidates})
         else:
-            removed = await engine._delete_blobs(candidates, cutoff if grace_period else None)
+            removed = await engine._gc_delete(candidates, cutoff if grace_period else None)
             if len(removed) < len(candidates):
                 # freshened by a writer meanwhile
-                await _compute(lambda: fresh.update(d for d in candidates if d not in removed))
+                await _compute(lambda: fresh_list.extend(d for d in candidates if d not in removed))
             await engine.gc(ctx=ctx)
 
     def result() -> GCResult:
         return GCResult(
-            removed=tuple(sorted(removed)),
+            removed=tuple(map(Digest._trusted, sorted_in_pieces(list(removed)))),
             bytes_freed=sum(removed.values()),
             live=frozenset(graph.descriptors),
             referrers=frozenset(kept_referrers),
-            fresh=frozenset(fresh),
+            fresh=frozenset(map(Digest._trusted, fresh_list)),
             vetoed=frozenset(vetoed),
             broken=frozenset(graph.broken.keys() | kept_roots),
             dry_run=dry_run,
@@ -223,11 +210,12 @@ async def _compute(func: Callable[[], _T]) -> _T:
     return await run_sync(func)
 
 
-async def _vetoes(policy: GCPolicy, candidates: list[Digest], concurrency: int) -> set[Digest]:
+async def _vetoes(policy: GCPolicy, candidates: list[str], concurrency: int) -> set[Digest]:
     vetoed: set[Digest] = set()
     limiter = anyio.CapacityLimiter(concurrency)
 
-    async def ask(digest: Digest) -> None:
+    async def ask(text: str) -> None:
+        digest = Digest._trusted(text)
         async with limiter:
             keep = await policy(digest)
             if not isinstance(keep, bool):  # None from a forgotten return must not mean "delete"

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable
-from typing import Final
+from typing import Final, TypeVar
 
 import anyio
 
@@ -57,8 +57,28 @@ __all__ = [
     "walk",
 ]
 
+_S = TypeVar("_S", bound=str)
+
 #: Manifests and indexes fetched at once by default.
 DEFAULT_CONCURRENCY = 16
+
+
+def sorted_in_pieces(items: list[_S]) -> list[_S]:
+    """``sorted(items)`` of digests, sorted in buckets by their first hex digits: no one sort call holds the
+    GIL (and so the event loop) for the milliseconds one over 200,000 items would take."""
+    buckets: dict[str, list[_S]] = {}
+    for item in items:
+        key = item[: item.find(":") + 3]
+        bucket = buckets.get(key)
+        if bucket is None:
+            bucket = buckets[key] = []
+        bucket.append(item)
+    out: list[_S] = []
+    for key in sorted(buckets):
+        bucket = buckets.pop(key)
+        bucket.sort()
+        out += bucket
+    return out
 
 
 def is_node(descriptor: Descriptor) -> bool:
@@ -162,6 +182,8 @@ Expand = Callable[[Descriptor, bytes], list[Descriptor]]
 
 #: Documents at least this big are parsed in a worker thread, off the event loop.
 _THREAD_PARSE_SIZE: Final = 1 << 20
+#: Nodes an engine's fast path (``Engine._read_nodes``) is given at once.
+_BATCH: Final = 64
 
 
 async def walk(
@@ -236,6 +258,24 @@ async def walk(
                 raise type(exc)(f"{descriptor.media_type} {digest}{graph.where(digest)}: {exc}") from exc
             graph.broken[digest] = exc
             return
+        expanded(descriptor, data, found)
+        start_batches()
+
+    async def visit_batch(batch: list[Descriptor]) -> None:
+        # one thread hop reads, verifies and expands many nodes (an engine's fast path); what it left
+        # out is read the usual way, which reports it exactly
+        async with limiter, engine._operation(ctx):  # a hook: refused once the engine is closed
+            done = await engine._read_nodes(batch, expand)
+        for descriptor in batch:
+            got = done.get(descriptor.digest)
+            if got is None:
+                tg.start_soon(visit, descriptor)
+            else:
+                expanded(descriptor, *got)
+        start_batches()
+
+    def expanded(descriptor: Descriptor, data: bytes, found: list[Descriptor]) -> None:
+        digest = descriptor.digest
         if keep_data:
             graph.data[digest] = data
         else:
@@ -244,6 +284,12 @@ async def walk(
         subject = getattr(found, "subject", None)
         for child in found:
             reach(child, digest, weak=child is subject)
+
+    def start_batches() -> None:
+        while queued:
+            batch = queued[:_BATCH]
+            del queued[:_BATCH]
+            tg.start_soon(visit_batch, batch)
 
     def reach(descriptor: Descriptor, parent: Digest | None, *, weak: bool = False) -> None:
         digest = descriptor.digest
@@ -260,11 +306,17 @@ async def walk(
         if weak:
             graph.weak.add(digest)
         if is_node(descriptor):
-            tg.start_soon(visit, descriptor)
+            if batched and descriptor.data is None and descriptor.size <= max_size and digest not in graph.data:
+                queued.append(descriptor)
+            else:
+                tg.start_soon(visit, descriptor)
 
+    batched = type(engine)._read_nodes is not Engine._read_nodes
+    queued: list[Descriptor] = []
     async with bound(ctx), task_group() as tg:
         for root in roots:
             reach(root, None)
+        start_batches()
     return graph
 
 

@@ -84,7 +84,7 @@ async def find_referrers(
     engine: Engine,
     graph: Graph,
     candidates: Iterable[Digest],
-    infos: Mapping[Digest, BlobInfo],
+    infos: Mapping[Digest, BlobInfo] | None,
     grow: Callable[[list[Descriptor]], Awaitable[object]],
     *,
     concurrency: int,
@@ -96,8 +96,9 @@ async def find_referrers(
     ``infos`` must hold each candidate's :class:`BlobInfo` with at least
     :data:`SNIFF_SIZE` bytes of ``head``: only candidates no larger than
     ``max_size`` that start like JSON are read (tarballs and compressed layers
-    never are). ``grow(descriptors)`` walks new roots into ``graph``; the bytes
-    read here are left in :attr:`Graph.data`, so the walk does not read them again.
+    never are; ``None``: they were sniffed so already, by ``Engine._gc_triage``).
+    ``grow(descriptors)`` walks new roots into ``graph``; the bytes read here are
+    left in :attr:`Graph.data`, so the walk does not read them again.
     """
     found: dict[Digest, tuple[Digest, Descriptor, bytes]] = {}
     limiter = anyio.CapacityLimiter(concurrency)
@@ -113,6 +114,8 @@ async def find_referrers(
             found[digest] = (*referrer, data)
 
     def json_like() -> list[Digest]:
+        if infos is None:
+            return list(candidates)
         return [d for d in candidates if infos[d].size <= max_size and infos[d].head.lstrip()[:1] in (b"{", b"")]
 
     async with task_group() as tg:
@@ -140,18 +143,13 @@ async def scan_referrers(engine: Engine, subject: Digest, artifact_type: str | N
     Only blobs that start like JSON and are at most :data:`~ocicas._json.DEFAULT_JSON_LIMIT`
     bytes are read, each verified; with ``artifact_type``, only referrers of that type.
     """
-    digests = await engine._list_blobs()
-    infos = await engine._stat_blobs(digests, SNIFF_SIZE)
-
-    def json_like() -> list[Digest]:
-        return [
-            d for d, info in infos.items() if info.size <= DEFAULT_JSON_LIMIT and info.head.lstrip()[:1] in (b"{", b"")
-        ]
-
+    # the collector's hooks: per-blob text and ints, no Digest or BlobInfo for each of the store's blobs
+    _, _, _, json_like = await engine._gc_triage(await engine._gc_list(), None, SNIFF_SIZE, DEFAULT_JSON_LIMIT)
     found: dict[Digest, Descriptor] = {}
     limiter = anyio.CapacityLimiter(DEFAULT_CONCURRENCY)
 
-    async def inspect(digest: Digest) -> None:
+    async def inspect(text: str) -> None:
+        digest = Digest._trusted(text)
         async with limiter:
             try:
                 async with await engine._reader(digest, None) as reader:
@@ -163,6 +161,6 @@ async def scan_referrers(engine: Engine, subject: Digest, artifact_type: str | N
             found[digest] = referrer[1]
 
     async with task_group() as tg:
-        for digest in await run_sync(json_like):  # O(blobs): off the event loop
+        for digest in json_like:
             tg.start_soon(inspect, digest)
     return [found[d] for d in sorted(found)]

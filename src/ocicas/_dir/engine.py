@@ -21,15 +21,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import os
 import secrets
 import stat
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
-from typing import ClassVar, Final
+from typing import ClassVar, Final, TypeVar
 
 import anyio
 
@@ -44,7 +45,7 @@ from .._errors import (
     LayoutNotFoundError,
     ReferenceNotFoundError,
 )
-from .._graph import is_node
+from .._graph import is_node, sorted_in_pieces
 from .._layout_format import BrokenRoot, IndexDocument, layout_file, parse_layout_file
 from .._reader import BlobReader, RawBlob
 from .._source import BlobSource
@@ -72,6 +73,8 @@ from .put import LentRaw, PendingBlob
 
 __all__ = ["TEMP_PREFIX", "DirEngine", "create_layout", "open_layout"]
 
+_S = TypeVar("_S", bound=str)
+
 #: Prefix of this library's temporary directories inside a layout.
 TEMP_PREFIX: Final = ".ocicas-"
 _LAYOUT_FILE_LIMIT: Final = 64 << 10
@@ -86,6 +89,9 @@ _LOOK_BUDGET: Final = 16 << 20
 _LOOK_NODE: Final = 1 << 20
 #: Blobs stat-ed, touched or deleted per lock hold and between cancellation checks.
 _BATCH: Final = 256
+#: A walk's fast path reads up to this many bytes of nodes in one thread hop (``_read_nodes``), each under 1 MiB.
+_NODES_BUDGET: Final = 8 << 20
+_NODE_LIMIT: Final = 1 << 20
 #: Errors of a blob file that vanished or was swapped for a symlink or special file.
 _VANISHED: Final = frozenset({errno.ENOENT, errno.ELOOP, errno.ENXIO, errno.ENODEV, errno.ESPIPE, errno.EISDIR})
 
@@ -292,9 +298,9 @@ class DirEngine(Engine):
                 os.close(fd)
             raise OSError(errno.EAGAIN, f"could not create a temporary directory in {str(self.path)!r}")
 
-    def _by_algorithm(self, digests: list[Digest]) -> Iterator[tuple[int, int, list[Digest]]]:
+    def _by_algorithm(self, digests: Sequence[_S]) -> Iterator[tuple[int, int, list[_S]]]:
         """Group digests by algorithm, yielding each group with its open directory and where file names start."""
-        groups: dict[str, list[Digest]] = {}
+        groups: dict[str, list[_S]] = {}
         for digest in digests:
             algorithm = digest[: digest.find(":")]
             group = groups.get(algorithm)
@@ -533,24 +539,6 @@ class DirEngine(Engine):
 
         return await run_sync(touch)
 
-    async def _delete_blobs(self, digests: list[Digest], unmodified_since: float | None) -> dict[Digest, int]:
-        cutoff = None if unmodified_since is None else int(unmodified_since * 1e9)
-
-        def delete() -> dict[Digest, int]:
-            removed = {}
-            for alg, cut, group in self._by_algorithm(digests):
-                for start in range(0, len(group), _BATCH):
-                    checkpoint()
-                    # the age check and the unlink, atomic with any writer's freshening, in any process
-                    with blobs_held(alg, exclusive=True):
-                        for digest in group[start : start + _BATCH]:
-                            st = unlink_unused(alg, digest[cut:], cutoff)
-                            if st is not None:
-                                removed[digest] = st.st_size
-            return removed
-
-        return await run_sync(delete)
-
     def _gc_lock(self) -> AbstractAsyncContextManager[None]:
         """The collector's lock, exclusive, in this process and in others (``flock`` on ``blobs/``)."""
         return self._blobs_flock(fcntl.LOCK_EX, super()._gc_lock())
@@ -670,39 +658,145 @@ class DirEngine(Engine):
 
         return await run_sync(scan)
 
+    def _listing(self, wrap: Callable[[str], _S], *, sort: bool = True) -> list[_S]:
+        """Every stored digest, each made by ``wrap`` from its text, sorted or in directory order (a worker thread)."""
+        out: list[_S] = []
+        for algorithm in sorted(SUPPORTED_ALGORITHMS):
+            try:
+                alg = self._alg_dir(algorithm)
+            except FileNotFoundError:
+                continue
+            listed: list[_S] = []
+            try:
+                match = _ENCODED[algorithm].fullmatch
+                prefix = f"{algorithm}:"
+                with os.scandir(alg) as entries:
+                    for n, entry in enumerate(entries):
+                        if not n % 4096:
+                            checkpoint()
+                        name = entry.name
+                        if match(name) and entry.is_file(follow_symlinks=False):
+                            listed.append(wrap(prefix + name))  # the name matched the grammar
+            finally:
+                os.close(alg)
+            out += sorted_in_pieces(listed) if sort else listed
+        return out
+
     async def _list_blobs(self) -> list[Digest]:
-        def listing() -> list[Digest]:
-            out = []
-            for algorithm in sorted(SUPPORTED_ALGORITHMS):
-                try:
-                    alg = self._alg_dir(algorithm)
-                except FileNotFoundError:
+        return await run_sync(self._listing, Digest._trusted)
+
+    async def _gc_list(self) -> list[str]:
+        # in directory order: on ext4 (hashed directories) a sweep in that order stats and unlinks
+        # ~20% faster in system time, and ~2x in wall time, than one in name order
+        return await run_sync(functools.partial(self._listing, str, sort=False))
+
+    async def _gc_triage(
+        self, digests: list[str], cutoff: float | None, head: int, limit: int
+    ) -> tuple[dict[str, int], list[str], list[str], list[str]]:
+        cutoff_ns = None if cutoff is None else int(cutoff * 1e9)
+
+        def triage(digests: list[str]) -> tuple[dict[str, int], list[str], list[str], list[str]]:
+            sizes: dict[str, int] = {}
+            fresh: list[str] = []
+            old: list[str] = []
+            json_like: list[str] = []
+            lstat, S_ISREG, open_, pread, close = os.stat, stat.S_ISREG, os.open, os.pread, os.close
+            for alg, cut, group in self._by_algorithm(digests):
+                for n, digest in enumerate(group):
+                    if not n % _BATCH:
+                        checkpoint()
+                    name = digest[cut:]
+                    try:
+                        # the stat first: a device or FIFO at a blob path is never opened
+                        st = lstat(name, dir_fd=alg, follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    if not S_ISREG(st.st_mode):
+                        continue  # not a blob
+                    size = st.st_size
+                    if cutoff_ns is not None and st.st_mtime_ns >= cutoff_ns:
+                        sizes[digest] = size
+                        fresh.append(digest)  # kept: neither read nor deleted
+                        continue
+                    if head and size <= limit:
+                        prefix = b""
+                        if size:
+                            try:
+                                fd = open_(name, READ_FLAGS, dir_fd=alg)
+                            except OSError as exc:
+                                if exc.errno in _VANISHED:
+                                    continue  # gone, or swapped for something else meanwhile
+                                raise
+                            try:
+                                prefix = pread(fd, head, 0)
+                            except OSError as exc:
+                                if exc.errno not in _VANISHED:
+                                    raise
+                            finally:
+                                close(fd)
+                        if prefix.lstrip()[:1] in (b"{", b""):
+                            json_like.append(digest)
+                    sizes[digest] = size
+                    old.append(digest)
+            return sizes, fresh, old, json_like
+
+        return await run_sync(triage, digests)
+
+    async def _gc_delete(self, digests: list[str], unmodified_since: float | None) -> dict[str, int]:
+        return await self._unlink_old(digests, unmodified_since)
+
+    async def _delete_blobs(self, digests: list[Digest], unmodified_since: float | None) -> dict[Digest, int]:
+        return await self._unlink_old(digests, unmodified_since)
+
+    async def _unlink_old(self, digests: list[_S], unmodified_since: float | None) -> dict[_S, int]:
+        cutoff = None if unmodified_since is None else int(unmodified_since * 1e9)
+
+        def delete() -> dict[_S, int]:
+            removed = {}
+            for alg, cut, group in self._by_algorithm(digests):
+                for start in range(0, len(group), _BATCH):
+                    checkpoint()
+                    # the age check and the unlink, atomic with any writer's freshening, in any process
+                    with blobs_held(alg, exclusive=True):
+                        for digest in group[start : start + _BATCH]:
+                            st = unlink_unused(alg, digest[cut:], cutoff)
+                            if st is not None:
+                                removed[digest] = st.st_size
+            return removed
+
+        return await run_sync(delete)
+
+    async def _read_nodes(
+        self, nodes: list[Descriptor], expand: Callable[[Descriptor, bytes], list[Descriptor]]
+    ) -> dict[str, tuple[bytes, list[Descriptor]]]:
+        def read() -> dict[str, tuple[bytes, list[Descriptor]]]:
+            out: dict[str, tuple[bytes, list[Descriptor]]] = {}
+            budget = _NODES_BUDGET
+            for n, node in enumerate(nodes):
+                if n and not n % 64:
+                    checkpoint()
+                size = node.size
+                if size >= _NODE_LIMIT or size > budget or node.data is not None:
                     continue
-                # sorted in buckets by the first two hex digits: no one sort call holds the GIL (and the
-                # event loop) for the milliseconds one over every blob would take
-                buckets: dict[str, list[Digest]] = {}
                 try:
-                    shape = _ENCODED[algorithm]
-                    prefix = f"{algorithm}:"
-                    with os.scandir(alg) as entries:
-                        for n, entry in enumerate(entries):
-                            if not n % 4096:
-                                checkpoint()
-                            name = entry.name
-                            if shape.fullmatch(name) and entry.is_file(follow_symlinks=False):
-                                bucket = buckets.get(name[:2])
-                                if bucket is None:
-                                    bucket = buckets[name[:2]] = []
-                                bucket.append(Digest._trusted(prefix + name))  # the name matched the grammar
-                finally:
-                    os.close(alg)
-                for key in sorted(buckets):
-                    bucket = buckets.pop(key)
-                    bucket.sort()
-                    out += bucket
+                    raw = self._open_file(node.digest)
+                    try:
+                        data = b""
+                        while len(data) <= size and (part := raw.read_blocking(size + 1 - len(data))):
+                            data += part
+                    finally:
+                        raw.close_now()
+                    verifier = Verifier(node.digest, size)
+                    verifier.update(data)
+                    verifier.verify()
+                    found = expand(node, data)
+                except Exception:  # the usual read reports it, exactly
+                    continue
+                budget -= size
+                out[node.digest] = (data, found)
             return out
 
-        return await run_sync(listing)
+        return await run_sync(read)
 
     # -- references ---------------------------------------------------------------------
 
@@ -716,10 +810,13 @@ class DirEngine(Engine):
         return (await self._index.read()).names()
 
     async def _list_roots(self) -> list[Descriptor]:
-        return (await self._index.read()).roots()
+        # parsed in the thread that reads index.json: parsing 200 entries is ~7 ms of event-loop time
+        with metadata_hops():
+            return await run_sync(lambda: self._index.load().roots())
 
     async def _list_broken_roots(self) -> list[BrokenRoot]:
-        return (await self._index.read()).broken()
+        with metadata_hops():
+            return await run_sync(lambda: self._index.load().broken())
 
     async def _update_references(self, changes: Mapping[str, Descriptor | None], replace: bool) -> None:
         await self._index.update(changes, replace)
