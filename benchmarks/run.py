@@ -361,6 +361,7 @@ def case_gc(workdir: Path, repeat: int, images: int, garbage: int) -> list[Row]:
     for i in range(repeat):
         copy = workdir / f"gc-ours-{i}"
         shutil.copytree(base, copy)
+        os.sync()  # the copy's writeback is not the collector's to pay (nor to race with)
         out: list[subprocess.CompletedProcess[str]] = []
         seconds, cpu = child_cpu(
             lambda: out.append(
@@ -376,6 +377,7 @@ def case_gc(workdir: Path, repeat: int, images: int, garbage: int) -> list[Row]:
         if umoci:
             copy = workdir / f"gc-umoci-{i}"
             shutil.copytree(base, copy)
+            os.sync()
             seconds, cpu = child_cpu(lambda: run_quiet([umoci, "gc", "--layout", str(copy)]), umoci_split)
             umoci_samples.append(seconds)
             umoci_cpu.append(cpu)
@@ -522,6 +524,7 @@ def case_gc_scaling(workdir: Path, sizes: list[int]) -> list[Row]:
     for garbage in sizes:
         layout = workdir / f"gc-scale-{garbage}"
         make_gc_layout(layout, 200, garbage)
+        os.sync()  # 200,000 fresh files' writeback would otherwise land on the collector's clock
         seconds = timed(
             lambda: subprocess.run([sys.executable, "-c", GC_SCRIPT, str(layout)], check=True, capture_output=True)
         )
