@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import ocicas
@@ -98,3 +100,14 @@ async def put_artifact(
     }
     descriptor = await put_json(engine, manifest, MANIFEST, artifact_type=artifact_type)
     return descriptor, [descriptor.digest, empty.digest, blob.digest]
+
+
+def age(engine: Engine, digests: Iterable[Digest], seconds: float = 7200) -> None:
+    """Make blobs of a memory or directory engine look ``seconds`` old (past a collector's grace period)."""
+    when = time.time() - seconds
+    for digest in digests:
+        if isinstance(engine, ocicas.MemoryEngine):
+            engine._modified[digest] = when
+        else:
+            assert isinstance(engine, ocicas.DirEngine)
+            os.utime(engine.path / "blobs" / digest.algorithm / digest.encoded, (when, when))

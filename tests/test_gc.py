@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import time
 from collections import Counter
-from collections.abc import Iterable
 from pathlib import Path
 
 import anyio
@@ -16,20 +13,9 @@ import pytest
 import ocicas
 import ocicas.testing
 from ocicas import Descriptor, Digest, Engine
-from tests.images import MANIFEST, put, put_artifact, put_image, put_index, put_json
+from tests.images import MANIFEST, age, put, put_artifact, put_image, put_index, put_json
 
 pytestmark = pytest.mark.anyio
-
-
-def age(engine: Engine, digests: Iterable[Digest], seconds: float = 7200) -> None:
-    """Make blobs look ``seconds`` old."""
-    when = time.time() - seconds
-    for digest in digests:
-        if isinstance(engine, ocicas.MemoryEngine):
-            engine._modified[digest] = when
-        else:
-            assert isinstance(engine, ocicas.DirEngine)
-            os.utime(engine.path / "blobs" / digest.algorithm / digest.encoded, (when, when))
 
 
 async def age_all(engine: Engine) -> None:

@@ -11,19 +11,11 @@ import pytest
 
 import ocicas
 from ocicas import Descriptor, Digest, Engine
-from tests.images import INDEX, MANIFEST, put, put_image
+from tests.images import INDEX, MANIFEST, age, put, put_image
 
 pytestmark = pytest.mark.anyio
 
 OLD = time.time() - 7200
-
-
-def age(engine: Engine, digest: Digest, when: float = OLD) -> None:
-    if isinstance(engine, ocicas.MemoryEngine):
-        engine._modified[digest] = when
-    else:
-        assert isinstance(engine, ocicas.DirEngine)
-        os.utime(engine.path / "blobs" / digest.algorithm / digest.encoded, (when, when))
 
 
 async def test_triage_sorts_blobs_exactly(engine: Engine) -> None:
@@ -39,7 +31,7 @@ async def test_triage_sorts_blobs_exactly(engine: Engine) -> None:
     digests = {name: (await engine.put_blob(data))[0] for name, data in blobs.items()}
     for name, digest in digests.items():
         if name != "young":
-            age(engine, digest)
+            age(engine, [digest])
     absent = Digest("sha256:" + "0" * 64)
     given = sorted([*map(str, digests.values()), absent])
     cutoff = time.time() - 3600
@@ -59,7 +51,7 @@ async def test_triage_sorts_blobs_exactly(engine: Engine) -> None:
 async def test_gc_delete_keeps_young_blobs_and_reports_sizes(engine: Engine) -> None:
     old = (await engine.put_blob(b"old one"))[0]
     young = (await engine.put_blob(b"young one"))[0]
-    age(engine, old)
+    age(engine, [old])
     absent = "sha256:" + "1" * 64
     async with engine._operation(None):
         removed = await engine._gc_delete([absent, str(old), str(young)], time.time() - 3600)
@@ -83,7 +75,7 @@ async def test_gc_keeps_special_files_and_symlinks_at_blob_paths(tmp_path: Path)
     await ocicas.create_layout(tmp_path / "layout")
     async with await ocicas.open_layout(tmp_path / "layout") as engine:
         garbage = (await engine.put_blob(b"garbage"))[0]
-        age(engine, garbage)
+        age(engine, [garbage])
         blobs = tmp_path / "layout" / "blobs" / "sha256"
         fifo, link, directory = "a" * 64, "b" * 64, "c" * 64
         os.mkfifo(blobs / fifo)

@@ -153,6 +153,36 @@ def _open_flocked(root: int, operation: int) -> tuple[int, bool]:
         raise
 
 
+def _regular_stat(alg: int, name: str) -> os.stat_result | None:
+    """The ``lstat`` of a blob path, or ``None`` if nothing or no regular file is there.
+
+    The stat comes first, so a device or FIFO at a blob path is never opened.
+    """
+    try:
+        st = os.stat(name, dir_fd=alg, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    return st if stat.S_ISREG(st.st_mode) else None
+
+
+def _head(alg: int, name: str, n: int) -> bytes | None:
+    """The first ``n`` bytes of a blob file (unverified, for sniffing), or ``None`` if it went meanwhile."""
+    try:
+        fd = os.open(name, READ_FLAGS, dir_fd=alg)
+    except OSError as exc:
+        if exc.errno in _VANISHED:
+            return None  # gone, or swapped for something else meanwhile
+        raise
+    try:
+        return os.pread(fd, n, 0)
+    except OSError as exc:
+        if exc.errno not in _VANISHED:
+            raise
+        return b""
+    finally:
+        os.close(fd)
+
+
 def _read_leases(temp: int) -> set[Digest]:
     """The digests of the live leases in the temporary directory open as ``temp``."""
     out: set[Digest] = set()
@@ -479,37 +509,24 @@ class DirEngine(Engine):
 
         await run_sync(delete)
 
+    def _regular_files(self, digests: list[_S]) -> Iterator[tuple[int, str, _S, os.stat_result]]:
+        """Each of ``digests`` whose blob path holds a regular file: its algorithm directory, file name and
+        ``lstat``. Blocking, with a cancellation checkpoint every ``_BATCH`` blobs."""
+        for alg, cut, group in self._by_algorithm(digests):
+            for n, digest in enumerate(group):
+                if not n % _BATCH:
+                    checkpoint()
+                name = digest[cut:]
+                st = _regular_stat(alg, name)
+                if st is not None:
+                    yield alg, name, digest, st
+
     async def _stat_blobs(self, digests: list[Digest], head: int) -> dict[Digest, BlobInfo]:
         def stats(digests: list[Digest]) -> dict[Digest, BlobInfo]:
             out = {}
-            lstat, S_ISREG, open_, pread, close = os.stat, stat.S_ISREG, os.open, os.pread, os.close
-            for alg, cut, group in self._by_algorithm(digests):
-                for n, digest in enumerate(group):
-                    if not n % _BATCH:
-                        checkpoint()
-                    name = digest[cut:]
-                    try:
-                        # the stat first: a device or FIFO at a blob path is never opened
-                        st = lstat(name, dir_fd=alg, follow_symlinks=False)
-                    except FileNotFoundError:
-                        continue
-                    if not S_ISREG(st.st_mode):
-                        continue  # not a blob
-                    prefix = b""
-                    if head and st.st_size:
-                        try:
-                            fd = open_(name, READ_FLAGS, dir_fd=alg)
-                        except OSError as exc:
-                            if exc.errno in _VANISHED:
-                                continue  # gone, or swapped for something else meanwhile
-                            raise
-                        try:
-                            prefix = pread(fd, head, 0)
-                        except OSError as exc:
-                            if exc.errno not in _VANISHED:
-                                raise
-                        finally:
-                            close(fd)
+            for alg, name, digest, st in self._regular_files(digests):
+                prefix = _head(alg, name, head) if head and st.st_size else b""
+                if prefix is not None:
                     out[digest] = BlobInfo(st.st_size, st.st_mtime_ns / 1e9, prefix)
             return out
 
@@ -700,44 +717,20 @@ class DirEngine(Engine):
             fresh: list[str] = []
             old: list[str] = []
             json_like: list[str] = []
-            lstat, S_ISREG, open_, pread, close = os.stat, stat.S_ISREG, os.open, os.pread, os.close
-            for alg, cut, group in self._by_algorithm(digests):
-                for n, digest in enumerate(group):
-                    if not n % _BATCH:
-                        checkpoint()
-                    name = digest[cut:]
-                    try:
-                        # the stat first: a device or FIFO at a blob path is never opened
-                        st = lstat(name, dir_fd=alg, follow_symlinks=False)
-                    except FileNotFoundError:
-                        continue
-                    if not S_ISREG(st.st_mode):
-                        continue  # not a blob
-                    size = st.st_size
-                    if cutoff_ns is not None and st.st_mtime_ns >= cutoff_ns:
-                        sizes[digest] = size
-                        fresh.append(digest)  # kept: neither read nor deleted
-                        continue
-                    if head and size <= limit:
-                        prefix = b""
-                        if size:
-                            try:
-                                fd = open_(name, READ_FLAGS, dir_fd=alg)
-                            except OSError as exc:
-                                if exc.errno in _VANISHED:
-                                    continue  # gone, or swapped for something else meanwhile
-                                raise
-                            try:
-                                prefix = pread(fd, head, 0)
-                            except OSError as exc:
-                                if exc.errno not in _VANISHED:
-                                    raise
-                            finally:
-                                close(fd)
-                        if prefix.lstrip()[:1] in (b"{", b""):
-                            json_like.append(digest)
+            for alg, name, digest, st in self._regular_files(digests):
+                size = st.st_size
+                if cutoff_ns is not None and st.st_mtime_ns >= cutoff_ns:
                     sizes[digest] = size
-                    old.append(digest)
+                    fresh.append(digest)  # kept: neither read nor deleted
+                    continue
+                if head and size <= limit:
+                    prefix = _head(alg, name, head) if size else b""
+                    if prefix is None:
+                        continue
+                    if prefix.lstrip()[:1] in (b"{", b""):
+                        json_like.append(digest)
+                sizes[digest] = size
+                old.append(digest)
             return sizes, fresh, old, json_like
 
         return await run_sync(triage, digests)
