@@ -11,9 +11,11 @@ from __future__ import annotations
 import fcntl
 import functools
 import os
+import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 
 import anyio
 import anyio.abc
@@ -259,3 +261,67 @@ async def test_when_the_caller_running_the_rewrite_is_cancelled_the_next_one_run
         assert await engine.list_references() == ["tag1", "tag2", "tag3"]
     async with await ocicas.open_layout(layout) as reopened:
         assert await reopened.list_references() == ["tag1", "tag2", "tag3"]
+
+
+async def until_committing() -> int:
+    """The number in the tag name of the caller whose worker thread runs a rewrite (from its stack)."""
+    with anyio.fail_after(30):
+        while True:
+            for top in list(sys._current_frames().values()):
+                frame: FrameType | None = top
+                while frame is not None:
+                    if frame.f_code.co_name == "_commit" and "own" in frame.f_locals:
+                        return int(next(iter(frame.f_locals["own"].changes))[3:])
+                    frame = frame.f_back
+            await anyio.sleep(0.001)
+
+
+async def test_a_set_whose_caller_left_never_lands_after_its_rewrite_failed(tmp_path: Path) -> None:
+    """Two callers wait in one batch; one leaves (cancelled), then the one running the rewrite is cancelled too.
+
+    The set of the caller that left must not go back to the queue, for a later rewrite to land it with
+    nobody holding the collector's shared lock for it; the other's set goes back only while its caller waits.
+    """
+    layout = tmp_path / "layout"
+    await ocicas.create_layout(layout)
+    async with await ocicas.open_layout(layout) as engine:
+        descriptors = await images(engine, 4)
+        store = engine._index
+        outcomes: dict[int, BaseException | None] = {}
+        scopes = {1: anyio.CancelScope(), 2: anyio.CancelScope()}
+        done = {1: anyio.Event(), 2: anyio.Event()}
+
+        async def tag(index: int) -> None:
+            await engine.put_reference(f"tag{index}", descriptors[index])
+            outcomes[index] = None
+
+        async def cancellable(index: int) -> None:
+            try:
+                with scopes[index]:
+                    await tag(index)
+            finally:
+                done[index].set()
+
+        with layout_locked(layout) as release:
+            async with anyio.create_task_group() as tg:
+                with anyio.CancelScope() as first:
+                    async with anyio.create_task_group() as leader:
+                        leader.start_soon(tag, 0)
+                        await until(lambda: store._committing)  # 0 rewrites its own set, waiting for the lock
+                        for index in (1, 2):
+                            tg.start_soon(cancellable, index)
+                        await until(lambda: len(store._queue) == 2)
+                        first.cancel()
+                await until(lambda: store._committing and not store._queue)  # 1 or 2 rewrites both sets
+                runner = await until_committing()
+                for index in sorted((1, 2), key=lambda i: i == runner):  # the other caller leaves, then the runner
+                    scopes[index].cancel()
+                    await done[index].wait()
+            assert not store._committing
+            assert store._queue == []  # nothing waits for a later rewrite
+            release()
+        assert outcomes == {}
+        await engine.put_reference("tag3", descriptors[3])
+        assert await engine.list_references() == ["tag3"]
+    async with await ocicas.open_layout(layout) as reopened:
+        assert await reopened.list_references() == ["tag3"]

@@ -54,7 +54,7 @@ class _Request:
     Its fields change only under the store's condition, in worker threads.
     """
 
-    __slots__ = ("changes", "error", "pending", "ready", "replace")
+    __slots__ = ("abandoned", "changes", "error", "pending", "ready", "replace")
 
     def __init__(self, changes: Mapping[str, Descriptor | None], replace: bool) -> None:
         self.changes = changes
@@ -62,6 +62,9 @@ class _Request:
         self.ready = False  # in the list of updates the next rewrite takes
         self.pending = True
         self.error: BaseException | None = None
+        # its caller left (cancelled) while a rewrite held it: that rewrite may land it, under the running
+        # caller's protection (the collector's shared lock), but no later one may, unprotected
+        self.abandoned = False
 
     def settle(self, error: BaseException | None) -> None:
         self.error = error
@@ -186,7 +189,9 @@ class IndexStore:
                     if request.ready:  # cancelled before a rewrite took it: never applied
                         request.ready = False
                         self._queue.remove(request)
-                    raise  # else a rewrite has it: it lands or fails without its caller
+                    else:  # a rewrite has it: it lands or fails without its caller
+                        request.abandoned = True
+                    raise
                 changed.wait(POLL_INTERVAL)
         try:
             self._commit(batch, request)
@@ -209,13 +214,18 @@ class IndexStore:
                 applied = self._rewrite(batch)
             finally:
                 fcntl.flock(lock_fd, fcntl.LOCK_UN)
-        except BaseException:
+        except BaseException as exc:
             with changed:
                 # those not settled (this rewrite was stopped first) go back, ahead of later ones, for the next
-                # rewrite; this caller's own leaves with the error
-                back = [other for other in batch if other.pending and other is not own]
-                for other in back:
-                    other.ready = True
+                # rewrite; this caller's own leaves with the error, and so do those whose callers left
+                back = []
+                for other in batch:
+                    if other.pending and other is not own:
+                        if other.abandoned:
+                            other.settle(exc)  # nobody waits for it: never applied
+                        else:
+                            other.ready = True
+                            back.append(other)
                 self._queue[:0] = back
                 self._committing = False
                 changed.notify_all()
