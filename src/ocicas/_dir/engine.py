@@ -183,6 +183,53 @@ def _head(alg: int, name: str, n: int) -> bytes | None:
         os.close(fd)
 
 
+class _AlgDirs:
+    """Algorithm directories of a layout, each opened once for a worker thread's pass over blobs; ``close()`` them."""
+
+    def __init__(self, engine: DirEngine) -> None:
+        self._engine = engine
+        self._dirs: dict[str, int | None] = {}
+
+    def get(self, digest: Digest) -> int | None:
+        """The open directory of ``digest``'s algorithm, or ``None`` if it cannot be opened."""
+        algorithm = digest.algorithm
+        if algorithm not in self._dirs:
+            try:
+                self._dirs[algorithm] = self._engine._alg_dir(algorithm)
+            except OSError:
+                self._dirs[algorithm] = None
+        return self._dirs[algorithm]
+
+    def read_node(self, node: Descriptor) -> bytes | None:
+        """A small node's bytes, read whole and verified, in few system calls; ``None`` if anything is odd
+        (the usual read then reports it, exactly)."""
+        alg = self.get(node.digest)
+        if alg is None:
+            return None
+        name = node.digest.encoded
+        try:
+            st = _regular_stat(alg, name)  # the type first: a device or FIFO at a blob path is never opened
+            if st is None or st.st_size != node.size:
+                return None
+            fd = os.open(name, READ_FLAGS, dir_fd=alg)
+            try:
+                data = os.read(fd, node.size + 1)  # whole: a regular file reads short only at its end
+            finally:
+                os.close(fd)
+            verifier = Verifier(node.digest, node.size)
+            verifier.update(data)
+            verifier.verify()
+        except Exception:
+            return None
+        return data
+
+    def close(self) -> None:
+        for opened in self._dirs.values():
+            if opened is not None:
+                os.close(opened)
+        self._dirs.clear()
+
+
 def _read_leases(temp: int) -> set[Digest]:
     """The digests of the live leases in the temporary directory open as ``temp``."""
     out: set[Digest] = set()
@@ -403,18 +450,7 @@ class DirEngine(Engine):
         queue = [d for d in roots if _readable_node(d)]
         tried: set[Digest] = set()  # the first descriptor of a digest decides, as in a walk
         budget = _LOOK_BUDGET
-        dirs: dict[str, int | None] = {}
-        lstat, S_ISREG = os.stat, stat.S_ISREG
-
-        def alg_dir(digest: Digest) -> int | None:
-            algorithm = digest.algorithm
-            if algorithm not in dirs:
-                try:
-                    dirs[algorithm] = self._alg_dir(algorithm)
-                except OSError:
-                    dirs[algorithm] = None
-            return dirs[algorithm]
-
+        dirs = _AlgDirs(self)
         try:
             for node in queue:  # grows as nodes are read: breadth first, as a walk goes
                 if node.digest in tried:
@@ -422,22 +458,9 @@ class DirEngine(Engine):
                 tried.add(node.digest)
                 if len(tried) % 64 == 0:
                     checkpoint()
-                alg = alg_dir(node.digest)
-                if node.size > budget or alg is None:
+                if node.size > budget or (data := dirs.read_node(node)) is None:
                     continue
                 try:
-                    # the type first: a device or FIFO at a blob path is never opened
-                    st = lstat(node.digest.encoded, dir_fd=alg, follow_symlinks=False)
-                    if not S_ISREG(st.st_mode) or st.st_size != node.size:
-                        continue
-                    fd = os.open(node.digest.encoded, READ_FLAGS, dir_fd=alg)
-                    try:
-                        data = os.read(fd, node.size + 1)  # whole: a regular file reads short only at its end
-                    finally:
-                        os.close(fd)
-                    verifier = Verifier(node.digest, node.size)
-                    verifier.update(data)
-                    verifier.verify()
                     found = strong_children(node, data)
                 except Exception:  # the usual read reports it, exactly
                     continue
@@ -450,19 +473,17 @@ class DirEngine(Engine):
                         leaves[child.digest] = None
             stats: dict[Digest, BlobInfo] = {}
             for digest in leaves:
-                alg = alg_dir(digest)
+                alg = dirs.get(digest)
                 if alg is None:
                     continue
                 try:
-                    st = lstat(digest.encoded, dir_fd=alg, follow_symlinks=False)
+                    st = _regular_stat(alg, digest.encoded)
                 except OSError:
                     continue  # the usual stat reports it
-                if S_ISREG(st.st_mode):
+                if st is not None:
                     stats[digest] = BlobInfo(st.st_size, st.st_mtime_ns / 1e9)
         finally:
-            for opened in dirs.values():
-                if opened is not None:
-                    os.close(opened)
+            dirs.close()
         return heads, stats
 
     async def _check_and_update_references(
@@ -765,28 +786,21 @@ class DirEngine(Engine):
         def read() -> dict[str, tuple[bytes, list[Descriptor]]]:
             out: dict[str, tuple[bytes, list[Descriptor]]] = {}
             budget = _NODES_BUDGET
-            for n, node in enumerate(nodes):
-                if n and not n % 64:
-                    checkpoint()
-                size = node.size
-                if size >= _NODE_LIMIT or size > budget or node.data is not None:
-                    continue
-                try:
-                    raw = self._open_file(node.digest)
+            with contextlib.closing(_AlgDirs(self)) as dirs:
+                for n, node in enumerate(nodes):
+                    if n and not n % 64:
+                        checkpoint()
+                    size = node.size
+                    if size >= _NODE_LIMIT or size > budget or node.data is not None:
+                        continue
+                    if (data := dirs.read_node(node)) is None:
+                        continue
                     try:
-                        data = b""
-                        while len(data) <= size and (part := raw.read_blocking(size + 1 - len(data))):
-                            data += part
-                    finally:
-                        raw.close_now()
-                    verifier = Verifier(node.digest, size)
-                    verifier.update(data)
-                    verifier.verify()
-                    found = expand(node, data)
-                except Exception:  # the usual read reports it, exactly
-                    continue
-                budget -= size
-                out[node.digest] = (data, found)
+                        found = expand(node, data)
+                    except Exception:  # the usual read reports it, exactly
+                        continue
+                    budget -= size
+                    out[node.digest] = (data, found)
             return out
 
         return await run_sync(read)
