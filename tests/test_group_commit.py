@@ -82,6 +82,13 @@ async def queued(
         task_status.started()  # every call waits in the queue: the test may release the layout now
 
 
+async def assert_references(engine: ocicas.Engine, expected: dict[str, Descriptor]) -> None:
+    """``engine`` holds exactly the references ``expected``, each naming its descriptor."""
+    assert await engine.list_references() == sorted(expected)
+    for name, descriptor in expected.items():
+        assert await engine.get_reference(name) == descriptor
+
+
 async def test_updates_waiting_together_all_land(tmp_path: Path) -> None:
     layout = tmp_path / "layout"
     await ocicas.create_layout(layout)
@@ -96,9 +103,7 @@ async def test_updates_waiting_together_all_land(tmp_path: Path) -> None:
                 await tg.start(queued, engine, calls, outcomes)
                 release()
         assert outcomes == dict.fromkeys(range(40))
-        assert await engine.list_references() == sorted(f"tag{n}" for n in range(40))
-        for n in range(40):
-            assert await engine.get_reference(f"tag{n}") == descriptors[n]
+        await assert_references(engine, {f"tag{n}": descriptors[n] for n in range(40)})
     async with await ocicas.open_layout(layout) as reopened:  # durable, and one well-formed file
         assert await reopened.list_references() == sorted(f"tag{n}" for n in range(40))
 
@@ -134,10 +139,7 @@ async def test_each_set_applies_on_top_of_the_earlier_ones_and_a_clobber_fails_i
             5: type(None),
             6: type(None),
         }
-        assert await engine.list_references() == ["held", "x", "z"]
-        assert await engine.get_reference("x") == c
-        assert await engine.get_reference("z") == d
-        assert await engine.get_reference("held") == b
+        await assert_references(engine, {"held": b, "x": c, "z": d})
 
 
 async def test_a_caller_cancelled_while_queued_changes_nothing(tmp_path: Path) -> None:
@@ -201,9 +203,7 @@ async def test_a_tag_of_incomplete_content_fails_alone_with_the_error_a_lone_tag
         assert outcomes["c"] is None
         assert type(outcomes["b"]) is ocicas.BlobNotFoundError
         assert str(outcomes["b"]) == str(alone.value)
-        assert await engine.list_references() == ["a", "c"]
-        assert await engine.get_reference("a") == a
-        assert await engine.get_reference("c") == c
+        await assert_references(engine, {"a": a, "c": c})
     async with await ocicas.open_layout(layout) as reopened:
         assert await reopened.list_references() == ["a", "c"]
 
@@ -226,10 +226,27 @@ async def test_the_caller_that_runs_the_rewrite_fails_alone_when_its_own_set_clo
                 release()
         assert {n: type(e) for n, e in outcomes.items()} == {0: ClobberError, 1: type(None), 2: type(None)}
         assert str(outcomes[0]) == f"reference 'held' already holds {a.digest}, not {b.digest}"
-        assert await engine.list_references() == ["held", "x", "y"]
-        assert await engine.get_reference("held") == a
-        assert await engine.get_reference("x") == c
-        assert await engine.get_reference("y") == c
+        await assert_references(engine, {"held": a, "x": c, "y": c})
+
+
+async def behind_a_cancelled_leader(
+    engine: ocicas.DirEngine,
+    tg: anyio.abc.TaskGroup,
+    leader: Descriptor,
+    calls: list[Callable[[], Awaitable[None]]],
+) -> None:
+    """With the layout locked: a leader's tag runs a rewrite (waiting for the lock), ``calls`` start in ``tg``
+    and queue behind it, the leader is cancelled; returns once another caller runs one rewrite of all of them."""
+    store = engine._index
+    with anyio.CancelScope() as doomed:
+        async with anyio.create_task_group() as first:
+            first.start_soon(engine.put_reference, "leader", leader)
+            await until(lambda: store._committing)
+            for call in calls:
+                tg.start_soon(call)
+            await until(lambda: len(store._queue) == len(calls))
+            doomed.cancel()  # stops the leader before anything is written
+    await until(lambda: store._committing and not store._queue)
 
 
 async def test_when_the_caller_running_the_rewrite_is_cancelled_the_next_one_runs_it(tmp_path: Path) -> None:
@@ -237,30 +254,28 @@ async def test_when_the_caller_running_the_rewrite_is_cancelled_the_next_one_run
     await ocicas.create_layout(layout)
     async with await ocicas.open_layout(layout) as engine:
         descriptors = await images(engine, 4)
-        store = engine._index
         outcomes: dict[int, BaseException | None] = {}
-
-        async def tag(index: int) -> None:
-            await engine.put_reference(f"tag{index}", descriptors[index])
-            outcomes[index] = None
-
+        tag = tagger(engine, descriptors, outcomes)
         with layout_locked(layout) as release:
             async with anyio.create_task_group() as tg:
-                with anyio.CancelScope() as doomed:
-                    async with anyio.create_task_group() as first:
-                        first.start_soon(tag, 0)
-                        await until(lambda: store._committing)  # 0 runs the rewrite, waiting for the lock
-                        for index in range(1, 4):
-                            tg.start_soon(tag, index)
-                        await until(lambda: len(store._queue) == 3)
-                        doomed.cancel()  # stops 0 before anything is written
-                assert 0 not in outcomes
-                await until(lambda: store._committing)  # another caller runs the rewrite of the batch, less 0's set
+                await behind_a_cancelled_leader(engine, tg, descriptors[0], [functools.partial(tag, n) for n in range(1, 4)])
                 release()
         assert outcomes == {1: None, 2: None, 3: None}
         assert await engine.list_references() == ["tag1", "tag2", "tag3"]
     async with await ocicas.open_layout(layout) as reopened:
         assert await reopened.list_references() == ["tag1", "tag2", "tag3"]
+
+
+def tagger(
+    engine: ocicas.Engine, descriptors: list[Descriptor], outcomes: dict[int, BaseException | None]
+) -> Callable[[int], Awaitable[None]]:
+    """``tag(n)``: put ``tagn`` on ``descriptors[n]``, and record in ``outcomes`` that it returned."""
+
+    async def tag(index: int) -> None:
+        await engine.put_reference(f"tag{index}", descriptors[index])
+        outcomes[index] = None
+
+    return tag
 
 
 async def until_committing() -> int:
@@ -290,10 +305,7 @@ async def test_a_set_whose_caller_left_never_lands_after_its_rewrite_failed(tmp_
         outcomes: dict[int, BaseException | None] = {}
         scopes = {1: anyio.CancelScope(), 2: anyio.CancelScope()}
         done = {1: anyio.Event(), 2: anyio.Event()}
-
-        async def tag(index: int) -> None:
-            await engine.put_reference(f"tag{index}", descriptors[index])
-            outcomes[index] = None
+        tag = tagger(engine, descriptors, outcomes)
 
         async def cancellable(index: int) -> None:
             try:
@@ -304,15 +316,9 @@ async def test_a_set_whose_caller_left_never_lands_after_its_rewrite_failed(tmp_
 
         with layout_locked(layout) as release:
             async with anyio.create_task_group() as tg:
-                with anyio.CancelScope() as first:
-                    async with anyio.create_task_group() as leader:
-                        leader.start_soon(tag, 0)
-                        await until(lambda: store._committing)  # 0 rewrites its own set, waiting for the lock
-                        for index in (1, 2):
-                            tg.start_soon(cancellable, index)
-                        await until(lambda: len(store._queue) == 2)
-                        first.cancel()
-                await until(lambda: store._committing and not store._queue)  # 1 or 2 rewrites both sets
+                await behind_a_cancelled_leader(
+                    engine, tg, descriptors[0], [functools.partial(cancellable, n) for n in (1, 2)]
+                )
                 runner = await until_committing()
                 for index in sorted((1, 2), key=lambda i: i == runner):  # the other caller leaves, then the runner
                     scopes[index].cancel()
