@@ -17,6 +17,7 @@ also derives from the builtin exception a Python user would naturally catch::
     ├── UnsupportedError (NotImplementedError) ErrNotImplemented
     │   └── UnsupportedAlgorithmError          a digest algorithm we cannot compute
     ├── EngineClosedError (ValueError)         the engine was closed
+    ├── NotDurableError (OSError)              applied and visible, but a sync failed: may not survive a crash
     ├── ContextError                           a Context ended the operation
     │   ├── ContextCancelledError              ``ctx.cancel()`` was called
     │   └── DeadlineExceededError (TimeoutError)
@@ -43,6 +44,7 @@ __all__ = [
     "InvalidError",
     "LayoutExistsError",
     "LayoutNotFoundError",
+    "NotDurableError",
     "NotFoundError",
     "OCICASError",
     "ReferenceNotFoundError",
@@ -112,6 +114,15 @@ class UnsupportedAlgorithmError(UnsupportedError):
 
 class EngineClosedError(OCICASError, ValueError):
     """The engine was used after ``close()``."""
+
+
+class NotDurableError(OCICASError, OSError):
+    """A change was applied and is visible, but syncing it to disk failed: it may not survive a crash.
+
+    Raised instead of the system's ``OSError`` (its :attr:`errno` and ``__cause__``)
+    where a failure came after the change became visible (a directory fsync after
+    the rename), so "failed" would be untrue: readers already see the change.
+    """
 
 
 class ContextError(OCICASError):
