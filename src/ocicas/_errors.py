@@ -141,13 +141,22 @@ class RegistryError(OCICASError):
     """A registry failed a request and ocicas has no more specific error for it.
 
     :attr:`status` is the HTTP status (``None`` if no answer came) and :attr:`codes`
-    the distribution-spec error codes of the answer (``("MANIFEST_INVALID",)``).
+    the distribution-spec error codes of the answer (``("MANIFEST_INVALID",)``);
+    :attr:`retry_after` the seconds its ``Retry-After`` asked to wait, if it did.
     """
 
-    def __init__(self, message: str, *, status: int | None = None, codes: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        codes: tuple[str, ...] = (),
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.codes = codes
+        self.retry_after = retry_after
 
 
 class AccessDeniedError(RegistryError, PermissionError):
