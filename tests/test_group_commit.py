@@ -8,14 +8,18 @@ test holds the layout's ``flock`` as another process would while they arrive.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import functools
+import json
 import os
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+import threading
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -26,6 +30,8 @@ from ocicas import ClobberError, Descriptor
 from tests.images import put_image
 
 pytestmark = pytest.mark.anyio
+
+REF_NAME = "org.opencontainers.image.ref.name"
 
 
 @contextmanager
@@ -82,6 +88,13 @@ async def queued(
         task_status.started()  # every call waits in the queue: the test may release the layout now
 
 
+async def assert_references(engine: ocicas.Engine, expected: dict[str, Descriptor]) -> None:
+    """``engine`` holds exactly the references ``expected``, each naming its descriptor."""
+    assert await engine.list_references() == sorted(expected)
+    for name, descriptor in expected.items():
+        assert await engine.get_reference(name) == descriptor
+
+
 async def test_updates_waiting_together_all_land(tmp_path: Path) -> None:
     layout = tmp_path / "layout"
     await ocicas.create_layout(layout)
@@ -96,9 +109,7 @@ async def test_updates_waiting_together_all_land(tmp_path: Path) -> None:
                 await tg.start(queued, engine, calls, outcomes)
                 release()
         assert outcomes == dict.fromkeys(range(40))
-        assert await engine.list_references() == sorted(f"tag{n}" for n in range(40))
-        for n in range(40):
-            assert await engine.get_reference(f"tag{n}") == descriptors[n]
+        await assert_references(engine, {f"tag{n}": descriptors[n] for n in range(40)})
     async with await ocicas.open_layout(layout) as reopened:  # durable, and one well-formed file
         assert await reopened.list_references() == sorted(f"tag{n}" for n in range(40))
 
@@ -134,10 +145,7 @@ async def test_each_set_applies_on_top_of_the_earlier_ones_and_a_clobber_fails_i
             5: type(None),
             6: type(None),
         }
-        assert await engine.list_references() == ["held", "x", "z"]
-        assert await engine.get_reference("x") == c
-        assert await engine.get_reference("z") == d
-        assert await engine.get_reference("held") == b
+        await assert_references(engine, {"held": b, "x": c, "z": d})
 
 
 async def test_a_caller_cancelled_while_queued_changes_nothing(tmp_path: Path) -> None:
@@ -201,9 +209,7 @@ async def test_a_tag_of_incomplete_content_fails_alone_with_the_error_a_lone_tag
         assert outcomes["c"] is None
         assert type(outcomes["b"]) is ocicas.BlobNotFoundError
         assert str(outcomes["b"]) == str(alone.value)
-        assert await engine.list_references() == ["a", "c"]
-        assert await engine.get_reference("a") == a
-        assert await engine.get_reference("c") == c
+        await assert_references(engine, {"a": a, "c": c})
     async with await ocicas.open_layout(layout) as reopened:
         assert await reopened.list_references() == ["a", "c"]
 
@@ -226,10 +232,27 @@ async def test_the_caller_that_runs_the_rewrite_fails_alone_when_its_own_set_clo
                 release()
         assert {n: type(e) for n, e in outcomes.items()} == {0: ClobberError, 1: type(None), 2: type(None)}
         assert str(outcomes[0]) == f"reference 'held' already holds {a.digest}, not {b.digest}"
-        assert await engine.list_references() == ["held", "x", "y"]
-        assert await engine.get_reference("held") == a
-        assert await engine.get_reference("x") == c
-        assert await engine.get_reference("y") == c
+        await assert_references(engine, {"held": a, "x": c, "y": c})
+
+
+async def behind_a_cancelled_leader(
+    engine: ocicas.DirEngine,
+    tg: anyio.abc.TaskGroup,
+    leader: Descriptor,
+    calls: list[Callable[[], Coroutine[Any, Any, None]]],
+) -> None:
+    """With the layout locked: a leader's tag runs a rewrite (waiting for the lock), ``calls`` start in ``tg``
+    and queue behind it, the leader is cancelled; returns once another caller runs one rewrite of all of them."""
+    store = engine._index
+    with anyio.CancelScope() as doomed:
+        async with anyio.create_task_group() as first:
+            first.start_soon(engine.put_reference, "leader", leader)
+            await until(lambda: store._committing)
+            for call in calls:
+                tg.start_soon(call)
+            await until(lambda: len(store._queue) == len(calls))
+            doomed.cancel()  # stops the leader before anything is written
+    await until(lambda: store._committing and not store._queue)
 
 
 async def test_when_the_caller_running_the_rewrite_is_cancelled_the_next_one_runs_it(tmp_path: Path) -> None:
@@ -237,30 +260,30 @@ async def test_when_the_caller_running_the_rewrite_is_cancelled_the_next_one_run
     await ocicas.create_layout(layout)
     async with await ocicas.open_layout(layout) as engine:
         descriptors = await images(engine, 4)
-        store = engine._index
         outcomes: dict[int, BaseException | None] = {}
-
-        async def tag(index: int) -> None:
-            await engine.put_reference(f"tag{index}", descriptors[index])
-            outcomes[index] = None
-
+        tag = tagger(engine, descriptors, outcomes)
         with layout_locked(layout) as release:
             async with anyio.create_task_group() as tg:
-                with anyio.CancelScope() as doomed:
-                    async with anyio.create_task_group() as first:
-                        first.start_soon(tag, 0)
-                        await until(lambda: store._committing)  # 0 runs the rewrite, waiting for the lock
-                        for index in range(1, 4):
-                            tg.start_soon(tag, index)
-                        await until(lambda: len(store._queue) == 3)
-                        doomed.cancel()  # stops 0 before anything is written
-                assert 0 not in outcomes
-                await until(lambda: store._committing)  # another caller runs the rewrite of the batch, less 0's set
+                await behind_a_cancelled_leader(
+                    engine, tg, descriptors[0], [functools.partial(tag, n) for n in range(1, 4)]
+                )
                 release()
         assert outcomes == {1: None, 2: None, 3: None}
         assert await engine.list_references() == ["tag1", "tag2", "tag3"]
     async with await ocicas.open_layout(layout) as reopened:
         assert await reopened.list_references() == ["tag1", "tag2", "tag3"]
+
+
+def tagger(
+    engine: ocicas.Engine, descriptors: list[Descriptor], outcomes: dict[int, BaseException | None]
+) -> Callable[[int], Coroutine[Any, Any, None]]:
+    """``tag(n)``: put ``tagn`` on ``descriptors[n]``, and record in ``outcomes`` that it returned."""
+
+    async def tag(index: int) -> None:
+        await engine.put_reference(f"tag{index}", descriptors[index])
+        outcomes[index] = None
+
+    return tag
 
 
 async def until_committing() -> int:
@@ -290,10 +313,7 @@ async def test_a_set_whose_caller_left_never_lands_after_its_rewrite_failed(tmp_
         outcomes: dict[int, BaseException | None] = {}
         scopes = {1: anyio.CancelScope(), 2: anyio.CancelScope()}
         done = {1: anyio.Event(), 2: anyio.Event()}
-
-        async def tag(index: int) -> None:
-            await engine.put_reference(f"tag{index}", descriptors[index])
-            outcomes[index] = None
+        tag = tagger(engine, descriptors, outcomes)
 
         async def cancellable(index: int) -> None:
             try:
@@ -304,15 +324,9 @@ async def test_a_set_whose_caller_left_never_lands_after_its_rewrite_failed(tmp_
 
         with layout_locked(layout) as release:
             async with anyio.create_task_group() as tg:
-                with anyio.CancelScope() as first:
-                    async with anyio.create_task_group() as leader:
-                        leader.start_soon(tag, 0)
-                        await until(lambda: store._committing)  # 0 rewrites its own set, waiting for the lock
-                        for index in (1, 2):
-                            tg.start_soon(cancellable, index)
-                        await until(lambda: len(store._queue) == 2)
-                        first.cancel()
-                await until(lambda: store._committing and not store._queue)  # 1 or 2 rewrites both sets
+                await behind_a_cancelled_leader(
+                    engine, tg, descriptors[0], [functools.partial(cancellable, n) for n in (1, 2)]
+                )
                 runner = await until_committing()
                 for index in sorted((1, 2), key=lambda i: i == runner):  # the other caller leaves, then the runner
                     scopes[index].cancel()
@@ -325,3 +339,136 @@ async def test_a_set_whose_caller_left_never_lands_after_its_rewrite_failed(tmp_
         assert await engine.list_references() == ["tag3"]
     async with await ocicas.open_layout(layout) as reopened:
         assert await reopened.list_references() == ["tag3"]
+
+
+STEPS = ["write", "file fsync", "rename", "directory fsync"]
+
+
+def fail_once(monkeypatch: pytest.MonkeyPatch, step: str, layout: Path) -> list[str]:
+    """Make the next ``step`` of an ``index.json`` rewrite fail with EIO, as a failing disk would; returns a log.
+
+    Only ``os`` calls in worker threads on the rewrite's own files are touched: the temporary index
+    (``index-…``), its rename to ``index.json``, the layout directory's fsync.
+    """
+    made: list[str] = []
+
+    def target(fd: int) -> str:
+        return os.readlink(f"/proc/self/fd/{fd}")
+
+    def hit(wanted: bool) -> bool:
+        if made or not wanted:
+            return False
+        made.append(step)
+        return True
+
+    def eio() -> OSError:
+        return OSError(errno.EIO, os.strerror(errno.EIO))
+
+    in_worker = threading.current_thread  # the event loop runs in the main thread
+    if step == "write":
+        write = os.write
+
+        def failing_write(fd: int, data: Any) -> int:
+            if in_worker() is not threading.main_thread() and hit(target(fd).rpartition("/")[2][:6] == "index-"):
+                raise eio()
+            return write(fd, data)
+
+        monkeypatch.setattr(os, "write", failing_write)
+    elif step == "rename":
+        rename = os.rename
+
+        def failing_rename(src: Any, dst: Any, **kwargs: Any) -> None:
+            if hit(dst == "index.json"):
+                raise eio()
+            rename(src, dst, **kwargs)
+
+        monkeypatch.setattr(os, "rename", failing_rename)
+    else:
+        fsync = os.fsync
+
+        def failing_fsync(fd: Any) -> None:
+            if in_worker() is not threading.main_thread() and isinstance(fd, int):
+                path = target(fd)
+                if hit(path == str(layout) if step == "directory fsync" else path.rpartition("/")[2][:6] == "index-"):
+                    raise eio()
+            fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", failing_fsync)
+    return made
+
+
+def index_names(layout: Path) -> dict[str, str]:
+    """The references ``index.json`` holds on disk: name -> digest."""
+    document = json.loads((layout / "index.json").read_bytes())
+    return {
+        m["annotations"][REF_NAME]: m["digest"] for m in document["manifests"] if REF_NAME in m.get("annotations", {})
+    }
+
+
+@pytest.mark.parametrize("step", STEPS)
+async def test_a_failed_step_of_a_rewrite_reports_to_each_caller_what_is_on_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    """A rewrite of three sets (two apply, one clobbers) meets a failure at ``step``.
+
+    Before the rename nothing changed: ``index.json`` is as it was, and the two callers whose sets applied get
+    the system's error (each its own instance). After it (the directory's fsync), their sets are in
+    ``index.json`` and visible: they get :class:`~ocicas.NotDurableError` with the system's errno, not "not set".
+    Either way nothing waits for a later rewrite, and the next one starts from what is on disk.
+    """
+    layout = tmp_path / "layout"
+    await ocicas.create_layout(layout)
+    async with await ocicas.open_layout(layout) as engine:
+        a, b, c, d = await images(engine, 4)
+        await engine.put_reference("held", a)
+        before = (layout / "index.json").read_bytes()
+        store = engine._index
+        outcomes: dict[int, BaseException | None] = {}
+
+        async def call(index: int, changes: dict[str, Descriptor]) -> None:
+            try:
+                await engine.update_references(changes)
+                outcomes[index] = None
+            except OSError as exc:
+                outcomes[index] = exc
+
+        calls: list[Callable[[], Coroutine[Any, Any, None]]] = [
+            functools.partial(call, 1, {"x": b}),
+            functools.partial(call, 2, {"held": b}),  # clobbers: refused whatever happens after
+            functools.partial(call, 3, {"y": c, "z": d}),
+        ]
+        with layout_locked(layout) as release:
+            async with anyio.create_task_group() as tg:
+                await behind_a_cancelled_leader(engine, tg, a, calls)
+                made = fail_once(monkeypatch, step, layout)
+                release()
+        assert made == [step]
+        assert sorted(outcomes) == [1, 2, 3]
+        assert type(outcomes[2]) is ClobberError
+        failed = [outcomes[1], outcomes[3]]
+        where = repr(str(layout))
+        if step == "directory fsync":
+            assert [type(e) for e in failed] == [ocicas.NotDurableError, ocicas.NotDurableError]
+            assert [str(e) for e in failed] == [
+                f"the change to reference 'x' is in the index.json of {where} and visible, but syncing the layout "
+                "directory failed (Input/output error): it may not survive a crash",
+                f"the change to references 'y', 'z' is in the index.json of {where} and visible, but syncing the "
+                "layout directory failed (Input/output error): it may not survive a crash",
+            ]
+            on_disk = {"held": a, "x": b, "y": c, "z": d}
+        else:
+            assert [type(e) for e in failed] == [OSError, OSError]
+            assert (layout / "index.json").read_bytes() == before
+            on_disk = {"held": a}
+        assert {e.errno for e in failed if isinstance(e, OSError)} == {errno.EIO}
+        assert failed[0] is not failed[1]  # each raised in its own task, with its own traceback
+        assert index_names(layout) == {name: str(descriptor.digest) for name, descriptor in on_disk.items()}
+        await assert_references(engine, on_disk)
+        assert not store._committing
+        assert store._queue == []
+        assert [p.name for p in layout.glob(".ocicas-*/index-*")] == []  # no temporary index left
+        await engine.put_reference("later", d)  # the next rewrite starts from what is on disk
+        on_disk["later"] = d
+        await assert_references(engine, on_disk)
+    async with await ocicas.open_layout(layout) as reopened:
+        await assert_references(reopened, on_disk)

@@ -51,7 +51,16 @@ from ._descriptor import Descriptor, Platform
 from ._digest import Digest
 from ._engine import Engine
 from ._errors import BlobNotFoundError, NotFoundError, SizeMismatchError, UnsupportedError
-from ._graph import DEFAULT_CONCURRENCY, Children, Graph, _to_platform, children, platform_matches, walk
+from ._graph import (
+    DEFAULT_CONCURRENCY,
+    Children,
+    Graph,
+    _to_platform,
+    children,
+    platform_matches,
+    thread_safe_expand,
+    walk,
+)
 from ._json import DEFAULT_JSON_LIMIT
 from ._media_types import INDEX_MEDIA_TYPES, MANIFEST_MEDIA_TYPES
 from ._models import Index
@@ -140,6 +149,7 @@ class _Plan:
         """Manifests and indexes as read while planning: never read twice."""
         return self.graph.data
 
+    @thread_safe_expand  # its one write, a set's add, is atomic; the set is read once the walk ended
     def _keep(self, parent: Descriptor, data: bytes) -> Children:
         """The children of ``parent`` to copy: all of them, less index entries of other platforms."""
         if self.platforms is None or parent.media_type not in INDEX_MEDIA_TYPES:

@@ -17,6 +17,7 @@ also derives from the builtin exception a Python user would naturally catch::
     ├── UnsupportedError (NotImplementedError) ErrNotImplemented
     │   └── UnsupportedAlgorithmError          a digest algorithm we cannot compute
     ├── EngineClosedError (ValueError)         the engine was closed
+    ├── NotDurableError (OSError)              applied and visible, but a sync failed: may not survive a crash
     ├── ContextError                           a Context ended the operation
     │   ├── ContextCancelledError              ``ctx.cancel()`` was called
     │   └── DeadlineExceededError (TimeoutError)
@@ -43,6 +44,7 @@ __all__ = [
     "InvalidError",
     "LayoutExistsError",
     "LayoutNotFoundError",
+    "NotDurableError",
     "NotFoundError",
     "OCICASError",
     "ReferenceNotFoundError",
@@ -114,6 +116,15 @@ class EngineClosedError(OCICASError, ValueError):
     """The engine was used after ``close()``."""
 
 
+class NotDurableError(OCICASError, OSError):
+    """A change was applied and is visible, but syncing it to disk failed: it may not survive a crash.
+
+    Raised instead of the system's ``OSError`` (its :attr:`errno` and ``__cause__``)
+    where a failure came after the change became visible (a directory fsync after
+    the rename), so "failed" would be untrue: readers already see the change.
+    """
+
+
 class ContextError(OCICASError):
     """An operation was ended by its :class:`~ocicas.Context`."""
 
@@ -130,13 +141,22 @@ class RegistryError(OCICASError):
     """A registry failed a request and ocicas has no more specific error for it.
 
     :attr:`status` is the HTTP status (``None`` if no answer came) and :attr:`codes`
-    the distribution-spec error codes of the answer (``("MANIFEST_INVALID",)``).
+    the distribution-spec error codes of the answer (``("MANIFEST_INVALID",)``);
+    :attr:`retry_after` the seconds its ``Retry-After`` asked to wait, if it did.
     """
 
-    def __init__(self, message: str, *, status: int | None = None, codes: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        codes: tuple[str, ...] = (),
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.codes = codes
+        self.retry_after = retry_after
 
 
 class AccessDeniedError(RegistryError, PermissionError):

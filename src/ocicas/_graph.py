@@ -58,6 +58,25 @@ __all__ = [
 ]
 
 _S = TypeVar("_S", bound=str)
+_F = TypeVar("_F", bound=Callable[..., object])
+
+#: Marks an ``expand`` of this library's own that may run in a worker thread (see :func:`thread_safe_expand`).
+_THREAD_SAFE: Final = "_ocicas_thread_safe_expand"
+
+
+def thread_safe_expand(function: _F) -> _F:
+    """Mark ``function``, an ``expand`` of ours, safe in a worker thread: a walk parses with it where it reads.
+
+    A user's ``expand`` is never marked: :func:`walk` calls it on the event loop's thread.
+    """
+    setattr(function, _THREAD_SAFE, True)
+    return function
+
+
+def _unexpanded(descriptor: Descriptor, data: bytes) -> list[Descriptor]:
+    """The expand an engine's fast path is given for a user's ``expand``: read and verify only."""
+    return []
+
 
 #: Manifests and indexes fetched at once by default.
 DEFAULT_CONCURRENCY = 16
@@ -103,6 +122,7 @@ class Children(list[Descriptor]):
             self.append(subject)
 
 
+@thread_safe_expand
 def children(descriptor: Descriptor, data: bytes) -> Children:
     """The descriptors the blob ``data`` (described by ``descriptor``) points at, its ``subject`` last.
 
@@ -215,7 +235,10 @@ async def walk(
     A ``subject`` edge is weak: a subject reached only that way that is absent
     is recorded in :attr:`Graph.absent_subjects`, never raised (nor put in
     :attr:`Graph.broken`). An ``expand`` marks its weak edge by returning a
-    :class:`Children` with :attr:`Children.subject` set.
+    :class:`Children` with :attr:`Children.subject` set. ``expand`` is called on
+    the event loop's thread, one node at a time, whatever the engine (never in a
+    worker thread), so it may use the caller's state without locks; it holds the
+    loop while it runs, so keep it quick.
     """
     check_engine(engine)
     roots = _descriptors(roots, "roots")
@@ -236,6 +259,19 @@ async def walk(
             raise BlobNotFoundError(f"{descriptor.media_type} {digest}{graph.where(digest)} is missing") from exc
         graph.broken[digest] = exc
 
+    def failed(descriptor: Descriptor, exc: BlobNotFoundError | InvalidError) -> None:
+        """A node that could not be read or expanded: raised, naming it, or recorded."""
+        digest = descriptor.digest
+        if isinstance(exc, BlobNotFoundError):
+            if digest in graph.weak:  # only a subject so far: no fault, unless a strong edge reaches it later
+                graph.absent_subjects.add(digest)
+            else:
+                missing(descriptor, exc)
+        elif not broken_ok:
+            raise type(exc)(f"{descriptor.media_type} {digest}{graph.where(digest)}: {exc}") from exc
+        else:
+            graph.broken[digest] = exc
+
     async def visit(descriptor: Descriptor) -> None:
         digest = descriptor.digest
         try:
@@ -243,35 +279,34 @@ async def walk(
             if data is None:
                 async with limiter:
                     data = await read_described(engine, descriptor, max_size=max_size, ctx=ctx)
-            if len(data) >= _THREAD_PARSE_SIZE:
+            if in_threads and len(data) >= _THREAD_PARSE_SIZE:
                 found = await run_sync(expand, descriptor, data)
             else:
                 found = expand(descriptor, data)
-        except BlobNotFoundError as exc:
-            if digest in graph.weak:  # only a subject so far: no fault, unless a strong edge reaches it later
-                graph.absent_subjects.add(digest)
-                return
-            missing(descriptor, exc)
-            return
-        except InvalidError as exc:
-            if not broken_ok:
-                raise type(exc)(f"{descriptor.media_type} {digest}{graph.where(digest)}: {exc}") from exc
-            graph.broken[digest] = exc
+        except (BlobNotFoundError, InvalidError) as exc:
+            failed(descriptor, exc)
             return
         expanded(descriptor, data, found)
         start_batches()
 
     async def visit_batch(batch: list[Descriptor]) -> None:
-        # one thread hop reads, verifies and expands many nodes (an engine's fast path); what it left
-        # out is read the usual way, which reports it exactly
+        # one thread hop reads, verifies and (with an expand of ours) expands many nodes (an engine's fast
+        # path); what it left out is read the usual way, which reports it exactly
         async with limiter, engine._operation(ctx):  # a hook: refused once the engine is closed
-            done = await engine._read_nodes(batch, expand)
+            done = await engine._read_nodes(batch, expand if in_threads else _unexpanded)
         for descriptor in batch:
             got = done.get(descriptor.digest)
             if got is None:
                 tg.start_soon(visit, descriptor)
-            else:
-                expanded(descriptor, *got)
+                continue
+            data, found = got
+            if not in_threads:  # a user's expand: here, on the event loop's thread
+                try:
+                    found = expand(descriptor, data)
+                except (BlobNotFoundError, InvalidError) as exc:
+                    failed(descriptor, exc)
+                    continue
+            expanded(descriptor, data, found)
         start_batches()
 
     def expanded(descriptor: Descriptor, data: bytes, found: list[Descriptor]) -> None:
@@ -312,6 +347,7 @@ async def walk(
                 tg.start_soon(visit, descriptor)
 
     batched = type(engine)._read_nodes is not Engine._read_nodes
+    in_threads = getattr(expand, _THREAD_SAFE, False) is True
     queued: list[Descriptor] = []
     async with bound(ctx), task_group() as tg:
         for root in roots:

@@ -28,12 +28,13 @@ from ._descriptor import Descriptor
 from ._digest import Digest
 from ._engine import BlobInfo, Engine
 from ._errors import BlobNotFoundError, SizeMismatchError
-from ._graph import Graph, children, is_node, walk
+from ._graph import Graph, children, is_node, thread_safe_expand, walk
 from ._threads import metadata_hops
 
 __all__ = ["check_closure", "complete_at_hand", "strong_children"]
 
 
+@thread_safe_expand
 def strong_children(descriptor: Descriptor, data: bytes) -> list[Descriptor]:
     """What a node needs present: its children less its ``subject`` (a weak association)."""
     found = children(descriptor, data)

@@ -9,7 +9,11 @@ stale read, and a lost update when the stale index is rewritten).
 Changes are a read-modify-write under an exclusive ``flock`` on the layout
 directory, so processes tagging at once lose nothing: the new index is written
 to a temporary file, fsynced, renamed over ``index.json`` and the directory
-fsynced, so readers never see a torn file.
+fsynced, so readers never see a torn file. A failure before the rename (the write,
+the file's fsync, the rename itself) leaves ``index.json`` as it was and fails the
+sets of that rewrite with the system's error; once renamed, the sets are visible
+(and the next rewrite starts from them), so a failed directory fsync raises
+:class:`~ocicas.NotDurableError` instead: applied, but perhaps not durable.
 
 A group commit, run by the worker threads themselves: each update is one thread
 hop, which first runs the caller's check (a tag's content check, in parallel with
@@ -23,8 +27,10 @@ two rewrites.
 
 from __future__ import annotations
 
+import copy
 import errno
 import fcntl
+import functools
 import os
 import secrets
 import stat
@@ -36,7 +42,7 @@ import anyio
 import anyio.lowlevel
 
 from .._descriptor import Descriptor
-from .._errors import InvalidError
+from .._errors import InvalidError, NotDurableError
 from .._layout_format import IndexDocument
 from .._threads import POLL_INTERVAL, QuickLimiter, checkpoint, metadata_hops, run_sync, wait_for
 from .fs import open_dir, open_regular, read_open, try_flock, write_all
@@ -46,6 +52,17 @@ __all__ = ["IndexStore"]
 _INDEX_LIMIT: Final = 256 << 20
 #: Updates in flight in worker threads at once, per event loop: each holds its thread while it waits for a rewrite.
 _UPDATE_THREADS: Final = 32
+
+
+def _copy_of(error: BaseException) -> BaseException:
+    """Another instance of ``error`` (same type and arguments), caused by it: one exception raised by many
+    callers at once would have its traceback written by each."""
+    try:
+        other = copy.copy(error)
+    except Exception:
+        return error
+    other.__cause__ = error
+    return other
 
 
 class _Request:
@@ -148,7 +165,9 @@ class IndexStore:
         decides the slow way, then comes back without a check). Else the change set
         joins the next rewrite of ``index.json`` (a group commit), applied on top of
         the earlier ones in arrival order, all or nothing; a set that fails (a
-        clobber) fails its caller only. Returns ``True`` once applied and durable.
+        clobber) fails its caller only. Returns ``True`` once applied and durable;
+        raises :class:`~ocicas.NotDurableError` if applied (visible) but the directory
+        could not be synced.
         """
         request = _Request(changes, replace)
         if not await run_sync(self._join, request, check, limiter=self._limiter()):
@@ -236,15 +255,41 @@ class IndexStore:
         # even when nothing was written: a name found present may rest on another process's rename
         try:
             os.fsync(self._root)
-        except BaseException as exc:
-            self._settle(applied, exc)
+        except OSError as failure:
+            # The rename made the sets visible, and the next rewrite starts from them (the cache is the file on
+            # disk): "not applied" would be untrue. Only their durability is unknown, and a second fsync would
+            # not tell (the kernel may have dropped the failed writeback and report success the next time).
+            self._settle(applied, failure, functools.partial(self._not_durable, failure))
             raise
         self._settle(applied, None)
 
-    def _settle(self, requests: list[_Request], error: BaseException | None) -> None:
+    def _not_durable(self, exc: OSError, request: _Request) -> NotDurableError:
+        names = sorted(request.changes)
+        shown = ", ".join(map(repr, names[:3])) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        error = NotDurableError(
+            f"the change to {'reference' if len(names) == 1 else 'references'} {shown} is in the index.json of "
+            f"{self._where} and visible, but syncing the layout directory failed ({exc.strerror or exc}): "
+            "it may not survive a crash"
+        )
+        error.errno, error.strerror = exc.errno, exc.strerror
+        error.__cause__ = exc
+        return error
+
+    def _settle(
+        self,
+        requests: list[_Request],
+        error: BaseException | None,
+        error_of: Callable[[_Request], BaseException] | None = None,
+    ) -> None:
+        """Settle ``requests`` with ``error``: each caller gets an instance of its own, raised in its own task."""
         with self._changed:
             for request in requests:
-                request.settle(error)
+                if error_of is not None:
+                    request.settle(error_of(request))
+                elif error is None or request is requests[0]:
+                    request.settle(error)
+                else:
+                    request.settle(_copy_of(error))
             self._changed.notify_all()
 
     def _rewrite(self, batch: list[_Request]) -> list[_Request]:

@@ -263,7 +263,9 @@ class RegistryClient:
             elif status >= 400:
                 await self._read_error_body(response)
             if status in RETRY_STATUSES:
-                raise self.error(response, f"{method} {request.url.path}")
+                error = self.error(response, f"{method} {request.url.path}")
+                error.retry_after = _retry_after(response)  # for the caller's own retries (an upload step's)
+                raise error
             return response
 
     async def _fetch_token(

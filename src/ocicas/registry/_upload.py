@@ -9,7 +9,12 @@ session is cancelled with ``DELETE`` and nothing is committed.
 A ``PATCH`` or the closing ``PUT`` that fails (a dropped connection, a ``5xx``)
 is resumed: ``GET`` on the upload URL answers how far the registry got
 (``Range: 0-N``), and the rest of the chunk, still in memory, goes again from
-byte ``N + 1``. Retries are bounded by the client's :class:`RetryPolicy`. A
+byte ``N + 1``. Retries are bounded by the client's :class:`RetryPolicy`, one
+count for each step (opening the session, a chunk, the commit, a streamed file):
+every transient failure of any request the step makes (the ``GET`` asking how far
+the registry got and the ``HEAD`` asking whether a lost commit landed included,
+which are sent once per attempt, not retried by the client on their own) takes
+one retry, and when none is left the error names the step. A
 registry that lost the session (distribution 2.8 drops a session whose last
 request was cut midway) ends the upload with the original error; content in
 hand is then sent again as a new upload by the engine.
@@ -78,6 +83,49 @@ def transient(exc: BaseException) -> bool:
     )
 
 
+def _restated(exc: Exception, message: str) -> Exception:
+    """``exc`` again (same type, status and codes), saying ``message``; caused by ``exc``."""
+    if isinstance(exc, RegistryError):
+        restated: Exception = type(exc)(message, status=exc.status, codes=exc.codes, retry_after=exc.retry_after)
+    else:
+        restated = type(exc)(message)
+    restated.__cause__ = exc
+    return restated
+
+
+class _Attempts:
+    """The retries one upload step may make (the client's :class:`RetryPolicy`), whatever request failed.
+
+    Each transient failure is counted once (a failure handed on to an outer loop
+    sharing this count is not counted again), with the policy's backoff, or the
+    wait a ``Retry-After`` asked for (up to ``max_delay``), as the client's own retries.
+    """
+
+    def __init__(self, client: RegistryClient) -> None:
+        self._client = client
+        self._counted: list[Exception] = []
+
+    async def pause(self, failure: Exception) -> None:
+        """Wait before the next attempt after ``failure``, counting it; raise it if no retry is left."""
+        if any(failure is counted for counted in self._counted):
+            return
+        policy = self._client.retry
+        if len(self._counted) >= policy.retries:
+            raise failure
+        delay = failure.retry_after if isinstance(failure, RegistryError) else None
+        if delay is None:
+            delay = policy.delay(len(self._counted))
+        elif delay > policy.max_delay:
+            raise _restated(
+                failure,
+                f"{failure}; the registry asked to retry after {delay:.0f} s, over the limit of "
+                f"{policy.max_delay:.0f} s",
+            )
+        await anyio.sleep(delay)
+        self._counted.append(failure)
+        note_retry(self._client)
+
+
 def _tail(pieces: Sequence[bytes], offset: int) -> Sequence[bytes]:
     """The pieces less their first ``offset`` bytes (the first piece kept cut, if need be)."""
     if not offset:
@@ -96,9 +144,13 @@ def _octets(size: int) -> dict[str, str]:
 class UploadSession:
     """One open upload: ``await start()``, any number of :meth:`append`, then :meth:`commit` or :meth:`cancel`."""
 
-    def __init__(self, client: RegistryClient) -> None:
+    def __init__(self, client: RegistryClient, attempts: _Attempts | None = None) -> None:
         self._client = client
+        # shared by every step of this session when given (a streamed file's one count); else one per step
+        self._attempts = attempts
         self._location: str | None = None
+        #: The registry said it no longer knows this session (or answered nonsense about it).
+        self.lost = False
         self.offset = 0
         #: The smallest chunk the registry accepts (``OCI-Chunk-Min-Length``), or 0.
         self.min_chunk = 0
@@ -115,7 +167,15 @@ class UploadSession:
     async def start(self) -> None:
         """Open the session (a retry-safe ``POST``: an orphan session is purged by the registry)."""
         client = self._client
-        response = await client.request("POST", client.url("blobs/uploads/"), idempotent=True)
+        attempts = self._attempts or _Attempts(client)
+        while True:
+            try:
+                response = await client.request("POST", client.url("blobs/uploads/"), idempotent=False)
+                break
+            except RegistryError as exc:
+                if not transient(exc):
+                    raise
+                await attempts.pause(exc)
         if response.status_code != 202:
             raise self._failed(response, "start a blob upload")
         self._follow(response)
@@ -146,7 +206,8 @@ class UploadSession:
 
     async def _send(self, data: Sequence[bytes], digest: Digest | None) -> httpx.Response:
         """``PATCH`` ``data`` (or, with ``digest``, the closing ``PUT``), resuming where a failed attempt stopped."""
-        start, sent, failures = self.offset, 0, 0
+        start, sent = self.offset, 0
+        attempts = self._attempts or _Attempts(self._client)
         length = sum(map(len, data))
         failure: Exception | None = None
         while True:
@@ -180,15 +241,11 @@ class UploadSession:
                 if status not in RETRY_STATUSES:
                     return response
                 failure = self._failed(response, "upload a blob chunk" if digest is None else f"commit blob {digest}")
-            policy = self._client.retry
             assert failure is not None
-            if failures >= policy.retries:
-                raise failure
-            await anyio.sleep(policy.delay(failures))
-            failures += 1
-            note_retry(self._client)
-            reached = await self._status()
+            await attempts.pause(failure)
+            reached = await self.reached(attempts)
             if reached is None or not start <= reached <= start + length:
+                self.lost = True
                 raise failure
             sent = reached - start
 
@@ -209,13 +266,24 @@ class UploadSession:
         self._follow(response)
         self.offset = size
 
+    async def reached(self, attempts: _Attempts) -> int | None:
+        """How many bytes the registry holds for this upload (``GET``: ``Range: 0-N``), or ``None`` if it lost it.
+
+        A transient failure of the question is one of ``attempts`` and the question goes again; when
+        none is left, the error says it came from asking.
+        """
+        while True:
+            try:
+                return await self._status()
+            except RegistryError as exc:
+                if not transient(exc):
+                    return None
+                await attempts.pause(_restated(exc, f"asking the registry how far the upload got: {exc}"))
+
     async def _status(self) -> int | None:
-        """How many bytes the registry holds for this upload (``GET``: ``Range: 0-N``), or ``None`` if it lost it."""
+        """:meth:`reached`, asked once: a transient failure is raised."""
         assert self._location is not None
-        try:
-            response = await self._client.request("GET", self._location)
-        except RegistryError:
-            return None
+        response = await self._client.request("GET", self._location, idempotent=False)
         last = response.headers.get("range", "").partition("-")[2].strip()
         if response.status_code != 204 or not last.isdigit():
             return None
@@ -417,13 +485,29 @@ class _FileIterator:
 def named(exc: Exception, digest: Digest | None, reached: int, size: int | None, why: str = "") -> Exception:
     """``exc`` again, its message naming the blob and the byte its push reached (and ``why`` it ended there)."""
     of = "" if size is None else f" of {size}"
-    message = f"pushing {f'blob {digest}' if digest else 'a blob'} stopped at byte {reached}{of}{why}: {exc}"
-    if isinstance(exc, RegistryError):
-        named: Exception = type(exc)(message, status=exc.status, codes=exc.codes)
-    else:
-        named = type(exc)(message)
-    named.__cause__ = exc
-    return named
+    return _restated(
+        exc, f"pushing {f'blob {digest}' if digest else 'a blob'} stopped at byte {reached}{of}{why}: {exc}"
+    )
+
+
+async def _landed(client: RegistryClient, digest: Digest, size: int, attempts: _Attempts) -> bool:
+    """Whether the registry holds blob ``digest`` of ``size`` bytes (``HEAD``, its failures one of ``attempts``)."""
+    while True:
+        try:
+            response = await client.request(
+                "HEAD", client.url(f"blobs/{digest}"), follow_redirects=True, idempotent=False
+            )
+        except RegistryError as exc:
+            if not transient(exc):
+                raise
+            await attempts.pause(_restated(exc, f"asking the registry whether blob {digest} landed: {exc}"))
+            continue
+        if response.status_code == 404:
+            return False
+        if response.status_code != 200:
+            raise client.error(response, f"HEAD blobs/{digest}")
+        length: str | None = response.headers.get("content-length")
+        return length == str(size)
 
 
 async def upload_file(
@@ -434,20 +518,21 @@ async def upload_file(
     A failed ``PATCH`` resumes where the registry says it got (``GET`` on the
     session), re-reading the file from there; a lost session starts a new upload
     from byte 0. Every retry is counted (:func:`note_retry`), at most
-    ``client.retry.retries`` of them, with backoff. The content is hashed as read:
+    ``client.retry.retries`` of them for the whole file, whichever request
+    failed (the ``PATCH``, the ``GET`` asking how far it got, the commit), with
+    backoff. The content is hashed as read:
     nothing is committed unless it hashes to ``digest``. On failure the session is
     cancelled and the error names the blob and the byte reached.
     """
     source = FileSource(fd, size, digest)
-    policy = client.retry
+    attempts = _Attempts(client)  # one count for the whole file, whichever request fails
     session: UploadSession | None = None
     held = 0  # bytes the open session holds
-    failures = 0
     try:
         while True:
             try:
                 if session is None:
-                    session = UploadSession(client)
+                    session = UploadSession(client, attempts)
                     await session.start()
                     held = 0
                 if held < size:
@@ -460,21 +545,22 @@ async def upload_file(
             except Exception as exc:
                 if not transient(exc):
                     raise
-                if failures >= policy.retries:
-                    raise named(exc, digest, source.reached, size) from exc
-            await anyio.sleep(policy.delay(failures))
-            failures += 1
-            note_retry(client)
-            assert session is not None
-            reached = await session._status() if session._location is not None else None
-            if reached is not None and held <= reached <= source.position:  # never more than was sent
-                held = reached
-                continue
-            await session.cancel()  # lost (or answered nonsense): a new upload from byte 0
-            session = None
-            response = await client.head(f"blobs/{digest}")  # a lost commit answer: it may have landed
-            if response is not None and response.headers.get("content-length") == str(size):
-                return
+                failure = exc
+            try:
+                await attempts.pause(failure)
+                assert session is not None
+                reached = None if session.lost or session._location is None else await session.reached(attempts)
+                if reached is not None and held <= reached <= source.position:  # never more than was sent
+                    held = reached
+                    continue
+                await session.cancel()  # lost (or answered nonsense): a new upload from byte 0
+                session = None
+                if await _landed(client, digest, size, attempts):  # a lost commit answer: it may have landed
+                    return
+            except Exception as exc:
+                if not transient(exc):
+                    raise
+                raise named(exc, digest, source.reached, size) from exc
     except BaseException:
         if session is not None:
             await session.cancel()

@@ -1,0 +1,80 @@
+"""Where a walk calls its ``expand``: on the event loop's thread, for every engine, every node, any size.
+
+The directory engine reads small nodes in batches in a worker thread (its fast path) and
+larger ones the usual way; the memory engine reads each in turn. A user's ``expand`` must
+run on the loop's thread in all of these (the contract in :func:`ocicas.walk`), on asyncio
+and trio alike.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+import ocicas
+from ocicas import Descriptor, Digest
+from tests.images import put_image, put_index
+
+pytestmark = pytest.mark.anyio
+
+
+@asynccontextmanager
+async def opened(kind: str, tmp_path: Path) -> AsyncIterator[ocicas.Engine]:
+    if kind == "memory":
+        yield ocicas.MemoryEngine()
+        return
+    await ocicas.create_layout(tmp_path / "layout")
+    async with await ocicas.open_layout(tmp_path / "layout") as engine:
+        yield engine
+
+
+async def nodes(engine: ocicas.Engine) -> tuple[Descriptor, dict[str, Descriptor], set[Digest]]:
+    """A root index over 80 images (more than one batch of the fast path) and a large index (over 1 MiB) of
+    them; its nodes the root alone points at (``"small"``, ``"large"``); every node."""
+    images = [(await put_image(engine, [f"layer {n}".encode()], name=str(n)))[0] for n in range(80)]
+    large = await put_index(engine, images[1:] * 100)
+    assert large.size > 1 << 20
+    root = await put_index(engine, [*images, large])
+    return root, {"small": images[0], "large": large}, {root.digest, large.digest, *(i.digest for i in images)}
+
+
+@pytest.mark.parametrize("kind", ["memory", "directory"])
+async def test_a_users_expand_runs_on_the_event_loops_thread(kind: str, tmp_path: Path) -> None:
+    async with opened(kind, tmp_path) as engine:
+        root, _, expected = await nodes(engine)
+        calls: dict[Digest, set[int]] = {}
+
+        def expand(descriptor: Descriptor, data: bytes) -> list[Descriptor]:
+            calls.setdefault(descriptor.digest, set()).add(threading.get_ident())
+            return ocicas.children(descriptor, data)
+
+        graph = await ocicas.walk(engine, [root], expand=expand)
+        assert set(calls) == expected
+        assert {thread for threads in calls.values() for thread in threads} == {threading.get_ident()}
+        assert set(graph.edges) == expected
+        assert graph == await ocicas.walk(engine, [root])  # the same graph as with the walk's own expand
+
+
+@pytest.mark.parametrize("size", ["small", "large"])
+@pytest.mark.parametrize("kind", ["memory", "directory"])
+async def test_a_users_expand_that_refuses_a_node_names_it_as_a_read_would(
+    kind: str, size: str, tmp_path: Path
+) -> None:
+    async with opened(kind, tmp_path) as engine:
+        root, alone, _ = await nodes(engine)
+        refused = alone[size]
+
+        def expand(descriptor: Descriptor, data: bytes) -> list[Descriptor]:
+            if descriptor.digest == refused.digest:
+                raise ocicas.InvalidError("not this one")
+            return ocicas.children(descriptor, data)
+
+        with pytest.raises(ocicas.InvalidError) as info:
+            await ocicas.walk(engine, [root], expand=expand)
+        assert str(info.value) == f"{refused.media_type} {refused.digest} (referenced by {root.digest}): not this one"
+        graph = await ocicas.walk(engine, [root], expand=expand, broken_ok=True)
+        assert set(graph.broken) == {refused.digest}
