@@ -60,6 +60,9 @@ _FIRST_SLOT: Final = 1 << 20
 _MIN_READ: Final = 64 << 10
 #: put_blob syncs each time this much more is written, so the disk works while hashing goes on.
 _SYNC_EVERY: Final = 64 << 20
+#: The most one ``write`` takes. Measured on ext4 (Linux 6.18, a VM): 1 MiB writes at 1 MiB-aligned offsets,
+#: which the page cache takes in 1 MiB folios, cost 2-10 s of system time per GiB; 512 KiB writes 0.3 s.
+_WRITE_SIZE: Final = 512 << 10
 
 _Chunk = bytes | bytearray | memoryview
 _Batch = list[_Chunk]
@@ -84,6 +87,20 @@ class LentRaw:
         if chunk and self._on_read is not None:
             self._on_read(len(chunk))
         return chunk
+
+    async def readinto(self, buffer: memoryview, /) -> int:
+        """Fill ``buffer`` (fewer bytes only at the end): the put's own buffers, reused, which a network
+        source receives into."""
+        n = min(len(buffer), self._left)
+        if n <= 0:
+            return 0
+        got = await self._raw.readinto(buffer[:n] if n < len(buffer) else buffer)
+        if not 0 <= got <= n:
+            raise RuntimeError(f"{type(self._raw).__name__}.readinto() of {n} bytes returned {got}")
+        self._left -= got
+        if got and self._on_read is not None:
+            self._on_read(got)
+        return got
 
 
 def _frozen(chunk: _Chunk) -> bytes | memoryview:
@@ -276,7 +293,12 @@ class PendingBlob:
             checkpoint()
             if hashing:
                 self._verifier.update(chunk)
-            write_all(self._fd, chunk)
+            if len(chunk) > _WRITE_SIZE:
+                view = memoryview(chunk).cast("B")
+                for start in range(0, len(view), _WRITE_SIZE):
+                    write_all(self._fd, view[start : start + _WRITE_SIZE])
+            else:
+                write_all(self._fd, chunk)
             self._unsynced += len(chunk)
 
     async def _take(self, source: BlobSource, read_size: int) -> _Batch:
