@@ -256,7 +256,7 @@ class _Receiver(asyncio.BufferedProtocol):
         self._transport = transport
         self.view: memoryview | None = None
         self.filled = 0
-        self.waiter: asyncio.Future[None] | None = None
+        self.waiter: asyncio.Future[bool] | None = None
         self.ended = False
         self.error: BaseException | None = None
 
@@ -275,7 +275,7 @@ class _Receiver(asyncio.BufferedProtocol):
         self._transport.pause_reading()
         waiter = self.waiter
         if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+            waiter.set_result(True)
 
     def eof_received(self) -> bool:
         self.ended = True
@@ -309,15 +309,32 @@ class _AsyncioBody(Body):
         if receiver.ended or transport.is_closing():
             self._ended = True
             return 0
+        loop = asyncio.get_running_loop()
         receiver.view, receiver.filled = view, 0
-        receiver.waiter = waiter = asyncio.get_running_loop().create_future()
+        receiver.waiter = waiter = loop.create_future()
+        timeout = self._timeout
+        timer: asyncio.TimerHandle | None = None
+        seen = -1
+
+        def expire() -> None:  # a timer, cheaper than a cancel scope per buffer; reset while data comes
+            nonlocal timer, seen
+            if waiter.done():
+                return
+            if receiver.filled > seen:
+                seen = receiver.filled
+                timer = loop.call_later(timeout, expire)  # type: ignore[arg-type]
+            else:
+                waiter.set_result(False)
+
+        if timeout is not None:
+            expire()
         transport.resume_reading()
         try:
-            with anyio.fail_after(self._timeout):
-                await waiter
-        except TimeoutError as exc:
-            self._error = _transport_error(exc)
+            if not await waiter:
+                self._error = httpx.ReadTimeout(f"no data for {timeout} seconds")
         finally:
+            if timer is not None:
+                timer.cancel()
             transport.pause_reading()
             receiver.view = receiver.waiter = None  # the buffer is the caller's again: never written after
         if receiver.ended:
@@ -336,16 +353,21 @@ class _TrioBody(Body):
 
     async def _fill(self, view: memoryview) -> int:
         done = 0
+        timeout = self._timeout
         try:
-            with anyio.fail_after(self._timeout):
+            with anyio.CancelScope() as scope:  # a deadline reset while data comes: a read timeout, not a fill's
                 while done < len(view):
+                    if timeout is not None:
+                        scope.deadline = anyio.current_time() + timeout
                     n = await self._sock.recv_into(view[done:])
                     if not n:
                         self._ended = True
                         break
                     done += n
-        except (OSError, TimeoutError) as exc:
+        except OSError as exc:
             self._error = _transport_error(exc)
+        if scope.cancelled_caught:
+            self._error = httpx.ReadTimeout(f"no data for {timeout} seconds")
         return done
 
 
