@@ -10,7 +10,9 @@ the whole body again) has its first ``N`` bytes skipped, as containerd does; a
 budget (:attr:`RetryPolicy.retries`) bounds consecutive failures *without
 progress*: a body cut every few MiB still completes, a dead registry does not
 hold the reader for ever. Waits back off (no wait after progress) and are
-cancellable like any other.
+cancellable like any other. :meth:`ResumingRaw.readinto` (a directory put's
+buffers) receives a long answer's body straight from the connection, past h11
+(:func:`~ocicas.registry._net.open_body`), with the same resumes.
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@ the default transport of a client this package built is wrapped, and only if
 httpcore's pool is laid out as expected (otherwise nothing changes). On asyncio
 the transport also reads ahead a little instead of pausing after every read
 (:class:`_AsyncioStream`).
+
+A big blob body can skip the HTTP stack altogether: :func:`open_body` hands it
+out straight from the connection into the consumer's buffers (:class:`Body`).
 """
 
 from __future__ import annotations
