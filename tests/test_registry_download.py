@@ -180,3 +180,19 @@ async def test_a_pull_cancelled_mid_body_leaves_no_connection_or_file(
         with pytest.raises(BlobNotFoundError):
             await dst.stat_blob(sha256(BIG))
     assert not [p for p in target.rglob("*") if p.is_file() and p.name.startswith("blob-")]
+
+
+async def test_reads_after_a_readinto_past_h11_go_on_from_the_same_body(registry: Registry) -> None:
+    repository = await pushed(registry)
+    async with await open_registry(registry.location(repository), docker_config=False) as source:
+        reader = await source.get_blob(sha256(BIG))
+        async with reader, reader._borrow_raw() as raw:
+            assert isinstance(raw, ResumingRaw)
+            head = bytearray(MiB + 7)
+            assert await raw.readinto(memoryview(head)) == len(head)
+            middle = await raw.read_some(3 * MiB)
+            rest = [await raw.read(len(BIG))]
+            assert raw._body is not None
+            while piece := await raw.read(len(BIG)):
+                rest.append(piece)
+        assert bytes(head) + middle + b"".join(rest) == BIG
