@@ -65,6 +65,21 @@ class RawBlob:
         """
         return await self.read(n)
 
+    async def readinto(self, buffer: memoryview) -> int:
+        """Fill ``buffer`` with the next bytes: fewer only at the end (``0`` there).
+
+        For a consumer with buffers of its own to fill (a directory put): a network
+        source receives straight into them. Default: :meth:`read`, copied.
+        """
+        done = 0
+        while done < len(buffer):
+            chunk = await self.read(len(buffer) - done)
+            if not chunk:
+                break
+            buffer[done : done + len(chunk)] = chunk
+            done += len(chunk)
+        return done
+
     def read_blocking(self, n: int) -> bytes:
         """Up to ``n`` more bytes (``b""`` at the end); runs in a worker thread."""
         raise NotImplementedError
@@ -99,6 +114,13 @@ class BytesRaw(RawBlob):
         start = self._position
         self._position = min(start + n, self.size)
         return bytes(self._data[start : self._position])
+
+    async def readinto(self, buffer: memoryview) -> int:
+        await anyio.lowlevel.checkpoint()
+        start = self._position
+        self._position = min(start + len(buffer), self.size)
+        buffer[: self._position - start] = self._data[start : self._position]
+        return self._position - start
 
     def close_now(self) -> None:
         self._data = memoryview(b"")

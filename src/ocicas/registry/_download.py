@@ -10,7 +10,9 @@ the whole body again) has its first ``N`` bytes skipped, as containerd does; a
 budget (:attr:`RetryPolicy.retries`) bounds consecutive failures *without
 progress*: a body cut every few MiB still completes, a dead registry does not
 hold the reader for ever. Waits back off (no wait after progress) and are
-cancellable like any other.
+cancellable like any other. :meth:`ResumingRaw.readinto` (a directory put's
+buffers) receives a long answer's body straight from the connection, past h11
+(:func:`~ocicas.registry._net.open_body`), with the same resumes.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import httpx
 
 from .._errors import BlobNotFoundError, InvalidError, OCICASError, RegistryError, RegistryUnreachableError
 from .._reader import RawBlob
+from ._net import Body, open_body
 from ._streams import release
 from ._transport import RegistryClient, note_retry
 
@@ -31,6 +34,10 @@ __all__ = ["ResumingRaw", "note_retry"]
 
 #: ``reopen(start)``: a new streamed answer for the bytes from ``start`` on.
 Reopen = Callable[[int], Awaitable[httpx.Response]]
+#: Bodies at least this long are received straight into the consumer's buffers by :meth:`ResumingRaw.readinto`,
+#: past h11 (``_net.open_body``); their connection is then closed, not reused: a new one costs less than h11's
+#: handling of a few MiB, on loopback; less and less next to the transfer itself on a slower network.
+BYPASS_MIN = 4 << 20
 
 
 def content_range_start(response: httpx.Response) -> tuple[int | None, int | None]:
@@ -56,6 +63,8 @@ class ResumingRaw(RawBlob):
         self._reopen = reopen
         self._response: httpx.Response | None = response
         self._iterator: AsyncIterator[bytes] | None = None
+        self._body: Body | None = None  # the answer's body read past h11 (readinto)
+        self._fresh = True  # nothing was read of the answer yet
         self._buffer: list[bytes] = []
         self._buffered = 0
         self._fetched = 0  # bytes received: handed out plus buffered
@@ -104,16 +113,77 @@ class ResumingRaw(RawBlob):
             piece = piece[:n]
         return piece
 
+    async def readinto(self, buffer: memoryview) -> int:
+        """Fill ``buffer`` (fewer bytes only at the end), resuming as :meth:`read` does.
+
+        A long enough answer not read from yet is received straight into ``buffer``
+        (:func:`~ocicas.registry._net.open_body`); any other is copied in, piece by piece.
+        """
+        want = min(len(buffer), self.size - self._fetched + self._buffered)
+        done = 0
+        pieces = self._buffer
+        while pieces and done < want:  # what read_some left over
+            piece = pieces.pop(0)
+            n = min(len(piece), want - done)
+            buffer[done : done + n] = piece[:n]
+            if n < len(piece):
+                pieces.insert(0, piece[n:])
+            self._buffered -= n
+            done += n
+        while done < want and not self._closed:
+            response = self._response
+            if response is None:
+                await self._resume()
+                continue
+            if self._fresh:
+                self._fresh = False
+                length = response.headers.get("content-length", "")
+                if length.isdigit() and int(length) >= BYPASS_MIN:
+                    self._body = open_body(response)
+            body = self._body
+            if body is None:  # read through httpx, copied in
+                piece = await self._next_piece()
+                if not piece:
+                    break
+                n = min(len(piece), want - done)
+                buffer[done : done + n] = piece[:n]
+                if n < len(piece):
+                    self._buffer.insert(0, piece[n:])
+                    self._buffered += len(piece) - n
+                self._fetched += len(piece)
+                done += n
+                continue
+            try:
+                if self._skip:  # an answer that ignored Range: its head lands in the buffer, then is overwritten
+                    got = await body.readinto(buffer[done : done + min(self._skip, want - done)])
+                    self._skip -= got
+                else:
+                    got = await body.readinto(buffer[done:want])
+                    self._fetched += got
+                    done += got
+                    self._failures = 0 if got else self._failures
+            except httpx.TransportError as exc:
+                await self._lost(exc)
+                continue
+            if not got:  # a clean end before the size: the answer was cut all the same
+                await self._lost(None)
+        return done
+
     async def _next_piece(self) -> bytes:
         """The next piece of the body past what was received (``b""`` only once closed)."""
         while not self._closed:
             if self._response is None:
                 await self._resume()
                 continue
-            if self._iterator is None:
-                self._iterator = aiter(self._response.aiter_bytes())
             try:
-                piece = await anext(self._iterator, b"")
+                if self._body is not None:  # read past h11 already (readinto): go on so
+                    buffer = bytearray(min(self.size - self._fetched + self._skip, 1 << 20))
+                    piece = bytes(memoryview(buffer)[: await self._body.readinto(memoryview(buffer))])
+                else:
+                    if self._iterator is None:
+                        self._iterator = aiter(self._response.aiter_bytes())
+                        self._fresh = False
+                    piece = await anext(self._iterator, b"")
             except httpx.TransportError as exc:
                 await self._lost(exc)
                 continue
@@ -192,6 +262,7 @@ class ResumingRaw(RawBlob):
         self._response, self._iterator = response, None
 
     async def _drop_response(self) -> None:
+        self._body, self._fresh = None, True
         response, self._response = self._response, None
         iterator, self._iterator = self._iterator, None
         if response is not None:
@@ -205,6 +276,7 @@ class ResumingRaw(RawBlob):
     def close_now(self) -> None:
         """From a finaliser: close the answer on its event loop, soon (closing a connection awaits)."""
         self._closed = True
+        self._body = None
         response, self._response = self._response, None
         if response is None:
             return

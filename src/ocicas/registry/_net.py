@@ -9,6 +9,9 @@ the default transport of a client this package built is wrapped, and only if
 httpcore's pool is laid out as expected (otherwise nothing changes). On asyncio
 the transport also reads ahead a little instead of pausing after every read
 (:class:`_AsyncioStream`).
+
+A big blob body can skip the HTTP stack altogether: :func:`open_body` hands it
+out straight from the connection into the consumer's buffers (:class:`Body`).
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ from collections.abc import Iterable
 from typing import Any, Final
 
 import anyio
+import h11
 import httpcore
 import httpx
 
-__all__ = ["READ_SIZE", "big_reads"]
+__all__ = ["READ_SIZE", "Body", "big_reads", "open_body"]
 
 #: The most one socket read of a response takes (what the kernel has buffered, up to this).
 READ_SIZE: Final = 512 << 10
@@ -153,3 +157,283 @@ def big_reads(http: httpx.AsyncClient) -> None:
         getattr(pool, "_network_backend", None), httpcore.AsyncNetworkBackend
     ):
         pool._network_backend = _Backend(pool._network_backend)
+
+
+# -- bodies read past h11 -------------------------------------------------------------
+
+
+def _transport_error(exc: BaseException) -> httpx.TransportError:
+    """``exc`` (httpcore's, anyio's, trio's or the socket's) as the httpx error its response stream would raise."""
+    if isinstance(exc, httpx.TransportError):
+        return exc
+    reason = str(exc) or type(exc).__name__
+    if isinstance(exc, TimeoutError | httpcore.TimeoutException):
+        return httpx.ReadTimeout(reason)
+    return httpx.ReadError(reason)
+
+
+class Body:
+    """A response body of known length, read straight from its connection, past h11 (see :func:`open_body`).
+
+    :meth:`readinto` fills the caller's buffer: no ``bytes`` made per socket
+    read, no trip through h11's buffer and httpcore's and httpx's generators.
+    The bytes that were already off the socket when the headers were parsed
+    (h11's buffer, a transport's read-ahead) come first. The connection is never
+    handed back: closing the response closes it (h11 never saw the body end).
+    """
+
+    def __init__(self, pending: collections.deque[bytes], remaining: int, timeout: float | None) -> None:
+        self._pending = pending
+        self.remaining = remaining
+        self._timeout = timeout
+        self._ended = False  # the peer closed
+        self._error: httpx.TransportError | None = None  # raised by the next read, once what came before is out
+
+    async def readinto(self, view: memoryview) -> int:
+        """Fill ``view`` (within the body): fewer bytes only at an end or error, ``0`` at the end.
+
+        Raises an :class:`httpx.TransportError` when the connection failed before anything was read.
+        """
+        if self._error is not None:
+            raise self._error
+        want = min(len(view), self.remaining)
+        done = 0
+        pending = self._pending
+        while pending and done < want:
+            piece = pending.popleft()
+            n = min(len(piece), want - done)
+            view[done : done + n] = memoryview(piece)[:n]
+            if n < len(piece):
+                pending.appendleft(piece[n:])
+            done += n
+        if done < want and not self._ended:
+            try:
+                done += await self._fill(view[done:want])
+            except BaseException:  # cancelled: what was filled is lost to the caller, so the body is too
+                self._error = httpx.ReadError("a read of the body was cancelled")
+                raise
+        self.remaining -= done
+        if not done and self._error is not None:
+            raise self._error
+        return done
+
+    async def _fill(self, view: memoryview) -> int:
+        """Fill ``view`` from the connection; at an end or error, stop (setting ``_ended`` or ``_error``)."""
+        raise NotImplementedError
+
+
+class _StreamBody(Body):
+    """Any network stream (TLS, say): its pieces copied into the caller's buffer."""
+
+    def __init__(
+        self,
+        pending: collections.deque[bytes],
+        remaining: int,
+        timeout: float | None,
+        stream: httpcore.AsyncNetworkStream,
+    ) -> None:
+        super().__init__(pending, remaining, timeout)
+        self._stream = stream
+
+    async def _fill(self, view: memoryview) -> int:
+        done = 0
+        while done < len(view):
+            try:
+                piece = await self._stream.read(READ_SIZE, self._timeout)
+            except (OSError, httpcore.NetworkError, httpcore.TimeoutException) as exc:
+                self._error = _transport_error(exc)
+                break
+            if not piece:
+                self._ended = True
+                break
+            n = min(len(piece), len(view) - done)
+            view[done : done + n] = memoryview(piece)[:n]
+            done += n  # anything past the body is dropped: the connection is not used again
+        return done
+
+
+class _Receiver(asyncio.BufferedProtocol):
+    """The protocol of an asyncio transport whose body is read into the caller's buffer (``recv_into``)."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self.view: memoryview | None = None
+        self.filled = 0
+        self.waiter: asyncio.Future[bool] | None = None
+        self.ended = False
+        self.error: BaseException | None = None
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self.view is None:  # reading is paused whenever there is no buffer: never happens
+            raise RuntimeError("no buffer to receive into")
+        return self.view[self.filled :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.filled += nbytes
+        assert self.view is not None
+        if self.filled >= len(self.view):
+            self._wake()
+
+    def _wake(self) -> None:
+        self._transport.pause_reading()
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(True)
+
+    def eof_received(self) -> bool:
+        self.ended = True
+        self._wake()
+        return False  # the transport closes
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.ended = True
+        self.error = exc
+        self._wake()
+
+
+class _AsyncioBody(Body):
+    """asyncio: the transport receives into the caller's buffer (a :class:`asyncio.BufferedProtocol` of ours)."""
+
+    def __init__(
+        self,
+        pending: collections.deque[bytes],
+        remaining: int,
+        timeout: float | None,
+        transport: asyncio.Transport,
+    ) -> None:
+        super().__init__(pending, remaining, timeout)
+        self._transport = transport
+        self._receiver = _Receiver(transport)
+        transport.pause_reading()
+        transport.set_protocol(self._receiver)
+
+    async def _fill(self, view: memoryview) -> int:
+        receiver, transport = self._receiver, self._transport
+        if receiver.ended or transport.is_closing():
+            self._ended = True
+            return 0
+        loop = asyncio.get_running_loop()
+        receiver.view, receiver.filled = view, 0
+        receiver.waiter = waiter = loop.create_future()
+        timeout = self._timeout
+        timer: asyncio.TimerHandle | None = None
+        seen = -1
+
+        def expire() -> None:  # a timer, cheaper than a cancel scope per buffer; reset while data comes
+            nonlocal timer, seen
+            if waiter.done():
+                return
+            if receiver.filled > seen:
+                seen = receiver.filled
+                timer = loop.call_later(timeout, expire)  # type: ignore[arg-type]
+            else:
+                waiter.set_result(False)
+
+        if timeout is not None:
+            expire()
+        transport.resume_reading()
+        try:
+            if not await waiter:
+                self._error = httpx.ReadTimeout(f"no data for {timeout} seconds")
+        finally:
+            if timer is not None:
+                timer.cancel()
+            transport.pause_reading()
+            receiver.view = receiver.waiter = None  # the buffer is the caller's again: never written after
+        if receiver.ended:
+            self._ended = True
+            if receiver.error is not None and self._error is None:
+                self._error = _transport_error(receiver.error)
+        return receiver.filled
+
+
+class _TrioBody(Body):
+    """trio: ``recv_into`` the caller's buffer, from the socket itself."""
+
+    def __init__(self, pending: collections.deque[bytes], remaining: int, timeout: float | None, sock: Any) -> None:
+        super().__init__(pending, remaining, timeout)
+        self._sock = sock
+
+    async def _fill(self, view: memoryview) -> int:
+        done = 0
+        timeout = self._timeout
+        try:
+            with anyio.CancelScope() as scope:  # a deadline reset while data comes: a read timeout, not a fill's
+                while done < len(view):
+                    if timeout is not None:
+                        scope.deadline = anyio.current_time() + timeout
+                    n = await self._sock.recv_into(view[done:])
+                    if not n:
+                        self._ended = True
+                        break
+                    done += n
+        except OSError as exc:
+            self._error = _transport_error(exc)
+        if scope.cancelled_caught:
+            self._error = httpx.ReadTimeout(f"no data for {timeout} seconds")
+        return done
+
+
+def _dig(obj: Any, *path: tuple[str, str]) -> Any:
+    """Follow ``(type name, attribute)`` steps through private layers; ``None`` where one is not as expected."""
+    for type_name, attribute in path:
+        if type(obj).__name__ != type_name:
+            return None
+        obj = getattr(obj, attribute, None)
+    return obj
+
+
+def open_body(response: httpx.Response) -> Body | None:
+    """Read ``response``'s body past h11, straight from its connection; ``None`` if that cannot be done safely.
+
+    Only an unread, identity-encoded HTTP/1.1 body of known length, on a
+    connection of a pool :func:`big_reads` set up, is taken: httpcore's and h11's
+    private layout is checked first (h11 must be at the very start of that body).
+    The response must then only be closed, which closes its connection.
+    """
+    length = response.headers.get("content-length", "")
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    network = response.extensions.get("network_stream")
+    if not length.isdigit() or encoding != "identity" or response.is_stream_consumed or response.is_closed:
+        return None
+    if not isinstance(network, _Stream):
+        return None
+    stream: _Stream = network
+    connection = _dig(
+        response.stream,
+        ("BoundAsyncStream", "_stream"),
+        ("AsyncResponseStream", "_httpcore_stream"),
+        ("PoolByteStream", "_stream"),
+        ("HTTP11ConnectionByteStream", "_connection"),
+    )
+    if type(connection).__name__ != "AsyncHTTP11Connection" or getattr(connection, "_network_stream", 0) is not stream:
+        return None
+    state = getattr(connection, "_h11_state", None)
+    reader = getattr(state, "_reader", None)
+    if (
+        not isinstance(state, h11.Connection)
+        or state.their_state is not h11.SEND_BODY
+        or type(reader).__name__ != "ContentLengthReader"
+        or getattr(reader, "_remaining", None) != int(length)
+    ):
+        return None
+    buffered, closed = state.trailing_data
+    remaining = int(length)
+    if len(buffered) > remaining:
+        return None
+    pending = collections.deque([buffered] if buffered else [])
+    timeout = response.request.extensions.get("timeout", {}).get("read")
+    if isinstance(stream, _AsyncioStream):
+        protocol, transport = stream._protocol, stream._transport
+        pending.extend(protocol.read_queue)
+        protocol.read_queue.clear()
+        protocol.read_event.clear()
+        body: Body = _AsyncioBody(pending, remaining, timeout, transport)
+        if closed or protocol.is_at_eof or protocol.exception is not None or transport.is_closing():
+            body._ended = True
+        return body
+    inner: Any = stream._inner
+    sock = _dig(inner, ("TrioStream", "_stream"), ("SocketStream", "socket"))
+    if sock is not None and type(inner._stream).__module__.startswith("trio") and callable(sock.recv_into):
+        return _TrioBody(pending, remaining, timeout, sock)
+    return _StreamBody(pending, remaining, timeout, stream)
