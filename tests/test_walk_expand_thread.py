@@ -8,6 +8,7 @@ and trio alike.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -78,3 +79,36 @@ async def test_a_users_expand_that_refuses_a_node_names_it_as_a_read_would(
         assert str(info.value) == f"{refused.media_type} {refused.digest} (referenced by {root.digest}): not this one"
         graph = await ocicas.walk(engine, [root], expand=expand, broken_ok=True)
         assert set(graph.broken) == {refused.digest}
+
+
+async def test_a_users_expand_made_with_functools_wraps_of_ours_runs_on_the_event_loops_thread(tmp_path: Path) -> None:
+    """``functools.wraps(ocicas.children)`` copies ``children``'s attributes: the wrapper is still the user's."""
+    async with opened("directory", tmp_path) as engine:
+        images = [(await put_image(engine, [f"layer {n}".encode()], name=str(n)))[0] for n in range(4)]
+        threads: set[int] = set()
+
+        @functools.wraps(ocicas.children)
+        def expand(descriptor: Descriptor, data: bytes) -> list[Descriptor]:
+            threads.add(threading.get_ident())
+            return ocicas.children(descriptor, data)
+
+        await ocicas.walk(engine, images, expand=expand)
+        assert threads == {threading.get_ident()}
+
+
+def test_our_own_expands_are_known_by_identity_a_method_bound_to_any_instance() -> None:
+    from ocicas._copy import _Plan
+    from ocicas._graph import _is_thread_safe
+    from ocicas._tagging import strong_children
+
+    engine = ocicas.MemoryEngine()
+    plans = [_Plan(engine, None, 1 << 20, None) for _ in range(2)]
+    assert [_is_thread_safe(f) for f in (ocicas.children, strong_children, plans[0]._keep, plans[1]._keep)] == [
+        True
+    ] * 4
+
+    @functools.wraps(ocicas.children)
+    def wrapped(descriptor: Descriptor, data: bytes) -> list[Descriptor]:
+        return []
+
+    assert [_is_thread_safe(f) for f in (wrapped, functools.partial(ocicas.children), print)] == [False] * 3
