@@ -462,6 +462,11 @@ async def test_a_failed_step_of_a_rewrite_reports_to_each_caller_what_is_on_disk
             on_disk = {"held": a}
         assert {e.errno for e in failed if isinstance(e, OSError)} == {errno.EIO}
         assert failed[0] is not failed[1]  # each raised in its own task, with its own traceback
+        causes = [e.__cause__ for e in failed if e is not None]
+        assert len(causes) == 2
+        assert causes[0] is causes[1]  # the one failure, raised by neither
+        assert isinstance(causes[0], OSError)
+        assert causes[0].errno == errno.EIO
         assert index_names(layout) == {name: str(descriptor.digest) for name, descriptor in on_disk.items()}
         await assert_references(engine, on_disk)
         assert not store._committing
@@ -472,3 +477,154 @@ async def test_a_failed_step_of_a_rewrite_reports_to_each_caller_what_is_on_disk
         await assert_references(engine, on_disk)
     async with await ocicas.open_layout(layout) as reopened:
         await assert_references(reopened, on_disk)
+
+
+def inode(layout: Path) -> int:
+    return os.stat(layout / "index.json").st_ino
+
+
+async def test_after_a_failed_directory_sync_the_retry_renames_index_json_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After NotDurableError, the caller's retry (the same set: nothing changes) writes and renames
+    ``index.json`` again, dirtying the directory anew, before it is told durable; once a rename was followed by
+    a successful directory fsync, a rewrite that changes nothing renames nothing."""
+    layout = tmp_path / "layout"
+    await ocicas.create_layout(layout)
+    async with await ocicas.open_layout(layout) as engine:
+        (a,) = await images(engine, 1)
+        made = fail_once(monkeypatch, "directory fsync", layout)
+        with pytest.raises(ocicas.NotDurableError):
+            await engine.put_reference("x", a)
+        assert made == ["directory fsync"]
+        failed = inode(layout)
+        await engine.put_reference("x", a)  # the retry
+        renewed = inode(layout)
+        assert renewed != failed
+        await engine.put_reference("x", a)  # synced since: a no-op
+        assert inode(layout) == renewed
+        assert index_names(layout) == {"x": str(a.digest)}
+
+
+@pytest.mark.parametrize("second", ["the same set", "another set"])
+async def test_a_set_joining_while_a_directory_sync_fails_is_not_told_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, second: str
+) -> None:
+    """A second caller's rewrite runs while the first one's directory fsync is in progress; that fsync fails
+    before the second one's returns. The second one's success cannot vouch (the error is reported once, and the
+    same set rests on the first rewrite's rename): NotDurableError too. Its retry renames and is durable."""
+    layout = tmp_path / "layout"
+    await ocicas.create_layout(layout)
+    async with await ocicas.open_layout(layout) as engine:
+        a, b = await images(engine, 2)
+        first_syncing, second_syncing, first_told = threading.Event(), threading.Event(), threading.Event()
+        syncs: list[str] = []
+        fsync = os.fsync
+
+        def ordered_fsync(fd: Any) -> None:
+            if threading.current_thread() is not threading.main_thread() and os.readlink(f"/proc/self/fd/{fd}") == str(
+                layout
+            ):
+                syncs.append("directory")
+                if len(syncs) == 1:
+                    first_syncing.set()
+                    assert second_syncing.wait(60)
+                    raise OSError(errno.EIO, os.strerror(errno.EIO))
+                if len(syncs) == 2:
+                    second_syncing.set()
+                    assert first_told.wait(60)
+            fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", ordered_fsync)
+        outcomes: dict[str, BaseException | None] = {}
+
+        async def first() -> None:
+            try:
+                await engine.put_reference("x", a)
+                outcomes["first"] = None
+            except ocicas.NotDurableError as exc:
+                outcomes["first"] = exc
+            first_told.set()
+
+        name, descriptor = ("x", a) if second == "the same set" else ("y", b)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(first)
+            assert await anyio.to_thread.run_sync(first_syncing.wait, 60)
+            with pytest.raises(ocicas.NotDurableError) as info:
+                await engine.put_reference(name, descriptor)
+        assert syncs == ["directory", "directory"]
+        assert type(outcomes["first"]) is ocicas.NotDurableError
+        assert str(info.value) == (
+            f"the change to reference {name!r} is in the index.json of {str(layout)!r} and visible, but syncing "
+            "the layout directory failed (Input/output error): it may not survive a crash"
+        )
+        assert info.value.errno == errno.EIO
+        before = inode(layout)
+        await engine.put_reference(name, descriptor)  # the retry: renamed again, then synced
+        assert inode(layout) != before
+        assert syncs == ["directory"] * 3
+        assert index_names(layout) == {n: str(d.digest) for n, d in {"x": a, name: descriptor}.items()}
+
+
+async def test_a_failure_to_unlock_or_close_after_the_rename_does_not_fail_the_applied_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once renamed, the set is applied: the layout's ``flock`` release failing (its descriptor is then closed,
+    which releases it) and the replaced index's close failing (closed anyway, as Linux does) are not reported."""
+    layout = tmp_path / "layout"
+    await ocicas.create_layout(layout)
+    async with await ocicas.open_layout(layout) as engine:
+        a, b = await images(engine, 2)
+        await engine.put_reference("x", a)  # index.json is cached, its file held open
+        made: list[str] = []
+        flock, close = fcntl.flock, os.close
+
+        def failing_flock(fd: int, operation: int) -> None:
+            if operation == fcntl.LOCK_UN and "unlock" not in made:
+                made.append("unlock")
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            flock(fd, operation)
+
+        def failing_close(fd: int) -> None:
+            replaced = (
+                threading.current_thread() is not threading.main_thread()
+                and os.readlink(f"/proc/self/fd/{fd}") == f"{layout / 'index.json'} (deleted)"
+            )
+            close(fd)
+            if replaced and "close" not in made:
+                made.append("close")
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+        monkeypatch.setattr(fcntl, "flock", failing_flock)
+        monkeypatch.setattr(os, "close", failing_close)
+        await engine.put_reference("y", b)
+        assert sorted(made) == ["close", "unlock"]
+        assert index_names(layout) == {"x": str(a.digest), "y": str(b.digest)}
+        with layout_locked(layout) as release:  # free: another process may take it
+            release()
+        await engine.put_reference("z", b)
+        assert index_names(layout) == {"x": str(a.digest), "y": str(b.digest), "z": str(b.digest)}
+
+
+async def test_a_failed_rename_reports_its_own_error_whatever_the_cleanup_meets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layout = tmp_path / "layout"
+    await ocicas.create_layout(layout)
+    async with await ocicas.open_layout(layout) as engine:
+        (a,) = await images(engine, 1)
+        made = fail_once(monkeypatch, "rename", layout)
+        unlink = os.unlink
+
+        def refused_unlink(path: Any, **kwargs: Any) -> None:
+            if str(path).startswith("index-"):
+                made.append("unlink")
+                raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
+            unlink(path, **kwargs)
+
+        monkeypatch.setattr(os, "unlink", refused_unlink)
+        with pytest.raises(OSError, match="Input/output error") as info:
+            await engine.put_reference("x", a)
+        assert made == ["rename", "unlink"]
+        assert (type(info.value), info.value.errno) == (OSError, errno.EIO)
+        assert index_names(layout) == {}

@@ -194,3 +194,79 @@ async def test_a_status_question_asked_to_wait_too_long_ends_the_push_saying_so(
         "asked to retry after 60 s, over the limit of 5 s"
     )
     assert UPLOAD_BUDGET.used == 0
+
+
+async def test_a_retry_after_over_the_limit_on_opening_a_streamed_upload_is_said_once(tmp_path: Path) -> None:
+    """start()'s count refuses the wait; the file's loop sharing that count hands the refusal on unchanged."""
+    data = os.urandom(300 * KiB)
+    digest = sha256(data)
+    seen: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.method)
+        if request.url.path == "/v2/":
+            return httpx.Response(200, json={})
+        if request.method == "HEAD":
+            return httpx.Response(404)
+        if request.method == "POST":
+            return httpx.Response(503, headers={"Retry-After": "60"})
+        return httpx.Response(204)
+
+    dst = await open_registry(
+        "http://reg.test/team/app",
+        docker_config=False,
+        transport=httpx.MockTransport(handler),
+        retry=FAST,
+        chunk_size=256 * KiB,
+    )
+    async with dst:
+        with pytest.raises(ocicas.RegistryError) as info:
+            await push_a_files_blob(tmp_path, data, dst)
+        assert dst._client.transfer_retries == 0
+    assert seen[-2:] == ["HEAD", "POST"]
+    assert info.value.status == 503
+    assert str(info.value) == (
+        f"pushing blob {digest} stopped at byte 0 of {len(data)}: repository 'team/app' on registry "
+        "http://reg.test answered HTTP 503 to POST /v2/team/app/blobs/uploads/; the registry "
+        "asked to retry after 60 s, over the limit of 5 s"
+    )
+    assert UPLOAD_BUDGET.used == 0
+
+
+@pytest.mark.parametrize("source", ["bytes", "short stream", "long stream"])
+async def test_an_upload_whose_opening_keeps_failing_gets_one_count_and_says_no_byte_was_sent(source: str) -> None:
+    """Content in hand (``_upload_whole``: bytes, a stream shorter than a chunk): the ``POST``s of every attempt
+    share one count, not one each; a chunked stream's opening likewise. None of the source was sent, so the
+    error does not say it cannot be read again."""
+    data = b"small blob" if source != "long stream" else os.urandom(300 * KiB)
+    digest = sha256(data)
+    posts: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v2/":
+            return httpx.Response(200, json={})
+        if request.method == "HEAD":
+            return httpx.Response(404)
+        if request.method == "POST":
+            posts.append("POST")
+            return httpx.Response(503, headers={"Retry-After": "0"})
+        return httpx.Response(204)
+
+    dst = await open_registry(
+        "http://reg.test/team/app",
+        docker_config=False,
+        transport=httpx.MockTransport(handler),
+        retry=FAST,
+        chunk_size=256 * KiB,
+    )
+    async with dst:
+        with pytest.raises(ocicas.RegistryError) as info:
+            await dst.put_blob(data if source == "bytes" else once(data), expected_digest=digest)
+        assert (len(posts), dst._client.transfer_retries) == (RETRIES + 1, RETRIES)
+    assert info.value.status == 503
+    read = {"bytes": "", "short stream": f"pushing blob {digest} stopped at byte {len(data)}: "}
+    assert str(info.value) == (
+        f"{read.get(source, f'pushing blob {digest} stopped at byte {300 * KiB}: ')}repository 'team/app' on "
+        "registry http://reg.test answered HTTP 503 to POST /v2/team/app/blobs/uploads/"
+    )
+    assert UPLOAD_BUDGET.used == 0

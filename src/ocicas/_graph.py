@@ -15,6 +15,7 @@ Content reached both through a subject edge and a strong edge is strong.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable, Iterable
 from typing import Final, TypeVar
 
@@ -60,17 +61,25 @@ __all__ = [
 _S = TypeVar("_S", bound=str)
 _F = TypeVar("_F", bound=Callable[..., object])
 
-#: Marks an ``expand`` of this library's own that may run in a worker thread (see :func:`thread_safe_expand`).
-_THREAD_SAFE: Final = "_ocicas_thread_safe_expand"
+#: The ``expand`` functions of this library's own that may run in a worker thread (see :func:`thread_safe_expand`),
+#: known by identity: a marker attribute would be copied by ``functools.wraps`` onto a user's wrapper.
+_THREAD_SAFE: Final[set[Callable[..., object]]] = set()
 
 
 def thread_safe_expand(function: _F) -> _F:
     """Mark ``function``, an ``expand`` of ours, safe in a worker thread: a walk parses with it where it reads.
 
-    A user's ``expand`` is never marked: :func:`walk` calls it on the event loop's thread.
+    A user's ``expand`` is never marked: :func:`walk` calls it on the event loop's thread. A method
+    marked here counts bound to any instance.
     """
-    setattr(function, _THREAD_SAFE, True)
+    _THREAD_SAFE.add(function)
     return function
+
+
+def _is_thread_safe(expand: Callable[..., object]) -> bool:
+    """Whether ``expand`` is one of ours marked by :func:`thread_safe_expand` (or such a method, bound)."""
+    function = expand.__func__ if inspect.ismethod(expand) else expand
+    return any(function is ours for ours in _THREAD_SAFE)  # by identity: a user's __eq__ is not asked
 
 
 def _unexpanded(descriptor: Descriptor, data: bytes) -> list[Descriptor]:
@@ -347,7 +356,7 @@ async def walk(
                 tg.start_soon(visit, descriptor)
 
     batched = type(engine)._read_nodes is not Engine._read_nodes
-    in_threads = getattr(expand, _THREAD_SAFE, False) is True
+    in_threads = _is_thread_safe(expand)
     queued: list[Descriptor] = []
     async with bound(ctx), task_group() as tg:
         for root in roots:

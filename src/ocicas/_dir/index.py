@@ -13,7 +13,12 @@ fsynced, so readers never see a torn file. A failure before the rename (the writ
 the file's fsync, the rename itself) leaves ``index.json`` as it was and fails the
 sets of that rewrite with the system's error; once renamed, the sets are visible
 (and the next rewrite starts from them), so a failed directory fsync raises
-:class:`~ocicas.NotDurableError` instead: applied, but perhaps not durable.
+:class:`~ocicas.NotDurableError` instead: applied, but perhaps not durable. A second
+fsync cannot tell (the kernel may drop the failed writeback and report success the
+next time), so the index is then marked unsynced: every rewrite writes and renames
+``index.json`` again, changed or not (a caller's retry included), dirtying the
+directory anew, until a directory fsync that followed such a rename succeeds. A
+rewrite whose directory fsync overlapped a failing one is not durable either.
 
 A group commit, run by the worker threads themselves: each update is one thread
 hop, which first runs the caller's check (a tag's content check, in parallel with
@@ -27,6 +32,7 @@ two rewrites.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
 import fcntl
@@ -101,6 +107,10 @@ class IndexStore:
         self._queue: list[_Request] = []  # ready updates, in arrival order, for the next rewrite
         self._committing = False  # a rewrite is in progress (in this process; the flock covers others)
         self._lock_fd: int | None = None  # the layout directory, open for its flock (used by the rewrite only)
+        # a directory fsync failed and no rename followed by a successful one since: rewrites rename, changed or not
+        self._unsynced = False
+        self._sync_failures = 0  # directory fsyncs that failed: a rewrite's fsync overlapping one cannot vouch
+        self._sync_failure: OSError | None = None  # the last of them
         self._cache: tuple[tuple[int, int, int, int], IndexDocument] | None = None
         self._held: int | None = None  # the cached file, open (see the module doc)
         self._held_lock = threading.Lock()
@@ -111,7 +121,8 @@ class IndexStore:
             released, self._held = self._held, fd
             self._cache = ((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns), document)
         if released is not None:
-            os.close(released)
+            with contextlib.suppress(OSError):  # after a rename: the change is on disk whatever close says
+                os.close(released)
 
     def load(self) -> IndexDocument:
         """The parsed ``index.json``, re-read only when the file's identity changed (worker thread)."""
@@ -229,10 +240,12 @@ class IndexStore:
                 lock_fd = self._lock_fd = open_dir(".", self._root, "the layout")
             # another process may hold it: wait, cancellably
             wait_for(lambda: try_flock(lock_fd, fcntl.LOCK_EX))
+            with changed:
+                failures, unsynced = self._sync_failures, self._unsynced
             try:
-                applied = self._rewrite(batch)
+                applied = self._rewrite(batch, renew=unsynced)
             finally:
-                fcntl.flock(lock_fd, fcntl.LOCK_UN)
+                self._unlock(lock_fd)
         except BaseException as exc:
             with changed:
                 # those not settled (this rewrite was stopped first) go back, ahead of later ones, for the next
@@ -258,10 +271,33 @@ class IndexStore:
         except OSError as failure:
             # The rename made the sets visible, and the next rewrite starts from them (the cache is the file on
             # disk): "not applied" would be untrue. Only their durability is unknown, and a second fsync would
-            # not tell (the kernel may have dropped the failed writeback and report success the next time).
+            # not tell (the kernel may have dropped the failed writeback and report success the next time):
+            # until a rename is followed by a successful fsync, each rewrite renames again (see the module doc).
+            with changed:
+                self._unsynced = True
+                self._sync_failures += 1
+                self._sync_failure = failure
             self._settle(applied, failure, functools.partial(self._not_durable, failure))
             raise
+        with changed:
+            overlapped = self._sync_failure if self._sync_failures != failures else None
+            if overlapped is None and unsynced:
+                self._unsynced = False  # this rewrite renamed (renew), and nothing failed since: synced
+        if overlapped is not None:
+            # another rewrite's directory fsync failed meanwhile: this success may hide that failure (the error
+            # is reported once), and this rewrite's sets may rest on that rewrite's rename
+            self._settle(applied, overlapped, functools.partial(self._not_durable, overlapped))
+            return
         self._settle(applied, None)
+
+    def _unlock(self, lock_fd: int) -> None:
+        """Release the layout's ``flock``; if that fails, close its descriptor instead (which releases it)."""
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_UN)
+        except OSError:  # never reported: the rewrite's own outcome is what its callers are told
+            self._lock_fd = None
+            with contextlib.suppress(OSError):
+                os.close(lock_fd)
 
     def _not_durable(self, exc: OSError, request: _Request) -> NotDurableError:
         names = sorted(request.changes)
@@ -286,15 +322,14 @@ class IndexStore:
             for request in requests:
                 if error_of is not None:
                     request.settle(error_of(request))
-                elif error is None or request is requests[0]:
-                    request.settle(error)
                 else:
-                    request.settle(_copy_of(error))
+                    request.settle(None if error is None else _copy_of(error))
             self._changed.notify_all()
 
-    def _rewrite(self, batch: list[_Request]) -> list[_Request]:
+    def _rewrite(self, batch: list[_Request], *, renew: bool) -> list[_Request]:
         """Apply each request of ``batch`` in turn and write the result once; return those applied.
 
+        ``renew``: write and rename ``index.json`` even if nothing changed (the index is marked unsynced).
         Refused requests are settled here; the applied ones once the directory is synced.
         """
         # the committing caller's cancellation or deadline stops it before anything is settled or written:
@@ -314,8 +349,8 @@ class IndexStore:
                 updated = result
             applied.append(request)
         try:
-            if updated is not None:
-                self._write(updated)
+            if updated is not None or renew:
+                self._write(updated if updated is not None else current)
         except BaseException as exc:
             self._settle(applied, exc)
             raise
@@ -335,11 +370,11 @@ class IndexStore:
             st = os.fstat(fd)
             os.rename(name, "index.json", src_dir_fd=temp, dst_dir_fd=self._root)
         except BaseException:
-            os.close(fd)
-            try:
+            # the write's own error is what is raised, whatever the cleanup meets
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            with contextlib.suppress(OSError):
                 os.unlink(name, dir_fd=temp)
-            except FileNotFoundError:
-                pass
             raise
         self._hold(fd, st, updated)  # the written file stays open as the cached one
 

@@ -69,8 +69,8 @@ from ._location import RegistryLocation, validate_repository, validate_tag
 from ._manifests import ACCEPT, DocumentCache, is_manifest_type
 from ._streams import read_body, release
 from ._tags import TagStore
-from ._transport import RegistryClient, note_retry
-from ._upload import UPLOAD_BUDGET, UploadSession, mount_blob, named, transient, upload_file
+from ._transport import RegistryClient
+from ._upload import UPLOAD_BUDGET, UploadSession, _Attempts, _landed, mount_blob, named, transient, upload_file
 
 __all__ = ["RegistryEngine"]
 
@@ -144,24 +144,25 @@ class RegistryEngine(Engine):
         return digest, len(data)
 
     async def _upload_whole(self, digest: Digest, data: bytes) -> None:
-        """``POST`` + ``PUT``; an upload the registry lost on the way is made again (the content is in hand)."""
-        attempt = 0
+        """``POST`` + ``PUT``; an upload the registry lost on the way is made again (the content is in hand).
+
+        One retry count for the whole blob, whichever request failed (each failure counted once).
+        """
+        client = self._client
+        attempts = _Attempts(client)
         while True:
-            session = UploadSession(self._client)
+            session = UploadSession(client, attempts)
             try:
                 await session.start()
                 await session.commit(digest, data)
                 return
             except BaseException as exc:
                 await session.cancel()
-                policy = self._client.retry
-                if not transient(exc) or attempt >= policy.retries:
+                if not (isinstance(exc, Exception) and transient(exc)):
                     raise
-                if await self._blob_size(digest) == len(data):  # it landed; only the answer was lost
+                await attempts.pause(exc)  # at once if already counted (a lost session); raises when none is left
+                if await _landed(client, digest, len(data), attempts):  # only the answer was lost
                     return
-                await anyio.sleep(policy.delay(attempt))
-                attempt += 1
-                note_retry(self._client)
 
     async def _put_stream(self, source: BlobSource, verifier: Verifier, *, absent: bool) -> tuple[Digest, int]:
         """Store a stream: a local file as one streamed ``PATCH``, a short one as a whole, a long one as chunked
@@ -204,9 +205,10 @@ class RegistryEngine(Engine):
                         UPLOAD_BUDGET.release(held - size)
                         held = size
                     if size >= chunk_size:
-                        if session is None:
-                            session = UploadSession(self._client)
-                            await session.start()
+                        if session is None:  # set once open: a failed opening sent none of the source
+                            opening = UploadSession(self._client)
+                            await opening.start()
+                            session = opening
                         if size >= max(chunk_size, session.min_chunk):
                             await session.append(pending, verifier, vouched=vouched)
                             pending, size = [], 0
@@ -237,7 +239,7 @@ class RegistryEngine(Engine):
             if session is not None:
                 await session.cancel()
             if isinstance(exc, Exception) and transient(exc):
-                why = ", and its source cannot be read again" if session is not None else ""
+                why = ", and its source cannot be read again" if session is not None else ""  # bytes were sent
                 raise named(exc, verifier.digest, total, verifier.size, why) from exc
             raise
         finally:

@@ -97,30 +97,37 @@ class _Attempts:
     """The retries one upload step may make (the client's :class:`RetryPolicy`), whatever request failed.
 
     Each transient failure is counted once (a failure handed on to an outer loop
-    sharing this count is not counted again), with the policy's backoff, or the
-    wait a ``Retry-After`` asked for (up to ``max_delay``), as the client's own retries.
+    sharing this count is not counted again, and one this count refused is raised
+    again unchanged), with the policy's backoff, or the wait a ``Retry-After`` asked
+    for (up to ``max_delay``), as the client's own retries.
     """
 
     def __init__(self, client: RegistryClient) -> None:
         self._client = client
         self._counted: list[Exception] = []
+        self._refused: list[Exception] = []  # what pause raised: the final word, whoever hands it on
 
     async def pause(self, failure: Exception) -> None:
         """Wait before the next attempt after ``failure``, counting it; raise it if no retry is left."""
+        if any(failure is refused for refused in self._refused):
+            raise failure
         if any(failure is counted for counted in self._counted):
             return
         policy = self._client.retry
         if len(self._counted) >= policy.retries:
+            self._refused.append(failure)
             raise failure
         delay = failure.retry_after if isinstance(failure, RegistryError) else None
         if delay is None:
             delay = policy.delay(len(self._counted))
         elif delay > policy.max_delay:
-            raise _restated(
+            refusal = _restated(
                 failure,
                 f"{failure}; the registry asked to retry after {delay:.0f} s, over the limit of "
                 f"{policy.max_delay:.0f} s",
             )
+            self._refused.append(refusal)
+            raise refusal
         await anyio.sleep(delay)
         self._counted.append(failure)
         note_retry(self._client)
