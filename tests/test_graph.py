@@ -119,8 +119,11 @@ async def test_walk_with_broken_ok_records_missing_nodes() -> None:
     graph = await ocicas.walk(engine, [index], broken_ok=True)
     assert set(graph.broken) == {image.digest}
     assert isinstance(graph.broken[image.digest], ocicas.BlobNotFoundError)
-    with pytest.raises(ocicas.BlobNotFoundError, match=f"referenced by {index.digest}"):
+    with pytest.raises(ocicas.BlobNotFoundError, match=f"referenced by {index.digest}") as raised:
         await ocicas.walk(engine, [index])
+    # the engine's own error, as the cause: not lost where the walk's task group unwraps its one failure
+    assert isinstance(raised.value.__cause__, ocicas.BlobNotFoundError)
+    assert str(raised.value.__cause__) != str(raised.value)
 
 
 async def test_walk_cancelled_by_context() -> None:

@@ -40,7 +40,8 @@ async def task_group() -> AsyncIterator[anyio.abc.TaskGroup]:
     """``anyio.create_task_group()``, re-raising the first ``Exception`` a task raised.
 
     Any other failures of the group come along: as the first error's ``__cause__``
-    (the whole group) when it has none of its own, else in its ``__notes__``.
+    (the whole group) when it has none of its own, else in its ``__notes__``. A lone
+    failure keeps its own ``__cause__``.
     """
     try:
         async with anyio.create_task_group() as tg:
@@ -51,7 +52,7 @@ async def task_group() -> AsyncIterator[anyio.abc.TaskGroup]:
             raise
         first = leaves[0]
         if len(leaves) == 1:
-            raise first from None
+            raise first from first.__cause__  # its own cause kept; the group, a mere wrapper, dropped
         if first.__cause__ is None:
             raise first from group
         notes = first.__dict__.setdefault("__notes__", [])
