@@ -786,7 +786,7 @@ class DirEngine(Engine):
                 groups.setdefault(digest[: digest.find(":")], []).append(digest)
             return list(groups.items())
 
-        for algorithm, group in await run_sync(grouped):
+        for algorithm, group in grouped() if len(digests) < _BATCH else await run_sync(grouped):
             cut = len(algorithm) + 1
             for start in range(0, len(group), _ROUND):
                 batch = group[start : start + _ROUND]
