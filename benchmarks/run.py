@@ -11,6 +11,7 @@ ratios against the reference measured in the same run are what to compare.
 from __future__ import annotations
 
 import argparse
+import compileall
 import hashlib
 import json
 import os
@@ -340,14 +341,23 @@ def case_small_blobs(workdir: Path, repeat: int, count: int) -> list[Row]:
 
 GC_SCRIPT = textwrap.dedent(
     """
-    import sys, anyio, ocicas
+    import resource, sys, anyio, ocicas
     async def main(path):
         async with await ocicas.open_layout(path) as engine:
             result = await ocicas.gc(engine)
-        print(len(result.removed))
+        print(len(result.removed), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # removed, peak RSS in KiB
     anyio.run(main, sys.argv[1])
     """
 )
+
+
+def compile_ocicas() -> None:
+    """Write the package's bytecode, as installing it does: every run of a case then imports, not compiles.
+
+    A child importing it cannot write the .pyc files when PYTHONDONTWRITEBYTECODE is set (it is on the CI
+    machine), and then compiles every module, every run: 0.1-0.3 s of a whole-process run.
+    """
+    compileall.compile_dir(Path(ocicas.__file__).parent, quiet=1)
 
 
 def child_cpu(func: Callable[[], object], split: list[tuple[float, float]] | None = None) -> tuple[float, float]:
@@ -371,10 +381,9 @@ def case_gc(workdir: Path, repeat: int, images: int, garbage: int) -> list[Row]:
     """
     base = workdir / "gc-base"
     make_gc_layout(base, images, garbage)
-    # compiled once, as an installed package is: an uncompiled import costs a whole-process run 0.1-0.3 s
-    subprocess.run([sys.executable, "-c", "import ocicas; ocicas.gc; ocicas.open_layout"], check=True)
+    compile_ocicas()
     umoci = shutil.which("umoci")
-    ours_samples, umoci_samples, ours_cpu, umoci_cpu = [], [], [], []
+    ours_samples, umoci_samples, ours_cpu, umoci_cpu, ours_rss = [], [], [], [], []
     ours_split: list[tuple[float, float]] = []
     umoci_split: list[tuple[float, float]] = []
     for i in range(repeat):
@@ -390,7 +399,9 @@ def case_gc(workdir: Path, repeat: int, images: int, garbage: int) -> list[Row]:
         )
         ours_samples.append(seconds)
         ours_cpu.append(cpu)
-        assert int(out[0].stdout) == garbage, out[0].stdout
+        removed, rss = map(int, out[0].stdout.split())
+        assert removed == garbage, out[0].stdout
+        ours_rss.append(rss / 1024)
         kept = set(os.listdir(copy / "blobs" / "sha256"))
         shutil.rmtree(copy)
         if umoci:
@@ -409,6 +420,7 @@ def case_gc(workdir: Path, repeat: int, images: int, garbage: int) -> list[Row]:
         "cpu ms": median(ours_cpu) * 1000,
         "user ms": median([u for u, _ in ours_split]) * 1000,
         "sys ms": median([s for _, s in ours_split]) * 1000,
+        "peak RSS MiB": median(ours_rss),
     }
     if umoci_cpu:
         extra["umoci cpu ms"] = median(umoci_cpu) * 1000
@@ -539,17 +551,31 @@ def case_copy(workdir: Path, repeat: int, size: int) -> list[Row]:
 
 
 def case_gc_scaling(workdir: Path, sizes: list[int]) -> list[Row]:
+    """Whole-process GC at growing garbage counts: time per blob and the collector's peak RSS."""
+    compile_ocicas()
     rows = []
     for garbage in sizes:
         layout = workdir / f"gc-scale-{garbage}"
         make_gc_layout(layout, 200, garbage)
         os.sync()  # 200,000 fresh files' writeback would otherwise land on the collector's clock
+        out: list[subprocess.CompletedProcess[str]] = []
         seconds = timed(
-            lambda: subprocess.run([sys.executable, "-c", GC_SCRIPT, str(layout)], check=True, capture_output=True)
+            lambda: out.append(
+                subprocess.run(
+                    [sys.executable, "-c", GC_SCRIPT, str(layout)], check=True, capture_output=True, text=True
+                )
+            )
         )
         shutil.rmtree(layout)
+        removed, rss = map(int, out[0].stdout.split())
+        assert removed == garbage, out[0].stdout
         rows.append(
-            Row(f"gc scaling: {garbage} garbage blobs", seconds, "s", extra={"µs/blob": seconds / garbage * 1e6})
+            Row(
+                f"gc scaling: {garbage} garbage blobs",
+                seconds,
+                "s",
+                extra={"µs/blob": seconds / garbage * 1e6, "peak RSS MiB": rss / 1024},
+            )
         )
     return rows
 

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
+import anyio.to_thread
 import pytest
 
 import ocicas
@@ -16,6 +20,10 @@ from tests.images import INDEX, MANIFEST, age, put, put_image
 pytestmark = pytest.mark.anyio
 
 OLD = time.time() - 7200
+WORKERS = Path(__file__).parent / "workers"
+#: How long the forced race lets the writer process run before the collector's unlink goes on.
+RACE_WINDOW = 0.3
+PROCESS_TIMEOUT = 120.0
 
 
 async def test_triage_sorts_blobs_exactly(engine: Engine) -> None:
@@ -147,3 +155,94 @@ async def test_a_large_triage_keeps_every_answer_in_order(tmp_path: Path) -> Non
     assert fresh == [d for d in given if d in young]
     assert old == [d for d in given if d not in young]
     assert found == [d for d in given if d in json_like]
+
+
+def write_garbage(blobs: Path, count: int, when: float) -> dict[str, int]:
+    """``count`` blob files written straight into ``blobs`` with mtime ``when``: their digests and sizes."""
+    out = {}
+    for n in range(count):
+        data = n.to_bytes(4, "big") * (n % 3 + 1)
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        (blobs / digest[7:]).write_bytes(data)
+        os.utime(blobs / digest[7:], (when, when))
+        out[digest] = len(data)
+    return out
+
+
+async def test_a_sweep_of_many_rounds_removes_exactly_the_old_blobs(tmp_path: Path) -> None:
+    """2,500 blobs: several rounds, each deleted by several threads at once; young ones and absent ones kept out."""
+    await ocicas.create_layout(tmp_path / "layout")
+    blobs = tmp_path / "layout" / "blobs" / "sha256"
+    sizes = write_garbage(blobs, 2500, OLD)
+    young = set(list(sizes)[::7])
+    now = time.time()
+    for digest in young:
+        os.utime(blobs / digest[7:], (now, now))
+    absent = ["sha256:" + f"{n:064x}" for n in range(3)]
+    async with await ocicas.open_layout(tmp_path / "layout") as engine, engine._operation(None):
+        listed = await engine._gc_list()
+        removed = await engine._gc_delete([*absent[:1], *listed, *absent[1:]], time.time() - 3600)
+        assert removed == {d: s for d, s in sizes.items() if d not in young}
+        assert set(await engine._gc_list()) == young
+        assert await engine._gc_delete(sorted(young), None) == {d: sizes[d] for d in young}
+    assert os.listdir(blobs) == []
+
+
+async def test_a_writer_in_another_process_is_never_robbed_by_a_parallel_sweep(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, anyio_backend: str
+) -> None:
+    """3,000 old garbage blobs (rounds of blobs deleted by threads at once under one exclusive hold).
+
+    Between the age check and the unlink of one blob in the second round, another
+    process freshens it, blobs of the first round and blobs of the third. The
+    writer waits for the round: what it reports freshened stays, the rest goes.
+    """
+    await ocicas.create_layout(tmp_path / "layout")
+    blobs = tmp_path / "layout" / "blobs" / "sha256"
+    sizes = write_garbage(blobs, 3000, OLD)
+    async with await ocicas.open_layout(tmp_path / "layout") as engine:
+        image, live = await put_image(engine, [b"a live layer"])
+        await engine.put_reference("live", image)
+        async with engine._operation(None):
+            order = [d for d in await engine._gc_list() if d in sizes]  # the sweep's order
+        target = order[1500]
+        wanted = [target, *order[100:105], *order[2600:2610]]
+        started: list[subprocess.Popen[str]] = []
+        real_unlink = os.unlink
+        lock = threading.Lock()
+
+        def unlink(path: str, *, dir_fd: int | None = None) -> None:
+            with lock:
+                first = path == target[7:] and not started
+                if first:
+                    started.append(
+                        subprocess.Popen(
+                            [sys.executable, str(WORKERS / "toucher.py"), anyio_backend, str(engine.path), *wanted],
+                            stdout=subprocess.PIPE,
+                            text=True,
+                        )
+                    )
+            if first:
+                stdout = started[0].stdout
+                assert stdout is not None
+                assert stdout.readline().strip() == "ready"
+                try:  # the writer runs now, between this blob's age check and its unlink
+                    started[0].wait(RACE_WINDOW)
+                except subprocess.TimeoutExpired:
+                    pass  # waiting for the collector's round, as it must
+            real_unlink(path, dir_fd=dir_fd)
+
+        monkeypatch.setattr(os, "unlink", unlink)
+        try:
+            result = await ocicas.gc(engine)
+        finally:
+            monkeypatch.undo()
+            outs = [(await anyio.to_thread.run_sync(p.communicate, None, PROCESS_TIMEOUT))[0] for p in started]
+        assert outs, "the race was not forced"
+        assert started[0].returncode == 0
+        lines = outs[0].split()
+        assert lines[-1] == "done"
+        touched = set(lines[:-1])
+        assert touched <= set(order[2600:2610])  # the rest was gone when the writer got its turn
+        assert set(map(str, result.removed)) == set(sizes) - touched
+        assert set(os.listdir(blobs)) == {d.encoded for d in live} | {d[7:] for d in touched}

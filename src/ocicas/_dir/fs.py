@@ -142,19 +142,19 @@ class GroupSync:
 
 
 @contextmanager
-def blobs_held(alg: int, exclusive: bool = False) -> Iterator[None]:
-    """Hold the ``flock`` of the blob directory open as ``alg``: shared by writers, exclusive by a collector.
+def blobs_held(alg: int) -> Iterator[None]:
+    """Hold the ``flock`` of the blob directory open as ``alg`` shared, as a writer does.
 
     A writer freshening or replacing blobs (``put_blob`` of present content,
-    ``touch_blobs``) holds it shared; :func:`unlink_unused` runs under it held
-    exclusively, in batches, so a collector's age check and unlink are atomic
-    with a writer's freshening in any process (one ``flock`` per batch, not one
-    per blob). Every holder opens the directory itself, so holders in one
-    process exclude each other as holders in different processes do. The wait
-    (a holder keeps it for milliseconds) stops when the operation is cancelled.
+    ``touch_blobs``) holds it shared; a collector holds it exclusively while it
+    runs :func:`unlink_unused` over a round of blobs (``DirEngine._unlink_old``),
+    so its age checks and unlinks are atomic with a writer's freshening in any
+    process (one ``flock`` per round, not one per blob). Every holder opens the
+    directory itself, so holders in one process exclude each other as holders in
+    different processes do. The wait (a holder keeps it for milliseconds) stops
+    when the operation is cancelled.
     """
-    operation = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
-    wait_for(lambda: try_flock(alg, operation))
+    wait_for(lambda: try_flock(alg, fcntl.LOCK_SH))
     try:
         yield
     finally:
@@ -185,9 +185,10 @@ def try_flock(fd: int, operation: int) -> bool:
 def unlink_unused(alg: int, name: str, cutoff: int | None) -> os.stat_result | None:
     """Unlink blob file ``name`` unless written or freshened at or after ``cutoff`` (ns); its stat if removed.
 
-    Call it under :func:`blobs_held` held exclusively, so never while a writer in
-    any process freshens or replaces the blob: such a blob is kept. Anything but
-    a regular file is left alone.
+    Call it with the blob directory's ``flock`` held exclusively (see
+    :func:`blobs_held`), so never while a writer in any process freshens or
+    replaces the blob: such a blob is kept. Anything but a regular file is left
+    alone.
     """
     try:
         st = os.stat(name, dir_fd=alg, follow_symlinks=False)
