@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import subprocess
@@ -246,3 +247,52 @@ async def test_a_writer_in_another_process_is_never_robbed_by_a_parallel_sweep(
         assert touched <= set(order[2600:2610])  # the rest was gone when the writer got its turn
         assert set(map(str, result.removed)) == set(sizes) - touched
         assert set(os.listdir(blobs)) == {d.encoded for d in live} | {d[7:] for d in touched}
+
+
+async def test_a_round_never_waits_for_a_thread_that_a_writer_waiting_for_it_holds(tmp_path: Path) -> None:
+    """Review of 3b67e75: a round takes its exclusive flock in one thread hop, then asks for more threads to unlink.
+
+    A writer of this process whose hop waits for that flock (``touch_blobs``, a put's commit) holds a worker
+    thread while it waits. Once such writers hold every token of the default limiter (1 here, to force it; 40 by
+    default: 40 puts committing at once), the round's unlink hops never start, so the flock is never dropped and
+    the writers never go on: a deadlock that only cancellation ends. Before 3b67e75 the round's lock, checks and
+    unlinks were one hop.
+    """
+    await ocicas.create_layout(tmp_path / "layout")
+    blobs = tmp_path / "layout" / "blobs" / "sha256"
+    sizes = write_garbage(blobs, 100, OLD)
+    digests = list(sizes)
+    results: dict[str, dict[Digest, int] | dict[Digest, ocicas.BlobInfo]] = {}
+    limiter = anyio.to_thread.current_default_thread_limiter()
+    total = limiter.total_tokens
+    # another holder of the writers' (shared) flock: the collector's first hop waits for it, holding the token
+    held = await anyio.to_thread.run_sync(os.open, str(blobs), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        await anyio.to_thread.run_sync(fcntl.flock, held, fcntl.LOCK_SH)
+        async with await ocicas.open_layout(tmp_path / "layout") as engine:
+
+            async def delete() -> None:
+                results["removed"] = await engine.delete_blobs(digests)
+
+            async def touch() -> None:
+                results["touched"] = await engine.touch_blobs(digests[:1])
+
+            limiter.total_tokens = 1
+            try:
+                with anyio.fail_after(10):
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(delete)
+                        while limiter.statistics().borrowed_tokens < 1:  # noqa: ASYNC110  no event tells: the round's hop
+                            await anyio.sleep(0.01)
+                        tg.start_soon(touch)
+                        while limiter.statistics().tasks_waiting < 1:  # noqa: ASYNC110  the writer's hop, queued
+                            await anyio.sleep(0.01)
+                        os.close(held)  # the round gets its flock; its thread goes to the writer
+                        held = -1
+            finally:
+                limiter.total_tokens = total
+    finally:
+        if held >= 0:
+            os.close(held)
+    assert results["removed"] == {Digest(d): s for d, s in sizes.items()}
+    assert results["touched"] == {}  # it waited for the round, which removed the blob
