@@ -184,6 +184,7 @@ async def test_a_sweep_of_many_rounds_removes_exactly_the_old_blobs(tmp_path: Pa
         listed = await engine._gc_list()
         removed = await engine._gc_delete([*absent[:1], *listed, *absent[1:]], time.time() - 3600)
         assert removed == {d: s for d, s in sizes.items() if d not in young}
+        assert list(removed) == [d for d in listed if d not in young]  # in the order asked, not as threads ended
         assert set(await engine._gc_list()) == young
         assert await engine._gc_delete(sorted(young), None) == {d: sizes[d] for d in young}
     assert os.listdir(blobs) == []

@@ -118,7 +118,7 @@ class BytesRaw(RawBlob):
     async def readinto(self, buffer: memoryview) -> int:
         await anyio.lowlevel.checkpoint()
         start = self._position
-        self._position = min(start + len(buffer), self.size)
+        self._position = min(start + len(buffer), len(self._data))  # closed: nothing left
         buffer[: self._position - start] = self._data[start : self._position]
         return self._position - start
 

@@ -51,7 +51,7 @@ from .._reader import BlobReader, RawBlob
 from .._source import BlobSource
 from .._tagging import check_closure, complete_at_hand, strong_children
 from .._tasks import task_group
-from .._threads import checkpoint, metadata_hops, run_sync, wait_for
+from .._threads import POLL_INTERVAL, QuickLimiter, checkpoint, metadata_hops, run_sync, wait_for
 from .clone import clone_blob
 from .fs import (
     DIR_FLAGS,
@@ -94,6 +94,9 @@ _BATCH: Final = 256
 #: once, each given a contiguous slice (directory order) of at least ``_SWEEP_SLICE`` blobs.
 _ROUND: Final = 1024
 _SWEEP_THREADS: Final = 8
+#: A sweep that held the lock this long (seconds) leaves it free between two rounds for longer than a waiting
+#: writer's poll interval: ``flock`` does not queue, and a writer would otherwise seldom hit the gap.
+_SWEEP_FAIRNESS: Final = 0.5
 _SWEEP_SLICE: Final = 32
 #: A walk's fast path reads up to this many bytes of nodes in one thread hop (``_read_nodes``), each under 1 MiB.
 _NODES_BUDGET: Final = 8 << 20
@@ -771,14 +774,24 @@ class DirEngine(Engine):
     async def _unlink_old(self, digests: list[_S], unmodified_since: float | None) -> dict[_S, int]:
         cutoff = None if unmodified_since is None else int(unmodified_since * 1e9)
         removed: dict[_S, int] = {}
+        failed = threading.Event()  # one slice failed: the others stop at their next blob
+        # the round's threads come from a limiter of their own: a writer of this process waiting (in a thread of
+        # the default pool) for the round's lock must not hold the tokens the round needs to finish
+        threads = QuickLimiter(_SWEEP_THREADS)
 
         def unlink(alg: int, cut: int, part: list[_S]) -> None:
-            for n, digest in enumerate(part):
-                if not n % 64:
-                    checkpoint()
-                st = unlink_unused(alg, digest[cut:], cutoff)
-                if st is not None:
-                    removed[digest] = st.st_size
+            try:
+                for n, digest in enumerate(part):
+                    if not n % 64:
+                        checkpoint()
+                    if failed.is_set():
+                        return
+                    st = unlink_unused(alg, digest[cut:], cutoff)
+                    if st is not None:
+                        removed[digest] = st.st_size
+            except BaseException:
+                failed.set()
+                raise
 
         def grouped() -> list[tuple[str, list[_S]]]:
             groups: dict[str, list[_S]] = {}
@@ -786,9 +799,13 @@ class DirEngine(Engine):
                 groups.setdefault(digest[: digest.find(":")], []).append(digest)
             return list(groups.items())
 
+        paused = time.monotonic()
         for algorithm, group in grouped() if len(digests) < _BATCH else await run_sync(grouped):
             cut = len(algorithm) + 1
             for start in range(0, len(group), _ROUND):
+                if time.monotonic() - paused >= _SWEEP_FAIRNESS:
+                    await anyio.sleep(POLL_INTERVAL * 1.5)
+                    paused = time.monotonic()
                 batch = group[start : start + _ROUND]
                 alg = await run_sync(self._held_alg_dir, algorithm)
                 if alg is None:
@@ -800,10 +817,14 @@ class DirEngine(Engine):
                     size = max(_SWEEP_SLICE, -(-len(batch) // _SWEEP_THREADS))
                     async with task_group() as tg:
                         for at in range(0, len(batch), size):
-                            tg.start_soon(run_sync, unlink, alg, cut, batch[at : at + size])
+                            tg.start_soon(
+                                functools.partial(run_sync, unlink, alg, cut, batch[at : at + size], limiter=threads)
+                            )
                 finally:
                     os.close(alg)  # drops the lock, once every thread of the round has returned
-        return removed
+        if len(removed) < 2:
+            return removed
+        return {digest: removed[digest] for digest in digests if digest in removed}  # in the order asked
 
     def _held_alg_dir(self, algorithm: str) -> int | None:
         """Open an algorithm directory of its own (``None`` if there is none) and ``flock`` it exclusively.

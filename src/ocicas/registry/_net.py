@@ -434,6 +434,7 @@ def open_body(response: httpx.Response) -> Body | None:
         return body
     inner: Any = stream._inner
     sock = _dig(inner, ("TrioStream", "_stream"), ("SocketStream", "socket"))
-    if sock is not None and type(inner._stream).__module__.startswith("trio") and callable(sock.recv_into):
+    trio_socket = sock is not None and type(inner._stream).__module__.startswith("trio")
+    if trio_socket and callable(getattr(sock, "recv_into", None)):
         return _TrioBody(pending, remaining, timeout, sock)
     return _StreamBody(pending, remaining, timeout, stream)
