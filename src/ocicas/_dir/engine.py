@@ -822,9 +822,11 @@ class DirEngine(Engine):
                             )
                 finally:
                     os.close(alg)  # drops the lock, once every thread of the round has returned
-        if len(removed) < 2:
-            return removed
-        return {digest: removed[digest] for digest in digests if digest in removed}  # in the order asked
+
+        def ordered() -> dict[_S, int]:  # in the order asked, not as the threads ended
+            return {digest: removed[digest] for digest in digests if digest in removed}
+
+        return ordered() if len(digests) < _BATCH else await run_sync(ordered)
 
     def _held_alg_dir(self, algorithm: str) -> int | None:
         """Open an algorithm directory of its own (``None`` if there is none) and ``flock`` it exclusively.
