@@ -93,9 +93,9 @@ _BATCH: Final = 256
 #: Blobs a collector deletes per exclusive hold of the lock (a round), in up to ``_SWEEP_THREADS`` threads at
 #: once, each given a contiguous slice (directory order) of at least ``_SWEEP_SLICE`` blobs.
 _ROUND: Final = 1024
-_SWEEP_THREADS: Final = (
-    4  # 8 took gc to 0.59× umoci, not 0.68×, but the loop lag of a gc alone to p99 ≈ 7.8 ms, not 5.8-6.6
-)
+#: Measured: 8 threads took gc to 0.59 of umoci's time, not 0.68, but event-loop lag during a gc to p99 7.8 ms,
+#: not 5.8-6.6: more threads take more turns on the GIL with the loop.
+_SWEEP_THREADS: Final = 4
 #: A sweep that held the lock this long (seconds) leaves it free between two rounds for longer than a waiting
 #: writer's poll interval: ``flock`` does not queue, and a writer would otherwise seldom hit the gap.
 _SWEEP_FAIRNESS: Final = 0.5
