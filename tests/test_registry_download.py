@@ -26,7 +26,8 @@ from ocicas._reader import BlobReader
 from ocicas.registry import RegistryEngine, RetryPolicy, open_registry
 from ocicas.registry._download import BYPASS_MIN, ResumingRaw
 from ocicas.testing import sha256
-from tests.fault_proxy import FaultProxy, Faults, running_proxy
+from tests import test_registry_faults as faulty
+from tests.fault_proxy import FaultProxy, Faults
 from tests.images import put_image
 from tests.registry_fixtures import Registry, start_registry
 from tests.tools import require
@@ -39,11 +40,9 @@ BIG = os.urandom(13 * MiB + 12345)
 LAYERS = [BIG, os.urandom(BYPASS_MIN + 1), b"a small layer"]
 
 
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    started = start_registry(require("docker-registry").path, tmp_path_factory.mktemp("registry"))
-    yield started
-    started.stop()
+registry = faulty.registry  # the fault tests' fixtures: a docker-registry and a proxy before it, per module
+module_proxy = faulty.module_proxy
+proxy = faulty.proxy
 
 
 @pytest.fixture(scope="module")
@@ -51,19 +50,6 @@ def tls_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]
     started = start_registry(require("docker-registry").path, tmp_path_factory.mktemp("tls"), ca=trustme.CA())
     yield started
     started.stop()
-
-
-@pytest.fixture(scope="module")
-def module_proxy(registry: Registry) -> Iterator[FaultProxy]:
-    with running_proxy(registry.url) as proxy:
-        yield proxy
-
-
-@pytest.fixture
-def proxy(module_proxy: FaultProxy) -> Iterator[FaultProxy]:
-    module_proxy.faults = Faults()
-    yield module_proxy
-    module_proxy.wait_idle()
 
 
 def verify_of(registry: Registry) -> bool | ssl.SSLContext:
