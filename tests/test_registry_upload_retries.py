@@ -11,7 +11,7 @@ behind the fault proxy (``tests/fault_proxy.py``).
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 
 import httpx
@@ -41,6 +41,17 @@ SIZES = {sha256(layer): len(layer) for layer in LAYERS}
 
 async def through(proxy: FaultProxy, repository: str) -> RegistryEngine:
     return await open_registry(f"{proxy.url}/{repository}", docker_config=False, retry=FAST, chunk_size=256 * KiB)
+
+
+async def mock_registry(handler: Callable[[httpx.Request], Coroutine[None, None, httpx.Response]]) -> RegistryEngine:
+    """An engine for ``team/app`` on a registry that is ``handler`` (an ``httpx.MockTransport``)."""
+    return await open_registry(
+        "http://reg.test/team/app",
+        docker_config=False,
+        transport=httpx.MockTransport(handler),
+        retry=FAST,
+        chunk_size=256 * KiB,
+    )
 
 
 async def once(data: bytes) -> AsyncIterator[bytes]:
@@ -174,13 +185,7 @@ async def test_a_status_question_asked_to_wait_too_long_ends_the_push_saying_so(
         assert method == "DELETE"
         return httpx.Response(204)
 
-    dst = await open_registry(
-        "http://reg.test/team/app",
-        docker_config=False,
-        transport=httpx.MockTransport(handler),
-        retry=FAST,
-        chunk_size=256 * KiB,
-    )
+    dst = await mock_registry(handler)
     async with dst:
         with pytest.raises(ocicas.RegistryError) as info:
             await push_a_files_blob(tmp_path, data, dst)
@@ -212,13 +217,7 @@ async def test_a_retry_after_over_the_limit_on_opening_a_streamed_upload_is_said
             return httpx.Response(503, headers={"Retry-After": "60"})
         return httpx.Response(204)
 
-    dst = await open_registry(
-        "http://reg.test/team/app",
-        docker_config=False,
-        transport=httpx.MockTransport(handler),
-        retry=FAST,
-        chunk_size=256 * KiB,
-    )
+    dst = await mock_registry(handler)
     async with dst:
         with pytest.raises(ocicas.RegistryError) as info:
             await push_a_files_blob(tmp_path, data, dst)
@@ -252,13 +251,7 @@ async def test_an_upload_whose_opening_keeps_failing_gets_one_count_and_says_no_
             return httpx.Response(503, headers={"Retry-After": "0"})
         return httpx.Response(204)
 
-    dst = await open_registry(
-        "http://reg.test/team/app",
-        docker_config=False,
-        transport=httpx.MockTransport(handler),
-        retry=FAST,
-        chunk_size=256 * KiB,
-    )
+    dst = await mock_registry(handler)
     async with dst:
         with pytest.raises(ocicas.RegistryError) as info:
             await dst.put_blob(data if source == "bytes" else once(data), expected_digest=digest)
