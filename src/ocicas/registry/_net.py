@@ -257,8 +257,10 @@ class _Receiver(asyncio.BufferedProtocol):
 
     def __init__(self, transport: asyncio.Transport) -> None:
         self._transport = transport
+        self._clock = asyncio.get_running_loop().time
         self.view: memoryview | None = None
         self.filled = 0
+        self.last = 0.0  # the loop's time when bytes last came
         self.waiter: asyncio.Future[bool] | None = None
         self.ended = False
         self.error: BaseException | None = None
@@ -270,6 +272,7 @@ class _Receiver(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self.filled += nbytes
+        self.last = self._clock()
         assert self.view is not None
         if self.filled >= len(self.view):
             self._wake()
@@ -317,20 +320,21 @@ class _AsyncioBody(Body):
         receiver.waiter = waiter = loop.create_future()
         timeout = self._timeout
         timer: asyncio.TimerHandle | None = None
-        seen = -1
+        started = loop.time()
 
-        def expire() -> None:  # a timer, cheaper than a cancel scope per buffer; reset while data comes
-            nonlocal timer, seen
+        def expire() -> None:  # a timer, cheaper than a cancel scope per buffer; pushed back while data comes
+            nonlocal timer
             if waiter.done():
                 return
-            if receiver.filled > seen:
-                seen = receiver.filled
-                timer = loop.call_later(timeout, expire)  # type: ignore[arg-type]
+            assert timeout is not None
+            idle = loop.time() - max(receiver.last, started)
+            if idle < timeout:
+                timer = loop.call_later(timeout - idle, expire)
             else:
                 waiter.set_result(False)
 
         if timeout is not None:
-            expire()
+            timer = loop.call_later(timeout, expire)
         transport.resume_reading()
         try:
             if not await waiter:
