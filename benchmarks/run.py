@@ -1123,6 +1123,12 @@ def timed_rss(args: list[str], env: dict[str, str] | None = None) -> tuple[float
     return seconds, rss, stdout
 
 
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + sys) a running process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def timed_usage(args: list[str], env: dict[str, str] | None = None) -> tuple[float, float, float, str]:
     """Run ``args`` under ``/usr/bin/time``: wall seconds, peak RSS in MiB, CPU seconds (user + sys), stdout."""
     out = subprocess.run(["/usr/bin/time", "-f", "%e %M %U %S", *args], capture_output=True, text=True, env=env)
@@ -1154,8 +1160,12 @@ def case_registry(
     env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, paths))}
     counter = iter(range(10**6))
 
-    def measured(mode: str, cut: bool, run: Callable[[str, str], tuple[float, float, int]]) -> tuple[float, float, int]:
-        """``run(url, repository)`` against a fresh registry (the image pushed first for a pull), maybe proxied."""
+    def measured(
+        mode: str, cut: bool, run: Callable[[str, str], tuple[float, float, int]], who: str = ""
+    ) -> tuple[float, float, int]:
+        """``run(url, repository)`` against a fresh registry (the image pushed first for a pull), maybe proxied.
+
+        The CPU seconds the registry and the proxy spent during the run go to ``side[(part, who)]``."""
         directory = workdir / f"registry-{next(counter)}"
         directory.mkdir()
         registry = start_registry(binary, directory)
@@ -1184,7 +1194,12 @@ def case_registry(
                 )
                 assert proxy.stdout is not None
                 url = proxy.stdout.readline().strip()
-            return run(url, repo)
+            parts = {"registry": registry.process.pid, **({"proxy": proxy.pid} if proxy is not None else {})}
+            before = {part: process_cpu(pid) for part, pid in parts.items()}
+            result = run(url, repo)
+            for part, pid in parts.items():
+                side.setdefault((part, who), []).append(process_cpu(pid) - before[part])
+            return result
         finally:
             if proxy is not None:
                 proxy.terminate()
@@ -1228,6 +1243,7 @@ def case_registry(
 
     rows = []
     cpu: dict[str, list[float]] = {}  # CPU seconds (user + sys) of each copying process, by who ran it
+    side: dict[tuple[str, str], list[float]] = {}  # CPU seconds of the registry and the proxy, by part and who ran
     try:
         # this run's bytecode cache starts empty: unwarmed, the first measured process would compile every module
         # it imports (the stdlib too: about 2 s of CPU and a few MiB of peak RSS that no later process pays)
@@ -1236,16 +1252,19 @@ def case_registry(
         for mode in modes:
             for cut in (False, True):
                 cpu.clear()
+                side.clear()
                 label = f"cut every {cut_mib} MiB" if cut else "direct"
                 # skopeo's figure is always the direct one: the goal is to beat its copy without faults
                 ref = (
-                    [measured(mode, False, lambda u, r: reference(mode, u, r)) for _ in range(repeat)] if skopeo else []
+                    [measured(mode, False, lambda u, r: reference(mode, u, r), "skopeo") for _ in range(repeat)]
+                    if skopeo
+                    else []
                 )
                 ref_time = median([t for t, _, _ in ref]) if ref else None
                 ref_rss = median([r for _, r, _ in ref]) if ref else None
                 for backend in ("asyncio", "trio"):
                     samples = [
-                        measured(mode, cut, lambda u, r, b=backend: ours(mode, b, u, r))  # type: ignore[misc]
+                        measured(mode, cut, lambda u, r, b=backend: ours(mode, b, u, r), backend)  # type: ignore[misc]
                         for _ in range(repeat)
                     ]
                     seconds = median([t for t, _, _ in samples])
@@ -1266,6 +1285,10 @@ def case_registry(
                                 "skopeo RSS MiB": ref_rss,
                                 "retries": retries,
                                 "CPU s ours/skopeo": f"{median(cpu[backend]):.2f}/{median(cpu.get('skopeo', [0])):.2f}",
+                                "CPU s registry (ours/skopeo's runs)": "/".join(
+                                    f"{median(side.get(('registry', w), [0])):.2f}" for w in (backend, "skopeo")
+                                ),
+                                "CPU s proxy": f"{median(side.get(('proxy', backend), [0])):.2f}",
                                 "load": Path("/proc/loadavg").read_text().split()[0],
                             },
                         )
