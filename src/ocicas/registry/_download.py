@@ -121,16 +121,18 @@ class ResumingRaw(RawBlob):
         """
         want = min(len(buffer), self.size - self._fetched + self._buffered)
         done = 0
-        pieces = self._buffer
-        while pieces and done < want:  # what read_some left over
-            piece = pieces.pop(0)
-            n = min(len(piece), want - done)
-            buffer[done : done + n] = piece[:n]
-            if n < len(piece):
-                pieces.insert(0, piece[n:])
-            self._buffered -= n
-            done += n
-        while done < want and not self._closed:
+        while done < want:
+            if self._buffer:  # what read_some left over, or a piece httpx handed over (below)
+                piece = self._buffer.pop(0)
+                n = min(len(piece), want - done)
+                buffer[done : done + n] = piece[:n]
+                if n < len(piece):
+                    self._buffer.insert(0, piece[n:])
+                self._buffered -= n
+                done += n
+                continue
+            if self._closed:
+                break
             response = self._response
             if response is None:
                 await self._resume()
@@ -141,17 +143,13 @@ class ResumingRaw(RawBlob):
                 if length.isdigit() and int(length) >= BYPASS_MIN:
                     self._body = open_body(response)
             body = self._body
-            if body is None:  # read through httpx, copied in
+            if body is None:  # read through httpx, then copied in as buffered
                 piece = await self._next_piece()
                 if not piece:
                     break
-                n = min(len(piece), want - done)
-                buffer[done : done + n] = piece[:n]
-                if n < len(piece):
-                    self._buffer.insert(0, piece[n:])
-                    self._buffered += len(piece) - n
+                self._buffer.append(piece)
+                self._buffered += len(piece)
                 self._fetched += len(piece)
-                done += n
                 continue
             try:
                 if self._skip:  # an answer that ignored Range: its head lands in the buffer, then is overwritten
