@@ -3,7 +3,9 @@
 Large blobs flow through three stages at once, each on its own worker thread
 when it runs (hashlib and write release the GIL): the source is read while the
 previous batch is hashed and the one before it is written. A source lent by a
-verifying reader (a pull) has two: the writer hashes what it writes. Every 64 MiB
+verifying reader (a pull) has two: the writer hashes what it writes; or one, when
+the source can pour (a registry body on a plain socket): worker threads receive,
+hash and write it, a few MiB a hop, with no event loop in between. Every 64 MiB
 written, an ``fdatasync`` starts beside the writer, not in its way (the kernel
 copy of ``clone.py`` does the same), so the disk flushes while writing and
 hashing go on and the final fsync has little left to do. A blob smaller than
