@@ -41,6 +41,8 @@ READ_SIZE: Final = 512 << 10
 _QUEUED: Final = 2
 
 _SocketOption = Any
+#: Whether a worker thread can wait for a socket (``select.poll``: not on Windows).
+_POLL: Final = hasattr(select, "poll")
 
 
 class _Stream(httpcore.AsyncNetworkStream):
@@ -241,7 +243,7 @@ class Body:
     @property
     def pourable(self) -> bool:
         """Whether :meth:`pour_blocking` can go on: a plain socket, and no end or error seen yet."""
-        return not self._ended and self._error is None and self._fileno() is not None
+        return not self._ended and self._error is None and _POLL and self._fileno() is not None
 
     def pour_blocking(self, buffer: memoryview, sink: Callable[[memoryview], None], limit: int) -> int:
         """In a worker thread: receive up to ``limit`` bytes of the body into ``buffer`` and hand each filling
