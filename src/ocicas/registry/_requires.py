@@ -30,6 +30,8 @@ class _LazyModule(types.ModuleType):
     def __getattr__(self, name: str) -> Any:
         import importlib
 
+        if sys.modules.get(self.__name__) is self:  # looked up while still standing in: import the real one now
+            del sys.modules[self.__name__]
         return getattr(importlib.import_module(self.__name__), name)
 
 
