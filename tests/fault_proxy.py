@@ -314,6 +314,7 @@ class FaultProxy:
                 with contextlib.suppress(BlockingIOError, ConnectionAbortedError):
                     client, _ = listener.accept()
                     client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
+                    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # see _connect_upstream
                     thread = threading.Thread(target=self._connection, args=(client,), name="fault-proxy", daemon=True)
                     with self._lock:
                         if self._closing.is_set():
@@ -358,6 +359,9 @@ class FaultProxy:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)  # before connecting: window scale
+            # a head and its body go out in separate sends: with Nagle's algorithm, a short body waits for the
+            # peer's delayed ACK of the head (≈40 ms a small answer, a manifest's say); proxies set TCP_NODELAY
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.connect(self.upstream)
         except OSError:
             sock.close()

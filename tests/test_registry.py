@@ -956,3 +956,32 @@ def test_docker_config_entries() -> None:
     assert "pa:ss" not in repr(Credentials("alice", "pa:ss"))
     with pytest.raises(InvalidError, match="auth is not base64 of user:password"):
         credentials_from_docker_config(b'{"auths": {"h": {"auth": "!!"}}}', "h")
+
+
+def test_the_registry_engine_does_not_import_trio_until_used() -> None:
+    script = (
+        "import sys, threading, http.server, anyio, ocicas.registry\n"
+        "print('trio' in sys.modules)\n"
+        "class Handler(http.server.BaseHTTPRequestHandler):\n"
+        "    def do_GET(self):\n"
+        "        self.send_response(200)\n"
+        "        self.send_header('Content-Length', '2')\n"
+        "        self.end_headers()\n"
+        "        self.wfile.write(b'{}')\n"
+        "    def log_message(self, *args):\n"
+        "        pass\n"
+        "server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)\n"
+        "threading.Thread(target=server.serve_forever, daemon=True).start()\n"
+        "async def main():\n"
+        "    url = f'http://127.0.0.1:{server.server_port}/team/app'\n"
+        "    async with await ocicas.registry.open_registry(url, docker_config=False) as registry:\n"
+        "        print(await registry.list_references())\n"
+        "anyio.run(main, backend='asyncio')\n"
+        "print('trio' in sys.modules)\n"
+        "anyio.run(main, backend='trio')\n"
+        "server.shutdown()\n"
+    )
+    src = str(Path(ocicas.__file__).resolve().parent.parent)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": src}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert (done.returncode, done.stdout) == (0, "False\n[]\nFalse\n[]\n"), done.stderr

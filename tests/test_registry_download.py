@@ -1,7 +1,9 @@
 """Blob bodies received straight into a consumer's buffers, past h11 (``registry._net.open_body``).
 
-A directory put of a registry blob at least ``BYPASS_MIN`` long takes this path
-(``ResumingRaw.readinto``). Checked against a real ``docker-registry``, plain and
+A directory put of a registry blob at least ``BYPASS_MIN`` long takes this path:
+worker threads receive the body and hash and write it themselves on a plain
+socket (``ResumingRaw.pour``), the event loop receives it into the put's buffers
+otherwise (``ResumingRaw.readinto``: TLS). Checked against a real ``docker-registry``, plain and
 TLS, and through the fault proxy: exact bytes, cuts resumed, a registry ignoring
 ``Range``, a stalled body, cancellation; the ``no_leaks`` fixture checks that no
 connection is left open.
@@ -11,18 +13,23 @@ from __future__ import annotations
 
 import os
 import ssl
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
+import anyio.from_thread
 import pytest
 import trustme
 
 import ocicas
+import ocicas._threads
 from ocicas import Engine
 from ocicas._copy import copy
 from ocicas._errors import BlobNotFoundError
 from ocicas._reader import BlobReader
+from ocicas._threads import checkpoint
 from ocicas.registry import RegistryEngine, RetryPolicy, open_registry
 from ocicas.registry._download import BYPASS_MIN, ResumingRaw
 from ocicas.testing import sha256
@@ -182,3 +189,112 @@ async def test_reads_after_a_readinto_past_h11_go_on_from_the_same_body(registry
             while piece := await raw.read(len(BIG)):
                 rest.append(piece)
         assert bytes(head) + middle + b"".join(rest) == BIG
+
+
+async def test_a_reader_pours_a_body_past_h11_from_worker_threads(registry: Registry) -> None:
+    """``pour``: worker threads receive the body and hand it to the sink themselves, a buffer at a time."""
+    repository = await pushed(registry)
+    async with await open_registry(registry.location(repository), docker_config=False) as source:
+        reader = await source.get_blob(sha256(BIG))
+        async with reader, reader._borrow_raw() as raw:
+            assert isinstance(raw, ResumingRaw)
+            buffer = memoryview(bytearray(MiB))
+            got: list[bytes] = []
+            threads: set[int] = set()
+
+            def sink(chunk: memoryview) -> None:
+                threads.add(threading.get_ident())
+                got.append(bytes(chunk))
+
+            moved = []
+            while n := await raw.pour(buffer, sink, 3 * MiB):
+                moved.append(n)
+            assert raw._body is not None
+            assert raw._body.poured == len(BIG)  # all of it in the threads: none through the event loop
+        assert moved == [3 * MiB] * 4 + [MiB + 12345]
+        assert [len(chunk) for chunk in got] == [MiB] * 13 + [12345]
+        assert b"".join(got) == BIG
+        assert threading.get_ident() not in threads
+
+
+async def test_a_tls_body_is_not_poured_and_is_read_as_before(tls_registry: Registry) -> None:
+    repository = await pushed(tls_registry)
+    async with await open_registry(
+        tls_registry.location(repository), docker_config=False, verify=verify_of(tls_registry)
+    ) as source:
+        reader = await source.get_blob(sha256(BIG))
+        async with reader, reader._borrow_raw() as raw:
+            assert isinstance(raw, ResumingRaw)
+            sunk: list[bytes] = []
+            assert await raw.pour(memoryview(bytearray(MiB)), lambda chunk: sunk.append(bytes(chunk)), MiB) is None
+            buffer = bytearray(len(BIG))
+            done = 0
+            while n := await raw.readinto(memoryview(buffer)[done:]):
+                done += n
+        assert (sunk, bytes(buffer)) == ([], BIG)
+
+
+async def test_a_pour_cut_and_resumed_hands_over_exact_bytes(registry: Registry, proxy: FaultProxy) -> None:
+    """Cuts at 5 and 10 MiB: the pour resumes at the exact byte, within one call, and says so."""
+    repository = await pushed(registry)
+    proxy.faults = Faults(methods=frozenset({"GET"}), path=r"/blobs/", cut_after=5 * MiB)
+    async with await open_registry(f"{proxy.url}/{repository}", docker_config=False, retry=FAST) as source:
+        reader = await source.get_blob(sha256(BIG))
+        async with reader, reader._borrow_raw() as raw:
+            assert isinstance(raw, ResumingRaw)
+            got: list[bytes] = []
+            assert await raw.pour(memoryview(bytearray(MiB)), lambda chunk: got.append(bytes(chunk)), len(BIG)) == (
+                len(BIG)
+            )
+            assert raw.retries == 2
+        assert b"".join(got) == BIG
+        assert len(proxy.faults.made("cut")) == 2
+
+
+async def test_a_pour_cancelled_while_bytes_flow_stops_at_its_next_buffer(registry: Registry) -> None:
+    """A cancel scope cancelled by the sink (a put's writer checks between buffers): nothing more is handed
+    over, and nothing stays open (``no_leaks``)."""
+    repository = await pushed(registry)
+    async with await open_registry(registry.location(repository), docker_config=False) as source:
+        reader = await source.get_blob(sha256(BIG))
+        got: list[int] = []
+        async with reader, reader._borrow_raw() as raw:
+            assert isinstance(raw, ResumingRaw)
+            with anyio.CancelScope() as scope:
+
+                def sink(chunk: memoryview) -> None:
+                    checkpoint()
+                    got.append(len(chunk))
+                    if len(got) == 2:
+                        anyio.from_thread.run_sync(scope.cancel)
+
+                await raw.pour(memoryview(bytearray(MiB)), sink, len(BIG))
+            assert scope.cancelled_caught
+        assert got == [MiB, MiB]
+        assert reader.closed
+        assert await source.read_blob(sha256(LAYERS[2])) == LAYERS[2]
+
+
+async def test_a_pulled_blob_is_poured_a_few_mib_a_hop(
+    registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A directory put of a big registry blob: a worker-thread hop per few MiB, not one per MiB."""
+    repository = await pushed(registry)
+    hops: list[str] = []
+    inner = ocicas._threads._run_in_thread
+
+    async def counting(func: Callable[[], Any], *, limiter: anyio.CapacityLimiter | None = None) -> Any:
+        hops.append("hop")
+        return await inner(func, limiter=limiter)
+
+    async with (
+        await open_registry(registry.location(repository), docker_config=False) as source,
+        await new_layout(tmp_path / "dst") as dst,
+    ):
+        reader = await source.get_blob(sha256(BIG))
+        monkeypatch.setattr(ocicas._threads, "_run_in_thread", counting)
+        async with reader:
+            await dst.put_blob(reader, expected_digest=sha256(BIG), expected_size=len(BIG))
+        monkeypatch.undo()
+        assert await dst.read_blob(sha256(BIG)) == BIG
+    assert len(hops) < len(BIG) // MiB  # 4 pours of up to 4 MiB and the commit, and the put's own few

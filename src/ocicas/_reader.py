@@ -80,6 +80,17 @@ class RawBlob:
             done += len(chunk)
         return done
 
+    async def pour(self, buffer: memoryview, sink: Callable[[memoryview], None], limit: int) -> int | None:
+        """Move up to ``limit`` next bytes into ``sink``, called in a worker thread with parts of ``buffer``
+        (fewer bytes only at the end, ``0`` there).
+
+        For a consumer that hashes and writes in a worker thread (a directory put): a
+        network source receives in that thread, with no event loop turn in between.
+        ``None``, having read nothing, if the source cannot do better than
+        :meth:`readinto` (the default).
+        """
+        return None
+
     def read_blocking(self, n: int) -> bytes:
         """Up to ``n`` more bytes (``b""`` at the end); runs in a worker thread."""
         raise NotImplementedError

@@ -26,6 +26,7 @@ import httpx
 
 from .._errors import BlobNotFoundError, InvalidError, OCICASError, RegistryError, RegistryUnreachableError
 from .._reader import RawBlob
+from .._threads import run_sync
 from ._net import Body, open_body
 from ._streams import release
 from ._transport import RegistryClient, note_retry
@@ -113,6 +114,56 @@ class ResumingRaw(RawBlob):
             piece = piece[:n]
         return piece
 
+    def _open_fresh(self, response: httpx.Response) -> None:
+        """On the first read of an answer: a long enough one is read past h11 (``_body``)."""
+        if self._fresh:
+            self._fresh = False
+            length = response.headers.get("content-length", "")
+            if length.isdigit() and int(length) >= BYPASS_MIN:
+                self._body = open_body(response)
+
+    async def pour(self, buffer: memoryview, sink: Callable[[memoryview], None], limit: int) -> int | None:
+        """Move up to ``limit`` next bytes into ``sink`` (fewer only at the end), resuming as :meth:`read` does.
+
+        While the answer's body is read past h11 on a plain socket, a worker thread receives,
+        and calls ``sink``, itself (:meth:`~ocicas.registry._net.Body.pour_blocking`): no
+        event loop turn and no thread hop per buffer. Other answers (TLS, short ones, one
+        whose head must be skipped) are read with :meth:`readinto` and handed to ``sink`` in a
+        worker thread. ``None``, having read nothing, if the first answer cannot be poured.
+        """
+        if not self._fetched and not self._buffer and self._response is not None:
+            self._open_fresh(self._response)
+            if self._body is None or not self._body.pourable:
+                return None
+        moved = 0
+        # _fetched counts what is buffered too: the buffer is handed out before the end
+        while moved < limit and not self._closed and (self._buffer or self._fetched < self.size):
+            if self._response is None and not self._buffer:
+                await self._resume()
+                continue
+            if self._response is not None:
+                self._open_fresh(self._response)
+            body = self._body
+            if body is None or not body.pourable or self._skip or self._buffer:
+                got = await self.readinto(buffer[: min(len(buffer), limit - moved)])  # resumes too
+                if not got:
+                    break
+                await run_sync(sink, buffer[:got])
+                moved += got
+                continue
+            before = body.poured
+            try:
+                await run_sync(body.pour_blocking, buffer, sink, limit - moved)
+            finally:
+                got = body.poured - before
+                self._fetched += got
+                moved += got
+            if got:
+                self._failures = 0
+            if moved < limit and self._fetched < self.size:  # short: the body ended, failed, or was all sent
+                await self._lost(body.error)  # None: a clean end before the size, a cut all the same
+        return moved
+
     async def readinto(self, buffer: memoryview) -> int:
         """Fill ``buffer`` (fewer bytes only at the end), resuming as :meth:`read` does.
 
@@ -137,11 +188,7 @@ class ResumingRaw(RawBlob):
             if response is None:
                 await self._resume()
                 continue
-            if self._fresh:
-                self._fresh = False
-                length = response.headers.get("content-length", "")
-                if length.isdigit() and int(length) >= BYPASS_MIN:
-                    self._body = open_body(response)
+            self._open_fresh(response)
             body = self._body
             if body is None:  # read through httpx, then copied in as buffered
                 piece = await self._next_piece()

@@ -18,14 +18,20 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
+import select
+import socket
 import ssl
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 import anyio
 import h11
 import httpcore
 import httpx
+
+from .._threads import POLL_INTERVAL, checkpoint
 
 __all__ = ["READ_SIZE", "Body", "big_reads", "open_body"]
 
@@ -35,6 +41,8 @@ READ_SIZE: Final = 512 << 10
 _QUEUED: Final = 2
 
 _SocketOption = Any
+#: Whether a worker thread can wait for a socket (``select.poll``: not on Windows).
+_POLL: Final = hasattr(select, "poll")
 
 
 class _Stream(httpcore.AsyncNetworkStream):
@@ -188,6 +196,8 @@ class Body:
         self._timeout = timeout
         self._ended = False  # the peer closed
         self._error: httpx.TransportError | None = None  # raised by the next read, once what came before is out
+        #: Bytes :meth:`pour_blocking` handed over, in all.
+        self.poured = 0
 
     async def readinto(self, view: memoryview) -> int:
         """Fill ``view`` (within the body): fewer bytes only at an end or error, ``0`` at the end.
@@ -220,6 +230,88 @@ class Body:
     async def _fill(self, view: memoryview) -> int:
         """Fill ``view`` from the connection; at an end or error, stop (setting ``_ended`` or ``_error``)."""
         raise NotImplementedError
+
+    def _fileno(self) -> int | None:
+        """The connection's socket, when a worker thread may receive from it itself (:meth:`pour_blocking`)."""
+        return None
+
+    @property
+    def error(self) -> httpx.TransportError | None:
+        """How the connection failed, if it did."""
+        return self._error
+
+    @property
+    def pourable(self) -> bool:
+        """Whether :meth:`pour_blocking` can go on: a plain socket, and no end or error seen yet."""
+        return not self._ended and self._error is None and _POLL and self._fileno() is not None
+
+    def pour_blocking(self, buffer: memoryview, sink: Callable[[memoryview], None], limit: int) -> int:
+        """In a worker thread: receive up to ``limit`` bytes of the body into ``buffer`` and hand each filling
+        to ``sink``, with no event loop in between; the count handed over.
+
+        Fewer at an end or error of the connection (``_ended`` or ``_error`` set, as :meth:`readinto` does),
+        or when ``sink`` or :func:`~ocicas._threads.checkpoint` raise (cancelled: a wait for data checks every
+        :data:`~ocicas._threads.POLL_INTERVAL`): :attr:`poured` counts what ``sink`` took in any case. The
+        socket is received from through a duplicate descriptor, closed before returning: its owner (the
+        asyncio transport, paused, or the trio socket, not waited on) is never used meanwhile.
+        """
+        fd = self._fileno()
+        if fd is None or self._ended or self._error is not None:
+            return 0
+        try:
+            return self._pour(fd, buffer, sink, limit)
+        except BaseException:  # cancelled, or the sink failed: bytes received may not have been handed over
+            if self._error is None:
+                self._error = httpx.ReadError("a read of the body was interrupted")
+            raise
+
+    def _pour(self, fd: int, buffer: memoryview, sink: Callable[[memoryview], None], limit: int) -> int:
+        moved = 0
+        limit = min(limit, self.remaining)
+        pending = self._pending
+        timeout = self._timeout
+        with socket.socket(fileno=os.dup(fd)) as sock:  # non-blocking, as the original (one file description)
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            last = time.monotonic()
+            while moved < limit:
+                want = min(len(buffer), limit - moved)
+                filled = 0
+                while pending and filled < want:
+                    piece = pending.popleft()
+                    n = min(len(piece), want - filled)
+                    buffer[filled : filled + n] = memoryview(piece)[:n]
+                    if n < len(piece):
+                        pending.appendleft(piece[n:])
+                    filled += n
+                while filled < want:
+                    try:
+                        n = sock.recv_into(buffer[filled:want])
+                    except (BlockingIOError, InterruptedError):
+                        idle = time.monotonic() - last
+                        if timeout is not None and idle >= timeout:
+                            self._error = httpx.ReadTimeout(f"no data for {timeout} seconds")
+                            break
+                        wait = POLL_INTERVAL if timeout is None else min(POLL_INTERVAL, timeout - idle)
+                        poller.poll(max(1, int(wait * 1000)))
+                        checkpoint()  # raises once cancelled: what was filled is lost, so the body is too
+                        continue
+                    except OSError as exc:
+                        self._error = _transport_error(exc)
+                        break
+                    if not n:
+                        self._ended = True
+                        break
+                    filled += n
+                    last = time.monotonic()
+                if filled:
+                    self.remaining -= filled
+                    sink(buffer[:filled])
+                    moved += filled
+                    self.poured += filled
+                if self._ended or self._error is not None:
+                    break
+        return moved
 
 
 class _StreamBody(Body):
@@ -310,6 +402,13 @@ class _AsyncioBody(Body):
         transport.pause_reading()
         transport.set_protocol(self._receiver)
 
+    def _fileno(self) -> int | None:
+        if self._receiver.ended or self._transport.is_closing():
+            return None
+        sock = self._transport.get_extra_info("socket")
+        fileno = getattr(sock, "fileno", None)
+        return fileno() if callable(fileno) and getattr(sock, "type", None) == socket.SOCK_STREAM else None
+
     async def _fill(self, view: memoryview) -> int:
         receiver, transport = self._receiver, self._transport
         if receiver.ended or transport.is_closing():
@@ -357,6 +456,10 @@ class _TrioBody(Body):
     def __init__(self, pending: collections.deque[bytes], remaining: int, timeout: float | None, sock: Any) -> None:
         super().__init__(pending, remaining, timeout)
         self._sock = sock
+
+    def _fileno(self) -> int | None:
+        fileno = getattr(self._sock, "fileno", None)
+        return fileno() if callable(fileno) and getattr(self._sock, "type", None) == socket.SOCK_STREAM else None
 
     async def _fill(self, view: memoryview) -> int:
         done = 0

@@ -4,6 +4,12 @@ httpx imports its command line (click, rich and pygments: ≈6 MiB of memory and
 a tenth of a second) when imported, only to offer ``httpx.main``. Unless httpx is
 already loaded, a stand-in takes that place during the import and loads the real
 one when called; the stand-in leaves ``sys.modules`` once httpx is imported.
+
+httpcore imports trio when imported (≈0.07 s of CPU, and a ``ldconfig`` run:
+trio looks up libc to name its threads), only to use it under trio. Unless trio
+is already loaded, a stand-in takes its place the same way: httpcore keeps it,
+and it imports the real trio on its first attribute looked up, which only
+happens under trio (where trio is loaded already).
 """
 
 import sys
@@ -18,20 +24,35 @@ def _cli_main(*args: Any, **kwargs: Any) -> Any:
     return importlib.import_module("httpx._main").main(*args, **kwargs)
 
 
-_stand_in = None
+class _LazyModule(types.ModuleType):
+    """A module imported on its first attribute looked up (then every lookup is the real module's)."""
+
+    def __getattr__(self, name: str) -> Any:
+        import importlib
+
+        if sys.modules.get(self.__name__) is self:  # looked up while still standing in: import the real one now
+            del sys.modules[self.__name__]
+        return getattr(importlib.import_module(self.__name__), name)
+
+
+_stand_ins: dict[str, types.ModuleType] = {}
 if "httpx" not in sys.modules and "httpx._main" not in sys.modules:
-    _stand_in = types.ModuleType("httpx._main")
-    _stand_in.main = _cli_main  # type: ignore[attr-defined]
-    sys.modules["httpx._main"] = _stand_in
+    _stand_ins["httpx._main"] = types.ModuleType("httpx._main")
+    _stand_ins["httpx._main"].main = _cli_main  # type: ignore[attr-defined]
+if "httpcore" not in sys.modules and "trio" not in sys.modules:
+    _stand_ins["trio"] = _LazyModule("trio")
+sys.modules.update(_stand_ins)
 try:
+    import httpcore as _httpcore  # httpx imports it lazily: here, while trio's stand-in is in place
     import httpx as _httpx
 except ModuleNotFoundError as exc:
-    if exc.name != "httpx":  # httpx is there but broken: show the real error
+    if exc.name not in ("httpx", "httpcore"):  # httpx is there but broken: show the real error
         raise
     raise ModuleNotFoundError(
         "the ocicas registry engine needs httpx: pip install 'ocicas[registry]'", name="httpx"
     ) from None
 finally:
-    if _stand_in is not None and sys.modules.get("httpx._main") is _stand_in:
-        del sys.modules["httpx._main"]
-del _httpx, _stand_in
+    for _name, _module in _stand_ins.items():
+        if sys.modules.get(_name) is _module:
+            del sys.modules[_name]
+del _httpcore, _httpx, _stand_ins
