@@ -63,11 +63,11 @@ async def test_gc_delete_keeps_young_blobs_and_reports_sizes(engine: Engine) -> 
     age(engine, [old])
     absent = "sha256:" + "1" * 64
     async with engine._operation(None):
-        removed = await engine._gc_delete([absent, str(old), str(young)], time.time() - 3600)
+        removed = await engine._gc_delete([absent, str(old), str(young)], time.time() - 3600, [time.monotonic()])
     assert removed == {old: 7}
     assert await engine.list_blobs() == [young]
     async with engine._operation(None):
-        assert await engine._gc_delete([str(young)], None) == {young: 9}
+        assert await engine._gc_delete([str(young)], None, [time.monotonic()]) == {young: 9}
     assert await engine.list_blobs() == []
 
 
@@ -182,11 +182,11 @@ async def test_a_sweep_of_many_rounds_removes_exactly_the_old_blobs(tmp_path: Pa
     absent = ["sha256:" + f"{n:064x}" for n in range(3)]
     async with await ocicas.open_layout(tmp_path / "layout") as engine, engine._operation(None):
         listed = await engine._gc_list()
-        removed = await engine._gc_delete([*absent[:1], *listed, *absent[1:]], time.time() - 3600)
+        removed = await engine._gc_delete([*absent[:1], *listed, *absent[1:]], time.time() - 3600, [time.monotonic()])
         assert removed == {d: s for d, s in sizes.items() if d not in young}
         assert list(removed) == [d for d in listed if d not in young]  # in the order asked, not as threads ended
         assert set(await engine._gc_list()) == young
-        assert await engine._gc_delete(sorted(young), None) == {d: sizes[d] for d in young}
+        assert await engine._gc_delete(sorted(young), None, [time.monotonic()]) == {d: sizes[d] for d in young}
     assert os.listdir(blobs) == []
 
 

@@ -22,12 +22,13 @@ import contextlib
 import errno
 import fcntl
 import functools
+import itertools
 import os
 import secrets
 import stat
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import ClassVar, Final, TypeVar
@@ -37,7 +38,7 @@ import anyio
 from .._checks import check_path
 from .._descriptor import Descriptor
 from .._digest import _ENCODED, SUPPORTED_ALGORITHMS, Digest, Verifier
-from .._engine import BlobInfo, Engine
+from .._engine import GC_SCAN_BATCH, BlobInfo, Engine
 from .._errors import (
     BlobNotFoundError,
     InvalidError,
@@ -192,6 +193,18 @@ def _head(alg: int, name: str, n: int) -> bytes | None:
         return b""
     finally:
         os.close(fd)
+
+
+def _scan_some(
+    entries: Iterator[os.DirEntry[str]], algorithm: str, wanted: Callable[[str], bool]
+) -> tuple[list[str], bool]:
+    """The next ``GC_SCAN_BATCH`` entries of a blob directory's listing: the digests among them that ``wanted``
+    accepts, and whether more may follow."""
+    match = _ENCODED[algorithm].fullmatch
+    prefix = f"{algorithm}:"
+    found = list(itertools.islice(entries, GC_SCAN_BATCH))
+    listed = [prefix + entry.name for entry in found if match(entry.name) and entry.is_file(follow_symlinks=False)]
+    return [digest for digest in listed if wanted(digest)], len(found) == GC_SCAN_BATCH
 
 
 class _AlgDirs:
@@ -739,6 +752,36 @@ class DirEngine(Engine):
         # ~20% faster in system time, and ~2x in wall time, than one in name order
         return await run_sync(functools.partial(self._listing, str, sort=False))
 
+    async def _gc_scan(self, wanted: Callable[[str], bool]) -> AsyncGenerator[list[str], None]:
+        # in directory order (see _gc_list), GC_SCAN_BATCH entries per thread hop: the collector holds a batch at
+        # a time, never the whole listing
+        for algorithm in sorted(SUPPORTED_ALGORITHMS):
+            opened = await run_sync(self._open_listing, algorithm)
+            if opened is None:
+                continue
+            alg, entries = opened
+            try:
+                while True:
+                    batch, more = await run_sync(_scan_some, entries, algorithm, wanted)
+                    if batch:
+                        yield batch
+                    if not more:
+                        break
+            finally:
+                entries.close()
+                os.close(alg)
+
+    def _open_listing(self, algorithm: str) -> tuple[int, os._ScandirIterator[str]] | None:
+        try:
+            alg = self._alg_dir(algorithm)
+        except FileNotFoundError:
+            return None
+        try:
+            return alg, os.scandir(alg)
+        except BaseException:
+            os.close(alg)
+            raise
+
     async def _gc_triage(
         self, digests: list[str], cutoff: float | None, head: int, limit: int
     ) -> tuple[dict[str, int], list[str], list[str], list[str]]:
@@ -767,13 +810,18 @@ class DirEngine(Engine):
 
         return await run_sync(triage, digests)
 
-    async def _gc_delete(self, digests: list[str], unmodified_since: float | None) -> dict[str, int]:
-        return await self._unlink_old(digests, unmodified_since)
+    async def _gc_delete(
+        self, digests: list[str], unmodified_since: float | None, clock: list[float]
+    ) -> dict[str, int]:
+        return await self._unlink_old(digests, unmodified_since, clock)
 
     async def _delete_blobs(self, digests: list[Digest], unmodified_since: float | None) -> dict[Digest, int]:
         return await self._unlink_old(digests, unmodified_since)
 
-    async def _unlink_old(self, digests: list[_S], unmodified_since: float | None) -> dict[_S, int]:
+    async def _unlink_old(
+        self, digests: list[_S], unmodified_since: float | None, clock: list[float] | None = None
+    ) -> dict[_S, int]:
+        """Unlink those of ``digests`` unmodified since then; return their sizes. ``clock``: see ``_gc_delete``."""
         cutoff = None if unmodified_since is None else int(unmodified_since * 1e9)
         removed: dict[_S, int] = {}
         failed = threading.Event()  # one slice failed: the others stop at their next blob
@@ -801,7 +849,7 @@ class DirEngine(Engine):
                 groups.setdefault(digest[: digest.find(":")], []).append(digest)
             return list(groups.items())
 
-        paused = time.monotonic()
+        paused = time.monotonic() if clock is None else clock[0]
         for algorithm, group in grouped() if len(digests) < _BATCH else await run_sync(grouped):
             cut = len(algorithm) + 1
             for start in range(0, len(group), _ROUND):
@@ -824,6 +872,8 @@ class DirEngine(Engine):
                             )
                 finally:
                     os.close(alg)  # drops the lock, once every thread of the round has returned
+        if clock is not None:
+            clock[0] = paused
 
         def ordered() -> dict[_S, int]:  # in the order asked, not as the threads ended
             return {digest: removed[digest] for digest in digests if digest in removed}
