@@ -64,6 +64,8 @@ DEFAULT_GRACE_PERIOD: Final = 3600.0
 
 #: Blobs a collection hands the engine to delete at once (``Engine._gc_delete``): a bounded batch of text.
 _SWEEP_RUN: Final = 8192
+#: Per-blob work over fewer blobs than this runs on the event loop: a thread hop would cost more.
+_INLINE: Final = 256
 
 #: ``async (digest) -> bool``: return ``False`` to keep a blob the collector would delete.
 GCPolicy = Callable[[Digest], Awaitable[bool]]
@@ -159,7 +161,7 @@ async def gc(
                 )
                 fresh_list += fresh
                 json_like += found
-                await _compute(functools.partial(candidates.add, old, sizes))
+                await _compute(functools.partial(candidates.add, old, sizes), len(old))
         kept_referrers: set[Digest] = set()
         if json_like:
             kept_referrers = await find_referrers(
@@ -186,10 +188,12 @@ async def gc(
             clock = [time.monotonic()]
             # in runs of one algorithm, in the listing's order: the engine's fastest
             for algorithm, start, stop in await _compute(lambda: candidates.runs(_SWEEP_RUN)):
-                texts = await _compute(functools.partial(candidates.texts, algorithm, start, stop))
+                texts = await _compute(functools.partial(candidates.texts, algorithm, start, stop), stop - start)
                 gone = await engine._gc_delete(texts, cutoff if grace_period else None, clock)
                 # what did not go was freshened by a writer meanwhile (or went already)
-                fresh_list += await _compute(functools.partial(candidates.settle, algorithm, start, texts, gone))
+                fresh_list += await _compute(
+                    functools.partial(candidates.settle, algorithm, start, texts, gone), len(texts)
+                )
                 del texts, gone
             await engine.gc(ctx=ctx)
 
@@ -210,8 +214,10 @@ async def gc(
     return await _compute(result)
 
 
-async def _compute(func: Callable[[], _T]) -> _T:
-    """Run pure-Python work over every blob in a worker thread."""
+async def _compute(func: Callable[[], _T], items: int | None = None) -> _T:
+    """Run pure-Python work over every blob in a worker thread; over fewer than ``_INLINE`` ``items``, here."""
+    if items is not None and items < _INLINE:
+        return func()
     return await run_sync(func)
 
 

@@ -195,16 +195,56 @@ def _head(alg: int, name: str, n: int) -> bytes | None:
         os.close(fd)
 
 
-def _scan_some(
-    entries: Iterator[os.DirEntry[str]], algorithm: str, wanted: Callable[[str], bool]
-) -> tuple[list[str], bool]:
-    """The next ``GC_SCAN_BATCH`` entries of a blob directory's listing: the digests among them that ``wanted``
-    accepts, and whether more may follow."""
-    match = _ENCODED[algorithm].fullmatch
-    prefix = f"{algorithm}:"
-    found = list(itertools.islice(entries, GC_SCAN_BATCH))
-    listed = [prefix + entry.name for entry in found if match(entry.name) and entry.is_file(follow_symlinks=False)]
-    return [digest for digest in listed if wanted(digest)], len(found) == GC_SCAN_BATCH
+class _Scan:
+    """A layout's blob listing, read a batch at a time (each in a worker thread): ``close()`` it."""
+
+    def __init__(self, engine: DirEngine, wanted: Callable[[str], bool]) -> None:
+        self._engine = engine
+        self._wanted = wanted
+        self._algorithms = sorted(SUPPORTED_ALGORITHMS)
+        self._open: tuple[str, int, os._ScandirIterator[str]] | None = None
+
+    def next_batch(self) -> tuple[list[str], bool]:
+        """The digests ``wanted`` accepts among the next ``GC_SCAN_BATCH`` entries, and whether more may follow."""
+        out: list[str] = []
+        budget = GC_SCAN_BATCH
+        while budget:
+            if self._open is None:
+                if not self._algorithms:
+                    return out, False
+                algorithm = self._algorithms.pop(0)
+                try:
+                    alg = self._engine._alg_dir(algorithm)
+                except FileNotFoundError:
+                    continue
+                try:
+                    self._open = (algorithm, alg, os.scandir(alg))
+                except BaseException:
+                    os.close(alg)
+                    raise
+            algorithm, _, entries = self._open
+            match = _ENCODED[algorithm].fullmatch
+            prefix = f"{algorithm}:"
+            wanted = self._wanted
+            found = list(itertools.islice(entries, budget))
+            budget -= len(found)
+            out += [
+                digest
+                for entry in found
+                if match(entry.name) and entry.is_file(follow_symlinks=False) and wanted(digest := prefix + entry.name)
+            ]
+            if budget:  # this directory is done
+                self.close()
+        return out, bool(self._open or self._algorithms)
+
+    def close(self) -> None:
+        if self._open is not None:
+            _, alg, entries = self._open
+            self._open = None
+            try:
+                entries.close()
+            finally:
+                os.close(alg)
 
 
 class _AlgDirs:
@@ -755,32 +795,15 @@ class DirEngine(Engine):
     async def _gc_scan(self, wanted: Callable[[str], bool]) -> AsyncGenerator[list[str], None]:
         # in directory order (see _gc_list), GC_SCAN_BATCH entries per thread hop: the collector holds a batch at
         # a time, never the whole listing
-        for algorithm in sorted(SUPPORTED_ALGORITHMS):
-            opened = await run_sync(self._open_listing, algorithm)
-            if opened is None:
-                continue
-            alg, entries = opened
-            try:
-                while True:
-                    batch, more = await run_sync(_scan_some, entries, algorithm, wanted)
-                    if batch:
-                        yield batch
-                    if not more:
-                        break
-            finally:
-                entries.close()
-                os.close(alg)
-
-    def _open_listing(self, algorithm: str) -> tuple[int, os._ScandirIterator[str]] | None:
+        scan = _Scan(self, wanted)
         try:
-            alg = self._alg_dir(algorithm)
-        except FileNotFoundError:
-            return None
-        try:
-            return alg, os.scandir(alg)
-        except BaseException:
-            os.close(alg)
-            raise
+            more = True
+            while more:
+                batch, more = await run_sync(scan.next_batch)
+                if batch:
+                    yield batch
+        finally:
+            scan.close()  # after the hop: a cancelled hop's thread is waited for
 
     async def _gc_triage(
         self, digests: list[str], cutoff: float | None, head: int, limit: int
