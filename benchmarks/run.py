@@ -415,7 +415,7 @@ def case_gc(workdir: Path, repeat: int, images: int, garbage: int) -> list[Row]:
                 # under /usr/bin/time (a small parent): its peak RSS, the high-water mark of umoci's own process
                 lambda: done.append(
                     subprocess.run(
-                        ["/usr/bin/time", "-f", "%M", umoci, "gc", "--layout", str(copy)],  # type: ignore[list-item]
+                        ["/usr/bin/time", "-f", "%M", umoci, "gc", "--layout", str(copy)],
                         check=True,
                         capture_output=True,
                         text=True,

@@ -15,6 +15,7 @@ import anyio.to_thread
 import pytest
 
 import ocicas
+import ocicas._gc
 from ocicas import Descriptor, Digest, Engine
 from tests.images import INDEX, MANIFEST, age, put, put_image
 
@@ -190,15 +191,20 @@ async def test_a_sweep_of_many_rounds_removes_exactly_the_old_blobs(tmp_path: Pa
     assert os.listdir(blobs) == []
 
 
+@pytest.mark.parametrize("run", [None, 1000])
 async def test_a_writer_in_another_process_is_never_robbed_by_a_parallel_sweep(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, anyio_backend: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, anyio_backend: str, run: int | None
 ) -> None:
     """3,000 old garbage blobs (rounds of blobs deleted by threads at once under one exclusive hold).
 
     Between the age check and the unlink of one blob in the second round, another
     process freshens it, blobs of the first round and blobs of the third. The
     writer waits for the round: what it reports freshened stays, the rest goes.
+    With ``run``, the collector hands the engine runs of that many blobs: the
+    rounds are those of three runs.
     """
+    if run is not None:
+        monkeypatch.setattr(ocicas._gc, "_SWEEP_RUN", run)
     await ocicas.create_layout(tmp_path / "layout")
     blobs = tmp_path / "layout" / "blobs" / "sha256"
     sizes = write_garbage(blobs, 3000, OLD)
@@ -234,12 +240,13 @@ async def test_a_writer_in_another_process_is_never_robbed_by_a_parallel_sweep(
                     pass  # waiting for the collector's round, as it must
             real_unlink(path, dir_fd=dir_fd)
 
-        monkeypatch.setattr(os, "unlink", unlink)
-        try:
-            result = await ocicas.gc(engine)
-        finally:
-            monkeypatch.undo()
-            outs = [(await anyio.to_thread.run_sync(p.communicate, None, PROCESS_TIMEOUT))[0] for p in started]
+        with monkeypatch.context() as patching:
+            patching.setattr(os, "unlink", unlink)
+            try:
+                result = await ocicas.gc(engine)
+            finally:
+                patching.undo()  # os.unlink is the real one again; the _SWEEP_RUN patch stays to the end
+                outs = [(await anyio.to_thread.run_sync(p.communicate, None, PROCESS_TIMEOUT))[0] for p in started]
         assert outs, "the race was not forced"
         assert started[0].returncode == 0
         lines = outs[0].split()
