@@ -15,6 +15,7 @@ import anyio.to_thread
 import pytest
 
 import ocicas
+import ocicas._gc
 from ocicas import Descriptor, Digest, Engine
 from tests.images import INDEX, MANIFEST, age, put, put_image
 
@@ -63,11 +64,11 @@ async def test_gc_delete_keeps_young_blobs_and_reports_sizes(engine: Engine) -> 
     age(engine, [old])
     absent = "sha256:" + "1" * 64
     async with engine._operation(None):
-        removed = await engine._gc_delete([absent, str(old), str(young)], time.time() - 3600)
+        removed = await engine._gc_delete([absent, str(old), str(young)], time.time() - 3600, [time.monotonic()])
     assert removed == {old: 7}
     assert await engine.list_blobs() == [young]
     async with engine._operation(None):
-        assert await engine._gc_delete([str(young)], None) == {young: 9}
+        assert await engine._gc_delete([str(young)], None, [time.monotonic()]) == {young: 9}
     assert await engine.list_blobs() == []
 
 
@@ -182,23 +183,28 @@ async def test_a_sweep_of_many_rounds_removes_exactly_the_old_blobs(tmp_path: Pa
     absent = ["sha256:" + f"{n:064x}" for n in range(3)]
     async with await ocicas.open_layout(tmp_path / "layout") as engine, engine._operation(None):
         listed = await engine._gc_list()
-        removed = await engine._gc_delete([*absent[:1], *listed, *absent[1:]], time.time() - 3600)
+        removed = await engine._gc_delete([*absent[:1], *listed, *absent[1:]], time.time() - 3600, [time.monotonic()])
         assert removed == {d: s for d, s in sizes.items() if d not in young}
         assert list(removed) == [d for d in listed if d not in young]  # in the order asked, not as threads ended
         assert set(await engine._gc_list()) == young
-        assert await engine._gc_delete(sorted(young), None) == {d: sizes[d] for d in young}
+        assert await engine._gc_delete(sorted(young), None, [time.monotonic()]) == {d: sizes[d] for d in young}
     assert os.listdir(blobs) == []
 
 
+@pytest.mark.parametrize("run", [None, 1000])
 async def test_a_writer_in_another_process_is_never_robbed_by_a_parallel_sweep(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, anyio_backend: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, anyio_backend: str, run: int | None
 ) -> None:
     """3,000 old garbage blobs (rounds of blobs deleted by threads at once under one exclusive hold).
 
     Between the age check and the unlink of one blob in the second round, another
     process freshens it, blobs of the first round and blobs of the third. The
     writer waits for the round: what it reports freshened stays, the rest goes.
+    With ``run``, the collector hands the engine runs of that many blobs: the
+    rounds are those of three runs.
     """
+    if run is not None:
+        monkeypatch.setattr(ocicas._gc, "_SWEEP_RUN", run)
     await ocicas.create_layout(tmp_path / "layout")
     blobs = tmp_path / "layout" / "blobs" / "sha256"
     sizes = write_garbage(blobs, 3000, OLD)
@@ -234,12 +240,13 @@ async def test_a_writer_in_another_process_is_never_robbed_by_a_parallel_sweep(
                     pass  # waiting for the collector's round, as it must
             real_unlink(path, dir_fd=dir_fd)
 
-        monkeypatch.setattr(os, "unlink", unlink)
-        try:
-            result = await ocicas.gc(engine)
-        finally:
-            monkeypatch.undo()
-            outs = [(await anyio.to_thread.run_sync(p.communicate, None, PROCESS_TIMEOUT))[0] for p in started]
+        with monkeypatch.context() as patching:
+            patching.setattr(os, "unlink", unlink)
+            try:
+                result = await ocicas.gc(engine)
+            finally:
+                patching.undo()  # os.unlink is the real one again; the _SWEEP_RUN patch stays to the end
+                outs = [(await anyio.to_thread.run_sync(p.communicate, None, PROCESS_TIMEOUT))[0] for p in started]
         assert outs, "the race was not forced"
         assert started[0].returncode == 0
         lines = outs[0].split()

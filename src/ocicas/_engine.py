@@ -25,7 +25,7 @@ hook                        does
 ==========================  ==================================================
 
 Optional hooks with defaults: ``_stat_blobs``, ``_touch_blobs``, ``_delete_blobs``, the collector's
-(``_gc_list``, ``_gc_triage``, ``_gc_delete``, ``_read_nodes``), ``_mount_blob``,
+(``_gc_list``, ``_gc_scan``, ``_gc_triage``, ``_gc_delete``, ``_read_nodes``), ``_mount_blob``,
 ``_list_broken_roots``, ``_referrers``, ``_check_and_update_references``, the collector's lock
 (``_gc_lock`` exclusive, ``_gc_shared`` shared; in-process by default) and leases
 (``_lease_begin``, ``_lease_record``, ``_lease_end``, ``_leased_blobs``; in-process
@@ -42,7 +42,7 @@ import dataclasses
 import secrets
 import sys
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from types import TracebackType
 from typing import Any, ClassVar, Final
@@ -78,7 +78,7 @@ from ._lifecycle import Lifecycle
 from ._reader import BlobReader, RawBlob
 from ._source import AsyncReadable, BlobSource
 from ._tasks import bounded_shield
-from ._threads import CHUNK_SIZE
+from ._threads import CHUNK_SIZE, run_sync
 
 __all__ = [
     "CHUNK_SIZE",
@@ -95,6 +95,8 @@ __all__ = [
 DEFAULT_READ_LIMIT: Final = 64 << 20
 #: Seconds ``async with engine`` may spend closing it while the block is being cancelled.
 _CLOSE_TIMEOUT: Final = 30.0
+#: Digests a collector's scan (``_gc_scan``) hands over at most per batch.
+GC_SCAN_BATCH: Final = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -599,6 +601,13 @@ class Engine(ABC):
         """Every stored digest as text, in the order the engine sweeps fastest. Default: :meth:`_list_blobs`."""
         return list[str](await self._list_blobs())
 
+    async def _gc_scan(self, wanted: Callable[[str], bool]) -> AsyncGenerator[list[str], None]:
+        """The stored digests ``wanted`` accepts, as text, in batches of bounded size, in the order the engine
+        sweeps fastest (``wanted`` may run in a worker thread). Default: :meth:`_gc_list`, in pieces."""
+        listed = await self._gc_list()
+        for start in range(0, len(listed), GC_SCAN_BATCH):
+            yield await run_sync(_kept, listed[start : start + GC_SCAN_BATCH], wanted)
+
     async def _gc_triage(
         self, digests: list[str], cutoff: float | None, head: int, limit: int
     ) -> tuple[dict[str, int], list[str], list[str], list[str]]:
@@ -628,8 +637,15 @@ class Engine(ABC):
                 json_like.append(digest)
         return sizes, fresh, old, json_like
 
-    async def _gc_delete(self, digests: list[str], unmodified_since: float | None) -> dict[str, int]:
-        """:meth:`_delete_blobs` of digests given as text."""
+    async def _gc_delete(
+        self, digests: list[str], unmodified_since: float | None, clock: list[float]
+    ) -> dict[str, int]:
+        """:meth:`_delete_blobs` of digests given as text, one of a collection's runs.
+
+        ``clock[0]``, shared by the runs of one collection, is the monotonic time its sweep last let
+        writers in: an engine that pauses for fairness keeps it, so the pauses keep their rhythm across
+        runs. Default: unused.
+        """
         return dict[str, int]((await self._delete_blobs([Digest(d) for d in digests], unmodified_since)).items())
 
     async def _read_nodes(
@@ -737,3 +753,7 @@ class Engine(ABC):
     @abstractmethod
     async def _release(self) -> None:
         """Free the engine's resources; called once, after every operation left."""
+
+
+def _kept(digests: list[str], wanted: Callable[[str], bool]) -> list[str]:
+    return [digest for digest in digests if wanted(digest)]

@@ -35,20 +35,21 @@ The safety rules, each learnt from a peer's bug report:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import functools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Final, TypeVar
-
-import anyio
 
 from ._checks import check_async_callable, check_bool, check_ctx, check_engine, check_int, check_seconds, type_name
 from ._context import Context, bound
 from ._digest import Digest
+from ._digestpack import Candidates
 from ._engine import Engine
 from ._errors import InvalidError
-from ._graph import DEFAULT_CONCURRENCY, sorted_in_pieces, walk
+from ._graph import DEFAULT_CONCURRENCY, walk
 from ._json import DEFAULT_JSON_LIMIT
 from ._referrers import SNIFF_SIZE, find_referrers
 from ._tasks import task_group
@@ -61,6 +62,11 @@ _T = TypeVar("_T")
 #: Seconds a new or freshened blob is safe from collection by default.
 DEFAULT_GRACE_PERIOD: Final = 3600.0
 
+#: Blobs a collection hands the engine to delete at once (``Engine._gc_delete``): a bounded batch of text.
+_SWEEP_RUN: Final = 8192
+#: Per-blob work over fewer blobs than this runs on the event loop: a thread hop would cost more.
+_INLINE: Final = 256
+
 #: ``async (digest) -> bool``: return ``False`` to keep a blob the collector would delete.
 GCPolicy = Callable[[Digest], Awaitable[bool]]
 
@@ -69,8 +75,10 @@ GCPolicy = Callable[[Digest], Awaitable[bool]]
 class GCResult:
     """What a collection removed (or, in a dry run, would remove) and what it kept."""
 
-    #: Blobs removed, or that would be removed in a dry run, sorted.
-    removed: tuple[Digest, ...]
+    #: Blobs removed, or that would be removed in a dry run, sorted: a compact, immutable
+    #: ``Sequence[Digest]`` (32 bytes a ``sha256`` digest) that compares equal to, hashes like, and
+    #: indexes, iterates and answers ``in`` as the sorted tuple of them would.
+    removed: Sequence[Digest]
     #: Bytes those blobs held.
     bytes_freed: int
     #: Blobs reachable from the roots (or from live referrers).
@@ -131,35 +139,29 @@ async def gc(
                 "(fix or remove the entry; broken_ok=True keeps only its digest, if readable)"
             )
         kept_roots = {root.digest for root in bad_roots if root.digest is not None}
-        # per-blob state is plain text, ints and lists (no Digest or BlobInfo per blob): 200,000 tracked
-        # objects would set off full runs of Python's cyclic collector, each holding the GIL for tens of ms
-        blobs: list[str] = []
-
-        async def listing() -> None:
-            # the listing runs while the walk reads manifests: the two overlap. The hooks themselves
-            # run, inside gc_lock's operation: the public methods would check every digest again,
-            # on the event loop.
-            nonlocal blobs
-            blobs = await engine._gc_list()
-
-        async with task_group() as tg:
-            tg.start_soon(listing)
-            graph = await walk(engine, roots, concurrency=concurrency, broken_ok=broken_ok, max_size=max_size, ctx=ctx)
+        graph = await walk(engine, roots, concurrency=concurrency, broken_ok=broken_ok, max_size=max_size, ctx=ctx)
         leased = await engine.leased_blobs(ctx=ctx)  # put by writers that have not tagged them yet
         live = graph.descriptors
 
-        def unreached() -> list[str]:
-            # a Python loop in a worker thread, not set arithmetic (single calls that would hold the GIL,
-            # and so the event loop, for milliseconds); the listing's order is kept: the engine's fastest
-            return [d for d in blobs if d not in live and d not in kept_roots and d not in leased]
+        def unreached(digest: str) -> bool:
+            return digest not in live and digest not in kept_roots and digest not in leased
 
-        unreachable = await _compute(unreached)
-        blobs = []  # O(live set) from here on
-        # only what is unreachable is stat-ed, and sniffed if old: a store of mostly live blobs costs no more
-        sizes, fresh_list, candidates, json_like = await engine._gc_triage(
-            unreachable, cutoff if grace_period else None, SNIFF_SIZE if referrers else 0, max_size
-        )
-        del unreachable
+        # The listing streams through in batches (the engine hooks run inside gc_lock's operation: the public
+        # methods would check every digest again, on the event loop). Per-blob state is kept packed, 40 bytes
+        # a blob (Candidates), and per batch as plain text and ints, never one Digest or BlobInfo per blob: the
+        # collector's memory is the live set's, a batch's and the candidates' packed bytes.
+        candidates = Candidates()
+        fresh_list: list[str] = []  # bounded by the grace period: what was written lately
+        json_like: list[str] = []  # the unreachable manifests and indexes: a few, unless garbage is mostly those
+        async with contextlib.aclosing(engine._gc_scan(unreached)) as batches:
+            async for batch in batches:
+                # only what is unreachable is stat-ed, and sniffed if old: a store of mostly live blobs costs no more
+                sizes, fresh, old, found = await engine._gc_triage(
+                    batch, cutoff if grace_period else None, SNIFF_SIZE if referrers else 0, max_size
+                )
+                fresh_list += fresh
+                json_like += found
+                await _compute(functools.partial(candidates.add, old, sizes), len(old))
         kept_referrers: set[Digest] = set()
         if json_like:
             kept_referrers = await find_referrers(
@@ -174,25 +176,32 @@ async def gc(
                 max_size=max_size,
                 ctx=ctx,
             )
+            del json_like
             if kept_referrers:
-                candidates = await _compute(lambda: [d for d in candidates if d not in live])
+                await _compute(lambda: candidates.keep(lambda d: d not in live))
         vetoed: set[Digest] = set()
         if policy is not None:
-            vetoed = await _vetoes(policy, candidates, concurrency)
-            candidates = await _compute(lambda: [d for d in candidates if d not in vetoed])
-        if dry_run:
-            removed = await _compute(lambda: {d: sizes[d] for d in candidates})
-        else:
-            removed = await engine._gc_delete(candidates, cutoff if grace_period else None)
-            if len(removed) < len(candidates):
-                # freshened by a writer meanwhile
-                await _compute(lambda: fresh_list.extend(d for d in candidates if d not in removed))
+            vetoed = await _vetoes(policy, iter(candidates), concurrency)
+            if vetoed:
+                await _compute(lambda: candidates.keep(lambda d: d not in vetoed))
+        if not dry_run:
+            clock = [time.monotonic()]
+            # in runs of one algorithm, in the listing's order: the engine's fastest
+            for algorithm, start, stop in await _compute(lambda: candidates.runs(_SWEEP_RUN)):
+                texts = await _compute(functools.partial(candidates.texts, algorithm, start, stop), stop - start)
+                gone = await engine._gc_delete(texts, cutoff if grace_period else None, clock)
+                # what did not go was freshened by a writer meanwhile (or went already)
+                fresh_list += await _compute(
+                    functools.partial(candidates.settle, algorithm, start, texts, gone), len(texts)
+                )
+                del texts, gone
             await engine.gc(ctx=ctx)
 
     def result() -> GCResult:
+        freed = candidates.total_size()
         return GCResult(
-            removed=tuple(map(Digest._trusted, sorted_in_pieces(list(removed)))),
-            bytes_freed=sum(removed.values()),
+            removed=candidates.take_sorted(),
+            bytes_freed=freed,
             live=frozenset(graph.descriptors),
             referrers=frozenset(kept_referrers),
             fresh=frozenset(map(Digest._trusted, fresh_list)),
@@ -205,18 +214,20 @@ async def gc(
     return await _compute(result)
 
 
-async def _compute(func: Callable[[], _T]) -> _T:
-    """Run pure-Python work over every blob in a worker thread."""
+async def _compute(func: Callable[[], _T], items: int | None = None) -> _T:
+    """Run pure-Python work over every blob in a worker thread; over fewer than ``_INLINE`` ``items``, here."""
+    if items is not None and items < _INLINE:
+        return func()
     return await run_sync(func)
 
 
-async def _vetoes(policy: GCPolicy, candidates: list[str], concurrency: int) -> set[Digest]:
+async def _vetoes(policy: GCPolicy, candidates: Iterator[str], concurrency: int) -> set[Digest]:
     vetoed: set[Digest] = set()
-    limiter = anyio.CapacityLimiter(concurrency)
 
-    async def ask(text: str) -> None:
-        digest = Digest._trusted(text)
-        async with limiter:
+    async def ask() -> None:
+        # ``concurrency`` of these share the iterator: the candidates are asked in order, never all held as tasks
+        for text in candidates:
+            digest = Digest._trusted(text)
             keep = await policy(digest)
             if not isinstance(keep, bool):  # None from a forgotten return must not mean "delete"
                 raise TypeError(f"policy must return True or False, not {type_name(keep)}")
@@ -224,6 +235,6 @@ async def _vetoes(policy: GCPolicy, candidates: list[str], concurrency: int) -> 
                 vetoed.add(digest)
 
     async with task_group() as tg:
-        for digest in candidates:
-            tg.start_soon(ask, digest)
+        for _ in range(concurrency):
+            tg.start_soon(ask)
     return vetoed

@@ -1,0 +1,210 @@
+"""A collection in bounded batches: the listing streamed, candidates and ``GCResult.removed`` packed.
+
+Exact sets across batch and run boundaries (real sizes, and forced small ones), dry runs that report what a
+real run removes, and the packed sequence behaving as the sorted tuple it replaces.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import time
+from pathlib import Path
+
+import pytest
+
+import ocicas
+import ocicas._dir.engine
+import ocicas._engine
+import ocicas._gc
+from ocicas import Digest, Engine
+from ocicas._digestpack import PackedDigests
+from tests.images import age, put, put_artifact, put_image
+
+pytestmark = pytest.mark.anyio
+
+OLD = time.time() - 7200
+
+
+def sha256(n: int) -> Digest:
+    return Digest("sha256:" + hashlib.sha256(b"%d" % n).hexdigest())
+
+
+def sha512(n: int) -> Digest:
+    return Digest("sha512:" + hashlib.sha512(b"%d" % n).hexdigest())
+
+
+def test_packed_digests_behave_as_the_sorted_tuple() -> None:
+    given = [sha256(n) for n in range(5000)] + [sha512(n) for n in range(300)]
+    expected = tuple(sorted(given))
+    packed = PackedDigests(given[::-1])
+    assert packed == expected
+    assert expected == packed
+    assert not packed != expected  # noqa: SIM202  __ne__ itself
+    assert (packed, 1) == (expected, 1)  # type: ignore[comparison-overlap]
+    assert hash(packed) == hash(expected)
+    assert len(packed) == 5300
+    assert list(packed) == list(expected)
+    assert list(reversed(packed)) == list(reversed(expected))
+    assert all(type(d) is Digest for d in packed)
+    assert [packed[n] for n in (0, 1, 4999, 5000, 5299, -1, -5300)] == [
+        expected[n] for n in (0, 1, 4999, 5000, 5299, -1, -5300)
+    ]
+    assert packed[10:20] == expected[10:20]
+    assert packed[::-997] == expected[::-997]
+    assert type(packed[10:20]) is tuple
+    with pytest.raises(IndexError):
+        packed[5300]
+    with pytest.raises(IndexError):
+        packed[-5301]
+    for digest in (expected[0], expected[2500], expected[4999], expected[5000], expected[-1]):
+        assert digest in packed
+        assert str(digest) in packed
+        assert packed.index(digest) == expected.index(digest)
+        assert packed.count(digest) == 1
+    absent = [
+        sha256(5000),
+        sha512(300),
+        Digest("sha384:" + "a" * 96),
+        "sha256:" + expected[0][7:].upper(),
+        "sha256:" + expected[0][7:-1],
+        "sha256:" + "g" * 64,
+        "nonsense",
+        "",
+        42,
+        None,
+    ]
+    for value in absent:
+        assert value not in packed
+        assert packed.count(value) == 0
+        with pytest.raises(ValueError, match="is not in PackedDigests"):
+            packed.index(value)
+    assert packed.index(expected[100], 100, 101) == 100
+    with pytest.raises(ValueError, match="is not in PackedDigests"):
+        packed.index(expected[100], 101)
+    assert packed != list(expected)  # a tuple is not equal to a list either
+    assert packed != expected[:-1]
+    assert packed != (*expected[:-1], sha256(6000))
+    assert pickle.loads(pickle.dumps(packed)) == packed
+    assert PackedDigests() == ()
+    assert not PackedDigests()
+    assert len(PackedDigests()) == 0
+    assert repr(PackedDigests([expected[0]])) == f"PackedDigests([{str(expected[0])!r}])"
+    assert PackedDigests(given) == packed
+    assert hash(PackedDigests(given)) == hash(packed)
+
+
+def test_packed_digests_order_unregistered_algorithms_as_text() -> None:
+    given = [Digest("sha256+b64u:abc"), Digest("md5:00ff"), sha256(1), Digest("sha256+b64u:ABC"), sha512(2)]
+    packed = PackedDigests(given)
+    assert packed == tuple(sorted(given))  # "sha256+b64u:" sorts before "sha256:", as text does
+    assert all(d in packed for d in given)
+    assert Digest("md5:00fe") not in packed
+    assert [packed.index(d) for d in sorted(given)] == list(range(5))
+
+
+def write_blobs(blobs: Path, count: int, when: float, *, start: int = 0) -> dict[str, int]:
+    """``count`` blob files written straight into ``blobs`` with mtime ``when``: their digests and sizes."""
+    out = {}
+    for n in range(start, start + count):
+        data = n.to_bytes(4, "big") * (n % 3 + 1)
+        if n % 500 == 0:
+            data = b'{"n": %d}' % n  # looks like JSON: sniffed, read, not a referrer
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        (blobs / digest[7:]).write_bytes(data)
+        os.utime(blobs / digest[7:], (when, when))
+        out[digest] = len(data)
+    return out
+
+
+async def test_a_collection_across_many_batches_and_runs_removes_exactly_the_garbage(tmp_path: Path) -> None:
+    """9,000 old garbage blobs (3 listing batches, 2 sweep runs), young ones, live images, a kept referrer."""
+    await ocicas.create_layout(tmp_path / "layout")
+    blobs = tmp_path / "layout" / "blobs" / "sha256"
+    garbage = write_blobs(blobs, 9000, OLD)
+    young = write_blobs(blobs, 50, time.time(), start=9000)
+    async with await ocicas.open_layout(tmp_path / "layout") as engine:
+        image, live = await put_image(engine, [b"a live layer", b"another"])
+        await engine.put_reference("live", image)
+        signature, signed = await put_artifact(engine, image, b"signature payload")  # unreachable, kept
+        age(engine, [*live, *signed])
+        dry = await ocicas.gc(engine, dry_run=True)
+        assert len(os.listdir(blobs)) == 9050 + len({*live, *signed})
+        result = await ocicas.gc(engine)
+    expected = tuple(sorted(map(Digest, garbage)))
+    for report in (dry, result):
+        assert report.removed == expected
+        assert isinstance(report.removed, PackedDigests)
+        assert report.bytes_freed == sum(garbage.values())
+        assert report.fresh == set(young)
+        assert report.referrers == {signature.digest}
+        assert report.live == {*live, *signed}
+    assert (dry.dry_run, result.dry_run) == (True, False)
+    assert set(os.listdir(blobs)) == {d[7:] for d in (*young, *live, *signed)}
+
+
+@pytest.fixture
+def small_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Listing batches of 7, sweep runs of 5 and nothing done inline: a few blobs cross many boundaries."""
+    monkeypatch.setattr(ocicas._engine, "GC_SCAN_BATCH", 7)
+    monkeypatch.setattr(ocicas._dir.engine, "GC_SCAN_BATCH", 7)
+    monkeypatch.setattr(ocicas._gc, "_SWEEP_RUN", 5)
+    monkeypatch.setattr(ocicas._gc, "_INLINE", 2)
+
+
+@pytest.mark.usefixtures("small_batches")
+async def test_small_batches_keep_every_rule_exactly(engine: Engine) -> None:
+    """Referrers kept (and what they reach, listed in earlier batches), vetoes, leases, young blobs, a dry run."""
+    image, live = await put_image(engine, [b"live layer"])
+    await engine.put_reference("live", image)
+    signature, signed = await put_artifact(engine, image, b"signed payload")
+    garbage = [await put(engine, b"garbage %d" % n, "application/octet-stream") for n in range(40)]
+    vetoed = {d.digest for d in garbage[::9]}
+    young = await put(engine, b"young garbage", "application/octet-stream")
+    async with engine.lease():
+        leased = await put(engine, b"leased garbage", "application/octet-stream")
+        age(engine, [d for d in await engine.list_blobs() if d != young.digest])
+
+        async def policy(digest: Digest) -> bool:
+            return digest not in vetoed
+
+        dry = await ocicas.gc(engine, policy=policy, dry_run=True)
+        result = await ocicas.gc(engine, policy=policy)
+    gone = {d.digest for d in garbage} - vetoed
+    for report in (dry, result):
+        assert report.removed == tuple(sorted(gone))
+        assert report.bytes_freed == sum(len(b"garbage %d" % n) for n in range(40) if garbage[n].digest in gone)
+        assert report.vetoed == vetoed
+        assert report.leased == {leased.digest}
+        assert report.fresh == {young.digest}
+        assert report.referrers == {signature.digest}
+    assert set(await engine.list_blobs()) == {*live, *signed, *vetoed, leased.digest, young.digest}
+    assert (await ocicas.gc(engine, grace_period=0, referrers=False)).removed == tuple(
+        sorted({*signed, *vetoed, leased.digest, young.digest})
+    )
+
+
+@pytest.mark.usefixtures("small_batches")
+async def test_small_batches_of_a_layout_with_two_algorithms(tmp_path: Path) -> None:
+    """A listing batch spans the end of ``blobs/sha256`` and the start of ``blobs/sha512``; the result sorts them."""
+    await ocicas.create_layout(tmp_path / "layout")
+    expected = {}
+    for algorithm, count in (("sha256", 10), ("sha512", 12)):
+        blobs = tmp_path / "layout" / "blobs" / algorithm
+        blobs.mkdir(exist_ok=True)
+        for n in range(count):
+            data = b"%s garbage %d" % (algorithm.encode(), n)
+            encoded = hashlib.new(algorithm, data).hexdigest()
+            (blobs / encoded).write_bytes(data)
+            os.utime(blobs / encoded, (OLD, OLD))
+            expected[Digest(f"{algorithm}:{encoded}")] = len(data)
+    (tmp_path / "layout" / "blobs" / "sha256" / "not-a-digest").write_bytes(b"left alone")
+    async with await ocicas.open_layout(tmp_path / "layout") as engine:
+        dry = await ocicas.gc(engine, dry_run=True)
+        result = await ocicas.gc(engine)
+    for report in (dry, result):
+        assert report.removed == tuple(sorted(expected))
+        assert report.bytes_freed == sum(expected.values())
+    assert os.listdir(tmp_path / "layout" / "blobs" / "sha256") == ["not-a-digest"]
+    assert os.listdir(tmp_path / "layout" / "blobs" / "sha512") == []
