@@ -121,12 +121,12 @@ def _instrument() -> None:
     def timed_sync(owner: Any, attribute: str, name: str, on_batch: bool = False) -> None:
         inner = getattr(owner, attribute)
 
-        def wrapper(*args: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
             if on_batch:
                 _batches.append(len(args[1]))
             start, cpu = time.perf_counter(), time.thread_time()
             try:
-                return inner(*args)
+                return inner(*args, **kwargs)
             finally:
                 wall = time.perf_counter() - start
                 _record(name, wall)

@@ -152,7 +152,7 @@ class PendingBlob:
         self._lent = lent
         self._batch = _LENT_BATCH if lent else _VOUCHED_BATCH if vouched else _PIPELINE_BATCH
         self._depth = _VOUCHED_DEPTH if vouched or lent else _PIPELINE_DEPTH
-        self._name = f"blob-{secrets.token_hex(8)}"
+        self._name = ""  # named in _open, in a worker thread: os.urandom lets go of the GIL, costly on the loop
         self._fd = -1
         self._unsynced = 0  # bytes written since the last fdatasync began
         self._syncing = False
@@ -306,6 +306,7 @@ class PendingBlob:
     def _open(self) -> None:
         if self._fd < 0:
             temp = self._engine._temp_dir()
+            self._name = f"blob-{secrets.token_hex(8)}"
             self._fd = os.open(self._name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=temp)
 
     def _hash(self, batch: _Batch) -> None:
