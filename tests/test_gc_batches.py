@@ -19,7 +19,8 @@ import ocicas._dir.engine
 import ocicas._engine
 import ocicas._gc
 from ocicas import Digest, Engine
-from ocicas._digestpack import PackedDigests
+from ocicas._digestpack import Candidates, PackedDigests
+from ocicas._errors import InvalidError
 from tests.images import age, put, put_artifact, put_image
 
 pytestmark = pytest.mark.anyio
@@ -102,6 +103,90 @@ def test_packed_digests_order_unregistered_algorithms_as_text() -> None:
     assert all(d in packed for d in given)
     assert Digest("md5:00fe") not in packed
     assert [packed.index(d) for d in sorted(given)] == list(range(5))
+
+
+def test_packed_digests_index_as_a_tuple_does() -> None:
+    packed = PackedDigests([sha256(1), sha256(2)])
+    for index in ("x", 1.0, None):
+        with pytest.raises(TypeError):
+            packed[index]  # type: ignore[call-overload]
+    assert packed[True] == packed[1]  # an int, as for a tuple
+
+
+def test_candidates_settle_keeps_only_what_went_over_many_runs() -> None:
+    """Runs of 5 over 23 ``sha256`` and 7 ``sha512`` entries; some did not go: in the middle of a run, at its
+    end, at the end of the last run, a whole run. What went keeps the size it freed; the rest is returned."""
+    given = [str(sha256(n)) for n in range(23)] + [str(sha512(n)) for n in range(7)]
+    candidates = Candidates()
+    candidates.add(given, {d: 1000 + n for n, d in enumerate(given)})
+    not_gone = {given[n] for n in (2, 4, 9, 10, 11, 12, 13, 17, 22, 23, 29)}
+    freed = {d: n for n, d in enumerate(given) if d not in not_gone}  # a size other than the listed one
+    runs = candidates.runs(5)
+    assert [(a, stop - start) for a, start, stop in runs] == [("sha256", 5)] * 4 + [("sha256", 3), ("sha512", 5)] + [
+        ("sha512", 2)
+    ]
+    left = []
+    for algorithm, start, stop in runs:
+        texts = candidates.texts(algorithm, start, stop)
+        left += candidates.settle(algorithm, start, texts, {d: freed[d] for d in texts if d in freed})
+    assert left == [d for d in given if d in not_gone]
+    assert len(candidates) == len(freed)
+    assert list(candidates) == [d for d in given if d in freed]
+    removed, total = candidates.take_sorted()
+    assert removed == tuple(sorted(map(Digest, freed)))
+    assert total == sum(freed.values())
+    assert len(candidates) == 0
+
+
+@pytest.mark.parametrize("count", [10, 5000])
+def test_candidates_count_a_name_listed_twice_once(count: int) -> None:
+    """Packed (small, and bucketed past 4,096 records) and text entries: a repeated name is one blob."""
+    given = [str(sha256(n)) for n in range(count)] + [str(sha512(n)) for n in range(3)] + ["md5:00ff", "md5:0a"]
+    sizes = {d: n + 1 for n, d in enumerate(given)}
+    candidates = Candidates()
+    candidates.add(given, sizes)
+    candidates.add(given[::3], sizes)
+    candidates.add([given[0], given[0]], sizes)
+    removed, total = candidates.take_sorted()
+    assert removed == tuple(sorted(map(Digest, given)))
+    assert len(removed) == len(given)
+    assert total == sum(sizes.values())
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "sha256:" + sha256(1)[7:].upper(),
+        "sha256:" + sha256(1)[7:-2] + " a",
+        "sha256:" + sha256(1)[7:-2],
+        "sha256:" + sha256(1)[7:] + "00",
+        "sha256:" + "g" * 64,
+        "sha512:" + sha256(1)[7:],
+    ],
+)
+def test_candidates_refuse_what_is_not_a_digest(text: str) -> None:
+    """An engine hook's text packed as given would name another file (uppercase: the live lowercase one) or
+    misalign every record after it."""
+    candidates = Candidates()
+    with pytest.raises(InvalidError, match="not a sha"):
+        candidates.add([text], {text: 1})
+    assert len(candidates) == 0
+
+
+class TwiceListing(ocicas.MemoryEngine):
+    """A third-party engine whose listing names every blob twice."""
+
+    async def _gc_list(self) -> list[str]:
+        listed = await super()._gc_list()
+        return listed + listed
+
+
+async def test_a_name_listed_twice_is_removed_and_counted_once() -> None:
+    async with TwiceListing() as engine:
+        garbage = [await put(engine, b"garbage %d" % n, "application/octet-stream") for n in range(30)]
+        result = await ocicas.gc(engine, grace_period=0)
+    assert result.removed == tuple(sorted(d.digest for d in garbage))
+    assert result.bytes_freed == sum(d.size for d in garbage)
 
 
 def write_blobs(blobs: Path, count: int, when: float, *, start: int = 0) -> dict[str, int]:

@@ -198,9 +198,9 @@ async def gc(
             await engine.gc(ctx=ctx)
 
     def result() -> GCResult:
-        freed = candidates.total_size()
+        removed, freed = candidates.take_sorted()
         return GCResult(
-            removed=candidates.take_sorted(),
+            removed=removed,
             bytes_freed=freed,
             live=frozenset(graph.descriptors),
             referrers=frozenset(kept_referrers),
