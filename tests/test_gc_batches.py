@@ -7,11 +7,14 @@ real run removes, and the packed sequence behaving as the sorted tuple it replac
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import pickle
 import time
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 
+import anyio.lowlevel
 import pytest
 
 import ocicas
@@ -187,6 +190,72 @@ async def test_a_name_listed_twice_is_removed_and_counted_once() -> None:
         result = await ocicas.gc(engine, grace_period=0)
     assert result.removed == tuple(sorted(d.digest for d in garbage))
     assert result.bytes_freed == sum(d.size for d in garbage)
+
+
+class Triaged(ocicas.MemoryEngine):
+    """A third-party engine that records the batches the collector triages, and lists an empty batch first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.triaged: list[list[str]] = []
+
+    async def _gc_scan(self, wanted: Callable[[str], bool]) -> AsyncGenerator[list[str], None]:
+        yield []
+        async for batch in super()._gc_scan(wanted):
+            yield batch
+
+    async def _gc_triage(
+        self, digests: list[str], cutoff: float | None, head: int, limit: int
+    ) -> tuple[dict[str, int], list[str], list[str], list[str]]:
+        self.triaged.append(list(digests))
+        return await super()._gc_triage(digests, cutoff, head, limit)
+
+
+async def test_batches_of_live_blobs_only_are_not_triaged(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ocicas._engine, "GC_SCAN_BATCH", 2)
+    async with Triaged() as engine:
+        image, live = await put_image(engine, [b"live layer"])
+        await engine.put_reference("live", image)
+        async with engine._operation(None):
+            scan = ocicas.MemoryEngine._gc_scan(engine, lambda d: d not in live)  # the default, not the empty one
+            assert [batch async for batch in scan] == []
+        result = await ocicas.gc(engine, grace_period=0)
+        assert engine.triaged == []
+        garbage = await put(engine, b"garbage", "application/octet-stream")
+        result = await ocicas.gc(engine, grace_period=0)
+        assert engine.triaged == [[str(garbage.digest)]]
+    assert result.removed == (garbage.digest,)
+
+
+async def test_a_policy_that_never_awaits_lets_other_tasks_run() -> None:
+    """600 candidates, a policy that returns at once: the workers checkpoint every 256 candidates (before, the
+    ticker never ran during the pass: 600 equal values)."""
+    ticks = 0
+    seen: list[int] = []
+
+    async def policy(digest: Digest) -> bool:
+        seen.append(ticks)
+        return True
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await anyio.lowlevel.checkpoint()
+            ticks += 1
+
+    async with ocicas.MemoryEngine() as engine:
+        for n in range(600):
+            await put(engine, b"garbage %d" % n, "application/octet-stream")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(tick)
+            result = await ocicas.gc(engine, grace_period=0, policy=policy, concurrency=1)
+            tg.cancel_scope.cancel()
+    assert len(result.vetoed) == 0
+    assert len(result.removed) == 600
+    assert len(seen) == 600
+    # the ticker ran between checkpoints: on asyncio after each 256 candidates; trio orders a batch of runnable
+    # tasks at random, so the ticker may run before one stretch and after the next
+    assert max(len(list(same)) for _, same in itertools.groupby(seen)) <= 512
 
 
 def write_blobs(blobs: Path, count: int, when: float, *, start: int = 0) -> dict[str, int]:
