@@ -79,9 +79,9 @@ GCPolicy = Callable[[Digest], Awaitable[bool]]
 class GCResult:
     """What a collection removed (or, in a dry run, would remove) and what it kept."""
 
-    #: Blobs removed, or that would be removed in a dry run, sorted: a compact, immutable
-    #: ``Sequence[Digest]`` (32 bytes a ``sha256`` digest) that compares equal to, hashes like, and
-    #: indexes, iterates and answers ``in`` as the sorted tuple of them would.
+    #: Blobs removed, or that would be removed in a dry run: a compact, immutable, sorted
+    #: ``Sequence[Digest]`` (32 bytes a ``sha256`` digest) that compares equal to, and hashes like, the
+    #: tuple of the same digests; not a tuple (no ``+``, ``*`` or ``<`` with tuples).
     removed: Sequence[Digest]
     #: Bytes those blobs held.
     bytes_freed: int
