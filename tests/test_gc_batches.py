@@ -7,11 +7,14 @@ real run removes, and the packed sequence behaving as the sorted tuple it replac
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import pickle
 import time
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 
+import anyio.lowlevel
 import pytest
 
 import ocicas
@@ -19,7 +22,8 @@ import ocicas._dir.engine
 import ocicas._engine
 import ocicas._gc
 from ocicas import Digest, Engine
-from ocicas._digestpack import PackedDigests
+from ocicas._digestpack import Candidates, PackedDigests
+from ocicas._errors import InvalidError
 from tests.images import age, put, put_artifact, put_image
 
 pytestmark = pytest.mark.anyio
@@ -102,6 +106,156 @@ def test_packed_digests_order_unregistered_algorithms_as_text() -> None:
     assert all(d in packed for d in given)
     assert Digest("md5:00fe") not in packed
     assert [packed.index(d) for d in sorted(given)] == list(range(5))
+
+
+def test_packed_digests_index_as_a_tuple_does() -> None:
+    packed = PackedDigests([sha256(1), sha256(2)])
+    for index in ("x", 1.0, None):
+        with pytest.raises(TypeError):
+            packed[index]  # type: ignore[call-overload]
+    assert packed[True] == packed[1]  # an int, as for a tuple
+
+
+def test_candidates_settle_keeps_only_what_went_over_many_runs() -> None:
+    """Runs of 5 over 23 ``sha256`` and 7 ``sha512`` entries; some did not go: in the middle of a run, at its
+    end, at the end of the last run, a whole run. What went keeps the size it freed; the rest is returned."""
+    given = [str(sha256(n)) for n in range(23)] + [str(sha512(n)) for n in range(7)]
+    candidates = Candidates()
+    candidates.add(given, {d: 1000 + n for n, d in enumerate(given)})
+    not_gone = {given[n] for n in (2, 4, 9, 10, 11, 12, 13, 17, 22, 23, 29)}
+    freed = {d: n for n, d in enumerate(given) if d not in not_gone}  # a size other than the listed one
+    runs = candidates.runs(5)
+    assert [(a, stop - start) for a, start, stop in runs] == [("sha256", 5)] * 4 + [("sha256", 3), ("sha512", 5)] + [
+        ("sha512", 2)
+    ]
+    left = []
+    for algorithm, start, stop in runs:
+        texts = candidates.texts(algorithm, start, stop)
+        left += candidates.settle(algorithm, start, texts, {d: freed[d] for d in texts if d in freed})
+    assert left == [d for d in given if d in not_gone]
+    assert len(candidates) == len(freed)
+    assert list(candidates) == [d for d in given if d in freed]
+    removed, total = candidates.take_sorted()
+    assert removed == tuple(sorted(map(Digest, freed)))
+    assert total == sum(freed.values())
+    assert len(candidates) == 0
+
+
+@pytest.mark.parametrize("count", [10, 5000])
+def test_candidates_count_a_name_listed_twice_once(count: int) -> None:
+    """Packed (small, and bucketed past 4,096 records) and text entries: a repeated name is one blob."""
+    given = [str(sha256(n)) for n in range(count)] + [str(sha512(n)) for n in range(3)] + ["md5:00ff", "md5:0a"]
+    sizes = {d: n + 1 for n, d in enumerate(given)}
+    candidates = Candidates()
+    candidates.add(given, sizes)
+    candidates.add(given[::3], sizes)
+    candidates.add([given[0], given[0]], sizes)
+    removed, total = candidates.take_sorted()
+    assert removed == tuple(sorted(map(Digest, given)))
+    assert len(removed) == len(given)
+    assert total == sum(sizes.values())
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "sha256:" + sha256(1)[7:].upper(),
+        "sha256:" + sha256(1)[7:-2] + " a",
+        "sha256:" + sha256(1)[7:-2],
+        "sha256:" + sha256(1)[7:] + "00",
+        "sha256:" + "g" * 64,
+        "sha512:" + sha256(1)[7:],
+    ],
+)
+def test_candidates_refuse_what_is_not_a_digest(text: str) -> None:
+    """An engine hook's text packed as given would name another file (uppercase: the live lowercase one) or
+    misalign every record after it."""
+    candidates = Candidates()
+    with pytest.raises(InvalidError, match="not a sha"):
+        candidates.add([text], {text: 1})
+    assert len(candidates) == 0
+
+
+class TwiceListing(ocicas.MemoryEngine):
+    """A third-party engine whose listing names every blob twice."""
+
+    async def _gc_list(self) -> list[str]:
+        listed = await super()._gc_list()
+        return listed + listed
+
+
+async def test_a_name_listed_twice_is_removed_and_counted_once() -> None:
+    async with TwiceListing() as engine:
+        garbage = [await put(engine, b"garbage %d" % n, "application/octet-stream") for n in range(30)]
+        result = await ocicas.gc(engine, grace_period=0)
+    assert result.removed == tuple(sorted(d.digest for d in garbage))
+    assert result.bytes_freed == sum(d.size for d in garbage)
+
+
+class Triaged(ocicas.MemoryEngine):
+    """A third-party engine that records the batches the collector triages, and lists an empty batch first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.triaged: list[list[str]] = []
+
+    async def _gc_scan(self, wanted: Callable[[str], bool]) -> AsyncGenerator[list[str], None]:
+        yield []
+        async for batch in super()._gc_scan(wanted):
+            yield batch
+
+    async def _gc_triage(
+        self, digests: list[str], cutoff: float | None, head: int, limit: int
+    ) -> tuple[dict[str, int], list[str], list[str], list[str]]:
+        self.triaged.append(list(digests))
+        return await super()._gc_triage(digests, cutoff, head, limit)
+
+
+async def test_batches_of_live_blobs_only_are_not_triaged(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ocicas._engine, "GC_SCAN_BATCH", 2)
+    async with Triaged() as engine:
+        image, live = await put_image(engine, [b"live layer"])
+        await engine.put_reference("live", image)
+        async with engine._operation(None):
+            scan = ocicas.MemoryEngine._gc_scan(engine, lambda d: d not in live)  # the default, not the empty one
+            assert [batch async for batch in scan] == []
+        result = await ocicas.gc(engine, grace_period=0)
+        assert engine.triaged == []
+        garbage = await put(engine, b"garbage", "application/octet-stream")
+        result = await ocicas.gc(engine, grace_period=0)
+        assert engine.triaged == [[str(garbage.digest)]]
+    assert result.removed == (garbage.digest,)
+
+
+async def test_a_policy_that_never_awaits_lets_other_tasks_run() -> None:
+    """600 candidates, a policy that returns at once: the workers checkpoint every 256 candidates (before, the
+    ticker never ran during the pass: 600 equal values)."""
+    ticks = 0
+    seen: list[int] = []
+
+    async def policy(digest: Digest) -> bool:
+        seen.append(ticks)
+        return True
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await anyio.lowlevel.checkpoint()
+            ticks += 1
+
+    async with ocicas.MemoryEngine() as engine:
+        for n in range(600):
+            await put(engine, b"garbage %d" % n, "application/octet-stream")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(tick)
+            result = await ocicas.gc(engine, grace_period=0, policy=policy, concurrency=1)
+            tg.cancel_scope.cancel()
+    assert len(result.vetoed) == 0
+    assert len(result.removed) == 600
+    assert len(seen) == 600
+    # the ticker ran between checkpoints: on asyncio after each 256 candidates; trio orders a batch of runnable
+    # tasks at random, so the ticker may run before one stretch and after the next
+    assert max(len(list(same)) for _, same in itertools.groupby(seen)) <= 512
 
 
 def write_blobs(blobs: Path, count: int, when: float, *, start: int = 0) -> dict[str, int]:

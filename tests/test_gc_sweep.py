@@ -253,7 +253,10 @@ async def test_a_writer_in_another_process_is_never_robbed_by_a_parallel_sweep(
         assert lines[-1] == "done"
         touched = set(lines[:-1])
         assert touched <= set(order[2600:2610])  # the rest was gone when the writer got its turn
-        assert set(map(str, result.removed)) == set(sizes) - touched
+        gone = set(sizes) - touched
+        assert result.removed == tuple(sorted(map(Digest, gone)))  # exact: no entry twice, none left over
+        assert result.bytes_freed == sum(sizes[d] for d in gone)
+        assert result.fresh == set(map(Digest, touched))  # all else was old garbage or live
         assert set(os.listdir(blobs)) == {d.encoded for d in live} | {d[7:] for d in touched}
 
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import operator
 from array import array
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Final, overload
 
 from ._digest import _ENCODED, Digest
+from ._errors import InvalidError
 
 __all__ = ["Candidates", "PackedDigests"]
 
@@ -37,7 +39,16 @@ class _Segment:
 
     def append(self, text: str, size: int) -> None:
         if self.width:
-            self.packed += bytes.fromhex(text[len(self.prefix) :])
+            # text from a third-party engine's hook: uppercase or spaced hex would name another (live) file when
+            # made text again, and a wrong length would misalign every record after it
+            encoded = text[len(self.prefix) :]
+            try:
+                raw = bytes.fromhex(encoded) if len(encoded) == 2 * self.width else b""
+            except ValueError:
+                raw = b""
+            if raw.hex() != encoded:
+                raise InvalidError(f"{text!r}: not a {self.prefix[:-1]} digest (lowercase hex of {2 * self.width})")
+            self.packed += raw
         else:
             self.texts.append(text)
         self.sizes.append(size)
@@ -68,7 +79,8 @@ class _Segment:
 class Candidates:
     """Digests (text, validated) with their sizes, per algorithm, in the order added: a collector's candidates.
 
-    Every method is plain Python over every entry: call it in a worker thread.
+    Every method is plain Python over every entry: the collector runs it in a worker thread, or on the event
+    loop over a few entries (``_gc._compute``).
     """
 
     __slots__ = ("_segments",)
@@ -93,9 +105,6 @@ class Candidates:
         for segment in list(self._segments.values()):
             for index in range(segment.count):
                 yield segment.text(index)
-
-    def total_size(self) -> int:
-        return sum(sum(segment.sizes) for segment in self._segments.values())
 
     def keep(self, wanted: Callable[[str], bool]) -> None:
         """Drop every entry ``wanted`` refuses, keeping the order."""
@@ -144,47 +153,70 @@ class Candidates:
             segment.truncate(kept)
         return left
 
-    def take_sorted(self) -> PackedDigests:
-        """The entries as a sorted :class:`PackedDigests`, leaving this empty (their bytes move, no copy is kept)."""
+    def take_sorted(self) -> tuple[PackedDigests, int]:
+        """The distinct entries as a sorted :class:`PackedDigests`, and the sum of their sizes (each counted once),
+        leaving this empty (their bytes move, no copy is kept)."""
         parts: list[tuple[str, bytes | bytearray | tuple[str, ...], int]] = []
+        total = 0
         for segment in self._segments.values():
             if segment.width:
                 packed, segment.packed = segment.packed, bytearray()
-                parts.append((segment.prefix, _sort_packed(packed, segment.width), segment.width))
+                sizes, segment.sizes = segment.sizes, array("q")
+                data, freed = _sort_packed(packed, sizes, segment.width)
+                parts.append((segment.prefix, data, segment.width))
             else:
-                parts.append((segment.prefix, tuple(sorted(segment.texts)), 0))
+                texts: list[str] = []
+                freed = 0
+                for text, size in sorted(zip(segment.texts, segment.sizes, strict=True)):
+                    if not texts or texts[-1] != text:  # a name listed twice is one blob
+                        texts.append(text)
+                        freed += size
+                parts.append((segment.prefix, tuple(texts), 0))
+            total += freed
             segment.truncate(0)
-        return PackedDigests._from_parts(parts)
+        return PackedDigests._from_parts(parts), total
 
 
-def _sort_packed(data: bytearray, width: int) -> bytearray:
-    """Sort fixed-width records, consuming ``data``: bucketed by first byte, so that the transient objects are those
-    of one bucket, and at most twice the records' bytes are held."""
-    size = len(data)
-    if size <= 4096 * width:
-        return bytearray(b"".join(sorted(bytes(data[at : at + width]) for at in range(0, size, width))))
-    buckets = [bytearray() for _ in range(256)]
+_SIZE: Final = 8  # a record's size field, big-endian, after its digest while sorting
+
+
+def _sort_packed(data: bytearray, sizes: array[int], width: int) -> tuple[bytearray, int]:
+    """Sort fixed-width records, consuming ``data`` and ``sizes``, dropping repeated records: the sorted distinct
+    records and the sum of their sizes. Bucketed by first byte, so that the transient objects are those of one
+    bucket, and at most about twice the records' bytes (with their sizes) are held."""
+    count = len(sizes)
+    buckets = [bytearray() for _ in range(256 if count > 4096 else 1)]
+    spread = len(buckets) > 1
     with memoryview(data) as view:
-        for at in range(0, size, width):
-            buckets[data[at]] += view[at : at + width]
+        for n, at in enumerate(range(0, count * width, width)):
+            bucket = buckets[data[at] if spread else 0]
+            bucket += view[at : at + width]
+            bucket += sizes[n].to_bytes(_SIZE, "big")
     del data[:]
-    out = bytearray(size)
-    at = 0
+    del sizes[:]
+    out = bytearray()
+    total = 0
+    record = width + _SIZE
     for n, bucket in enumerate(buckets):
-        run = b"".join(sorted(bytes(bucket[i : i + width]) for i in range(0, len(bucket), width)))
+        previous = b""
+        for item in sorted(bytes(bucket[i : i + record]) for i in range(0, len(bucket), record)):
+            digest = item[:width]
+            if digest != previous:  # a name listed twice is one blob
+                out += digest
+                total += int.from_bytes(item[width:], "big")
+                previous = digest
         buckets[n] = bytearray()
-        out[at : at + len(run)] = run
-        at += len(run)
-    return out
+    return out, total
 
 
 class PackedDigests(Sequence[Digest]):
-    """A sorted, immutable sequence of distinct digests, held as packed raw bytes (32 per ``sha256`` digest).
+    """A sorted, immutable ``Sequence[Digest]`` of distinct digests, held as packed raw bytes (32 per ``sha256``).
 
-    The type of :attr:`GCResult.removed`. It behaves as the sorted ``tuple`` of the same
-    digests would: it compares equal to that tuple (and to an equal ``PackedDigests``), hashes
-    like it, and indexes, iterates, slices (to a ``tuple``) and counts alike; ``in`` and
-    :meth:`index` search in O(log n). Items are :class:`Digest` objects made on access.
+    The type of :attr:`GCResult.removed`. It compares equal to the sorted ``tuple`` of the same
+    digests (and to an equal ``PackedDigests``) and hashes like it; it indexes, iterates, slices
+    (to a ``tuple``) and counts as a ``Sequence``; ``in`` and :meth:`index` search in O(log n).
+    It is not a ``tuple``: no ``+``, ``*`` or ``<`` with tuples. Items are :class:`Digest`
+    objects made on access.
     """
 
     __slots__ = ("_counts", "_hash", "_parts", "_starts")
@@ -195,7 +227,7 @@ class PackedDigests(Sequence[Digest]):
         candidates = Candidates()
         texts = sorted({str(Digest(d)) for d in digests})
         candidates.add(texts, dict.fromkeys(texts, 0))
-        self._set(candidates.take_sorted()._parts)
+        self._set(candidates.take_sorted()[0]._parts)
 
     @classmethod
     def _from_parts(cls, parts: list[tuple[str, bytes | bytearray | tuple[str, ...], int]]) -> PackedDigests:
@@ -231,7 +263,7 @@ class PackedDigests(Sequence[Digest]):
     def __getitem__(self, index: int | slice) -> Digest | tuple[Digest, ...]:
         if isinstance(index, slice):
             return tuple(self[n] for n in range(*index.indices(len(self))))
-        index = index.__index__()
+        index = operator.index(index)  # TypeError for "x", 1.0 or None, as a tuple's
         if index < 0:
             index += len(self)
         if not 0 <= index < len(self):

@@ -606,7 +606,9 @@ class Engine(ABC):
         sweeps fastest (``wanted`` may run in a worker thread). Default: :meth:`_gc_list`, in pieces."""
         listed = await self._gc_list()
         for start in range(0, len(listed), GC_SCAN_BATCH):
-            yield await run_sync(_kept, listed[start : start + GC_SCAN_BATCH], wanted)
+            kept = await run_sync(_kept, listed[start : start + GC_SCAN_BATCH], wanted)
+            if kept:  # a batch of live blobs only: nothing to triage
+                yield kept
 
     async def _gc_triage(
         self, digests: list[str], cutoff: float | None, head: int, limit: int

@@ -43,6 +43,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Final, TypeVar
 
+import anyio.lowlevel
+
 from ._checks import check_async_callable, check_bool, check_ctx, check_engine, check_int, check_seconds, type_name
 from ._context import Context, bound
 from ._digest import Digest
@@ -66,6 +68,8 @@ DEFAULT_GRACE_PERIOD: Final = 3600.0
 _SWEEP_RUN: Final = 8192
 #: Per-blob work over fewer blobs than this runs on the event loop: a thread hop would cost more.
 _INLINE: Final = 256
+#: Candidates a policy worker asks about between two checkpoints.
+_VETO_CHECKPOINT: Final = 256
 
 #: ``async (digest) -> bool``: return ``False`` to keep a blob the collector would delete.
 GCPolicy = Callable[[Digest], Awaitable[bool]]
@@ -75,9 +79,9 @@ GCPolicy = Callable[[Digest], Awaitable[bool]]
 class GCResult:
     """What a collection removed (or, in a dry run, would remove) and what it kept."""
 
-    #: Blobs removed, or that would be removed in a dry run, sorted: a compact, immutable
-    #: ``Sequence[Digest]`` (32 bytes a ``sha256`` digest) that compares equal to, hashes like, and
-    #: indexes, iterates and answers ``in`` as the sorted tuple of them would.
+    #: Blobs removed, or that would be removed in a dry run: a compact, immutable, sorted
+    #: ``Sequence[Digest]`` (32 bytes a ``sha256`` digest) that compares equal to, and hashes like, the
+    #: tuple of the same digests; not a tuple (no ``+``, ``*`` or ``<`` with tuples).
     removed: Sequence[Digest]
     #: Bytes those blobs held.
     bytes_freed: int
@@ -155,6 +159,8 @@ async def gc(
         json_like: list[str] = []  # the unreachable manifests and indexes: a few, unless garbage is mostly those
         async with contextlib.aclosing(engine._gc_scan(unreached)) as batches:
             async for batch in batches:
+                if not batch:  # a third-party engine's empty batch: nothing to triage
+                    continue
                 # only what is unreachable is stat-ed, and sniffed if old: a store of mostly live blobs costs no more
                 sizes, fresh, old, found = await engine._gc_triage(
                     batch, cutoff if grace_period else None, SNIFF_SIZE if referrers else 0, max_size
@@ -178,16 +184,17 @@ async def gc(
             )
             del json_like
             if kept_referrers:
-                await _compute(lambda: candidates.keep(lambda d: d not in live))
+                await _compute(lambda: candidates.keep(lambda d: d not in live), len(candidates))
         vetoed: set[Digest] = set()
         if policy is not None:
             vetoed = await _vetoes(policy, iter(candidates), concurrency)
             if vetoed:
-                await _compute(lambda: candidates.keep(lambda d: d not in vetoed))
+                await _compute(lambda: candidates.keep(lambda d: d not in vetoed), len(candidates))
         if not dry_run:
             clock = [time.monotonic()]
             # in runs of one algorithm, in the listing's order: the engine's fastest
-            for algorithm, start, stop in await _compute(lambda: candidates.runs(_SWEEP_RUN)):
+            # one tuple a run (of up to _SWEEP_RUN entries): here, never worth a thread hop
+            for algorithm, start, stop in candidates.runs(_SWEEP_RUN):
                 texts = await _compute(functools.partial(candidates.texts, algorithm, start, stop), stop - start)
                 gone = await engine._gc_delete(texts, cutoff if grace_period else None, clock)
                 # what did not go was freshened by a writer meanwhile (or went already)
@@ -198,9 +205,9 @@ async def gc(
             await engine.gc(ctx=ctx)
 
     def result() -> GCResult:
-        freed = candidates.total_size()
+        removed, freed = candidates.take_sorted()
         return GCResult(
-            removed=candidates.take_sorted(),
+            removed=removed,
             bytes_freed=freed,
             live=frozenset(graph.descriptors),
             referrers=frozenset(kept_referrers),
@@ -226,13 +233,15 @@ async def _vetoes(policy: GCPolicy, candidates: Iterator[str], concurrency: int)
 
     async def ask() -> None:
         # ``concurrency`` of these share the iterator: the candidates are asked in order, never all held as tasks
-        for text in candidates:
+        for n, text in enumerate(candidates, 1):
             digest = Digest._trusted(text)
             keep = await policy(digest)
             if not isinstance(keep, bool):  # None from a forgotten return must not mean "delete"
                 raise TypeError(f"policy must return True or False, not {type_name(keep)}")
             if not keep:
                 vetoed.add(digest)
+            if n % _VETO_CHECKPOINT == 0:  # a policy that never awaits must not hold the loop for the whole pass
+                await anyio.lowlevel.checkpoint()
 
     async with task_group() as tg:
         for _ in range(concurrency):
