@@ -108,7 +108,7 @@ async def test_builders_racing_collectors_here_and_in_another_process_lose_nothi
         async def builder(n: int) -> None:
             rng = random.Random(n)
             i = 0
-            while anyio.current_time() < deadline:
+            while i < 2 or anyio.current_time() < deadline:  # two builds each at least, however loaded the machine
                 layers = [rng.randbytes(rng.randint(1, 64 << 10)) for _ in range(rng.randint(1, 3))]
                 name = f"b{n}-{i}"
                 i += 1
@@ -130,7 +130,7 @@ async def test_builders_racing_collectors_here_and_in_another_process_lose_nothi
         other_runs = sum(1 for line in lines if line.startswith("removed "))
         assert runs > 0
         assert other_runs > 0
-        assert len(acknowledged) > BUILDERS
+        assert len(acknowledged) >= 2 * BUILDERS
         await complete(engine, acknowledged)
         final = await ocicas.gc(engine, grace_period=0)  # no lease left: only garbage goes
         assert final.leased == frozenset()
