@@ -12,6 +12,7 @@ connection is left open.
 from __future__ import annotations
 
 import os
+import socket
 import ssl
 import threading
 from collections.abc import Callable, Iterator
@@ -298,3 +299,30 @@ async def test_a_pulled_blob_is_poured_a_few_mib_a_hop(
         monkeypatch.undo()
         assert await dst.read_blob(sha256(BIG)) == BIG
     assert len(hops) < len(BIG) // MiB  # 4 pours of up to 4 MiB and the commit, and the put's own few
+
+
+async def test_a_stalled_pour_under_a_default_socket_timeout_is_cancelled_not_resumed(
+    registry: Registry, proxy: FaultProxy
+) -> None:
+    """``socket.setdefaulttimeout`` does not reach the pour's socket: a stall is waited out (polled, cancellable)
+    up to the read timeout, never turned into a timeout of the default's length and a resume."""
+    repository = await pushed(registry)
+    proxy.faults = Faults(methods=frozenset({"GET"}), path=r"/blobs/", stall=1, stall_seconds=3)
+    async with await open_registry(
+        f"{proxy.url}/{repository}", docker_config=False, retry=FAST, request_timeout=30
+    ) as source:
+        reader = await source.get_blob(sha256(BIG))
+        got: list[int] = []
+        async with reader, reader._borrow_raw() as raw:
+            assert isinstance(raw, ResumingRaw)
+            default = socket.getdefaulttimeout()
+            socket.setdefaulttimeout(0.2)
+            try:
+                with anyio.move_on_after(1) as scope:
+                    await raw.pour(memoryview(bytearray(MiB)), lambda chunk: got.append(len(chunk)), len(BIG))
+            finally:
+                socket.setdefaulttimeout(default)
+            assert scope.cancelled_caught
+            assert raw.retries == 0
+        assert sum(got) < len(BIG)
+        assert len(proxy.faults.made("stall")) == 1

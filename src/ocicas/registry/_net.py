@@ -270,7 +270,10 @@ class Body:
         limit = min(limit, self.remaining)
         pending = self._pending
         timeout = self._timeout
-        with socket.socket(fileno=os.dup(fd)) as sock:  # non-blocking, as the original (one file description)
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            # the file description is non-blocking already, but the object takes socket.getdefaulttimeout():
+            # with one set, recv_into would wait in C (no poll, no checkpoint) and then raise TimeoutError
+            sock.setblocking(False)
             poller = select.poll()
             poller.register(sock, select.POLLIN)
             last = time.monotonic()
