@@ -21,6 +21,7 @@ from typing import Any
 
 import anyio
 import anyio.from_thread
+import anyio.to_thread
 import pytest
 import trustme
 
@@ -326,3 +327,38 @@ async def test_a_stalled_pour_under_a_default_socket_timeout_is_cancelled_not_re
             assert raw.retries == 0
         assert sum(got) < len(BIG)
         assert len(proxy.faults.made("stall")) == 1
+
+
+async def test_a_stalled_pour_does_not_hold_a_worker_thread(registry: Registry, proxy: FaultProxy) -> None:
+    """With one default worker thread, a hop of anyone else's runs while a pour waits for a stalled body."""
+    repository = await pushed(registry)
+    proxy.faults = Faults(methods=frozenset({"GET"}), path=r"/blobs/", stall=1, stall_seconds=3)
+    limiter = anyio.to_thread.current_default_thread_limiter()
+    tokens = limiter.total_tokens
+    events: list[str] = []
+    async with await open_registry(
+        f"{proxy.url}/{repository}", docker_config=False, retry=FAST, request_timeout=30
+    ) as source:
+        reader = await source.get_blob(sha256(BIG))
+        async with reader, reader._borrow_raw() as raw:
+            assert isinstance(raw, ResumingRaw)
+            limiter.total_tokens = 1
+            try:
+                async with anyio.create_task_group() as tg:
+
+                    async def pour() -> None:
+                        with anyio.CancelScope() as scope:
+                            await raw.pour(memoryview(bytearray(MiB)), lambda chunk: None, len(BIG))
+                            events.append("poured")
+                        if scope.cancelled_caught:
+                            events.append("pour cancelled")
+
+                    tg.start_soon(pour)
+                    await anyio.sleep(0.3)  # the pour is in its thread (or back on the loop, waiting)
+                    await anyio.to_thread.run_sync(lambda: events.append("other hop"))
+                    tg.cancel_scope.cancel()
+            finally:
+                limiter.total_tokens = tokens
+            assert raw.retries == 0
+    assert events == ["other hop"]
+    assert len(proxy.faults.made("stall")) == 1
