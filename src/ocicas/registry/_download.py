@@ -149,7 +149,12 @@ class ResumingRaw(RawBlob):
                 got = await self.readinto(buffer[: min(len(buffer), limit - moved)])  # resumes too
                 if not got:
                     break
-                await run_sync(sink, buffer[:got])
+                try:
+                    await run_sync(sink, buffer[:got])
+                except BaseException:  # not handed over: counted as buffered, what a later read gives first
+                    self._buffer.insert(0, bytes(buffer[:got]))
+                    self._buffered += got
+                    raise
                 moved += got
                 continue
             sock = body.open_pour()  # on the loop: the connection cannot close between the check and the dup
