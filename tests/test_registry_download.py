@@ -11,7 +11,10 @@ connection is left open.
 
 from __future__ import annotations
 
+import errno
 import os
+import resource
+import signal
 import socket
 import ssl
 import threading
@@ -22,6 +25,7 @@ from typing import Any
 import anyio
 import anyio.from_thread
 import anyio.to_thread
+import httpx
 import pytest
 import trustme
 
@@ -272,9 +276,63 @@ async def test_a_pour_cancelled_while_bytes_flow_stops_at_its_next_buffer(regist
 
                 await raw.pour(memoryview(bytearray(MiB)), sink, len(BIG))
             assert scope.cancelled_caught
+            assert raw._body is not None
+            assert isinstance(raw._body.error, httpx.ReadError)  # what was received past the sink is lost
+            assert raw._body.poured == 2 * MiB
         assert got == [MiB, MiB]
-        assert reader.closed
         assert await source.read_blob(sha256(LAYERS[2])) == LAYERS[2]
+
+
+async def test_a_stalled_pour_whose_sink_never_checks_is_cancelled(registry: Registry, proxy: FaultProxy) -> None:
+    """The pour's own wait is a cancellation point: a stalled body, a sink that never checks, no resume."""
+    repository = await pushed(registry)
+    proxy.faults = Faults(methods=frozenset({"GET"}), path=r"/blobs/", stall=1, stall_seconds=3)
+    async with await open_registry(
+        f"{proxy.url}/{repository}", docker_config=False, retry=FAST, request_timeout=30
+    ) as source:
+        reader = await source.get_blob(sha256(BIG))
+        got: list[int] = []
+        async with reader, reader._borrow_raw() as raw:
+            assert isinstance(raw, ResumingRaw)
+            with anyio.move_on_after(0.5) as scope:
+                await raw.pour(memoryview(bytearray(MiB)), lambda chunk: got.append(len(chunk)), len(BIG))
+            assert scope.cancelled_caught
+            assert raw.retries == 0
+        assert sum(got) < len(BIG)
+        assert await source.read_blob(sha256(LAYERS[2])) == LAYERS[2]
+    assert len(proxy.faults.made("stall")) == 1
+
+
+async def test_a_sink_failing_mid_pour_propagates_and_leaves_no_temporary_file(
+    registry: Registry, tmp_path: Path
+) -> None:
+    """A directory put of a poured blob past ``RLIMIT_FSIZE``: the write's EFBIG, no ``blob-*`` file, and the
+    engines serve the next request."""
+    repository = await pushed(registry)
+    target = tmp_path / "dst"
+    async with (
+        await open_registry(registry.location(repository), docker_config=False) as source,
+        await new_layout(target) as dst,
+    ):
+        reader = await source.get_blob(sha256(BIG))
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (3 * MiB, hard))
+        try:
+            async with reader:
+                with pytest.raises(OSError, match="File too large") as caught:
+                    await dst.put_blob(reader, expected_digest=sha256(BIG), expected_size=len(BIG))
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            signal.signal(signal.SIGXFSZ, handler)
+        assert caught.value.errno == errno.EFBIG
+        assert not [p for p in target.rglob("*") if p.is_file() and p.name.startswith("blob-")]
+        with pytest.raises(BlobNotFoundError):
+            await dst.stat_blob(sha256(BIG))
+        assert await source.read_blob(sha256(LAYERS[1])) == LAYERS[1]
+        async with await source.get_blob(sha256(BIG)) as again:
+            await dst.put_blob(again, expected_digest=sha256(BIG), expected_size=len(BIG))
+        assert await dst.read_blob(sha256(BIG)) == BIG
 
 
 async def test_a_pulled_blob_is_poured_a_few_mib_a_hop(
