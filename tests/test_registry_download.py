@@ -420,3 +420,31 @@ async def test_a_stalled_pour_does_not_hold_a_worker_thread(registry: Registry, 
             assert raw.retries == 0
     assert events == ["other hop"]
     assert len(proxy.faults.made("stall")) == 1
+
+
+async def test_bytes_a_sink_refused_on_the_read_path_are_poured_again(registry: Registry, proxy: FaultProxy) -> None:
+    """After a cut, a registry ignoring ``Range`` sends the whole blob again: its head is skipped and the rest
+    read and handed over in turn. A buffer the sink raised on is the first of the next pour, not lost."""
+    repository = await pushed(registry)
+    proxy.faults = Faults(methods=frozenset({"GET"}), path=r"/blobs/", cut_after=6 * MiB, cuts=1, strip_range=True)
+    got: list[bytes] = []
+    refused: list[int] = []
+
+    def sink(chunk: memoryview) -> None:
+        if sum(map(len, got)) >= 6 * MiB and not refused:
+            refused.append(len(chunk))
+            raise RuntimeError("refused")
+        got.append(bytes(chunk))
+
+    async with await open_registry(f"{proxy.url}/{repository}", docker_config=False, retry=FAST) as source:
+        reader = await source.get_blob(sha256(BIG))
+        async with reader, reader._borrow_raw() as raw:
+            assert isinstance(raw, ResumingRaw)
+            buffer = memoryview(bytearray(MiB))
+            with pytest.raises(RuntimeError, match="refused"):
+                await raw.pour(buffer, sink, len(BIG))
+            assert raw.retries == 1
+            assert await raw.pour(buffer, sink, len(BIG)) == len(BIG) - 6 * MiB
+    assert refused == [MiB]
+    assert b"".join(got) == BIG
+    assert len(proxy.faults.made("cut")) == 1
