@@ -985,3 +985,38 @@ def test_the_registry_engine_does_not_import_trio_until_used() -> None:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": src}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert (done.returncode, done.stdout) == (0, "False\n[]\nFalse\n[]\n"), done.stderr
+
+
+def test_without_trio_httpcore_sees_none_and_the_stand_in_keeps_what_it_loaded() -> None:
+    """Without trio installed, httpcore gets ``trio = None`` as ever (no stand-in); with it, the stand-in
+    holds the real module's attributes once loaded (later lookups skip ``__getattr__``)."""
+    blocked = (
+        "import sys, importlib.abc\n"
+        "class NoTrio(importlib.abc.MetaPathFinder):  # trio not installed, as find_spec sees it too\n"
+        "    def __init__(self, finders):\n"
+        "        self.finders = finders\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.partition('.')[0] == 'trio':\n"
+        "            return None\n"
+        "        for finder in self.finders:\n"
+        "            spec = finder.find_spec(name, path, target)\n"
+        "            if spec is not None:\n"
+        "                return spec\n"
+        "        return None\n"
+        "sys.meta_path[:] = [NoTrio(list(sys.meta_path))]\n"
+        "import ocicas.registry, httpcore._synchronization as sync\n"
+        "print(sync.trio is None, 'trio' in sys.modules)\n"
+    )
+    loaded = (
+        "import sys, ocicas.registry, httpcore._synchronization as sync\n"
+        "stand_in = sync.trio\n"
+        "print(type(stand_in).__name__, 'lowlevel' in vars(stand_in))\n"
+        "import trio.lowlevel\n"
+        "print(stand_in.lowlevel is trio.lowlevel, vars(stand_in)['lowlevel'] is trio.lowlevel)\n"
+    )
+    src = str(Path(ocicas.__file__).resolve().parent.parent)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": src}
+    done = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, env=env)
+    assert (done.returncode, done.stdout) == (0, "True False\n"), done.stderr
+    done = subprocess.run([sys.executable, "-c", loaded], capture_output=True, text=True, env=env)
+    assert (done.returncode, done.stdout) == (0, "_LazyModule False\nTrue True\n"), done.stderr

@@ -11,7 +11,11 @@ connection is left open.
 
 from __future__ import annotations
 
+import errno
 import os
+import resource
+import signal
+import socket
 import ssl
 import threading
 from collections.abc import Callable, Iterator
@@ -20,6 +24,8 @@ from typing import Any
 
 import anyio
 import anyio.from_thread
+import anyio.to_thread
+import httpx
 import pytest
 import trustme
 
@@ -270,9 +276,63 @@ async def test_a_pour_cancelled_while_bytes_flow_stops_at_its_next_buffer(regist
 
                 await raw.pour(memoryview(bytearray(MiB)), sink, len(BIG))
             assert scope.cancelled_caught
+            assert raw._body is not None
+            assert isinstance(raw._body.error, httpx.ReadError)  # what was received past the sink is lost
+            assert raw._body.poured == 2 * MiB
         assert got == [MiB, MiB]
-        assert reader.closed
         assert await source.read_blob(sha256(LAYERS[2])) == LAYERS[2]
+
+
+async def test_a_stalled_pour_whose_sink_never_checks_is_cancelled(registry: Registry, proxy: FaultProxy) -> None:
+    """The pour's own wait is a cancellation point: a stalled body, a sink that never checks, no resume."""
+    repository = await pushed(registry)
+    proxy.faults = Faults(methods=frozenset({"GET"}), path=r"/blobs/", stall=1, stall_seconds=3)
+    async with await open_registry(
+        f"{proxy.url}/{repository}", docker_config=False, retry=FAST, request_timeout=30
+    ) as source:
+        reader = await source.get_blob(sha256(BIG))
+        got: list[int] = []
+        async with reader, reader._borrow_raw() as raw:
+            assert isinstance(raw, ResumingRaw)
+            with anyio.move_on_after(0.5) as scope:
+                await raw.pour(memoryview(bytearray(MiB)), lambda chunk: got.append(len(chunk)), len(BIG))
+            assert scope.cancelled_caught
+            assert raw.retries == 0
+        assert sum(got) < len(BIG)
+        assert await source.read_blob(sha256(LAYERS[2])) == LAYERS[2]
+    assert len(proxy.faults.made("stall")) == 1
+
+
+async def test_a_sink_failing_mid_pour_propagates_and_leaves_no_temporary_file(
+    registry: Registry, tmp_path: Path
+) -> None:
+    """A directory put of a poured blob past ``RLIMIT_FSIZE``: the write's EFBIG, no ``blob-*`` file, and the
+    engines serve the next request."""
+    repository = await pushed(registry)
+    target = tmp_path / "dst"
+    async with (
+        await open_registry(registry.location(repository), docker_config=False) as source,
+        await new_layout(target) as dst,
+    ):
+        reader = await source.get_blob(sha256(BIG))
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (3 * MiB, hard))
+        try:
+            async with reader:
+                with pytest.raises(OSError, match="File too large") as caught:
+                    await dst.put_blob(reader, expected_digest=sha256(BIG), expected_size=len(BIG))
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            signal.signal(signal.SIGXFSZ, handler)
+        assert caught.value.errno == errno.EFBIG
+        assert not [p for p in target.rglob("*") if p.is_file() and p.name.startswith("blob-")]
+        with pytest.raises(BlobNotFoundError):
+            await dst.stat_blob(sha256(BIG))
+        assert await source.read_blob(sha256(LAYERS[1])) == LAYERS[1]
+        async with await source.get_blob(sha256(BIG)) as again:
+            await dst.put_blob(again, expected_digest=sha256(BIG), expected_size=len(BIG))
+        assert await dst.read_blob(sha256(BIG)) == BIG
 
 
 async def test_a_pulled_blob_is_poured_a_few_mib_a_hop(
@@ -298,3 +358,93 @@ async def test_a_pulled_blob_is_poured_a_few_mib_a_hop(
         monkeypatch.undo()
         assert await dst.read_blob(sha256(BIG)) == BIG
     assert len(hops) < len(BIG) // MiB  # 4 pours of up to 4 MiB and the commit, and the put's own few
+
+
+async def test_a_stalled_pour_under_a_default_socket_timeout_is_cancelled_not_resumed(
+    registry: Registry, proxy: FaultProxy
+) -> None:
+    """``socket.setdefaulttimeout`` does not reach the pour's socket: a stall is waited out (polled, cancellable)
+    up to the read timeout, never turned into a timeout of the default's length and a resume."""
+    repository = await pushed(registry)
+    proxy.faults = Faults(methods=frozenset({"GET"}), path=r"/blobs/", stall=1, stall_seconds=3)
+    async with await open_registry(
+        f"{proxy.url}/{repository}", docker_config=False, retry=FAST, request_timeout=30
+    ) as source:
+        reader = await source.get_blob(sha256(BIG))
+        got: list[int] = []
+        async with reader, reader._borrow_raw() as raw:
+            assert isinstance(raw, ResumingRaw)
+            default = socket.getdefaulttimeout()
+            socket.setdefaulttimeout(0.2)
+            try:
+                with anyio.move_on_after(1) as scope:
+                    await raw.pour(memoryview(bytearray(MiB)), lambda chunk: got.append(len(chunk)), len(BIG))
+            finally:
+                socket.setdefaulttimeout(default)
+            assert scope.cancelled_caught
+            assert raw.retries == 0
+        assert sum(got) < len(BIG)
+        assert len(proxy.faults.made("stall")) == 1
+
+
+async def test_a_stalled_pour_does_not_hold_a_worker_thread(registry: Registry, proxy: FaultProxy) -> None:
+    """With one default worker thread, a hop of anyone else's runs while a pour waits for a stalled body."""
+    repository = await pushed(registry)
+    proxy.faults = Faults(methods=frozenset({"GET"}), path=r"/blobs/", stall=1, stall_seconds=3)
+    limiter = anyio.to_thread.current_default_thread_limiter()
+    tokens = limiter.total_tokens
+    events: list[str] = []
+    async with await open_registry(
+        f"{proxy.url}/{repository}", docker_config=False, retry=FAST, request_timeout=30
+    ) as source:
+        reader = await source.get_blob(sha256(BIG))
+        async with reader, reader._borrow_raw() as raw:
+            assert isinstance(raw, ResumingRaw)
+            limiter.total_tokens = 1
+            try:
+                async with anyio.create_task_group() as tg:
+
+                    async def pour() -> None:
+                        with anyio.CancelScope() as scope:
+                            await raw.pour(memoryview(bytearray(MiB)), lambda chunk: None, len(BIG))
+                            events.append("poured")
+                        if scope.cancelled_caught:
+                            events.append("pour cancelled")
+
+                    tg.start_soon(pour)
+                    await anyio.sleep(0.3)  # the pour is in its thread (or back on the loop, waiting)
+                    await anyio.to_thread.run_sync(lambda: events.append("other hop"))
+                    tg.cancel_scope.cancel()
+            finally:
+                limiter.total_tokens = tokens
+            assert raw.retries == 0
+    assert events == ["other hop"]
+    assert len(proxy.faults.made("stall")) == 1
+
+
+async def test_bytes_a_sink_refused_on_the_read_path_are_poured_again(registry: Registry, proxy: FaultProxy) -> None:
+    """After a cut, a registry ignoring ``Range`` sends the whole blob again: its head is skipped and the rest
+    read and handed over in turn. A buffer the sink raised on is the first of the next pour, not lost."""
+    repository = await pushed(registry)
+    proxy.faults = Faults(methods=frozenset({"GET"}), path=r"/blobs/", cut_after=6 * MiB, cuts=1, strip_range=True)
+    got: list[bytes] = []
+    refused: list[int] = []
+
+    def sink(chunk: memoryview) -> None:
+        if sum(map(len, got)) >= 6 * MiB and not refused:
+            refused.append(len(chunk))
+            raise RuntimeError("refused")
+        got.append(bytes(chunk))
+
+    async with await open_registry(f"{proxy.url}/{repository}", docker_config=False, retry=FAST) as source:
+        reader = await source.get_blob(sha256(BIG))
+        async with reader, reader._borrow_raw() as raw:
+            assert isinstance(raw, ResumingRaw)
+            buffer = memoryview(bytearray(MiB))
+            with pytest.raises(RuntimeError, match="refused"):
+                await raw.pour(buffer, sink, len(BIG))
+            assert raw.retries == 1
+            assert await raw.pour(buffer, sink, len(BIG)) == len(BIG) - 6 * MiB
+    assert refused == [MiB]
+    assert b"".join(got) == BIG
+    assert len(proxy.faults.made("cut")) == 1

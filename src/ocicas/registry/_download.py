@@ -127,7 +127,8 @@ class ResumingRaw(RawBlob):
 
         While the answer's body is read past h11 on a plain socket, a worker thread receives,
         and calls ``sink``, itself (:meth:`~ocicas.registry._net.Body.pour_blocking`): no
-        event loop turn and no thread hop per buffer. Other answers (TLS, short ones, one
+        event loop turn and no thread hop per buffer; a stall is waited out on the loop, the
+        thread back in its pool. Other answers (TLS, short ones, one
         whose head must be skipped) are read with :meth:`readinto` and handed to ``sink`` in a
         worker thread. ``None``, having read nothing, if the first answer cannot be poured.
         """
@@ -148,18 +149,31 @@ class ResumingRaw(RawBlob):
                 got = await self.readinto(buffer[: min(len(buffer), limit - moved)])  # resumes too
                 if not got:
                     break
-                await run_sync(sink, buffer[:got])
+                try:
+                    await run_sync(sink, buffer[:got])
+                except BaseException:  # not handed over: counted as buffered, what a later read gives first
+                    self._buffer.insert(0, bytes(buffer[:got]))
+                    self._buffered += got
+                    raise
                 moved += got
                 continue
-            before = body.poured
-            try:
-                await run_sync(body.pour_blocking, buffer, sink, limit - moved)
-            finally:
-                got = body.poured - before
-                self._fetched += got
-                moved += got
-            if got:
-                self._failures = 0
+            sock = body.open_pour()  # on the loop: the connection cannot close between the check and the dup
+            if sock is None:
+                continue  # read as above
+            with sock:
+                before = body.poured
+                try:
+                    await run_sync(body.pour_blocking, sock, buffer, sink, limit - moved)
+                finally:
+                    got = body.poured - before
+                    self._fetched += got
+                    moved += got
+                if got:
+                    self._failures = 0
+                if body.would_block:  # a stall: waited out here, not in a worker thread of the pool
+                    await body.wait_readable(sock)
+                    if body.error is None:
+                        continue
             if moved < limit and self._fetched < self.size:  # short: the body ended, failed, or was all sent
                 await self._lost(body.error)  # None: a clean end before the size, a cut all the same
         return moved

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import os
 import select
 import socket
@@ -198,6 +199,9 @@ class Body:
         self._error: httpx.TransportError | None = None  # raised by the next read, once what came before is out
         #: Bytes :meth:`pour_blocking` handed over, in all.
         self.poured = 0
+        #: Whether :meth:`pour_blocking` stopped because nothing came for a while (see :meth:`wait_readable`).
+        self.would_block = False
+        self._last: float | None = None  # time.monotonic() when the pours last had data
 
     async def readinto(self, view: memoryview) -> int:
         """Fill ``view`` (within the body): fewer bytes only at an end or error, ``0`` at the end.
@@ -245,35 +249,80 @@ class Body:
         """Whether :meth:`pour_blocking` can go on: a plain socket, and no end or error seen yet."""
         return not self._ended and self._error is None and _POLL and self._fileno() is not None
 
-    def pour_blocking(self, buffer: memoryview, sink: Callable[[memoryview], None], limit: int) -> int:
-        """In a worker thread: receive up to ``limit`` bytes of the body into ``buffer`` and hand each filling
-        to ``sink``, with no event loop in between; the count handed over.
+    def open_pour(self) -> socket.socket | None:
+        """On the event loop: a duplicate of the connection's socket for :meth:`pour_blocking` (the caller
+        closes it), or ``None`` if the body is not :attr:`pourable`.
+
+        The check and the ``dup`` are one step on the loop, so the connection cannot close between them.
+        """
+        if self._ended or self._error is not None or not _POLL:
+            return None
+        fd = self._fileno()
+        if fd is None:
+            return None
+        dup = os.dup(fd)
+        try:
+            sock = socket.socket(fileno=dup)
+        except BaseException:
+            os.close(dup)
+            raise
+        try:
+            # the file description is non-blocking already, but the object takes socket.getdefaulttimeout():
+            # with one set, recv_into would wait in C (no poll, no checkpoint) and then raise TimeoutError
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        if self._last is None:
+            self._last = time.monotonic()
+        return sock
+
+    def pour_blocking(
+        self, sock: socket.socket, buffer: memoryview, sink: Callable[[memoryview], None], limit: int
+    ) -> int:
+        """In a worker thread: receive up to ``limit`` bytes of the body from ``sock`` (:meth:`open_pour`'s)
+        into ``buffer`` and hand each filling to ``sink``, with no event loop in between; the count handed over.
 
         Fewer at an end or error of the connection (``_ended`` or ``_error`` set, as :meth:`readinto` does),
-        or when ``sink`` or :func:`~ocicas._threads.checkpoint` raise (cancelled: a wait for data checks every
-        :data:`~ocicas._threads.POLL_INTERVAL`): :attr:`poured` counts what ``sink`` took in any case. The
-        socket is received from through a duplicate descriptor, closed before returning: its owner (the
-        asyncio transport, paused, or the trio socket, not waited on) is never used meanwhile.
+        when nothing came for :data:`~ocicas._threads.POLL_INTERVAL` (:attr:`would_block` set: the thread
+        goes back to its pool while :meth:`wait_readable` waits on the loop), or when ``sink`` or
+        :func:`~ocicas._threads.checkpoint` raise: :attr:`poured` counts what ``sink`` took in any case.
+        The socket's owner (the asyncio transport, paused, or the trio socket, not waited on) is never
+        used meanwhile.
         """
-        fd = self._fileno()
-        if fd is None or self._ended or self._error is not None:
+        self.would_block = False
+        if self._ended or self._error is not None:
             return 0
         try:
-            return self._pour(fd, buffer, sink, limit)
+            return self._pour(sock, buffer, sink, limit)
         except BaseException:  # cancelled, or the sink failed: bytes received may not have been handed over
             if self._error is None:
                 self._error = httpx.ReadError("a read of the body was interrupted")
             raise
 
-    def _pour(self, fd: int, buffer: memoryview, sink: Callable[[memoryview], None], limit: int) -> int:
+    async def wait_readable(self, sock: socket.socket) -> None:
+        """On the event loop: wait until ``sock`` has data (or an end) for :meth:`pour_blocking`; once the
+        read timeout has passed since data last came (in the pours or here), set ``_error`` instead."""
+        timeout = self._timeout
+        last = time.monotonic() if self._last is None else self._last
+        left = None if timeout is None else timeout - (time.monotonic() - last)
+        if left is not None and left <= 0:
+            self._error = httpx.ReadTimeout(f"no data for {timeout} seconds")
+            return
+        with anyio.move_on_after(math.inf if left is None else left) as scope:
+            await anyio.wait_readable(sock)
+        if scope.cancelled_caught:
+            self._error = httpx.ReadTimeout(f"no data for {timeout} seconds")
+
+    def _pour(self, sock: socket.socket, buffer: memoryview, sink: Callable[[memoryview], None], limit: int) -> int:
         moved = 0
         limit = min(limit, self.remaining)
         pending = self._pending
         timeout = self._timeout
-        with socket.socket(fileno=os.dup(fd)) as sock:  # non-blocking, as the original (one file description)
-            poller = select.poll()
-            poller.register(sock, select.POLLIN)
-            last = time.monotonic()
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        last = time.monotonic() if self._last is None else self._last
+        try:
             while moved < limit:
                 want = min(len(buffer), limit - moved)
                 filled = 0
@@ -293,9 +342,11 @@ class Body:
                             self._error = httpx.ReadTimeout(f"no data for {timeout} seconds")
                             break
                         wait = POLL_INTERVAL if timeout is None else min(POLL_INTERVAL, timeout - idle)
-                        poller.poll(max(1, int(wait * 1000)))
-                        checkpoint()  # raises once cancelled: what was filled is lost, so the body is too
-                        continue
+                        if poller.poll(max(1, int(wait * 1000))):
+                            checkpoint()  # raises once cancelled: what was filled is lost, so the body is too
+                            continue
+                        self.would_block = True  # nothing for a while: wait on the loop, not in a worker thread
+                        break
                     except OSError as exc:
                         self._error = _transport_error(exc)
                         break
@@ -309,8 +360,11 @@ class Body:
                     sink(buffer[:filled])
                     moved += filled
                     self.poured += filled
-                if self._ended or self._error is not None:
+                    last = time.monotonic()  # the sink's time is not time without data
+                if self._ended or self._error is not None or self.would_block:
                     break
+        finally:
+            self._last = last
         return moved
 
 

@@ -9,9 +9,11 @@ httpcore imports trio when imported (≈0.07 s of CPU, and a ``ldconfig`` run:
 trio looks up libc to name its threads), only to use it under trio. Unless trio
 is already loaded, a stand-in takes its place the same way: httpcore keeps it,
 and it imports the real trio on its first attribute looked up, which only
-happens under trio (where trio is loaded already).
+happens under trio (where trio is loaded already). Without trio installed,
+httpcore sees ``trio = None``, as ever.
 """
 
+import importlib.util
 import sys
 import types
 from typing import Any
@@ -25,21 +27,23 @@ def _cli_main(*args: Any, **kwargs: Any) -> Any:
 
 
 class _LazyModule(types.ModuleType):
-    """A module imported on its first attribute looked up (then every lookup is the real module's)."""
+    """A module imported on its first attribute looked up; then it holds the real module's attributes."""
 
     def __getattr__(self, name: str) -> Any:
         import importlib
 
         if sys.modules.get(self.__name__) is self:  # looked up while still standing in: import the real one now
             del sys.modules[self.__name__]
-        return getattr(importlib.import_module(self.__name__), name)
+        real = importlib.import_module(self.__name__)
+        self.__dict__.update(real.__dict__)  # later lookups find them here, not through this method
+        return getattr(real, name)
 
 
 _stand_ins: dict[str, types.ModuleType] = {}
 if "httpx" not in sys.modules and "httpx._main" not in sys.modules:
     _stand_ins["httpx._main"] = types.ModuleType("httpx._main")
     _stand_ins["httpx._main"].main = _cli_main  # type: ignore[attr-defined]
-if "httpcore" not in sys.modules and "trio" not in sys.modules:
+if "httpcore" not in sys.modules and "trio" not in sys.modules and importlib.util.find_spec("trio") is not None:
     _stand_ins["trio"] = _LazyModule("trio")
 sys.modules.update(_stand_ins)
 try:
