@@ -181,6 +181,19 @@ def _transport_error(exc: BaseException) -> httpx.TransportError:
     return httpx.ReadError(reason)
 
 
+def _copy_pending(pending: collections.deque[bytes], view: memoryview | bytearray, want: int) -> int:
+    """Move up to ``want`` bytes from the front of ``pending`` into ``view`` (a piece partly taken keeps its rest)."""
+    done = 0
+    while pending and done < want:
+        piece = pending.popleft()
+        n = min(len(piece), want - done)
+        view[done : done + n] = memoryview(piece)[:n]
+        if n < len(piece):
+            pending.appendleft(piece[n:])
+        done += n
+    return done
+
+
 class Body:
     """A response body of known length, read straight from its connection, past h11 (see :func:`open_body`).
 
@@ -211,15 +224,7 @@ class Body:
         if self._error is not None:
             raise self._error
         want = min(len(view), self.remaining)
-        done = 0
-        pending = self._pending
-        while pending and done < want:
-            piece = pending.popleft()
-            n = min(len(piece), want - done)
-            view[done : done + n] = memoryview(piece)[:n]
-            if n < len(piece):
-                pending.appendleft(piece[n:])
-            done += n
+        done = _copy_pending(self._pending, view, want)
         if done < want and not self._ended:
             try:
                 done += await self._fill(view[done:want])
@@ -325,14 +330,7 @@ class Body:
         try:
             while moved < limit:
                 want = min(len(buffer), limit - moved)
-                filled = 0
-                while pending and filled < want:
-                    piece = pending.popleft()
-                    n = min(len(piece), want - filled)
-                    buffer[filled : filled + n] = memoryview(piece)[:n]
-                    if n < len(piece):
-                        pending.appendleft(piece[n:])
-                    filled += n
+                filled = _copy_pending(pending, buffer, want)
                 while filled < want:
                     try:
                         n = sock.recv_into(buffer[filled:want])
