@@ -100,6 +100,7 @@ if TYPE_CHECKING:
     )
     from ._memory_engine import MemoryEngine
     from ._models import ContainerConfig, History, ImageConfig, Index, Manifest, RootFS
+    from ._syncs import set_sync_limit
     from .registry import RegistryEngine, RegistryLocation, RetryPolicy, open_registry, parse_registry_location
 
 __version__ = "0.1.0"
@@ -116,6 +117,7 @@ _LAZY: dict[str, str] = {
     "unregister_media_type": "._blob",
     "PutBudget": "._budget",
     "set_put_budget": "._budget",
+    "set_sync_limit": "._syncs",
     "build_image": "._build",
     "build_index": "._build",
     "Context": "._context",
@@ -341,6 +343,7 @@ __all__ = [
     "register_media_type",
     "resolve_reference",
     "set_put_budget",
+    "set_sync_limit",
     "unregister_media_type",
     "validate_reference_name",
     "walk",

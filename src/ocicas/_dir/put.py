@@ -27,6 +27,7 @@ import anyio
 from .._budget import PUT_BUDGET
 from .._digest import Digest, Verifier
 from .._source import BlobSource, iterate_source, reads_async
+from .._syncs import BLOB_SYNCS
 from .._tasks import task_group
 from .._threads import CHUNK_SIZE, checkpoint, run_sync
 from .fs import blobs_held, open_blob, write_all
@@ -444,7 +445,8 @@ class PendingBlob:
         else:
             digest = verifier.verify()
         size = verifier.received
-        os.fsync(self._fd)
+        with BLOB_SYNCS.admitted():  # a short queue before the disk, for the index commits tags wait on
+            os.fsync(self._fd)
         checkpoint()
         engine = self._engine
         alg = engine._alg_dir(digest.algorithm, create=True)
