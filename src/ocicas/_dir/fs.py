@@ -112,33 +112,87 @@ class GroupSync:
     """fsync one directory on behalf of every thread that changed it before the fsync began.
 
     Concurrent puts each need their rename made durable; one directory fsync that
-    starts after a rename covers it, so callers arriving while one runs share the next.
+    starts after a rename covers it, so callers arriving while one runs share the
+    next. A failed fsync fails every caller it covered, each with an ``OSError`` of
+    its own (caused by the one failure). A second fsync cannot tell whether the
+    renames it covered reached the disk (the kernel may drop the failed writeback
+    and report success the next time), so the directory is then :attr:`unsynced`
+    until an fsync succeeds that followed a renewing rename: meanwhile a put of
+    present content renames its copy over the blob instead of freshening it, so a
+    caller's retry is durable (as ``index.json`` rewrites do, ``index.py``).
     """
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._started = 0  # fsyncs begun
-        self._done = 0  # fsyncs finished (they finish in the order they begin)
+        self._done = 0  # fsyncs finished (they finish in the order they begin, one at a time)
         self._running = False
+        self._failures = 0  # fsyncs that failed
+        self._unsynced = False
+        self._waiting: dict[int, int] = {}  # fsync number -> callers it covers that have not yet looked
+        self._failed: dict[int, OSError] = {}  # fsync number -> its failure, while a caller it covered has not looked
 
-    def sync(self, fd: int) -> None:
+    def renewing(self) -> int | None:
+        """Before a change: ``None`` if the directory is synced, else a mark to hand :meth:`sync` after a renewing
+        rename (a put of present content must then rename over it, not freshen it)."""
+        with self._cond:
+            return self._failures if self._unsynced else None
+
+    def sync(self, fd: int, renewed: int | None = None) -> None:
+        """Return once an fsync of ``fd`` that began after this call succeeded; raise if it failed.
+
+        ``renewed``: the caller renamed because :meth:`renewing` gave this mark; if no fsync failed since, this
+        one's success makes the directory synced again.
+        """
         with self._cond:
             needed = self._started + 1  # one that begins after our change
-            while self._done < needed:
-                if self._running:
-                    self._cond.wait()
-                    continue
-                self._running = True
-                self._started += 1
-                mine = self._started
-                self._cond.release()
-                try:
-                    os.fsync(fd)
-                finally:
-                    self._cond.acquire()
-                    self._running = False
-                    self._done = mine
-                    self._cond.notify_all()
+            self._waiting[needed] = self._waiting.get(needed, 0) + 1
+            try:
+                while self._done < needed:
+                    if self._running:
+                        self._cond.wait()
+                        continue
+                    self._run(fd)
+                failure = self._failed.get(needed)
+                if failure is None and renewed is not None and renewed == self._failures:
+                    self._unsynced = False
+            finally:
+                self._waiting[needed] -= 1
+                if not self._waiting[needed]:
+                    del self._waiting[needed]
+                    self._failed.pop(needed, None)
+        if failure is not None:
+            error = OSError(failure.errno, failure.strerror)
+            raise error from failure
+
+    def _run(self, fd: int) -> None:
+        """Under the condition: run the next fsync, with the condition released meanwhile."""
+        self._running = True
+        self._started += 1
+        mine = self._started
+        self._cond.release()
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            self._cond.acquire()
+            self._failed[mine] = exc
+            self._failures += 1
+            self._unsynced = True
+            self._finish(mine)
+        except BaseException:
+            self._cond.acquire()
+            self._started -= 1  # not run (interrupted): the next caller runs it
+            self._running = False
+            self._cond.notify_all()
+            raise
+        else:
+            self._cond.acquire()
+            self._finish(mine)
+
+    def _finish(self, number: int) -> None:
+        self._running = False
+        self._done = number
+        self._cond.notify_all()
 
 
 @contextmanager

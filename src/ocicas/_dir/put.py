@@ -26,6 +26,7 @@ import anyio
 
 from .._budget import PUT_BUDGET
 from .._digest import Digest, Verifier
+from .._errors import NotDurableError
 from .._source import BlobSource, iterate_source, reads_async
 from .._syncs import BLOB_SYNCS
 from .._tasks import task_group
@@ -131,6 +132,16 @@ def _frozen(chunk: _Chunk) -> bytes | memoryview:
     if isinstance(chunk, bytes) or (isinstance(chunk, memoryview) and chunk.readonly):
         return chunk
     return bytes(chunk)
+
+
+def _not_durable(digest: Digest, exc: OSError) -> NotDurableError:
+    """The error of a put whose blob was renamed into place (visible) but whose directory fsync failed."""
+    error = NotDurableError(
+        f"blob {digest} is stored and visible, but syncing its directory failed ({exc.strerror or exc}): "
+        "it may not survive a crash; putting it again makes it durable"
+    )
+    error.errno, error.strerror = exc.errno, exc.strerror
+    return error
 
 
 class PendingBlob:
@@ -450,21 +461,26 @@ class PendingBlob:
         checkpoint()
         engine = self._engine
         alg = engine._alg_dir(digest.algorithm, create=True)
+        syncs = engine._dir_syncs[digest.algorithm]
         try:
+            renewing = syncs.renewing()  # a directory fsync failed: a present copy is renamed over, not freshened
             with blobs_held(alg):  # no collector unlinks the blob meanwhile
                 held = open_blob(alg, digest.encoded, f"blob path of {digest}")
                 try:
-                    if held is not None and os.fstat(held).st_size == size:
+                    if held is not None and os.fstat(held).st_size == size and renewing is None:
                         os.utime(held)  # freshen, as git does
                         renamed = False
-                    else:  # absent, or a damaged copy of the wrong size
+                    else:  # absent, a damaged copy of the wrong size, or a rename perhaps lost
                         os.rename(self._name, digest.encoded, src_dir_fd=engine._temp_dir(), dst_dir_fd=alg)
                         renamed = True
                 finally:
                     if held is not None:
                         os.close(held)
             if renamed:
-                engine._dir_syncs[digest.algorithm].sync(alg)
+                try:
+                    syncs.sync(alg, renewing)
+                except OSError as exc:
+                    raise _not_durable(digest, exc) from exc.__cause__
         finally:
             os.close(alg)
         self._abandon()  # the temporary file is only still there when the blob was already present
