@@ -9,7 +9,10 @@ tag makes: its wait for a thread (``queue``: the limiter, then the thread's star
 and its turn at the GIL), its work (``run``) and the wait for the event loop to
 resume the task (``resume``). Per phase: the mean time it adds to a tag, p50 and
 p99 of each occurrence. The wrapping costs a few microseconds per hop; compare
-runs of this script with each other, not with ``run.py``.
+runs of this script with each other, not with ``run.py``. Each run removes its
+layout when done: on an ext4 without a journal that slows the next run's file
+creations for minutes (see ``run.py``'s module doc), so give each run a fresh
+``--dir`` (or wait).
 """
 
 from __future__ import annotations

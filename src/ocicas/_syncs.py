@@ -10,9 +10,10 @@ pulls all end in) passes :data:`BLOB_SYNCS` first: at most :func:`set_sync_limit
 of them (2 by default) run at once and the rest wait their turn, first come first
 served, in their worker threads, cancellably. The index commit and the directory
 fsyncs do not pass it: they are few (one at a time per directory) and are what
-callers wait on. With 50 builders the gate cut tag p99 from 61-69 ms to 41-52 ms at
-8-10% fewer tags a second (``benchmarks/tag_phases.py``); a disk that flushes
-in parallel (NVMe) may want a higher limit.
+callers wait on. With 50 builders, in paired runs on fresh directories, the gate
+cut tag p99 from 78-82 ms to 41-61 ms at 3-25% fewer tags a second
+(``benchmarks/tag_phases.py 50``); a disk that flushes in parallel (NVMe) may
+want a higher limit.
 """
 
 from __future__ import annotations
