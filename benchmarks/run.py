@@ -11,8 +11,9 @@ Creating files is slow for minutes after many were deleted nearby on an ext4
 without a journal (as on the CI-class VM): each new inode skips, one lookup at a
 time, every inode of its block group freed in the last 60 s (360 s while the
 inode table is dirty). Tag latency under load measured right after earlier runs
-had removed their layouts was twice what it is on a fresh directory. So ``tagload`` runs first and keeps its
-layouts until it is done; run it alone, or after a few quiet minutes.
+had removed their layouts was twice what it is on a fresh directory. So
+``tagload`` runs first and leaves its layouts for the end of the run; run it
+alone, or after a few quiet minutes.
 """
 
 from __future__ import annotations
@@ -675,16 +676,9 @@ def case_tagging(workdir: Path, repeat: int, count: int) -> list[Row]:
 def case_tag_load(workdir: Path, seconds: float, concurrencies: list[int]) -> list[Row]:
     """Builders each storing a small image then tagging it, for ``seconds``: put_reference latency and rate.
 
-    The layouts are removed at the end, all at once: not between runs (see the module doc).
+    The layouts are left for the end of the whole run (the work directory's removal): removed now, they would
+    slow the file creations of the cases after (see the module doc).
     """
-    try:
-        return _tag_load_runs(workdir, seconds, concurrencies)
-    finally:
-        for concurrency in concurrencies:
-            shutil.rmtree(workdir / f"tagload-{concurrency}", ignore_errors=True)
-
-
-def _tag_load_runs(workdir: Path, seconds: float, concurrencies: list[int]) -> list[Row]:
     rows = []
     for concurrency in concurrencies:
         layout = workdir / f"tagload-{concurrency}"

@@ -1,5 +1,6 @@
-"""A put's blob directory fsync that fails: every put whose rename it covered raises NotDurableError (the blob is
-visible), and a retry renames again and syncs, until the directory is synced again."""
+"""A blob directory fsync that fails: every put whose rename it covered or overlapped raises NotDurableError (the
+blob is visible), a put of present content waits for the fsync of the rename it found, and a retry renames
+again and syncs."""
 
 from __future__ import annotations
 
@@ -20,11 +21,11 @@ pytestmark = pytest.mark.anyio
 
 
 class DirFsyncs:
-    """``os.fsync`` of one directory, from worker threads, done as planned: "ok", "fail" (EIO) or "hold" (wait for
-    :attr:`release`, then ok); calls beyond the plan are ok. Other fsyncs are untouched."""
+    """``os.fsync`` of one directory, from worker threads, done as planned: "ok", "fail" (EIO), "hold" (wait
+    for :attr:`release`, then ok) or "hold-fail"; calls beyond the plan are ok. Other fsyncs are untouched."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, directory: Path, plan: list[str]) -> None:
-        self.directory = str(directory)
+        self.directory = os.path.realpath(directory)
         self.plan = plan
         self.calls: list[str] = []
         self.release = threading.Event()
@@ -37,10 +38,10 @@ class DirFsyncs:
                 return fsync(fd)
             step = self.plan[len(self.calls)] if len(self.calls) < len(self.plan) else "ok"
             self.calls.append(step)
-            if step == "fail":
-                raise OSError(errno.EIO, os.strerror(errno.EIO))
-            if step == "hold":
+            if step.startswith("hold"):
                 self.release.wait(30)
+            if step.endswith("fail"):
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
             return fsync(fd)
 
         monkeypatch.setattr(os, "fsync", planned)
@@ -62,7 +63,33 @@ async def wait_until(condition: Callable[[], bool]) -> None:
             await anyio.sleep(0.005)
 
 
-async def test_a_failed_directory_fsync_is_not_durable_and_a_retry_renames_and_syncs(
+class Puts:
+    """Puts run as tasks, each outcome kept: ``None`` or the NotDurableError raised."""
+
+    def __init__(self, engine: ocicas.DirEngine) -> None:
+        self.engine = engine
+        self.outcomes: dict[str, BaseException | None] = {}
+
+    async def put(self, key: str, data: bytes) -> None:
+        try:
+            assert await self.engine.put_blob(data) == (digest_of(data), len(data))
+            self.outcomes[key] = None
+        except ocicas.NotDurableError as exc:
+            self.outcomes[key] = exc
+
+
+def assert_not_durable(error: BaseException | None, data: bytes) -> None:
+    assert type(error) is ocicas.NotDurableError
+    assert error.errno == errno.EIO
+    assert str(error) == (
+        f"blob {digest_of(data)} is stored and visible, but syncing its directory failed (Input/output error): it "
+        "may not survive a crash; putting it again (put_blob, in this process) makes it durable"
+    )
+    assert isinstance(error.__cause__, OSError)
+    assert error.__cause__.errno == errno.EIO
+
+
+async def test_a_failed_fsync_is_not_durable_and_the_retry_renames_even_after_other_puts(
     layout: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     blobs = layout / "blobs" / "sha256"
@@ -72,63 +99,99 @@ async def test_a_failed_directory_fsync_is_not_durable_and_a_retry_renames_and_s
     async with await ocicas.open_layout(layout) as engine:
         with pytest.raises(ocicas.NotDurableError) as info:
             await engine.put_blob(data)
-        assert isinstance(info.value, OSError)
-        assert info.value.errno == errno.EIO
-        assert str(info.value) == (
-            f"blob {digest} is stored and visible, but syncing its directory failed (Input/output error): it may "
-            "not survive a crash; putting it again makes it durable"
-        )
-        assert isinstance(info.value.__cause__, OSError)
-        assert info.value.__cause__.errno == errno.EIO
+        assert_not_durable(info.value, data)
         assert await engine.read_blob(digest) == data  # stored and visible
         first = (blobs / digest[7:]).stat().st_ino
 
+        # another blob's successful fsync does not vouch for this one
+        assert await engine.put_blob(b"another") == (digest_of(b"another"), 7)
+        assert fsyncs.calls == ["fail", "ok"]
+
         # the retry finds it present, but renames its copy over it and syncs, rather than freshen it
         assert await engine.put_blob(data) == (digest, len(data))
-        assert fsyncs.calls == ["fail", "ok"]
+        assert fsyncs.calls == ["fail", "ok", "ok"]
         assert (blobs / digest[7:]).stat().st_ino != first
         assert await engine.read_blob(digest) == data
 
-        # synced again: a put of present content freshens it, with no directory fsync
+        # durable now: a put of present content freshens it, with no directory fsync
         again = (blobs / digest[7:]).stat().st_ino
         assert await engine.put_blob(data) == (digest, len(data))
-        assert fsyncs.calls == ["fail", "ok"]
-        assert (blobs / digest[7:]).stat().st_ino == again
-        # a new blob is renamed and synced as usual
         assert await engine.put_blob(b"another") == (digest_of(b"another"), 7)
         assert fsyncs.calls == ["fail", "ok", "ok"]
+        assert (blobs / digest[7:]).stat().st_ino == again
 
 
 async def test_every_put_a_failed_fsync_covered_gets_not_durable(layout: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The first directory fsync is held until three more puts wait for the next one, which fails: all three
-    raise NotDurableError, each its own instance with the one failure as its cause; the first put succeeds."""
+    """The first directory fsync is held until three more puts renamed and wait for the next one, which fails:
+    all three raise NotDurableError, each its own instance with the one failure as its cause."""
     fsyncs = DirFsyncs(monkeypatch, layout / "blobs" / "sha256", ["hold", "fail"])
     payloads = [f"covered blob {n}".encode() * 20 for n in range(4)]
-    outcomes: dict[int, BaseException | None] = {}
     async with await ocicas.open_layout(layout) as engine:
         syncs = engine._dir_syncs["sha256"]
-
-        async def put(n: int) -> None:
-            try:
-                assert await engine.put_blob(payloads[n]) == (digest_of(payloads[n]), len(payloads[n]))
-                outcomes[n] = None
-            except ocicas.NotDurableError as exc:
-                outcomes[n] = exc
-
+        puts = Puts(engine)
         async with anyio.create_task_group() as tg:
-            tg.start_soon(put, 0)
+            tg.start_soon(puts.put, "0", payloads[0])
             await wait_until(lambda: fsyncs.calls == ["hold"])
             for n in (1, 2, 3):
-                tg.start_soon(put, n)
-            await wait_until(lambda: syncs._waiting.get(2) == 3)  # all three renamed, and wait for fsync 2
+                tg.start_soon(puts.put, str(n), payloads[n])
+            await wait_until(lambda: len(syncs._renaming) == 4)  # all three renamed, and wait
             fsyncs.release.set()
         assert fsyncs.calls == ["hold", "fail"]
-        assert outcomes[0] is None
-        failed = [outcomes[n] for n in (1, 2, 3)]
-        assert [type(e) for e in failed] == [ocicas.NotDurableError] * 3
+        assert puts.outcomes["0"] is None
+        failed = [puts.outcomes[str(n)] for n in (1, 2, 3)]
+        for n, error in zip((1, 2, 3), failed, strict=True):
+            assert_not_durable(error, payloads[n])
         assert len({id(e) for e in failed}) == 3  # each raised in its own task
-        causes = {id(e.__cause__) for e in failed if e is not None}
-        assert len(causes) == 1
+        assert len({id(e.__cause__) for e in failed if e is not None}) == 1
         for payload in payloads:
             assert await engine.read_blob(digest_of(payload)) == payload
-        assert (syncs._waiting, syncs._failed) == ({}, {})  # nothing kept once every caller looked
+        assert syncs._suspect == {digest_of(payloads[n])[7:] for n in (1, 2, 3)}
+        assert syncs._renaming == {}
+
+
+async def test_a_rename_made_while_an_fsync_fails_is_not_durable(layout: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A put renames while the fsync of an earlier one runs and fails: its own fsync, after, succeeds, but cannot
+    vouch for a rename the failed writeback may have held."""
+    fsyncs = DirFsyncs(monkeypatch, layout / "blobs" / "sha256", ["hold-fail"])
+    first, second = b"first" * 30, b"second" * 30
+    async with await ocicas.open_layout(layout) as engine:
+        syncs = engine._dir_syncs["sha256"]
+        puts = Puts(engine)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(puts.put, "first", first)
+            await wait_until(lambda: fsyncs.calls == ["hold-fail"])
+            tg.start_soon(puts.put, "second", second)
+            await wait_until(lambda: len(syncs._renaming) == 2)
+            fsyncs.release.set()
+        assert fsyncs.calls == ["hold-fail", "ok"]
+        assert_not_durable(puts.outcomes["first"], first)
+        assert_not_durable(puts.outcomes["second"], second)
+        assert syncs._suspect == {digest_of(first)[7:], digest_of(second)[7:]}
+
+
+async def test_a_put_of_present_content_waits_for_the_fsync_of_the_rename_it_found(
+    layout: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two puts of the same bytes: the second finds the first's copy and freshens it, but returns only once the
+    first's directory fsync ended; that fsync fails, so both raise NotDurableError, and a retry renames."""
+    blobs = layout / "blobs" / "sha256"
+    fsyncs = DirFsyncs(monkeypatch, blobs, ["hold-fail"])
+    data = b"shared base layer" * 40
+    async with await ocicas.open_layout(layout) as engine:
+        syncs = engine._dir_syncs["sha256"]
+        puts = Puts(engine)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(puts.put, "renames", data)
+            await wait_until(lambda: fsyncs.calls == ["hold-fail"])
+            tg.start_soon(puts.put, "freshens", data)
+            await wait_until(lambda: syncs._settling == 1)
+            assert puts.outcomes == {}
+            fsyncs.release.set()
+        assert fsyncs.calls == ["hold-fail"]  # the freshening put waited for that fsync, and ran none
+        assert_not_durable(puts.outcomes["renames"], data)
+        assert_not_durable(puts.outcomes["freshens"], data)
+        before = (blobs / digest_of(data)[7:]).stat().st_ino
+        assert await engine.put_blob(data) == (digest_of(data), len(data))
+        assert fsyncs.calls == ["hold-fail", "ok"]
+        assert (blobs / digest_of(data)[7:]).stat().st_ino != before
+        assert syncs._suspect == set()

@@ -55,9 +55,17 @@ async def test_a_put_waits_for_a_slot_and_a_cancelled_wait_leaves_nothing(tmp_pa
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     async with await ocicas.open_layout(tmp_path / "layout") as engine:
         async with every_slot_held():
-            with anyio.move_on_after(0.3) as scope:
-                await engine.put_blob(data)  # cannot fsync while every slot is out
-            assert scope.cancelled_caught
+            async with anyio.create_task_group() as tg:
+                scope = anyio.CancelScope()
+
+                async def cancelled_put() -> None:
+                    with scope:
+                        await engine.put_blob(data)  # cannot fsync while every slot is out
+                    assert scope.cancelled_caught
+
+                tg.start_soon(cancelled_put)
+                await wait_until(lambda: len(BLOB_SYNCS._waiting) == 1)
+                scope.cancel()
             assert len(BLOB_SYNCS._waiting) == 0  # the cancelled wait left the line
             assert temp_files(tmp_path / "layout") == []
             assert not (tmp_path / "layout" / "blobs" / "sha256" / digest[7:]).exists()
@@ -208,3 +216,63 @@ def test_set_sync_limit_checks_its_argument_and_returns_the_old_limit() -> None:
         assert BLOB_SYNCS.limit == 5
     finally:
         assert ocicas.set_sync_limit(before) == 5
+
+
+def test_no_slot_is_handed_on_while_holders_are_over_a_lowered_limit() -> None:
+    gate = SyncGate(2)
+    gate._acquire()
+    gate._acquire()
+    entered = threading.Event()
+
+    def waiter() -> None:
+        with gate.admitted():
+            entered.set()
+
+    thread = start(waiter)
+    wait_for_threads(lambda: len(gate._waiting) == 1)
+    assert gate.set_limit(1) == 2
+    gate._release()  # two held, one allowed: this slot is gone, not handed on
+    assert not entered.is_set()
+    assert (gate._used, len(gate._waiting)) == (1, 1)
+    gate._release()
+    thread.join(30)
+    assert entered.is_set()
+    assert (gate._used, len(gate._waiting)) == (0, 0)
+
+
+def test_a_slot_handed_to_a_waiter_as_it_leaves_goes_to_the_next(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The holder hands its slot to the first waiter just as that waiter's cancellation check raises: the
+    waiter passes the slot on to the next in line, and nothing is lost."""
+    gate = SyncGate(1)
+    gate._acquire()
+    left: list[BaseException] = []
+    second_in = threading.Event()
+    checks = threading.local()
+
+    def first() -> None:
+        checks.leaving = True
+        try:
+            with gate.admitted():
+                pass
+        except RuntimeError as exc:
+            left.append(exc)
+
+    def second() -> None:
+        with gate.admitted():
+            second_in.set()
+
+    def checkpoint() -> None:
+        if getattr(checks, "leaving", False):
+            gate._release()  # the holder leaves now: its slot is handed to this waiter, the first in line
+            raise RuntimeError("cancelled")
+
+    threads = [start(first)]
+    wait_for_threads(lambda: len(gate._waiting) == 1)
+    threads.append(start(second))
+    wait_for_threads(lambda: len(gate._waiting) == 2)
+    monkeypatch.setattr("ocicas._syncs.checkpoint", checkpoint)
+    for thread in threads:
+        thread.join(30)
+    assert [str(e) for e in left] == ["cancelled"]
+    assert second_in.is_set()
+    assert (gate._used, len(gate._waiting)) == (0, 0)

@@ -5,15 +5,17 @@ measured on the 2-core CI-class VM (ext4), 1,140-1,230 fsyncs/s with 4 in flight
 1,120 with 50, where one took p50 14 ms and p99 226 ms instead of 3 and 10. Fifty
 builders storing small images keep that many in flight, and the two fsyncs of
 the ``index.json`` commit their tags wait for (``_dir/index.py``) queued behind
-them all. So every blob's fsync (``PendingBlob._commit``, which puts, copies and
-pulls all end in) passes :data:`BLOB_SYNCS` first: at most :func:`set_sync_limit`
+them all. So every blob's final fsync (``PendingBlob._commit``, which puts, copies
+and pulls all end in) passes :data:`BLOB_SYNCS` first: at most :func:`set_sync_limit`
 of them (2 by default) run at once and the rest wait their turn, first come first
-served, in their worker threads, cancellably. The index commit and the directory
-fsyncs do not pass it: they are few (one at a time per directory) and are what
-callers wait on. With 50 builders, in paired runs on fresh directories, the gate
-cut tag p99 from 78-82 ms to 41-61 ms at 3-25% fewer tags a second
-(``benchmarks/tag_phases.py 50``); a disk that flushes in parallel (NVMe) may
-want a higher limit.
+served, in their worker threads, cancellably. The ``index.json`` commit and the
+directory fsyncs do not pass it: they are few (a directory's fsyncs are group
+commits, at most two of an index in flight) and are what callers wait on. Nor do
+the ``fdatasync`` calls a large put starts every 64 MiB beside its writer: few
+and long, they are throughput, not a queue of small flushes. With 50 builders, in
+paired runs on fresh directories, the gate cut tag p99 from 78-82 ms to 41-61 ms
+at 3-25% fewer tags a second (``benchmarks/tag_phases.py 50``); a disk that
+flushes in parallel (NVMe) may want a higher limit.
 """
 
 from __future__ import annotations
@@ -83,13 +85,15 @@ class SyncGate:
             else:
                 self._used -= 1
 
-    def set_limit(self, limit: int) -> None:
-        """Change the limit; waiters that now fit are let in (holders over a lowered one finish first)."""
+    def set_limit(self, limit: int) -> int:
+        """Change the limit and return the old one; waiters that now fit are let in (holders over a lowered
+        limit finish first)."""
         with self._lock:
-            self._limit = limit
+            before, self._limit = self._limit, limit
             while self._waiting and self._used < limit:
                 self._used += 1
                 self._waiting.popleft().release()
+        return before
 
 
 #: The gate of every directory-engine blob fsync in this process.
@@ -104,7 +108,4 @@ def set_sync_limit(limit: int) -> int:
     this limit) fast. Raise it for a disk that flushes in parallel; it must be at
     least 1.
     """
-    limit = check_int(limit, "limit", minimum=1)
-    before = BLOB_SYNCS.limit
-    BLOB_SYNCS.set_limit(limit)
-    return before
+    return BLOB_SYNCS.set_limit(check_int(limit, "limit", minimum=1))

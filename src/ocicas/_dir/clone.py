@@ -16,7 +16,8 @@ nothing unverified becomes a blob: changed bytes fail the check, and a source wh
 first ``size`` bytes are still right gives the right blob. The temporary file lives
 in the engine's private, flock-held directory, as for every put, and is committed
 the same way (:meth:`PendingBlob._commit`: fsync, rename into ``blobs/``, directory
-fsync; a present copy is freshened instead). On any failure or cancellation the
+fsync; a present copy is freshened instead, unless a failed directory fsync made it
+suspect). On any failure or cancellation the
 temporary file and both descriptors are gone before the error leaves.
 """
 

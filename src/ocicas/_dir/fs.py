@@ -113,13 +113,15 @@ class GroupSync:
 
     Concurrent puts each need their rename made durable; one directory fsync that
     starts after a rename covers it, so callers arriving while one runs share the
-    next. A failed fsync fails every caller it covered, each with an ``OSError`` of
-    its own (caused by the one failure). A second fsync cannot tell whether the
-    renames it covered reached the disk (the kernel may drop the failed writeback
-    and report success the next time), so the directory is then :attr:`unsynced`
-    until an fsync succeeds that followed a renewing rename: meanwhile a put of
-    present content renames its copy over the blob instead of freshening it, so a
-    caller's retry is durable (as ``index.json`` rewrites do, ``index.py``).
+    next. A failed fsync fails every caller it covered, and every caller whose own
+    fsync overlapped it, each with an ``OSError`` of its own (caused by the one
+    failure): the failed writeback may have held their renames too, and a later
+    fsync cannot tell (the kernel may drop it and report success the next time),
+    as for ``index.json`` (``index.py``). Their names stay *suspect* until a rename
+    of the name is covered by an fsync that succeeded with no failure in between:
+    a put of present content renames its copy over a suspect blob instead of
+    freshening it (:meth:`suspect`), and a freshening put first waits for the
+    fsyncs of every rename made before it (:meth:`settle`).
     """
 
     def __init__(self) -> None:
@@ -127,43 +129,63 @@ class GroupSync:
         self._started = 0  # fsyncs begun
         self._done = 0  # fsyncs finished (they finish in the order they begin, one at a time)
         self._running = False
+        self._last_needed = 0  # the fsync that covers the latest rename
         self._failures = 0  # fsyncs that failed
-        self._unsynced = False
-        self._waiting: dict[int, int] = {}  # fsync number -> callers it covers that have not yet looked
-        self._failed: dict[int, OSError] = {}  # fsync number -> its failure, while a caller it covered has not looked
+        self._failure: OSError | None = None  # the last of them
+        self._renaming: dict[str, int] = {}  # names renamed and not yet covered -> callers waiting for them
+        self._suspect: set[str] = set()  # names whose last rename may not be durable
+        self._settling = 0  # freshening puts waiting in settle()
 
-    def renewing(self) -> int | None:
-        """Before a change: ``None`` if the directory is synced, else a mark to hand :meth:`sync` after a renewing
-        rename (a put of present content must then rename over it, not freshen it)."""
+    def suspect(self, name: str) -> bool:
+        """Whether ``name``'s last rename may not be durable: a put must rename over it, not freshen it."""
         with self._cond:
-            return self._failures if self._unsynced else None
+            return name in self._suspect
 
-    def sync(self, fd: int, renewed: int | None = None) -> None:
-        """Return once an fsync of ``fd`` that began after this call succeeded; raise if it failed.
-
-        ``renewed``: the caller renamed because :meth:`renewing` gave this mark; if no fsync failed since, this
-        one's success makes the directory synced again.
-        """
+    def sync(self, fd: int, name: str) -> None:
+        """After a rename of ``name``: return once an fsync of ``fd`` that began after it succeeded, with none
+        failing in between; else raise (``name`` is then suspect)."""
         with self._cond:
-            needed = self._started + 1  # one that begins after our change
-            self._waiting[needed] = self._waiting.get(needed, 0) + 1
+            failures = self._failures
+            needed = self._last_needed = self._started + 1  # one that begins after our change
+            self._renaming[name] = self._renaming.get(name, 0) + 1
             try:
-                while self._done < needed:
-                    if self._running:
-                        self._cond.wait()
-                        continue
-                    self._run(fd)
-                failure = self._failed.get(needed)
-                if failure is None and renewed is not None and renewed == self._failures:
-                    self._unsynced = False
+                self._wait(fd, needed)
             finally:
-                self._waiting[needed] -= 1
-                if not self._waiting[needed]:
-                    del self._waiting[needed]
-                    self._failed.pop(needed, None)
-        if failure is not None:
-            error = OSError(failure.errno, failure.strerror)
-            raise error from failure
+                left = self._renaming[name] - 1
+                if left:
+                    self._renaming[name] = left
+                else:
+                    del self._renaming[name]
+            if self._failures == failures:
+                self._suspect.discard(name)
+                return
+            self._suspect.add(name)
+            failure = self._failure
+        assert failure is not None
+        raise OSError(failure.errno, failure.strerror) from failure
+
+    def settle(self, fd: int, name: str) -> None:
+        """Before a put of present content ``name`` returns: wait for the fsyncs of every rename made before
+        (one of them may have made ``name``); raise if ``name`` turns out suspect."""
+        with self._cond:
+            self._settling += 1
+            try:
+                self._wait(fd, self._last_needed)
+            finally:
+                self._settling -= 1
+            if name not in self._suspect:
+                return
+            failure = self._failure
+        assert failure is not None
+        raise OSError(failure.errno, failure.strerror) from failure
+
+    def _wait(self, fd: int, needed: int) -> None:
+        """Under the condition: wait until fsync ``needed`` finished, running one when none runs."""
+        while self._done < needed:
+            if self._running:
+                self._cond.wait()
+            else:
+                self._run(fd)
 
     def _run(self, fd: int) -> None:
         """Under the condition: run the next fsync, with the condition released meanwhile."""
@@ -175,24 +197,20 @@ class GroupSync:
             os.fsync(fd)
         except OSError as exc:
             self._cond.acquire()
-            self._failed[mine] = exc
             self._failures += 1
-            self._unsynced = True
-            self._finish(mine)
+            self._failure = exc
+            # every name renamed and not yet covered: renamed before this fsync, or while it ran
+            self._suspect.update(self._renaming)
+            self._done = mine
         except BaseException:
-            self._cond.acquire()
-            self._started -= 1  # not run (interrupted): the next caller runs it
-            self._running = False
-            self._cond.notify_all()
+            self._cond.acquire()  # not run (interrupted): the next caller runs another, numbered after it
             raise
         else:
             self._cond.acquire()
-            self._finish(mine)
-
-    def _finish(self, number: int) -> None:
-        self._running = False
-        self._done = number
-        self._cond.notify_all()
+            self._done = mine
+        finally:
+            self._running = False
+            self._cond.notify_all()
 
 
 @contextmanager

@@ -138,7 +138,7 @@ def _not_durable(digest: Digest, exc: OSError) -> NotDurableError:
     """The error of a put whose blob was renamed into place (visible) but whose directory fsync failed."""
     error = NotDurableError(
         f"blob {digest} is stored and visible, but syncing its directory failed ({exc.strerror or exc}): "
-        "it may not survive a crash; putting it again makes it durable"
+        "it may not survive a crash; putting it again (put_blob, in this process) makes it durable"
     )
     error.errno, error.strerror = exc.errno, exc.strerror
     return error
@@ -462,25 +462,28 @@ class PendingBlob:
         engine = self._engine
         alg = engine._alg_dir(digest.algorithm, create=True)
         syncs = engine._dir_syncs[digest.algorithm]
+        name = digest.encoded
         try:
-            renewing = syncs.renewing()  # a directory fsync failed: a present copy is renamed over, not freshened
+            suspect = syncs.suspect(name)  # its rename may be lost (a directory fsync failed): rename over it
             with blobs_held(alg):  # no collector unlinks the blob meanwhile
-                held = open_blob(alg, digest.encoded, f"blob path of {digest}")
+                held = open_blob(alg, name, f"blob path of {digest}")
                 try:
-                    if held is not None and os.fstat(held).st_size == size and renewing is None:
+                    if held is not None and os.fstat(held).st_size == size and not suspect:
                         os.utime(held)  # freshen, as git does
                         renamed = False
-                    else:  # absent, a damaged copy of the wrong size, or a rename perhaps lost
-                        os.rename(self._name, digest.encoded, src_dir_fd=engine._temp_dir(), dst_dir_fd=alg)
+                    else:  # absent, a damaged copy of the wrong size, or a suspect one
+                        os.rename(self._name, name, src_dir_fd=engine._temp_dir(), dst_dir_fd=alg)
                         renamed = True
                 finally:
                     if held is not None:
                         os.close(held)
-            if renamed:
-                try:
-                    syncs.sync(alg, renewing)
-                except OSError as exc:
-                    raise _not_durable(digest, exc) from exc.__cause__
+            try:
+                if renamed:
+                    syncs.sync(alg, name)
+                else:  # the copy found may be another put's, whose directory fsync has yet to succeed
+                    syncs.settle(alg, name)
+            except OSError as exc:
+                raise _not_durable(digest, exc) from exc.__cause__
         finally:
             os.close(alg)
         self._abandon()  # the temporary file is only still there when the blob was already present
