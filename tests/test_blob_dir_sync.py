@@ -1,6 +1,6 @@
-"""A blob directory fsync that fails: every put whose rename it covered or overlapped raises NotDurableError (the
-blob is visible), a put of present content waits for the fsync of the rename it found, and a retry renames
-again and syncs."""
+"""A blob directory fsync that fails: every put whose change it covered or overlapped raises NotDurableError (the
+blob is visible), a put of present content syncs too (the copy it found may rest on a rename not yet synced),
+and a retry renames again and syncs."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ pytestmark = pytest.mark.anyio
 
 class DirFsyncs:
     """``os.fsync`` of one directory, from worker threads, done as planned: "ok", "fail" (EIO), "hold" (wait
-    for :attr:`release`, then ok) or "hold-fail"; calls beyond the plan are ok. Other fsyncs are untouched."""
+    for :attr:`release`, then ok), "hold-fail" or "hold-memoryerror" (as CPython raises when it cannot build the
+    OSError of a failed fsync); calls beyond the plan are ok. Other fsyncs are untouched."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, directory: Path, plan: list[str]) -> None:
         self.directory = os.path.realpath(directory)
@@ -42,6 +43,8 @@ class DirFsyncs:
                 self.release.wait(30)
             if step.endswith("fail"):
                 raise OSError(errno.EIO, os.strerror(errno.EIO))
+            if step.endswith("memoryerror"):
+                raise MemoryError
             return fsync(fd)
 
         monkeypatch.setattr(os, "fsync", planned)
@@ -74,7 +77,7 @@ class Puts:
         try:
             assert await self.engine.put_blob(data) == (digest_of(data), len(data))
             self.outcomes[key] = None
-        except ocicas.NotDurableError as exc:
+        except (ocicas.NotDurableError, MemoryError) as exc:
             self.outcomes[key] = exc
 
 
@@ -113,12 +116,13 @@ async def test_a_failed_fsync_is_not_durable_and_the_retry_renames_even_after_ot
         assert (blobs / digest[7:]).stat().st_ino != first
         assert await engine.read_blob(digest) == data
 
-        # durable now: a put of present content freshens it, with no directory fsync
+        # durable now: a put of present content freshens it (and syncs the directory, as every put does)
         again = (blobs / digest[7:]).stat().st_ino
         assert await engine.put_blob(data) == (digest, len(data))
         assert await engine.put_blob(b"another") == (digest_of(b"another"), 7)
-        assert fsyncs.calls == ["fail", "ok", "ok"]
+        assert fsyncs.calls == ["fail", "ok", "ok", "ok", "ok"]
         assert (blobs / digest[7:]).stat().st_ino == again
+        assert engine._dir_syncs["sha256"]._suspect == set()
 
 
 async def test_every_put_a_failed_fsync_covered_gets_not_durable(layout: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -134,7 +138,7 @@ async def test_every_put_a_failed_fsync_covered_gets_not_durable(layout: Path, m
             await wait_until(lambda: fsyncs.calls == ["hold"])
             for n in (1, 2, 3):
                 tg.start_soon(puts.put, str(n), payloads[n])
-            await wait_until(lambda: len(syncs._renaming) == 4)  # all three renamed, and wait
+            await wait_until(lambda: len(syncs._changing) == 4)  # all three began their change
             fsyncs.release.set()
         assert fsyncs.calls == ["hold", "fail"]
         assert puts.outcomes["0"] is None
@@ -146,34 +150,47 @@ async def test_every_put_a_failed_fsync_covered_gets_not_durable(layout: Path, m
         for payload in payloads:
             assert await engine.read_blob(digest_of(payload)) == payload
         assert syncs._suspect == {digest_of(payloads[n])[7:] for n in (1, 2, 3)}
-        assert syncs._renaming == {}
+        assert syncs._changing == {}
 
 
-async def test_a_rename_made_while_an_fsync_fails_is_not_durable(layout: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("failure", ["hold-fail", "hold-memoryerror"])
+async def test_a_rename_made_while_an_fsync_fails_is_not_durable(
+    layout: Path, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
     """A put renames while the fsync of an earlier one runs and fails: its own fsync, after, succeeds, but cannot
-    vouch for a rename the failed writeback may have held."""
-    fsyncs = DirFsyncs(monkeypatch, layout / "blobs" / "sha256", ["hold-fail"])
+    vouch for a rename the failed writeback may have held. An fsync that raised something else than OSError
+    failed as well (CPython raises only once fsync returned an error): the put that ran it gets that."""
+    fsyncs = DirFsyncs(monkeypatch, layout / "blobs" / "sha256", [failure])
     first, second = b"first" * 30, b"second" * 30
     async with await ocicas.open_layout(layout) as engine:
         syncs = engine._dir_syncs["sha256"]
         puts = Puts(engine)
         async with anyio.create_task_group() as tg:
             tg.start_soon(puts.put, "first", first)
-            await wait_until(lambda: fsyncs.calls == ["hold-fail"])
+            await wait_until(lambda: fsyncs.calls == [failure])
             tg.start_soon(puts.put, "second", second)
-            await wait_until(lambda: len(syncs._renaming) == 2)
+            await wait_until(lambda: len(syncs._changing) == 2)
             fsyncs.release.set()
-        assert fsyncs.calls == ["hold-fail", "ok"]
-        assert_not_durable(puts.outcomes["first"], first)
+        assert fsyncs.calls == [failure, "ok"]
+        if failure == "hold-fail":
+            assert_not_durable(puts.outcomes["first"], first)
+        else:
+            assert type(puts.outcomes["first"]) is MemoryError
         assert_not_durable(puts.outcomes["second"], second)
         assert syncs._suspect == {digest_of(first)[7:], digest_of(second)[7:]}
+        # each retry renames over its blob and syncs
+        for data in (first, second):
+            assert await engine.put_blob(data) == (digest_of(data), len(data))
+        assert fsyncs.calls == [failure, "ok", "ok", "ok"]
+        assert syncs._suspect == set()
 
 
-async def test_a_put_of_present_content_waits_for_the_fsync_of_the_rename_it_found(
+async def test_a_put_of_present_content_syncs_and_fails_with_the_rename_it_found(
     layout: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Two puts of the same bytes: the second finds the first's copy and freshens it, but returns only once the
-    first's directory fsync ended; that fsync fails, so both raise NotDurableError, and a retry renames."""
+    """Two puts of the same bytes: the second finds the first's copy and freshens it, but returns only once a
+    directory fsync that began after it ended; the first's fsync fails meanwhile, so both raise
+    NotDurableError, and a retry renames."""
     blobs = layout / "blobs" / "sha256"
     fsyncs = DirFsyncs(monkeypatch, blobs, ["hold-fail"])
     data = b"shared base layer" * 40
@@ -184,14 +201,14 @@ async def test_a_put_of_present_content_waits_for_the_fsync_of_the_rename_it_fou
             tg.start_soon(puts.put, "renames", data)
             await wait_until(lambda: fsyncs.calls == ["hold-fail"])
             tg.start_soon(puts.put, "freshens", data)
-            await wait_until(lambda: syncs._settling == 1)
-            assert puts.outcomes == {}
+            await wait_until(lambda: syncs._changing == {digest_of(data)[7:]: 2})
+            assert puts.outcomes == {}  # fsync 1 holds, and the freshening put waits for one after it
             fsyncs.release.set()
-        assert fsyncs.calls == ["hold-fail"]  # the freshening put waited for that fsync, and ran none
+        assert fsyncs.calls == ["hold-fail", "ok"]  # the freshening put's own fsync succeeded: too late
         assert_not_durable(puts.outcomes["renames"], data)
         assert_not_durable(puts.outcomes["freshens"], data)
         before = (blobs / digest_of(data)[7:]).stat().st_ino
         assert await engine.put_blob(data) == (digest_of(data), len(data))
-        assert fsyncs.calls == ["hold-fail", "ok"]
+        assert fsyncs.calls == ["hold-fail", "ok", "ok"]
         assert (blobs / digest_of(data)[7:]).stat().st_ino != before
         assert syncs._suspect == set()

@@ -111,81 +111,65 @@ def read_open(fd: int, limit: int, what: str) -> tuple[os.stat_result, bytes]:
 class GroupSync:
     """fsync one directory on behalf of every thread that changed it before the fsync began.
 
-    Concurrent puts each need their rename made durable; one directory fsync that
-    starts after a rename covers it, so callers arriving while one runs share the
-    next. A failed fsync fails every caller it covered, and every caller whose own
-    fsync overlapped it, each with an ``OSError`` of its own (caused by the one
-    failure): the failed writeback may have held their renames too, and a later
-    fsync cannot tell (the kernel may drop it and report success the next time),
-    as for ``index.json`` (``index.py``). Their names stay *suspect* until a rename
-    of the name is covered by an fsync that succeeded with no failure in between:
-    a put of present content renames its copy over a suspect blob instead of
-    freshening it (:meth:`suspect`), and a freshening put first waits for the
-    fsyncs of every rename made before it (:meth:`settle`).
+    A put makes its change (renames its blob into place, or freshens a copy it found)
+    inside :meth:`change`, then calls :meth:`Change.sync`: concurrent puts share one
+    directory fsync, which covers every change made before it began. A directory
+    fsync that fails may have lost any rename made before or while it ran, and a
+    later fsync cannot tell (the kernel may drop the failed writeback and report
+    success the next time; ``index.py`` reasons the same way). So a put fails if any
+    fsync failed between the start of its change and the success of the fsync that
+    covers it, each caller with an ``OSError`` of its own caused by the one failure;
+    and every name being changed when an fsync fails becomes *suspect* until a put
+    of it renames its copy over the blob (instead of freshening it) and that rename
+    is covered with no failure in between. A freshening put syncs too: the copy it
+    found may rest on a rename (by another put, or another process) not yet synced.
     """
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._started = 0  # fsyncs begun
-        self._done = 0  # fsyncs finished (they finish in the order they begin, one at a time)
+        self._done = 0  # the last fsync finished (they run one at a time, in order)
         self._running = False
-        self._last_needed = 0  # the fsync that covers the latest rename
         self._failures = 0  # fsyncs that failed
         self._failure: OSError | None = None  # the last of them
-        self._renaming: dict[str, int] = {}  # names renamed and not yet covered -> callers waiting for them
+        self._changing: dict[str, int] = {}  # names inside change() -> how many callers
         self._suspect: set[str] = set()  # names whose last rename may not be durable
-        self._settling = 0  # freshening puts waiting in settle()
 
-    def suspect(self, name: str) -> bool:
-        """Whether ``name``'s last rename may not be durable: a put must rename over it, not freshen it."""
+    @contextmanager
+    def change(self, name: str) -> Iterator[Change]:
+        """Register a change of ``name`` for the ``with`` block: make it, then call the yielded ``sync``."""
         with self._cond:
-            return name in self._suspect
-
-    def sync(self, fd: int, name: str) -> None:
-        """After a rename of ``name``: return once an fsync of ``fd`` that began after it succeeded, with none
-        failing in between; else raise (``name`` is then suspect)."""
-        with self._cond:
-            failures = self._failures
-            needed = self._last_needed = self._started + 1  # one that begins after our change
-            self._renaming[name] = self._renaming.get(name, 0) + 1
-            try:
-                self._wait(fd, needed)
-            finally:
-                left = self._renaming[name] - 1
+            self._changing[name] = self._changing.get(name, 0) + 1
+            change = Change(self, name, name in self._suspect, self._failures)
+        try:
+            yield change
+        except BaseException:
+            with self._cond:
+                self._suspect.add(name)  # it may have been renamed and never synced
+            raise
+        finally:
+            with self._cond:
+                left = self._changing[name] - 1
                 if left:
-                    self._renaming[name] = left
+                    self._changing[name] = left
                 else:
-                    del self._renaming[name]
-            if self._failures == failures:
-                self._suspect.discard(name)
-                return
-            self._suspect.add(name)
-            failure = self._failure
-        assert failure is not None
-        raise OSError(failure.errno, failure.strerror) from failure
+                    del self._changing[name]
 
-    def settle(self, fd: int, name: str) -> None:
-        """Before a put of present content ``name`` returns: wait for the fsyncs of every rename made before
-        (one of them may have made ``name``); raise if ``name`` turns out suspect."""
+    def _sync(self, fd: int, change: Change) -> None:
         with self._cond:
-            self._settling += 1
-            try:
-                self._wait(fd, self._last_needed)
-            finally:
-                self._settling -= 1
-            if name not in self._suspect:
+            needed = self._started + 1  # one that begins after the change
+            while self._done < needed:
+                if self._running:
+                    self._cond.wait()
+                else:
+                    self._run(fd)
+            if self._failures == change.mark:
+                self._suspect.discard(change.name)  # renamed (a suspect name is never freshened) and durable
                 return
+            self._suspect.add(change.name)
             failure = self._failure
         assert failure is not None
         raise OSError(failure.errno, failure.strerror) from failure
-
-    def _wait(self, fd: int, needed: int) -> None:
-        """Under the condition: wait until fsync ``needed`` finished, running one when none runs."""
-        while self._done < needed:
-            if self._running:
-                self._cond.wait()
-            else:
-                self._run(fd)
 
     def _run(self, fd: int) -> None:
         """Under the condition: run the next fsync, with the condition released meanwhile."""
@@ -193,24 +177,44 @@ class GroupSync:
         self._started += 1
         mine = self._started
         self._cond.release()
+        failure: OSError | None = None
         try:
             os.fsync(fd)
         except OSError as exc:
-            self._cond.acquire()
-            self._failures += 1
-            self._failure = exc
-            # every name renamed and not yet covered: renamed before this fsync, or while it ran
-            self._suspect.update(self._renaming)
-            self._done = mine
-        except BaseException:
-            self._cond.acquire()  # not run (interrupted): the next caller runs another, numbered after it
+            failure = exc
+        except BaseException as exc:
+            # CPython raises from fsync only once it returned an error (a MemoryError building the OSError, a
+            # signal's exception after EINTR): a failure like any other for the callers it covered
+            failure = OSError(errno.EIO, os.strerror(errno.EIO))
+            failure.__cause__ = exc
             raise
-        else:
-            self._cond.acquire()
-            self._done = mine
         finally:
+            self._cond.acquire()
+            if failure is not None:
+                self._failures += 1
+                self._failure = failure
+                self._suspect.update(self._changing)  # each may have renamed before or while this ran
+            self._done = mine
             self._running = False
             self._cond.notify_all()
+
+
+class Change:
+    """One put's change of a blob name in a :class:`GroupSync` directory (see :meth:`GroupSync.change`)."""
+
+    __slots__ = ("_group", "mark", "name", "suspect")
+
+    def __init__(self, group: GroupSync, name: str, suspect: bool, mark: int) -> None:
+        self._group = group
+        self.name = name
+        #: The name's last rename may not be durable: rename over it, do not freshen it.
+        self.suspect = suspect
+        self.mark = mark  # failures before the change began
+
+    def sync(self, fd: int) -> None:
+        """After the change: return once a directory fsync that began after it succeeded with no failure since
+        the change began; else raise the system's error (the name is then suspect)."""
+        self._group._sync(fd, self)
 
 
 @contextmanager

@@ -461,29 +461,24 @@ class PendingBlob:
         checkpoint()
         engine = self._engine
         alg = engine._alg_dir(digest.algorithm, create=True)
-        syncs = engine._dir_syncs[digest.algorithm]
         name = digest.encoded
         try:
-            suspect = syncs.suspect(name)  # its rename may be lost (a directory fsync failed): rename over it
-            with blobs_held(alg):  # no collector unlinks the blob meanwhile
-                held = open_blob(alg, name, f"blob path of {digest}")
+            with engine._dir_syncs[digest.algorithm].change(name) as change:
+                with blobs_held(alg):  # no collector unlinks the blob meanwhile
+                    held = open_blob(alg, name, f"blob path of {digest}")
+                    try:
+                        if held is not None and os.fstat(held).st_size == size and not change.suspect:
+                            os.utime(held)  # freshen, as git does
+                        else:  # absent, a damaged copy of the wrong size, or one whose rename may be lost
+                            os.rename(self._name, name, src_dir_fd=engine._temp_dir(), dst_dir_fd=alg)
+                    finally:
+                        if held is not None:
+                            os.close(held)
                 try:
-                    if held is not None and os.fstat(held).st_size == size and not suspect:
-                        os.utime(held)  # freshen, as git does
-                        renamed = False
-                    else:  # absent, a damaged copy of the wrong size, or a suspect one
-                        os.rename(self._name, name, src_dir_fd=engine._temp_dir(), dst_dir_fd=alg)
-                        renamed = True
-                finally:
-                    if held is not None:
-                        os.close(held)
-            try:
-                if renamed:
-                    syncs.sync(alg, name)
-                else:  # the copy found may be another put's, whose directory fsync has yet to succeed
-                    syncs.settle(alg, name)
-            except OSError as exc:
-                raise _not_durable(digest, exc) from exc.__cause__
+                    # a copy found present may rest on a rename not yet synced (another put's, another process's)
+                    change.sync(alg)
+                except OSError as exc:
+                    raise _not_durable(digest, exc) from exc.__cause__
         finally:
             os.close(alg)
         self._abandon()  # the temporary file is only still there when the blob was already present
