@@ -16,6 +16,7 @@ import anyio
 import pytest
 
 import ocicas
+from ocicas._dir.fs import GroupSync, group_sync
 
 pytestmark = pytest.mark.anyio
 
@@ -54,6 +55,15 @@ class DirFsyncs:
 async def layout(tmp_path: Path) -> Path:
     await ocicas.create_layout(tmp_path / "layout")
     return tmp_path / "layout"
+
+
+def group_of(directory: Path) -> GroupSync:
+    """The process's directory fsync of ``directory`` (kept alive by the caller's reference)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return group_sync(fd)
+    finally:
+        os.close(fd)
 
 
 def digest_of(data: bytes) -> str:
@@ -122,7 +132,26 @@ async def test_a_failed_fsync_is_not_durable_and_the_retry_renames_even_after_ot
         assert await engine.put_blob(b"another") == (digest_of(b"another"), 7)
         assert fsyncs.calls == ["fail", "ok", "ok", "ok", "ok"]
         assert (blobs / digest[7:]).stat().st_ino == again
-        assert engine._dir_syncs["sha256"]._suspect == set()
+        assert group_of(blobs)._suspect == {}
+
+
+async def test_a_retry_through_another_engine_renames_too(layout: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What failed is known to the process, not to the engine: the layout closed and opened again, the retry
+    still renames over the blob and syncs."""
+    blobs = layout / "blobs" / "sha256"
+    fsyncs = DirFsyncs(monkeypatch, blobs, ["fail"])
+    data = b"retried through a new engine" * 10
+    digest = digest_of(data)
+    async with await ocicas.open_layout(layout) as engine:
+        with pytest.raises(ocicas.NotDurableError):
+            await engine.put_blob(data)
+    first = (blobs / digest[7:]).stat().st_ino
+    async with await ocicas.open_layout(layout) as engine, await ocicas.open_layout(layout) as other:
+        assert await other.put_blob(data) == (digest, len(data))
+        assert fsyncs.calls == ["fail", "ok"]
+        assert (blobs / digest[7:]).stat().st_ino != first
+        assert await engine.read_blob(digest) == data
+    assert group_of(blobs)._suspect == {}
 
 
 async def test_every_put_a_failed_fsync_covered_gets_not_durable(layout: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -131,7 +160,7 @@ async def test_every_put_a_failed_fsync_covered_gets_not_durable(layout: Path, m
     fsyncs = DirFsyncs(monkeypatch, layout / "blobs" / "sha256", ["hold", "fail"])
     payloads = [f"covered blob {n}".encode() * 20 for n in range(4)]
     async with await ocicas.open_layout(layout) as engine:
-        syncs = engine._dir_syncs["sha256"]
+        syncs = group_of(layout / "blobs" / "sha256")
         puts = Puts(engine)
         async with anyio.create_task_group() as tg:
             tg.start_soon(puts.put, "0", payloads[0])
@@ -149,8 +178,12 @@ async def test_every_put_a_failed_fsync_covered_gets_not_durable(layout: Path, m
         assert len({id(e.__cause__) for e in failed if e is not None}) == 1
         for payload in payloads:
             assert await engine.read_blob(digest_of(payload)) == payload
-        assert syncs._suspect == {digest_of(payloads[n])[7:] for n in (1, 2, 3)}
+        assert set(syncs._suspect) == {digest_of(payloads[n])[7:] for n in (1, 2, 3)}
         assert syncs._changing == {}
+        for n in (1, 2, 3):  # each retry renames over its blob and syncs
+            assert await engine.put_blob(payloads[n]) == (digest_of(payloads[n]), len(payloads[n]))
+        assert fsyncs.calls == ["hold", "fail", "ok", "ok", "ok"]
+        assert syncs._suspect == {}
 
 
 @pytest.mark.parametrize("failure", ["hold-fail", "hold-memoryerror"])
@@ -163,7 +196,7 @@ async def test_a_rename_made_while_an_fsync_fails_is_not_durable(
     fsyncs = DirFsyncs(monkeypatch, layout / "blobs" / "sha256", [failure])
     first, second = b"first" * 30, b"second" * 30
     async with await ocicas.open_layout(layout) as engine:
-        syncs = engine._dir_syncs["sha256"]
+        syncs = group_of(layout / "blobs" / "sha256")
         puts = Puts(engine)
         async with anyio.create_task_group() as tg:
             tg.start_soon(puts.put, "first", first)
@@ -177,12 +210,12 @@ async def test_a_rename_made_while_an_fsync_fails_is_not_durable(
         else:
             assert type(puts.outcomes["first"]) is MemoryError
         assert_not_durable(puts.outcomes["second"], second)
-        assert syncs._suspect == {digest_of(first)[7:], digest_of(second)[7:]}
+        assert set(syncs._suspect) == {digest_of(first)[7:], digest_of(second)[7:]}
         # each retry renames over its blob and syncs
         for data in (first, second):
             assert await engine.put_blob(data) == (digest_of(data), len(data))
         assert fsyncs.calls == [failure, "ok", "ok", "ok"]
-        assert syncs._suspect == set()
+        assert syncs._suspect == {}
 
 
 async def test_a_put_of_present_content_syncs_and_fails_with_the_rename_it_found(
@@ -195,7 +228,7 @@ async def test_a_put_of_present_content_syncs_and_fails_with_the_rename_it_found
     fsyncs = DirFsyncs(monkeypatch, blobs, ["hold-fail"])
     data = b"shared base layer" * 40
     async with await ocicas.open_layout(layout) as engine:
-        syncs = engine._dir_syncs["sha256"]
+        syncs = group_of(layout / "blobs" / "sha256")
         puts = Puts(engine)
         async with anyio.create_task_group() as tg:
             tg.start_soon(puts.put, "renames", data)
@@ -211,4 +244,43 @@ async def test_a_put_of_present_content_syncs_and_fails_with_the_rename_it_found
         assert await engine.put_blob(data) == (digest_of(data), len(data))
         assert fsyncs.calls == ["hold-fail", "ok", "ok"]
         assert (blobs / digest_of(data)[7:]).stat().st_ino != before
-        assert syncs._suspect == set()
+        assert syncs._suspect == {}
+
+
+def test_a_rename_left_unsynced_stays_suspect_past_an_fsync_begun_before_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A put that renamed and then failed before syncing leaves its name suspect; another put's fsync that had
+    begun before that rename succeeds, but cannot vouch for it: the name stays suspect, and the next put of it
+    renames. An fsync begun after it clears it."""
+    directory = tmp_path / "blobs"
+    directory.mkdir()
+    fsyncs = DirFsyncs(monkeypatch, directory, ["hold"])
+    group = group_of(directory)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+
+        def freshen() -> None:
+            with group.change("x") as change:
+                assert not change.suspect
+                change.sync(fd)  # runs fsync 1, held
+
+        thread = threading.Thread(target=freshen)
+        thread.start()
+        for _ in range(15_000):
+            if fsyncs.calls == ["hold"]:
+                break
+            threading.Event().wait(0.002)
+        with pytest.raises(RuntimeError), group.change("x"):
+            raise RuntimeError("renamed, then failed before its sync")
+        assert set(group._suspect) == {"x"}
+        fsyncs.release.set()
+        thread.join(30)
+        assert set(group._suspect) == {"x"}  # fsync 1 began before the failed put's rename
+        with group.change("x") as change:
+            assert change.suspect  # so this put renames
+            change.sync(fd)
+        assert group._suspect == {}
+        assert (group._started, group._done, group._failures) == (2, 2, 0)
+    finally:
+        os.close(fd)

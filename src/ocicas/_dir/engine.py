@@ -57,7 +57,6 @@ from .clone import clone_blob
 from .fs import (
     DIR_FLAGS,
     READ_FLAGS,
-    GroupSync,
     blobs_held,
     open_blob,
     open_dir,
@@ -349,7 +348,6 @@ class DirEngine(Engine):
         self._temp_fd: int | None = None
         self._temp_name: str | None = None
         self._temp_lock = threading.Lock()
-        self._dir_syncs = {algorithm: GroupSync() for algorithm in SUPPORTED_ALGORITHMS}
         self._index = IndexStore(root_fd, repr(str(path)), self._temp_dir)
         self._leases: dict[str, int] = {}  # live leases: their files, open and flock-held
         self._shared_flock: int | None = None  # blobs/, flock-held shared for the shared holders in this process

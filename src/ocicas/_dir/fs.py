@@ -13,6 +13,7 @@ import fcntl
 import os
 import stat
 import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Final
@@ -123,6 +124,8 @@ class GroupSync:
     of it renames its copy over the blob (instead of freshening it) and that rename
     is covered with no failure in between. A freshening put syncs too: the copy it
     found may rest on a rename (by another put, or another process) not yet synced.
+    There is one per directory in the process (:func:`group_sync`), whichever
+    engine puts there, so a retry through another engine knows what failed.
     """
 
     def __init__(self) -> None:
@@ -133,7 +136,9 @@ class GroupSync:
         self._failures = 0  # fsyncs that failed
         self._failure: OSError | None = None  # the last of them
         self._changing: dict[str, int] = {}  # names inside change() -> how many callers
-        self._suspect: set[str] = set()  # names whose last rename may not be durable
+        # names whose last rename may not be durable -> fsyncs begun when they became suspect: only an fsync begun
+        # after that covers a rename made before
+        self._suspect: dict[str, int] = {}
 
     @contextmanager
     def change(self, name: str) -> Iterator[Change]:
@@ -145,7 +150,8 @@ class GroupSync:
             yield change
         except BaseException:
             with self._cond:
-                self._suspect.add(name)  # it may have been renamed and never synced
+                self._suspect[name] = self._started  # it may have been renamed and never synced
+                _KEEP.add(self)
             raise
         finally:
             with self._cond:
@@ -164,9 +170,13 @@ class GroupSync:
                 else:
                     self._run(fd)
             if self._failures == change.mark:
-                self._suspect.discard(change.name)  # renamed (a suspect name is never freshened) and durable
+                if self._suspect.get(change.name, needed) < needed:  # a rename before it may have been lost
+                    del self._suspect[change.name]
+                    if not self._suspect:
+                        _KEEP.discard(self)
                 return
-            self._suspect.add(change.name)
+            self._suspect[change.name] = self._started
+            _KEEP.add(self)
             failure = self._failure
         assert failure is not None
         raise OSError(failure.errno, failure.strerror) from failure
@@ -193,10 +203,30 @@ class GroupSync:
             if failure is not None:
                 self._failures += 1
                 self._failure = failure
-                self._suspect.update(self._changing)  # each may have renamed before or while this ran
+                # each may have renamed before or while this ran
+                self._suspect.update(dict.fromkeys(self._changing, self._started))
+                _KEEP.add(self)
             self._done = mine
             self._running = False
             self._cond.notify_all()
+
+
+#: The directory fsync of each blob directory this process puts into, by the directory's identity (device,
+#: inode): alive while an engine holds it, or while it knows of suspect names (in :data:`_KEEP`).
+_GROUPS: weakref.WeakValueDictionary[tuple[int, int], GroupSync] = weakref.WeakValueDictionary()
+_KEEP: set[GroupSync] = set()
+_GROUPS_LOCK = threading.Lock()
+
+
+def group_sync(fd: int) -> GroupSync:
+    """The :class:`GroupSync` of the directory open as ``fd``, shared by every engine of this process."""
+    st = os.fstat(fd)
+    key = (st.st_dev, st.st_ino)
+    with _GROUPS_LOCK:
+        group = _GROUPS.get(key)
+        if group is None:
+            group = _GROUPS[key] = GroupSync()
+        return group
 
 
 class Change:

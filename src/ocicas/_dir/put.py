@@ -31,7 +31,7 @@ from .._source import BlobSource, iterate_source, reads_async
 from .._syncs import BLOB_SYNCS
 from .._tasks import task_group
 from .._threads import CHUNK_SIZE, checkpoint, run_sync
-from .fs import blobs_held, open_blob, write_all
+from .fs import blobs_held, group_sync, open_blob, write_all
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
@@ -463,7 +463,7 @@ class PendingBlob:
         alg = engine._alg_dir(digest.algorithm, create=True)
         name = digest.encoded
         try:
-            with engine._dir_syncs[digest.algorithm].change(name) as change:
+            with group_sync(alg).change(name) as change:
                 with blobs_held(alg):  # no collector unlinks the blob meanwhile
                     held = open_blob(alg, name, f"blob path of {digest}")
                     try:
