@@ -272,7 +272,16 @@ def test_a_rename_left_unsynced_stays_suspect_past_an_fsync_begun_before_it(
                 break
             threading.Event().wait(0.002)
         with pytest.raises(RuntimeError), group.change("x"):
-            raise RuntimeError("renamed, then failed before its sync")
+            raise RuntimeError("failed before renaming")
+        assert group._suspect == {}  # nothing renamed, nothing suspect
+
+        def renamed_then_failed() -> None:
+            with group.change("x") as change:
+                change.renaming = True
+                raise RuntimeError("renamed, then failed before its sync")
+
+        with pytest.raises(RuntimeError):
+            renamed_then_failed()
         assert set(group._suspect) == {"x"}
         fsyncs.release.set()
         thread.join(30)

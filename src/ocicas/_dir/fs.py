@@ -149,9 +149,10 @@ class GroupSync:
         try:
             yield change
         except BaseException:
-            with self._cond:
-                self._suspect[name] = self._started  # it may have been renamed and never synced
-                _KEEP.add(self)
+            if change.renaming:
+                with self._cond:
+                    self._suspect[name] = self._started  # it may have been renamed and never synced
+                    _KEEP.add(self)
             raise
         finally:
             with self._cond:
@@ -232,7 +233,7 @@ def group_sync(fd: int) -> GroupSync:
 class Change:
     """One put's change of a blob name in a :class:`GroupSync` directory (see :meth:`GroupSync.change`)."""
 
-    __slots__ = ("_group", "mark", "name", "suspect")
+    __slots__ = ("_group", "mark", "name", "renaming", "suspect")
 
     def __init__(self, group: GroupSync, name: str, suspect: bool, mark: int) -> None:
         self._group = group
@@ -240,6 +241,8 @@ class Change:
         #: The name's last rename may not be durable: rename over it, do not freshen it.
         self.suspect = suspect
         self.mark = mark  # failures before the change began
+        #: Set before the rename: a change left by an exception after it leaves its name suspect.
+        self.renaming = False
 
     def sync(self, fd: int) -> None:
         """After the change: return once a directory fsync that began after it succeeded with no failure since

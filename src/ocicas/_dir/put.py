@@ -470,6 +470,7 @@ class PendingBlob:
                         if held is not None and os.fstat(held).st_size == size and not change.suspect:
                             os.utime(held)  # freshen, as git does
                         else:  # absent, a damaged copy of the wrong size, or one whose rename may be lost
+                            change.renaming = True
                             os.rename(self._name, name, src_dir_fd=engine._temp_dir(), dst_dir_fd=alg)
                     finally:
                         if held is not None:
