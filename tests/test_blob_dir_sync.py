@@ -8,7 +8,6 @@ import errno
 import hashlib
 import os
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import pytest
 
 import ocicas
 from ocicas._dir.fs import GroupSync, group_sync
+from tests.polling import until, until_now
 
 pytestmark = pytest.mark.anyio
 
@@ -68,12 +68,6 @@ def group_of(directory: Path) -> GroupSync:
 
 def digest_of(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-async def wait_until(condition: Callable[[], bool]) -> None:
-    with anyio.fail_after(30):
-        while not condition():  # noqa: ASYNC110 (state changed by worker threads: no event to wait on)
-            await anyio.sleep(0.005)
 
 
 class Puts:
@@ -164,10 +158,10 @@ async def test_every_put_a_failed_fsync_covered_gets_not_durable(layout: Path, m
         puts = Puts(engine)
         async with anyio.create_task_group() as tg:
             tg.start_soon(puts.put, "0", payloads[0])
-            await wait_until(lambda: fsyncs.calls == ["hold"])
+            await until(lambda: fsyncs.calls == ["hold"])
             for n in (1, 2, 3):
                 tg.start_soon(puts.put, str(n), payloads[n])
-            await wait_until(lambda: len(syncs._changing) == 4)  # all three began their change
+            await until(lambda: len(syncs._changing) == 4)  # all three began their change
             fsyncs.release.set()
         assert fsyncs.calls == ["hold", "fail"]
         assert puts.outcomes["0"] is None
@@ -200,9 +194,9 @@ async def test_a_rename_made_while_an_fsync_fails_is_not_durable(
         puts = Puts(engine)
         async with anyio.create_task_group() as tg:
             tg.start_soon(puts.put, "first", first)
-            await wait_until(lambda: fsyncs.calls == [failure])
+            await until(lambda: fsyncs.calls == [failure])
             tg.start_soon(puts.put, "second", second)
-            await wait_until(lambda: len(syncs._changing) == 2)
+            await until(lambda: len(syncs._changing) == 2)
             fsyncs.release.set()
         assert fsyncs.calls == [failure, "ok"]
         if failure == "hold-fail":
@@ -232,9 +226,9 @@ async def test_a_put_of_present_content_syncs_and_fails_with_the_rename_it_found
         puts = Puts(engine)
         async with anyio.create_task_group() as tg:
             tg.start_soon(puts.put, "renames", data)
-            await wait_until(lambda: fsyncs.calls == ["hold-fail"])
+            await until(lambda: fsyncs.calls == ["hold-fail"])
             tg.start_soon(puts.put, "freshens", data)
-            await wait_until(lambda: syncs._changing == {digest_of(data)[7:]: 2})
+            await until(lambda: syncs._changing == {digest_of(data)[7:]: 2})
             assert puts.outcomes == {}  # fsync 1 holds, and the freshening put waits for one after it
             fsyncs.release.set()
         assert fsyncs.calls == ["hold-fail", "ok"]  # the freshening put's own fsync succeeded: too late
@@ -267,10 +261,7 @@ def test_a_rename_left_unsynced_stays_suspect_past_an_fsync_begun_before_it(
 
         thread = threading.Thread(target=freshen)
         thread.start()
-        for _ in range(15_000):
-            if fsyncs.calls == ["hold"]:
-                break
-            threading.Event().wait(0.002)
+        until_now(lambda: fsyncs.calls == ["hold"])
         with pytest.raises(RuntimeError), group.change("x"):
             raise RuntimeError("failed before renaming")
         assert group._suspect == {}  # nothing renamed, nothing suspect

@@ -28,6 +28,7 @@ import pytest
 import ocicas
 from ocicas import ClobberError, Descriptor
 from tests.images import put_image
+from tests.polling import until
 
 pytestmark = pytest.mark.anyio
 
@@ -168,12 +169,6 @@ async def test_a_caller_cancelled_while_queued_changes_nothing(tmp_path: Path) -
         assert await engine.list_references() == ["kept"]
         await engine.put_reference("later", b)  # the store still works after the cancelled caller
         assert await engine.list_references() == ["kept", "later"]
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    with anyio.fail_after(30):
-        while not condition():  # noqa: ASYNC110
-            await anyio.sleep(0.001)
 
 
 async def test_a_tag_of_incomplete_content_fails_alone_with_the_error_a_lone_tag_gets(tmp_path: Path) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 
 import ocicas
 from ocicas._syncs import BLOB_SYNCS, DEFAULT_SYNC_LIMIT, SyncGate
+from tests.polling import until, until_now
 from tests.test_cancellation import temp_files
 
 
@@ -42,12 +42,6 @@ async def every_slot_held() -> AsyncIterator[None]:
             await anyio.to_thread.run_sync(BLOB_SYNCS._release)
 
 
-async def wait_until(condition: Callable[[], bool]) -> None:
-    with anyio.fail_after(30):
-        while not condition():  # noqa: ASYNC110 (the gate's state, changed by worker threads: no event to wait on)
-            await anyio.sleep(0.005)
-
-
 @pytest.mark.anyio
 async def test_a_put_waits_for_a_slot_and_a_cancelled_wait_leaves_nothing(tmp_path: Path, limit_two: None) -> None:
     await ocicas.create_layout(tmp_path / "layout")
@@ -64,7 +58,7 @@ async def test_a_put_waits_for_a_slot_and_a_cancelled_wait_leaves_nothing(tmp_pa
                     assert scope.cancelled_caught
 
                 tg.start_soon(cancelled_put)
-                await wait_until(lambda: len(BLOB_SYNCS._waiting) == 1)
+                await until(lambda: len(BLOB_SYNCS._waiting) == 1)
                 scope.cancel()
             assert len(BLOB_SYNCS._waiting) == 0  # the cancelled wait left the line
             assert temp_files(tmp_path / "layout") == []
@@ -78,10 +72,10 @@ async def test_a_put_waits_for_a_slot_and_a_cancelled_wait_leaves_nothing(tmp_pa
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(put)
-                await wait_until(lambda: len(BLOB_SYNCS._waiting) == 1)
+                await until(lambda: len(BLOB_SYNCS._waiting) == 1)
                 assert stored == []
                 await anyio.to_thread.run_sync(BLOB_SYNCS._release)
-                await wait_until(lambda: bool(stored))
+                await until(lambda: bool(stored))
                 await anyio.to_thread.run_sync(BLOB_SYNCS._acquire)  # every_slot_held gives back what it took
         assert stored == [digest]
         assert await engine.read_blob(digest) == data
@@ -109,13 +103,6 @@ def start(target: Callable[[], None]) -> threading.Thread:
     return thread
 
 
-def wait_for_threads(condition: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + 30
-    while not condition():
-        assert time.monotonic() < deadline
-        time.sleep(0.002)
-
-
 def test_at_most_the_limit_hold_a_slot_at_once() -> None:
     gate = SyncGate(2)
     inside: list[int] = []
@@ -136,10 +123,10 @@ def test_at_most_the_limit_hold_a_slot_at_once() -> None:
                 inside.remove(n)
 
     threads = [start(lambda: worker(0)), start(lambda: worker(1))]
-    wait_for_threads(lambda: len(inside) == 2)
+    until_now(lambda: len(inside) == 2)
     for n in range(2, 6):  # each arrives once the one before is in line
         threads.append(start(lambda n=n: worker(n)))  # type: ignore[misc]
-        wait_for_threads(lambda n=n: len(gate._waiting) == n - 1)  # type: ignore[misc]
+        until_now(lambda n=n: len(gate._waiting) == n - 1)  # type: ignore[misc]
     assert sorted(inside) == [0, 1]
     go.set()
     for thread in threads:
@@ -164,10 +151,10 @@ def test_one_slot_is_handed_on_in_arrival_order() -> None:
             order.append(n)
 
     threads = [start(first)]
-    wait_for_threads(lambda: gate._used == 1)
+    until_now(lambda: gate._used == 1)
     for n in range(1, 6):
         threads.append(start(lambda n=n: later(n)))  # type: ignore[misc]
-        wait_for_threads(lambda n=n: len(gate._waiting) == n)  # type: ignore[misc]
+        until_now(lambda n=n: len(gate._waiting) == n)  # type: ignore[misc]
     assert order == []
     release.set()
     for thread in threads:
@@ -187,14 +174,14 @@ def test_raising_the_limit_lets_waiters_in_and_lowering_it_lets_holders_finish()
             release.wait(30)
 
     threads = [start(lambda: hold(0))]
-    wait_for_threads(lambda: entered == [0])
+    until_now(lambda: entered == [0])
     threads += [start(lambda: hold(1)), start(lambda: hold(2))]
-    wait_for_threads(lambda: len(gate._waiting) == 2)
+    until_now(lambda: len(gate._waiting) == 2)
     gate.set_limit(3)
-    wait_for_threads(lambda: sorted(entered) == [0, 1, 2])
+    until_now(lambda: sorted(entered) == [0, 1, 2])
     gate.set_limit(1)  # three hold a slot of one: none is taken away, and none is handed on until one is left
     late = start(lambda: hold(3))
-    wait_for_threads(lambda: len(gate._waiting) == 1)
+    until_now(lambda: len(gate._waiting) == 1)
     release.set()
     for thread in [*threads, late]:
         thread.join(30)
@@ -229,7 +216,7 @@ def test_no_slot_is_handed_on_while_holders_are_over_a_lowered_limit() -> None:
             entered.set()
 
     thread = start(waiter)
-    wait_for_threads(lambda: len(gate._waiting) == 1)
+    until_now(lambda: len(gate._waiting) == 1)
     assert gate.set_limit(1) == 2
     gate._release()  # two held, one allowed: this slot is gone, not handed on
     assert not entered.is_set()
@@ -267,9 +254,9 @@ def test_a_slot_handed_to_a_waiter_as_it_leaves_goes_to_the_next(monkeypatch: py
             raise RuntimeError("cancelled")
 
     threads = [start(first)]
-    wait_for_threads(lambda: len(gate._waiting) == 1)
+    until_now(lambda: len(gate._waiting) == 1)
     threads.append(start(second))
-    wait_for_threads(lambda: len(gate._waiting) == 2)
+    until_now(lambda: len(gate._waiting) == 2)
     monkeypatch.setattr("ocicas._syncs.checkpoint", checkpoint)
     for thread in threads:
         thread.join(30)
