@@ -16,6 +16,7 @@ from typing import Any, Final, overload
 
 from ._digest import _ENCODED, Digest
 from ._errors import InvalidError
+from ._threads import share_gil, shared
 
 __all__ = ["Candidates", "PackedDigests"]
 
@@ -91,7 +92,7 @@ class Candidates:
     def add(self, digests: list[str], sizes: Mapping[str, int]) -> None:
         """Append ``digests``, each with its size from ``sizes``."""
         segments = self._segments
-        for digest in digests:
+        for digest in shared(digests):
             algorithm = digest[: digest.find(":")]
             segment = segments.get(algorithm)
             if segment is None:
@@ -110,7 +111,7 @@ class Candidates:
         """Drop every entry ``wanted`` refuses, keeping the order."""
         for segment in self._segments.values():
             kept = 0
-            for index in range(segment.count):
+            for index in shared(range(segment.count)):
                 if wanted(segment.text(index)):
                     if kept != index:
                         segment.move(index, kept, segment.sizes[index])
@@ -128,7 +129,7 @@ class Candidates:
     def texts(self, algorithm: str, start: int, stop: int) -> list[str]:
         """The entries of a run, as text."""
         segment = self._segments[algorithm]
-        return [segment.text(index) for index in range(start, stop)]
+        return [segment.text(index) for index in shared(range(start, stop))]
 
     def settle(self, algorithm: str, start: int, texts: list[str], gone: Mapping[str, int]) -> list[str]:
         """Keep of a run (its ``texts``) only those in ``gone``, with the size each freed; return the others.
@@ -141,7 +142,7 @@ class Candidates:
             segment.kept = 0
         left = []
         kept = segment.kept
-        for index, text in enumerate(texts, start):
+        for index, text in enumerate(shared(texts), start):
             size = gone.get(text)
             if size is None:
                 left.append(text)
@@ -188,7 +189,7 @@ def _sort_packed(data: bytearray, sizes: array[int], width: int) -> tuple[bytear
     buckets = [bytearray() for _ in range(256 if count > 4096 else 1)]
     spread = len(buckets) > 1
     with memoryview(data) as view:
-        for n, at in enumerate(range(0, count * width, width)):
+        for n, at in enumerate(shared(range(0, count * width, width))):
             bucket = buckets[data[at] if spread else 0]
             bucket += view[at : at + width]
             bucket += sizes[n].to_bytes(_SIZE, "big")
@@ -198,6 +199,7 @@ def _sort_packed(data: bytearray, sizes: array[int], width: int) -> tuple[bytear
     total = 0
     record = width + _SIZE
     for n, bucket in enumerate(buckets):
+        share_gil()
         previous = b""
         for item in sorted(bytes(bucket[i : i + record]) for i in range(0, len(bucket), record)):
             digest = item[:width]

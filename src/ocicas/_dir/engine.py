@@ -52,7 +52,7 @@ from .._reader import BlobReader, RawBlob
 from .._source import BlobSource
 from .._tagging import check_closure, complete_at_hand, strong_children
 from .._tasks import task_group
-from .._threads import POLL_INTERVAL, QuickLimiter, checkpoint, metadata_hops, run_sync, wait_for
+from .._threads import POLL_INTERVAL, QuickLimiter, checkpoint, metadata_hops, run_sync, shared, wait_for
 from .clone import clone_blob
 from .fs import (
     DIR_FLAGS,
@@ -229,7 +229,7 @@ class _Scan:
             budget -= len(found)
             out += [
                 digest
-                for entry in found
+                for entry in shared(found)
                 if match(entry.name) and entry.is_file(follow_symlinks=False) and wanted(digest := prefix + entry.name)
             ]
             if budget:  # this directory is done
@@ -514,7 +514,7 @@ class DirEngine(Engine):
         budget = _LOOK_BUDGET
         dirs = _AlgDirs(self)
         try:
-            for node in queue:  # grows as nodes are read: breadth first, as a walk goes
+            for node in shared(queue):  # grows as nodes are read: breadth first, as a walk goes
                 if node.digest in tried:
                     continue
                 tried.add(node.digest)
@@ -771,7 +771,7 @@ class DirEngine(Engine):
                 match = _ENCODED[algorithm].fullmatch
                 prefix = f"{algorithm}:"
                 with os.scandir(alg) as entries:
-                    for n, entry in enumerate(entries):
+                    for n, entry in enumerate(shared(entries)):
                         if not n % 4096:
                             checkpoint()
                         name = entry.name
@@ -866,7 +866,7 @@ class DirEngine(Engine):
 
         def grouped() -> list[tuple[str, list[_S]]]:
             groups: dict[str, list[_S]] = {}
-            for digest in digests:
+            for digest in shared(digests):
                 groups.setdefault(digest[: digest.find(":")], []).append(digest)
             return list(groups.items())
 
@@ -897,7 +897,7 @@ class DirEngine(Engine):
             clock[0] = paused
 
         def ordered() -> dict[_S, int]:  # in the order asked, not as the threads ended
-            return {digest: removed[digest] for digest in digests if digest in removed}
+            return {digest: removed[digest] for digest in shared(digests) if digest in removed}
 
         return ordered() if len(digests) < _BATCH else await run_sync(ordered)
 
@@ -924,7 +924,7 @@ class DirEngine(Engine):
             out: dict[str, tuple[bytes, list[Descriptor]]] = {}
             budget = _NODES_BUDGET
             with contextlib.closing(_AlgDirs(self)) as dirs:
-                for n, node in enumerate(nodes):
+                for n, node in enumerate(shared(nodes)):
                     if n and not n % 64:
                         checkpoint()
                     size = node.size
