@@ -1077,6 +1077,7 @@ def _lag_rows(workdir: Path, size: int, repeat: int, part: str) -> list[Row]:
     template = workdir / "lag-template"
     if not template.exists():  # made once: each run gets a hard-linked copy (gc unlinks, puts rename: no file changes)
         (workdir / "lag-digest").write_text(make_lag_layout(template, size))
+        os.sync()  # its 1 GiB and 20,000 files are written back now, not during the first runs measured
     digest = (workdir / "lag-digest").read_text()
     for label, backend, _ in backends():
         if label == "uvloop":
@@ -1085,6 +1086,7 @@ def _lag_rows(workdir: Path, size: int, repeat: int, part: str) -> list[Row]:
         for _ in range(repeat):
             layout = workdir / f"lag-{label}"
             shutil.copytree(template, layout, copy_function=os.link)
+            os.sync()  # the links, and the previous run's deletions and 1 GiB put, are not this run's to flush
             out = subprocess.run(
                 [
                     sys.executable,

@@ -8,9 +8,11 @@ test holds the layout's ``flock`` as another process would while they arrive.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import functools
+import gc
 import json
 import os
 import sys
@@ -478,21 +480,28 @@ def inode(layout: Path) -> int:
     return os.stat(layout / "index.json").st_ino
 
 
+@pytest.mark.parametrize("retry", ["the same engine", "an engine opened after the first closed"])
 async def test_after_a_failed_directory_sync_the_retry_renames_index_json_again(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, retry: str
 ) -> None:
     """After NotDurableError, the caller's retry (the same set: nothing changes) writes and renames
-    ``index.json`` again, dirtying the directory anew, before it is told durable; once a rename was followed by
-    a successful directory fsync, a rewrite that changes nothing renames nothing."""
+    ``index.json`` again, dirtying the directory anew, before it is told durable, through the same engine or a
+    new one of the same process; once a rename was followed by a successful directory fsync, a rewrite that
+    changes nothing renames nothing."""
     layout = tmp_path / "layout"
     await ocicas.create_layout(layout)
-    async with await ocicas.open_layout(layout) as engine:
+    async with contextlib.AsyncExitStack() as stack:
+        engine = await stack.enter_async_context(await ocicas.open_layout(layout))
         (a,) = await images(engine, 1)
         made = fail_once(monkeypatch, "directory fsync", layout)
         with pytest.raises(ocicas.NotDurableError):
             await engine.put_reference("x", a)
         assert made == ["directory fsync"]
         failed = inode(layout)
+        if retry != "the same engine":
+            await stack.aclose()
+            gc.collect()  # nothing of the first engine is left to remember the failure
+            engine = await stack.enter_async_context(await ocicas.open_layout(layout))
         await engine.put_reference("x", a)  # the retry
         renewed = inode(layout)
         assert renewed != failed

@@ -14,9 +14,9 @@ import os
 import stat
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Final
+from typing import Final, Generic, TypeVar
 
 from .._errors import InvalidError
 from .._threads import CHUNK_SIZE, wait_for
@@ -24,6 +24,8 @@ from .._threads import CHUNK_SIZE, wait_for
 DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: opening a FIFO planted at a blob path must not hang
 READ_FLAGS: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+_T = TypeVar("_T")
 
 
 def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
@@ -124,7 +126,7 @@ class GroupSync:
     of it renames its copy over the blob (instead of freshening it) and that rename
     is covered with no failure in between. A freshening put syncs too: the copy it
     found may rest on a rename (by another put, or another process) not yet synced.
-    There is one per directory in the process (:func:`group_sync`), whichever
+    There is one per directory in the process (:data:`group_sync`), whichever
     engine puts there, so a retry through another engine knows what failed.
     """
 
@@ -152,7 +154,7 @@ class GroupSync:
             if change.renaming:
                 with self._cond:
                     self._suspect[name] = self._started  # it may have been renamed and never synced
-                    _KEEP.add(self)
+                    group_sync.keep(self, True)
             raise
         finally:
             with self._cond:
@@ -174,10 +176,10 @@ class GroupSync:
                 if self._suspect.get(change.name, needed) < needed:  # a rename before it may have been lost
                     del self._suspect[change.name]
                     if not self._suspect:
-                        _KEEP.discard(self)
+                        group_sync.keep(self, False)
                 return
             self._suspect[change.name] = self._started
-            _KEEP.add(self)
+            group_sync.keep(self, True)
             failure = self._failure
         assert failure is not None
         raise OSError(failure.errno, failure.strerror) from failure
@@ -206,28 +208,44 @@ class GroupSync:
                 self._failure = failure
                 # each may have renamed before or while this ran
                 self._suspect.update(dict.fromkeys(self._changing, self._started))
-                _KEEP.add(self)
+                group_sync.keep(self, True)
             self._done = mine
             self._running = False
             self._cond.notify_all()
 
 
-#: The directory fsync of each blob directory this process puts into, by the directory's identity (device,
-#: inode): alive while an engine holds it, or while it knows of suspect names (in :data:`_KEEP`).
-_GROUPS: weakref.WeakValueDictionary[tuple[int, int], GroupSync] = weakref.WeakValueDictionary()
-_KEEP: set[GroupSync] = set()
-_GROUPS_LOCK = threading.Lock()
+class PerDirectory(Generic[_T]):
+    """One ``_T`` per directory in this process, found by the directory's identity (device, inode), whichever
+    engine opened it: alive while something holds it, or while :meth:`keep` says (state a later engine must
+    find: what failed)."""
+
+    def __init__(self, factory: Callable[[], _T]) -> None:
+        self._factory = factory
+        self._items: weakref.WeakValueDictionary[tuple[int, int], _T] = weakref.WeakValueDictionary()
+        self._kept: set[_T] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, fd: int) -> _T:
+        """The one of the directory open as ``fd`` (a worker thread: ``fstat``)."""
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino)
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                item = self._items[key] = self._factory()
+            return item
+
+    def keep(self, item: _T, kept: bool) -> None:
+        """Keep ``item`` alive even when nothing holds it, or no longer."""
+        with self._lock:
+            if kept:
+                self._kept.add(item)
+            else:
+                self._kept.discard(item)
 
 
-def group_sync(fd: int) -> GroupSync:
-    """The :class:`GroupSync` of the directory open as ``fd``, shared by every engine of this process."""
-    st = os.fstat(fd)
-    key = (st.st_dev, st.st_ino)
-    with _GROUPS_LOCK:
-        group = _GROUPS.get(key)
-        if group is None:
-            group = _GROUPS[key] = GroupSync()
-        return group
+#: The directory fsync of each blob directory this process puts into: kept while it knows of suspect names.
+group_sync: Final = PerDirectory(GroupSync)
 
 
 class Change:

@@ -18,7 +18,9 @@ fsync cannot tell (the kernel may drop the failed writeback and report success t
 next time), so the index is then marked unsynced: every rewrite writes and renames
 ``index.json`` again, changed or not (a caller's retry included), dirtying the
 directory anew, until a directory fsync that followed such a rename succeeds. A
-rewrite whose directory fsync overlapped a failing one is not durable either.
+rewrite whose directory fsync overlapped a failing one is not durable either. That
+state is the layout directory's in this process, shared by its engines (a retry
+through a reopened engine renames too); another process's failures are not known.
 
 A group commit, run by the worker threads themselves: each update is one thread
 hop, which first runs the caller's check (a tag's content check, in parallel with
@@ -51,7 +53,7 @@ from .._descriptor import Descriptor
 from .._errors import InvalidError, NotDurableError
 from .._layout_format import IndexDocument
 from .._threads import POLL_INTERVAL, QuickLimiter, checkpoint, metadata_hops, run_sync, wait_for
-from .fs import open_dir, open_regular, read_open, try_flock, write_all
+from .fs import PerDirectory, open_dir, open_regular, read_open, try_flock, write_all
 
 __all__ = ["IndexStore"]
 
@@ -94,6 +96,24 @@ class _Request:
         self.pending = False
 
 
+class _DirectorySyncs:
+    """What this process knows of a layout directory's fsyncs after ``index.json`` rewrites, shared by every
+    engine of the layout in the process: a retry through a reopened engine renames too (see the module doc)."""
+
+    __slots__ = ("__weakref__", "failure", "failures", "lock", "unsynced")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        # a directory fsync failed and no rename followed by a successful one since: rewrites rename, changed or not
+        self.unsynced = False
+        self.failures = 0  # directory fsyncs that failed: a rewrite's fsync overlapping one cannot vouch
+        self.failure: OSError | None = None  # the last of them
+
+
+#: Kept alive while unsynced, so that an engine opened later finds it.
+_directory_syncs: Final = PerDirectory(_DirectorySyncs)
+
+
 class IndexStore:
     """The ``index.json`` of the layout whose directory is open as ``root``."""
 
@@ -107,10 +127,7 @@ class IndexStore:
         self._queue: list[_Request] = []  # ready updates, in arrival order, for the next rewrite
         self._committing = False  # a rewrite is in progress (in this process; the flock covers others)
         self._lock_fd: int | None = None  # the layout directory, open for its flock (used by the rewrite only)
-        # a directory fsync failed and no rename followed by a successful one since: rewrites rename, changed or not
-        self._unsynced = False
-        self._sync_failures = 0  # directory fsyncs that failed: a rewrite's fsync overlapping one cannot vouch
-        self._sync_failure: OSError | None = None  # the last of them
+        self._syncs: _DirectorySyncs | None = None  # the layout directory's, in this process (see _directory_syncs)
         self._cache: tuple[tuple[int, int, int, int], IndexDocument] | None = None
         self._held: int | None = None  # the cached file, open (see the module doc)
         self._held_lock = threading.Lock()
@@ -240,8 +257,11 @@ class IndexStore:
                 lock_fd = self._lock_fd = open_dir(".", self._root, "the layout")
             # another process may hold it: wait, cancellably
             wait_for(lambda: try_flock(lock_fd, fcntl.LOCK_EX))
-            with changed:
-                failures, unsynced = self._sync_failures, self._unsynced
+            syncs = self._syncs
+            if syncs is None:
+                syncs = self._syncs = _directory_syncs(self._root)
+            with syncs.lock:
+                failures, unsynced = syncs.failures, syncs.unsynced
             try:
                 applied = self._rewrite(batch, renew=unsynced)
             finally:
@@ -273,16 +293,18 @@ class IndexStore:
             # disk): "not applied" would be untrue. Only their durability is unknown, and a second fsync would
             # not tell (the kernel may have dropped the failed writeback and report success the next time):
             # until a rename is followed by a successful fsync, each rewrite renames again (see the module doc).
-            with changed:
-                self._unsynced = True
-                self._sync_failures += 1
-                self._sync_failure = failure
+            with syncs.lock:
+                syncs.unsynced = True
+                syncs.failures += 1
+                syncs.failure = failure
+                _directory_syncs.keep(syncs, True)
             self._settle(applied, failure, functools.partial(self._not_durable, failure))
             raise
-        with changed:
-            overlapped = self._sync_failure if self._sync_failures != failures else None
+        with syncs.lock:
+            overlapped = syncs.failure if syncs.failures != failures else None
             if overlapped is None and unsynced:
-                self._unsynced = False  # this rewrite renamed (renew), and nothing failed since: synced
+                syncs.unsynced = False  # this rewrite renamed (renew), and nothing failed since: synced
+                _directory_syncs.keep(syncs, False)
         if overlapped is not None:
             # another rewrite's directory fsync failed meanwhile: this success may hide that failure (the error
             # is reported once), and this rewrite's sets may rest on that rewrite's rename
