@@ -570,6 +570,40 @@ async def test_a_set_joining_while_a_directory_sync_fails_is_not_told_durable(
         assert index_names(layout) == {n: str(d.digest) for n, d in {"x": a, name: descriptor}.items()}
 
 
+async def test_a_failure_before_the_rewrite_leaves_the_layout_unlocked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finding the layout directory's sync state fails (its ``fstat``): the update fails with that error, the
+    layout's ``flock`` is free for other engines and processes, and the next update goes through."""
+    from ocicas._dir import index
+
+    layout = tmp_path / "layout"
+    await ocicas.create_layout(layout)
+    real = index._directory_syncs
+    calls: list[int] = []
+
+    def failing_once(fd: int) -> object:
+        calls.append(fd)
+        if len(calls) == 1:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real(fd)
+
+    async with await ocicas.open_layout(layout) as engine:
+        (a,) = await images(engine, 1)
+        monkeypatch.setattr(index, "_directory_syncs", failing_once)
+        with pytest.raises(OSError, match="Input/output error") as info:
+            await engine.put_reference("x", a)
+        assert info.value.errno == errno.EIO
+        assert type(info.value) is OSError  # not NotDurableError: nothing was renamed
+        fd = os.open(layout, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises BlockingIOError if the engine still held it
+        finally:
+            os.close(fd)
+        await engine.put_reference("x", a)
+        assert index_names(layout) == {"x": str(a.digest)}
+
+
 async def test_a_failure_to_unlock_or_close_after_the_rename_does_not_fail_the_applied_set(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

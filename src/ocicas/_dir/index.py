@@ -252,14 +252,14 @@ class IndexStore:
         """Rewrite ``index.json`` once for ``batch``, then fsync the directory; settle each request."""
         changed = self._changed
         try:
+            syncs = self._syncs
+            if syncs is None:  # before the flock: nothing between it and the try below may raise
+                syncs = self._syncs = _directory_syncs(self._root)
             lock_fd = self._lock_fd
             if lock_fd is None:
                 lock_fd = self._lock_fd = open_dir(".", self._root, "the layout")
             # another process may hold it: wait, cancellably
             wait_for(lambda: try_flock(lock_fd, fcntl.LOCK_EX))
-            syncs = self._syncs
-            if syncs is None:
-                syncs = self._syncs = _directory_syncs(self._root)
             with syncs.lock:
                 failures, unsynced = syncs.failures, syncs.unsynced
             try:
