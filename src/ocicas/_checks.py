@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import inspect
+import io
 import math
 import os
 from collections.abc import AsyncIterable, Callable, Iterable
@@ -190,6 +191,8 @@ async def check_digests_yielding(values: Any, name: str = "digests") -> list[Dig
 
 def check_blob_source(value: Any, name: str = "data") -> Any:
     """A blob source: bytes-like, an object with an async ``read(n)``, or an async iterable of bytes."""
+    if isinstance(getattr(value, "wrapped", None), io.TextIOBase):  # anyio.open_file(path, "r"): reads str
+        raise TypeError(f"{name} is a file opened in text mode ({type_name(value.wrapped)}): open it with 'rb'")
     if isinstance(value, bytes | bytearray | memoryview | AsyncIterable):
         return value
     if inspect.iscoroutinefunction(getattr(value, "read", None)):

@@ -53,7 +53,7 @@ from .._source import BlobSource
 from .._tagging import check_closure, complete_at_hand, strong_children
 from .._tasks import task_group
 from .._threads import POLL_INTERVAL, QuickLimiter, checkpoint, metadata_hops, run_sync, shared, wait_for
-from .clone import clone_blob
+from .clone import clone_blob, put_local_file
 from .fs import (
     DIR_FLAGS,
     READ_FLAGS,
@@ -469,6 +469,9 @@ class DirEngine(Engine):
                         return await PendingBlob(self, verifier, lent=True).put(LentRaw(raw, source.on_read))
             # a verifying reader of other bytes: its word is taken, the bytes only counted
             return await PendingBlob(self, verifier, vouched=True).put(source)
+        stored = await put_local_file(self, source, verifier)  # an anyio file over a local file: the kernel copies
+        if stored is not None:
+            return stored
         return await PendingBlob(self, verifier).put(source)
 
     def _open_file(self, digest: Digest) -> _FileRaw:

@@ -1,0 +1,182 @@
+"""put_blob of an anyio file over a local regular file: the kernel copies it (``_dir/clone.py``)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+import anyio
+import pytest
+
+import ocicas
+from ocicas import Digest
+from ocicas._dir.clone import LOCAL_MIN, KernelCopy
+
+pytestmark = pytest.mark.anyio
+
+
+def _payload(size: int) -> bytes:
+    """``size`` bytes that differ all along: a misplaced range changes the digest."""
+    block = bytes(range(256)) * 4096
+    return b"".join(i.to_bytes(4, "big") + block[4:] for i in range(size // len(block) + 1))[:size]
+
+
+def _digest(data: bytes) -> Digest:
+    return Digest("sha256:" + hashlib.sha256(data).hexdigest())
+
+
+def _stored(layout: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in (layout / "blobs/sha256").iterdir()}
+
+
+def _temp_files(layout: Path) -> list[Path]:
+    return [f for d in layout.iterdir() if d.name.startswith(".ocicas-") for f in d.iterdir()]
+
+
+@pytest.fixture
+def kernel_copies(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The byte counts of every kernel copy made: whether a put took the kernel's path."""
+    copies: list[int] = []
+    copy = KernelCopy.copy
+
+    def counted(self: KernelCopy, offset: int, count: int) -> int:
+        n = copy(self, offset, count)
+        copies.append(n)
+        return n
+
+    monkeypatch.setattr(KernelCopy, "copy", counted)
+    return copies
+
+
+@pytest.fixture
+async def layout(tmp_path: Path) -> Path:
+    await ocicas.create_layout(tmp_path / "layout")
+    return tmp_path / "layout"
+
+
+async def test_the_kernel_copies_an_anyio_file_from_its_position_and_leaves_it_at_the_end(
+    tmp_path: Path, layout: Path, kernel_copies: list[int]
+) -> None:
+    data = _payload(2 * LOCAL_MIN + 12_345)
+    (tmp_path / "source").write_bytes(data)
+    async with await ocicas.open_layout(layout) as engine, await anyio.open_file(tmp_path / "source", "rb") as f:
+        assert await f.read(1000) == data[:1000]  # the buffered file has read ahead of its position
+        assert await engine.put_blob(f) == (_digest(data[1000:]), len(data) - 1000)
+        assert await f.tell() == len(data)
+        assert await f.read() == b""
+    assert sum(kernel_copies) == len(data) - 1000
+    assert _stored(layout) == {_digest(data[1000:]).encoded: data[1000:]}
+    assert _temp_files(layout) == []
+
+
+@pytest.mark.parametrize("mode", ["rb", "r+b", "rb-unbuffered"])
+async def test_every_binary_readable_mode_takes_the_kernel_path(
+    tmp_path: Path, layout: Path, kernel_copies: list[int], mode: str
+) -> None:
+    data = _payload(LOCAL_MIN)
+    (tmp_path / "source").write_bytes(data)
+    path = tmp_path / "source"
+    opened = {
+        "rb": lambda: anyio.open_file(path, "rb"),
+        "r+b": lambda: anyio.open_file(path, "r+b"),
+        "rb-unbuffered": lambda: anyio.open_file(path, "rb", buffering=0),
+    }
+    async with await ocicas.open_layout(layout) as engine, await opened[mode]() as f:
+        assert await engine.put_blob(f, expected_digest=_digest(data), expected_size=len(data)) == (
+            _digest(data),
+            len(data),
+        )
+    assert sum(kernel_copies) == len(data)
+    assert _stored(layout) == {_digest(data).encoded: data}
+
+
+@pytest.mark.parametrize(
+    ("expected_size", "wrong_digest", "error"),
+    [
+        (LOCAL_MIN + 99, False, ocicas.SizeMismatchError),  # the file is longer
+        (LOCAL_MIN + 101, False, ocicas.SizeMismatchError),  # the file is shorter
+        (LOCAL_MIN + 100, True, ocicas.DigestMismatchError),
+    ],
+)
+async def test_a_file_that_fails_its_check_stores_nothing_and_keeps_its_position(
+    tmp_path: Path,
+    layout: Path,
+    kernel_copies: list[int],
+    expected_size: int,
+    wrong_digest: bool,
+    error: type[Exception],
+) -> None:
+    data = _payload(LOCAL_MIN + 100)
+    (tmp_path / "source").write_bytes(data)
+    expected = _digest(data[:-1] + b"!") if wrong_digest else _digest(data)
+    async with await ocicas.open_layout(layout) as engine, await anyio.open_file(tmp_path / "source", "rb") as f:
+        with pytest.raises(error):
+            await engine.put_blob(f, expected_digest=expected, expected_size=expected_size)
+        assert await f.tell() == 0
+    assert sum(kernel_copies) == min(len(data), expected_size + 1)  # one byte more than expected, at most
+    assert _stored(layout) == {}
+    assert _temp_files(layout) == []
+
+
+async def test_what_the_kernel_cannot_copy_is_read_as_a_stream(
+    tmp_path: Path, layout: Path, kernel_copies: list[int]
+) -> None:
+    small = _payload(LOCAL_MIN - 1)
+    (tmp_path / "small").write_bytes(small)
+    tail = _payload(LOCAL_MIN + 10)
+    (tmp_path / "tail").write_bytes(tail)
+    piped = _payload(LOCAL_MIN + 20)
+    read_end, write_end = os.pipe()
+    feeder = threading.Thread(target=lambda: (os.write(write_end, piped), os.close(write_end)))  # type: ignore[func-returns-value]
+    feeder.start()
+    try:
+        async with await ocicas.open_layout(layout) as engine:
+            async with await anyio.open_file(tmp_path / "small", "rb") as f:
+                assert await engine.put_blob(f) == (_digest(small), len(small))
+            async with await anyio.open_file(tmp_path / "tail", "rb") as f:
+                await f.seek(11)  # fewer than LOCAL_MIN bytes left
+                assert await engine.put_blob(f) == (_digest(tail[11:]), len(tail) - 11)
+            async with anyio.wrap_file(os.fdopen(read_end, "rb")) as f:
+                read_end = -1
+                assert await engine.put_blob(f) == (_digest(piped), len(piped))
+            async with await anyio.open_file(tmp_path / "tail", "r", encoding="latin-1") as text:
+                with pytest.raises(TypeError, match="text mode"):
+                    await engine.put_blob(text)  # type: ignore[arg-type]
+    finally:
+        feeder.join()
+        if read_end >= 0:
+            os.close(read_end)
+    assert kernel_copies == []
+    assert _stored(layout) == {_digest(b).encoded: b for b in (small, tail[11:], piped)}
+
+
+async def test_a_cancelled_kernel_copy_leaves_nothing_and_the_file_usable(
+    tmp_path: Path, layout: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = _payload(40 << 20)  # three copy steps of 16 MiB
+    (tmp_path / "source").write_bytes(data)
+    copied: list[int] = []
+    copy = KernelCopy.copy
+
+    async with await ocicas.open_layout(layout) as engine, await anyio.open_file(tmp_path / "source", "rb") as f:
+        with anyio.CancelScope() as scope:
+
+            def cancelling(self: KernelCopy, offset: int, count: int) -> int:
+                n = copy(self, offset, count)
+                copied.append(n)
+                if sum(copied) >= 16 << 20:  # the first step is done: cancel the put from its worker thread
+                    anyio.from_thread.run_sync(scope.cancel)
+                return n
+
+            monkeypatch.setattr(KernelCopy, "copy", cancelling)
+            await engine.put_blob(f)
+        assert scope.cancelled_caught
+        monkeypatch.undo()
+        assert 16 << 20 <= sum(copied) < len(data)
+        assert _stored(layout) == {}
+        assert _temp_files(layout) == []
+        assert await f.tell() == 0
+        assert await engine.put_blob(f) == (_digest(data), len(data))  # the caller's descriptor is untouched
+    assert _stored(layout) == {_digest(data).encoded: data}
