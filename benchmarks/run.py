@@ -191,10 +191,11 @@ def durable_floor_time(source: Path, target: Path, block: str = "4M") -> float:
     return seconds
 
 
-#: dd block sizes the floor is measured with. The issue's floor writes 4 MiB at a time; on this machine's kernel
-#: (Linux 6.18 in a VM, ext4) writes of 1 MiB or more into the page cache can cost seconds of system time per GiB
-#: that 512 KiB writes do not (dd bs=4M 5-12 s against bs=512K 1.0-1.2 s, minutes apart), so the goal is taken
-#: against the faster of the two.
+#: dd block sizes the floor is measured with, in this order, the last right before our put. The issue's floor
+#: writes 4 MiB at a time; the goal is taken against the faster of the two. On this machine (a Firecracker VM
+#: whose kernel reports freed memory to the host, ``page_reporting``) the first writer of 1 GiB after a pause
+#: pays the host's faults on memory it took back: ``dd`` 2.5-3.4 s whichever block size goes first, the second
+#: 0.64-0.68 s (512K) or 1.4-1.6 s (4M). So 512K, run second, is warm, as is our put that follows it.
 FLOOR_BLOCKS: Final = ("4M", "512K")
 
 
