@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import tarfile
 import threading
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import pytest
 
 import ocicas
 from ocicas import Digest
-from ocicas._dir.clone import LOCAL_MIN, KernelCopy
+from ocicas._dir.clone import LOCAL_MIN, METHODS, CopyMethod, KernelCopy
 
 pytestmark = pytest.mark.anyio
 
@@ -180,3 +182,90 @@ async def test_a_cancelled_kernel_copy_leaves_nothing_and_the_file_usable(
         assert await f.tell() == 0
         assert await engine.put_blob(f) == (_digest(data), len(data))  # the caller's descriptor is untouched
     assert _stored(layout) == {_digest(data).encoded: data}
+
+
+async def test_readers_of_something_else_than_a_plain_file_are_read_as_streams(
+    tmp_path: Path, layout: Path, kernel_copies: list[int]
+) -> None:
+    data = _payload(LOCAL_MIN + 30)
+    member = _payload(LOCAL_MIN + 40)[::-1]
+    with tarfile.open(tmp_path / "archive.tar", "w") as tar:
+        (tmp_path / "member").write_bytes(member)
+        tar.add(tmp_path / "member", arcname="member")
+    async with await ocicas.open_layout(layout) as engine:
+        async with anyio.wrap_file(io.BufferedReader(io.BytesIO(data))) as f:
+            assert await engine.put_blob(f) == (_digest(data), len(data))
+        with tarfile.open(tmp_path / "archive.tar") as tar:
+            extracted = tar.extractfile("member")  # a window on the archive's file, with the archive's fileno()
+            assert extracted is not None
+            async with anyio.wrap_file(extracted) as f:
+                assert await engine.put_blob(f) == (_digest(member), len(member))
+    assert kernel_copies == []
+    assert _stored(layout) == {_digest(data).encoded: data, _digest(member).encoded: member}
+
+
+async def test_bytes_written_to_a_files_buffer_are_stored(
+    tmp_path: Path, layout: Path, kernel_copies: list[int]
+) -> None:
+    data = _payload(LOCAL_MIN + 50)
+    (tmp_path / "source").write_bytes(data)
+    async with await ocicas.open_layout(layout) as engine, await anyio.open_file(tmp_path / "source", "r+b") as f:
+        await f.read(100)
+        await f.write(b"X" * 10)  # in the buffer only
+        await f.seek(0)
+        expected = data[:100] + b"X" * 10 + data[110:]
+        assert await engine.put_blob(f) == (_digest(expected), len(expected))
+    assert sum(kernel_copies) == len(expected)
+    assert _stored(layout) == {_digest(expected).encoded: expected}
+
+
+async def test_a_file_closed_by_its_owner_during_the_put_is_still_stored(
+    tmp_path: Path, layout: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = _payload(40 << 20)
+    (tmp_path / "source").write_bytes(data)
+    copy = KernelCopy.copy
+    async with await ocicas.open_layout(layout) as engine, await anyio.open_file(tmp_path / "source", "rb") as f:
+
+        def closing(self: KernelCopy, offset: int, count: int) -> int:
+            f.wrapped.close()  # the owner closes its file: the put copies from its own descriptor
+            return copy(self, offset, count)
+
+        monkeypatch.setattr(KernelCopy, "copy", closing)
+        assert await engine.put_blob(f) == (_digest(data), len(data))
+        assert f.wrapped.closed
+    assert _stored(layout) == {_digest(data).encoded: data}
+    assert _temp_files(layout) == []
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_kernel_copy_reads_its_source_from_its_base(tmp_path: Path, method: CopyMethod) -> None:
+    data = _payload(3 << 20)
+    (tmp_path / "a").write_bytes(data)
+    source = os.open(tmp_path / "a", os.O_RDONLY | os.O_CLOEXEC)
+    target = os.open(tmp_path / "b", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    base, end = 12_345, (2 << 20) + 7
+    try:
+        copier = KernelCopy(source, target, (method,), base=base)
+        position = 0
+        while position < end:
+            position += copier.copy(position, end - position)
+        assert copier.method == method
+        assert copier.copy(len(data) - base, 1 << 20) == 0  # the source's end, seen from the base
+    finally:
+        os.close(source)
+        os.close(target)
+    assert (tmp_path / "b").read_bytes() == data[base : base + end]
+
+
+async def test_a_binary_source_with_a_text_attribute_named_wrapped_is_accepted(engine: ocicas.Engine) -> None:
+    class Encoding:
+        """Reads a text stream, encoded: its ``wrapped`` is text, its ``read`` returns bytes."""
+
+        def __init__(self, text: str) -> None:
+            self.wrapped = io.StringIO(text)
+
+        async def read(self, size: int = -1, /) -> bytes:
+            return self.wrapped.read(size).encode()
+
+    assert await engine.put_blob(Encoding("héllo")) == (_digest("héllo".encode()), 6)

@@ -18,6 +18,8 @@ from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar, overload
 
+import anyio
+
 from ._digest import _ENCODED, Digest, addressable
 from ._errors import InvalidError
 
@@ -191,7 +193,7 @@ async def check_digests_yielding(values: Any, name: str = "digests") -> list[Dig
 
 def check_blob_source(value: Any, name: str = "data") -> Any:
     """A blob source: bytes-like, an object with an async ``read(n)``, or an async iterable of bytes."""
-    if isinstance(getattr(value, "wrapped", None), io.TextIOBase):  # anyio.open_file(path, "r"): reads str
+    if isinstance(value, anyio.AsyncFile) and isinstance(value.wrapped, io.TextIOBase):  # open_file(path, "r")
         raise TypeError(f"{name} is a file opened in text mode ({type_name(value.wrapped)}): open it with 'rb'")
     if isinstance(value, bytes | bytearray | memoryview | AsyncIterable):
         return value

@@ -26,6 +26,7 @@ temporary file and both descriptors are gone before the error leaves.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
@@ -226,6 +227,22 @@ async def clone_blob(
         PUT_BUDGET.release(budget)
 
 
+#: The file objects whose positions are their descriptor's: exactly these types (a subclass may show a window
+#: of its file, as tarfile's members do, or read from something else).
+_PLAIN_FILES: Final = (io.BufferedReader, io.BufferedRandom, io.FileIO)
+
+
+def _plain_file(source: object) -> io.BufferedReader | io.BufferedRandom | io.FileIO | None:
+    """The file object an :class:`anyio.AsyncFile` wraps, if it reads a descriptor's bytes as they are."""
+    file = source.wrapped if isinstance(source, anyio.AsyncFile) else None
+    if type(file) not in _PLAIN_FILES:
+        return None  # text, a BytesIO, a subclass
+    assert isinstance(file, _PLAIN_FILES)
+    if not isinstance(file, io.FileIO) and type(file.raw) is not io.FileIO:
+        return None
+    return file
+
+
 def _local_file(file: io.BufferedReader | io.BufferedRandom | io.FileIO) -> tuple[int, int, int] | None:
     """``(descriptor, position, bytes left)`` of ``file``, the descriptor a duplicate (ours to close), if it is a
     readable regular file with at least :data:`LOCAL_MIN` bytes left; ``None`` otherwise. Blocking."""
@@ -235,10 +252,21 @@ def _local_file(file: io.BufferedReader | io.BufferedRandom | io.FileIO) -> tupl
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         return None  # a pipe, a socket, a device: read as a stream (tell() would fail on some)
+    if file.writable():
+        file.flush()  # bytes written to its buffer would be read back through it: the kernel copies the file's
+        st = os.fstat(fd)
     position = file.tell()  # a buffered file's own: what it has read ahead is not consumed
     if st.st_size - position < LOCAL_MIN:
         return None
     return os.dup(fd), position, st.st_size - position
+
+
+def _stored(fd: int, file: io.BufferedReader | io.BufferedRandom | io.FileIO, end: int) -> None:
+    """After a put from ``file``: close our duplicate ``fd``, and move ``file`` to ``end`` unless its owner
+    closed it meanwhile (the blob is stored: nothing may make the put fail now)."""
+    os.close(fd)
+    with contextlib.suppress(ValueError):  # closed meanwhile
+        file.seek(end)
 
 
 async def put_local_file(engine: DirEngine, source: object, verifier: Verifier) -> tuple[Digest, int] | None:
@@ -248,22 +276,23 @@ async def put_local_file(engine: DirEngine, source: object, verifier: Verifier) 
 
     The file is stored from its position to the end it had when the put began (it is measured then: bytes
     appended meanwhile are not stored). With an expected size, one byte more than that is copied at most:
-    enough for a longer file to fail the check.
+    enough for a longer file to fail the check. If the put fails, the file stays where it was.
     """
-    if not isinstance(source, anyio.AsyncFile):
+    file = _plain_file(source)
+    if file is None:
         return None
-    file = source.wrapped
-    if not isinstance(file, io.BufferedReader | io.BufferedRandom | io.FileIO):
-        return None  # text, or a wrapper of some other kind: read as a stream
     local = await run_sync(_local_file, file)
     if local is None:
         return None
     fd, position, size = local
+    if verifier.size is not None:
+        size = min(size, verifier.size + 1)
     try:
-        if verifier.size is not None:
-            size = min(size, verifier.size + 1)
         digest, stored = await clone_blob(engine, fd, size, verifier, offset=position)
-    finally:
-        os.close(fd)  # a duplicate: the caller's descriptor still holds the file, so this releases nothing
-    await source.seek(position + stored)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await run_sync(os.close, fd)  # in a thread: if the owner closed the file meanwhile, this is its last close
+        raise
+    with anyio.CancelScope(shield=True):
+        await run_sync(_stored, fd, file, position + stored)
     return digest, stored
