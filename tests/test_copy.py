@@ -30,6 +30,7 @@ from ocicas import (
 from ocicas._digest import Verifier
 from ocicas._dir.clone import METHODS, CopyMethod, KernelCopy, clone_blob
 from ocicas._media_types import EMPTY_DESCRIPTOR
+from tests.blobfiles import payload, temp_files
 from tests.delegating import Delegating
 from tests.images import CONFIG, LAYER, MANIFEST, put, put_artifact, put_image, put_index, put_json
 from tests.leaks import fd_targets
@@ -527,16 +528,6 @@ async def test_a_large_index_is_filtered_and_copied(engines: tuple[Engine, Engin
 # -- layout to layout: the kernel copies the file, the destination hashes what landed ------------------------------
 
 
-def _payload(size: int) -> bytes:
-    """``size`` bytes that differ all along (a block repeated would hide a misplaced range)."""
-    block = bytes(range(256)) * 4096  # 1 MiB
-    return b"".join(i.to_bytes(4, "big") + block[4:] for i in range(size // len(block) + 1))[:size]
-
-
-def _temp_files(layout: Path) -> list[Path]:
-    return [f for d in layout.iterdir() if d.name.startswith(".ocicas-") for f in d.iterdir()]
-
-
 async def _layouts(src_path: Path, dst_path: Path) -> tuple[Engine, Engine]:
     await ocicas.create_layout(src_path)
     await ocicas.create_layout(dst_path)
@@ -544,7 +535,7 @@ async def _layouts(src_path: Path, dst_path: Path) -> tuple[Engine, Engine]:
 
 
 async def test_a_layout_reader_put_into_a_layout_is_copied_by_the_kernel(tmp_path: Path) -> None:
-    data = _payload(21 << 20)  # past one copy step (16 MiB), not a multiple of any chunk
+    data = payload(21 << 20)  # past one copy step (16 MiB), not a multiple of any chunk
     src, dst = await _layouts(tmp_path / "src", tmp_path / "dst")
     async with src, dst:
         digest, size = await src.put_blob(data)
@@ -557,16 +548,16 @@ async def test_a_layout_reader_put_into_a_layout_is_copied_by_the_kernel(tmp_pat
         assert progress == [4 << 20] * 5 + [1 << 20]
         assert (tmp_path / "dst/blobs/sha256" / digest.encoded).read_bytes() == data
         assert await dst.read_blob(digest, max_size=None) == data
-        assert _temp_files(tmp_path / "dst") == []
+        assert temp_files(tmp_path / "dst") == []
         # present already: freshened, not written again
         async with await src.get_blob(digest) as reader:
             assert await dst.put_blob(reader) == (digest, size)
-        assert _temp_files(tmp_path / "dst") == []
+        assert temp_files(tmp_path / "dst") == []
 
 
 @pytest.mark.parametrize("where", ["start", "middle", "end"])
 async def test_a_source_file_corrupt_on_disk_is_refused_by_the_kernel_copy(tmp_path: Path, where: str) -> None:
-    data = _payload(20 << 20)
+    data = payload(20 << 20)
     src, dst = await _layouts(tmp_path / "src", tmp_path / "dst")
     async with src, dst:
         digest, size = await src.put_blob(data)
@@ -582,7 +573,7 @@ async def test_a_source_file_corrupt_on_disk_is_refused_by_the_kernel_copy(tmp_p
                 await dst.put_blob(reader, expected_digest=digest, expected_size=size)
             assert (reader.bytes_read, reader.closed) == (0, True)
         assert await dst.list_blobs() == []
-        assert _temp_files(tmp_path / "dst") == []
+        assert temp_files(tmp_path / "dst") == []
         layer = Descriptor(media_type=LAYER, digest=digest, size=size)
         manifest = await put_json(
             src,
@@ -598,11 +589,11 @@ async def test_a_source_file_corrupt_on_disk_is_refused_by_the_kernel_copy(tmp_p
             await copy(src, manifest, dst, "bad")
         assert digest not in await dst.list_blobs()
         assert await dst.list_references() == []
-        assert _temp_files(tmp_path / "dst") == []
+        assert temp_files(tmp_path / "dst") == []
 
 
 async def test_a_source_truncated_or_grown_while_copied_never_lands_wrong(tmp_path: Path) -> None:
-    data = _payload(20 << 20)
+    data = payload(20 << 20)
     src, dst = await _layouts(tmp_path / "src", tmp_path / "dst")
     async with src, dst:
         digest, size = await src.put_blob(data)
@@ -612,7 +603,7 @@ async def test_a_source_truncated_or_grown_while_copied_never_lands_wrong(tmp_pa
             with pytest.raises(ocicas.SizeMismatchError):
                 await dst.put_blob(reader, expected_digest=digest, expected_size=size)
         assert await dst.list_blobs() == []
-        assert _temp_files(tmp_path / "dst") == []
+        assert temp_files(tmp_path / "dst") == []
         path.write_bytes(data)
         async with await src.get_blob(digest) as reader:  # grown after it was opened: its first `size` bytes are right
             with open(path, "ab") as f:
@@ -625,7 +616,7 @@ async def test_a_source_truncated_or_grown_while_copied_never_lands_wrong(tmp_pa
 async def test_a_cancel_scope_around_a_kernel_copy_leaves_no_temporary_file_and_no_descriptor(
     tmp_path: Path, stop: int
 ) -> None:
-    data = _payload(stop + (12 << 20))
+    data = payload(stop + (12 << 20))
     src, dst = await _layouts(tmp_path / "src", tmp_path / "dst")
     async with src, dst:
         digest, size = await src.put_blob(data)
@@ -653,7 +644,7 @@ async def test_a_cancel_scope_around_a_kernel_copy_leaves_no_temporary_file_and_
             await copy(src, manifest, dst, "v1", concurrency=1, progress=cancel_midway)
         assert scope.cancelled_caught
         assert moved == [4 << 20] * (stop // (4 << 20))
-        assert _temp_files(tmp_path / "dst") == []
+        assert temp_files(tmp_path / "dst") == []
         assert fd_targets() == before
         assert digest not in await dst.list_blobs()
         await copy(src, manifest, dst, "v1")
@@ -670,7 +661,7 @@ def _other_filesystem(tmp_path: Path) -> Path:
 async def test_a_copy_across_file_systems_falls_back_and_is_exact(tmp_path: Path) -> None:
     import tempfile
 
-    data = _payload(19 << 20)
+    data = payload(19 << 20)
     with tempfile.TemporaryDirectory(dir=_other_filesystem(tmp_path), prefix="ocicas-test-") as other:
         src, dst = await _layouts(Path(other) / "src", tmp_path / "dst")
         async with src, dst:
@@ -685,7 +676,7 @@ async def test_a_copy_across_file_systems_falls_back_and_is_exact(tmp_path: Path
             assert set(result.skipped) == {digest}
             assert (tmp_path / "dst/blobs/sha256" / digest.encoded).read_bytes() == data
             assert await _intact(dst) == set(digests)
-            assert _temp_files(tmp_path / "dst") == []
+            assert temp_files(tmp_path / "dst") == []
 
 
 # copy_file_range alone across file systems is left out: whether the kernel takes it depends on its version
@@ -704,7 +695,7 @@ async def test_a_copy_across_file_systems_falls_back_and_is_exact(tmp_path: Path
 async def test_every_kernel_copy_method_lands_the_exact_bytes(
     tmp_path: Path, methods: tuple[CopyMethod, ...], across: bool
 ) -> None:
-    data = _payload(18 << 20)
+    data = payload(18 << 20)
     source = (_other_filesystem(tmp_path) if across else tmp_path) / f"ocicas-test-{os.getpid()}-{id(data)}"
     expected = Digest("sha256:" + hashlib.sha256(data).hexdigest())
     try:
@@ -720,13 +711,13 @@ async def test_every_kernel_copy_method_lands_the_exact_bytes(
                 os.close(fd)
             assert stored == (expected, len(data))
             assert (tmp_path / "dst/blobs/sha256" / expected.encoded).read_bytes() == data
-            assert _temp_files(tmp_path / "dst") == []
+            assert temp_files(tmp_path / "dst") == []
     finally:
         source.unlink(missing_ok=True)
 
 
 def test_kernel_copy_copies_ranges_in_place_by_the_method_asked(tmp_path: Path) -> None:
-    data = _payload(3 << 20)
+    data = payload(3 << 20)
     (tmp_path / "a").write_bytes(data)
     source = os.open(tmp_path / "a", os.O_RDONLY | os.O_CLOEXEC)
     target = os.open(tmp_path / "b", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)

@@ -7,6 +7,7 @@ import io
 import os
 import tarfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -15,14 +16,9 @@ import pytest
 import ocicas
 from ocicas import Digest
 from ocicas._dir.clone import LOCAL_MIN, METHODS, CopyMethod, KernelCopy
+from tests.blobfiles import payload, temp_files
 
 pytestmark = pytest.mark.anyio
-
-
-def _payload(size: int) -> bytes:
-    """``size`` bytes that differ all along: a misplaced range changes the digest."""
-    block = bytes(range(256)) * 4096
-    return b"".join(i.to_bytes(4, "big") + block[4:] for i in range(size // len(block) + 1))[:size]
 
 
 def _digest(data: bytes) -> Digest:
@@ -33,19 +29,25 @@ def _stored(layout: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in (layout / "blobs/sha256").iterdir()}
 
 
-def _temp_files(layout: Path) -> list[Path]:
-    return [f for d in layout.iterdir() if d.name.startswith(".ocicas-") for f in d.iterdir()]
+class Copies:
+    """The byte counts of every kernel copy made (whether a put took the kernel's path), and what to do after each,
+    in the put's worker thread."""
+
+    def __init__(self) -> None:
+        self.counts: list[int] = []
+        self.after: Callable[[], object] | None = None
 
 
 @pytest.fixture
-def kernel_copies(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The byte counts of every kernel copy made: whether a put took the kernel's path."""
-    copies: list[int] = []
+def kernel_copies(monkeypatch: pytest.MonkeyPatch) -> Copies:
+    copies = Copies()
     copy = KernelCopy.copy
 
     def counted(self: KernelCopy, offset: int, count: int) -> int:
         n = copy(self, offset, count)
-        copies.append(n)
+        copies.counts.append(n)
+        if copies.after is not None:
+            copies.after()
         return n
 
     monkeypatch.setattr(KernelCopy, "copy", counted)
@@ -59,25 +61,25 @@ async def layout(tmp_path: Path) -> Path:
 
 
 async def test_the_kernel_copies_an_anyio_file_from_its_position_and_leaves_it_at_the_end(
-    tmp_path: Path, layout: Path, kernel_copies: list[int]
+    tmp_path: Path, layout: Path, kernel_copies: Copies
 ) -> None:
-    data = _payload(2 * LOCAL_MIN + 12_345)
+    data = payload(2 * LOCAL_MIN + 12_345)
     (tmp_path / "source").write_bytes(data)
     async with await ocicas.open_layout(layout) as engine, await anyio.open_file(tmp_path / "source", "rb") as f:
         assert await f.read(1000) == data[:1000]  # the buffered file has read ahead of its position
         assert await engine.put_blob(f) == (_digest(data[1000:]), len(data) - 1000)
         assert await f.tell() == len(data)
         assert await f.read() == b""
-    assert sum(kernel_copies) == len(data) - 1000
+    assert sum(kernel_copies.counts) == len(data) - 1000
     assert _stored(layout) == {_digest(data[1000:]).encoded: data[1000:]}
-    assert _temp_files(layout) == []
+    assert temp_files(layout) == []
 
 
 @pytest.mark.parametrize("mode", ["rb", "r+b", "rb-unbuffered"])
 async def test_every_binary_readable_mode_takes_the_kernel_path(
-    tmp_path: Path, layout: Path, kernel_copies: list[int], mode: str
+    tmp_path: Path, layout: Path, kernel_copies: Copies, mode: str
 ) -> None:
-    data = _payload(LOCAL_MIN)
+    data = payload(LOCAL_MIN)
     (tmp_path / "source").write_bytes(data)
     path = tmp_path / "source"
     opened = {
@@ -90,7 +92,7 @@ async def test_every_binary_readable_mode_takes_the_kernel_path(
             _digest(data),
             len(data),
         )
-    assert sum(kernel_copies) == len(data)
+    assert sum(kernel_copies.counts) == len(data)
     assert _stored(layout) == {_digest(data).encoded: data}
 
 
@@ -105,31 +107,31 @@ async def test_every_binary_readable_mode_takes_the_kernel_path(
 async def test_a_file_that_fails_its_check_stores_nothing_and_keeps_its_position(
     tmp_path: Path,
     layout: Path,
-    kernel_copies: list[int],
+    kernel_copies: Copies,
     expected_size: int,
     wrong_digest: bool,
     error: type[Exception],
 ) -> None:
-    data = _payload(LOCAL_MIN + 100)
+    data = payload(LOCAL_MIN + 100)
     (tmp_path / "source").write_bytes(data)
     expected = _digest(data[:-1] + b"!") if wrong_digest else _digest(data)
     async with await ocicas.open_layout(layout) as engine, await anyio.open_file(tmp_path / "source", "rb") as f:
         with pytest.raises(error):
             await engine.put_blob(f, expected_digest=expected, expected_size=expected_size)
         assert await f.tell() == 0
-    assert sum(kernel_copies) == min(len(data), expected_size + 1)  # one byte more than expected, at most
+    assert sum(kernel_copies.counts) == min(len(data), expected_size + 1)  # one byte more than expected, at most
     assert _stored(layout) == {}
-    assert _temp_files(layout) == []
+    assert temp_files(layout) == []
 
 
 async def test_what_the_kernel_cannot_copy_is_read_as_a_stream(
-    tmp_path: Path, layout: Path, kernel_copies: list[int]
+    tmp_path: Path, layout: Path, kernel_copies: Copies
 ) -> None:
-    small = _payload(LOCAL_MIN - 1)
+    small = payload(LOCAL_MIN - 1)
     (tmp_path / "small").write_bytes(small)
-    tail = _payload(LOCAL_MIN + 10)
+    tail = payload(LOCAL_MIN + 10)
     (tmp_path / "tail").write_bytes(tail)
-    piped = _payload(LOCAL_MIN + 20)
+    piped = payload(LOCAL_MIN + 20)
     read_end, write_end = os.pipe()
     feeder = threading.Thread(target=lambda: (os.write(write_end, piped), os.close(write_end)))  # type: ignore[func-returns-value]
     feeder.start()
@@ -150,45 +152,40 @@ async def test_what_the_kernel_cannot_copy_is_read_as_a_stream(
         feeder.join()
         if read_end >= 0:
             os.close(read_end)
-    assert kernel_copies == []
+    assert kernel_copies.counts == []
     assert _stored(layout) == {_digest(b).encoded: b for b in (small, tail[11:], piped)}
 
 
 async def test_a_cancelled_kernel_copy_leaves_nothing_and_the_file_usable(
-    tmp_path: Path, layout: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, layout: Path, kernel_copies: Copies
 ) -> None:
-    data = _payload(40 << 20)  # three copy steps of 16 MiB
+    data = payload(40 << 20)  # three copy steps of 16 MiB
     (tmp_path / "source").write_bytes(data)
-    copied: list[int] = []
-    copy = KernelCopy.copy
 
     async with await ocicas.open_layout(layout) as engine, await anyio.open_file(tmp_path / "source", "rb") as f:
         with anyio.CancelScope() as scope:
 
-            def cancelling(self: KernelCopy, offset: int, count: int) -> int:
-                n = copy(self, offset, count)
-                copied.append(n)
-                if sum(copied) >= 16 << 20:  # the first step is done: cancel the put from its worker thread
+            def cancel_after_the_first_step() -> None:  # from the put's worker thread
+                if sum(kernel_copies.counts) >= 16 << 20:
                     anyio.from_thread.run_sync(scope.cancel)
-                return n
 
-            monkeypatch.setattr(KernelCopy, "copy", cancelling)
+            kernel_copies.after = cancel_after_the_first_step
             await engine.put_blob(f)
         assert scope.cancelled_caught
-        monkeypatch.undo()
-        assert 16 << 20 <= sum(copied) < len(data)
+        kernel_copies.after = None
+        assert 16 << 20 <= sum(kernel_copies.counts) < len(data)
         assert _stored(layout) == {}
-        assert _temp_files(layout) == []
+        assert temp_files(layout) == []
         assert await f.tell() == 0
         assert await engine.put_blob(f) == (_digest(data), len(data))  # the caller's descriptor is untouched
     assert _stored(layout) == {_digest(data).encoded: data}
 
 
 async def test_readers_of_something_else_than_a_plain_file_are_read_as_streams(
-    tmp_path: Path, layout: Path, kernel_copies: list[int]
+    tmp_path: Path, layout: Path, kernel_copies: Copies
 ) -> None:
-    data = _payload(LOCAL_MIN + 30)
-    member = _payload(LOCAL_MIN + 40)[::-1]
+    data = payload(LOCAL_MIN + 30)
+    member = payload(LOCAL_MIN + 40)[::-1]
     with tarfile.open(tmp_path / "archive.tar", "w") as tar:
         (tmp_path / "member").write_bytes(member)
         tar.add(tmp_path / "member", arcname="member")
@@ -200,14 +197,12 @@ async def test_readers_of_something_else_than_a_plain_file_are_read_as_streams(
             assert extracted is not None
             async with anyio.wrap_file(extracted) as f:
                 assert await engine.put_blob(f) == (_digest(member), len(member))
-    assert kernel_copies == []
+    assert kernel_copies.counts == []
     assert _stored(layout) == {_digest(data).encoded: data, _digest(member).encoded: member}
 
 
-async def test_bytes_written_to_a_files_buffer_are_stored(
-    tmp_path: Path, layout: Path, kernel_copies: list[int]
-) -> None:
-    data = _payload(LOCAL_MIN + 50)
+async def test_bytes_written_to_a_files_buffer_are_stored(tmp_path: Path, layout: Path, kernel_copies: Copies) -> None:
+    data = payload(LOCAL_MIN + 50)
     (tmp_path / "source").write_bytes(data)
     async with await ocicas.open_layout(layout) as engine, await anyio.open_file(tmp_path / "source", "r+b") as f:
         await f.read(100)
@@ -215,32 +210,27 @@ async def test_bytes_written_to_a_files_buffer_are_stored(
         await f.seek(0)
         expected = data[:100] + b"X" * 10 + data[110:]
         assert await engine.put_blob(f) == (_digest(expected), len(expected))
-    assert sum(kernel_copies) == len(expected)
+    assert sum(kernel_copies.counts) == len(expected)
     assert _stored(layout) == {_digest(expected).encoded: expected}
 
 
 async def test_a_file_closed_by_its_owner_during_the_put_is_still_stored(
-    tmp_path: Path, layout: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, layout: Path, kernel_copies: Copies
 ) -> None:
-    data = _payload(40 << 20)
+    data = payload(40 << 20)
     (tmp_path / "source").write_bytes(data)
-    copy = KernelCopy.copy
     async with await ocicas.open_layout(layout) as engine, await anyio.open_file(tmp_path / "source", "rb") as f:
-
-        def closing(self: KernelCopy, offset: int, count: int) -> int:
-            f.wrapped.close()  # the owner closes its file: the put copies from its own descriptor
-            return copy(self, offset, count)
-
-        monkeypatch.setattr(KernelCopy, "copy", closing)
+        kernel_copies.after = f.wrapped.close  # the owner closes its file: the put copies from its own descriptor
         assert await engine.put_blob(f) == (_digest(data), len(data))
         assert f.wrapped.closed
+        assert sum(kernel_copies.counts) == len(data)
     assert _stored(layout) == {_digest(data).encoded: data}
-    assert _temp_files(layout) == []
+    assert temp_files(layout) == []
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_a_kernel_copy_reads_its_source_from_its_base(tmp_path: Path, method: CopyMethod) -> None:
-    data = _payload(3 << 20)
+    data = payload(3 << 20)
     (tmp_path / "a").write_bytes(data)
     source = os.open(tmp_path / "a", os.O_RDONLY | os.O_CLOEXEC)
     target = os.open(tmp_path / "b", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)

@@ -2,9 +2,8 @@
 
 When a put's source is an unread :class:`~ocicas.BlobReader` over a file (another
 layout's blob, as :func:`ocicas.copy` moves them), or an :class:`anyio.AsyncFile`
-over a regular file of at least :data:`LOCAL_MIN` bytes (``anyio.open_file(path,
-"rb")``: the file is stored from its position to the end it had when the put
-began, and left positioned after what was stored), the bytes need not pass through
+of a plain binary file (``anyio.open_file(path, "rb")``, see :func:`put_local_file`)
+with at least :data:`LOCAL_MIN` bytes left, the bytes need not pass through
 Python: ``os.copy_file_range`` copies them inside the kernel (sharing extents where
 the file system can, as btrfs and XFS do), falling back to ``sendfile`` and then to
 ``pread``/``pwrite`` where it cannot (another file system: ``EXDEV``; an old kernel or
