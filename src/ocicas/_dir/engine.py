@@ -35,7 +35,7 @@ from typing import ClassVar, Final, TypeVar
 
 import anyio
 
-from .._checks import check_path
+from .._checks import check_bool, check_path
 from .._descriptor import Descriptor
 from .._digest import _ENCODED, SUPPORTED_ALGORITHMS, Digest, Verifier
 from .._engine import GC_SCAN_BATCH, BlobInfo, Engine
@@ -138,15 +138,23 @@ def _create_layout(path: Path) -> None:
         os.close(fd)
 
 
-async def open_layout(path: str | os.PathLike[str]) -> DirEngine:
+async def open_layout(path: str | os.PathLike[str], *, direct_writes: bool = False) -> DirEngine:
     """Open the OCI image layout at ``path`` as an :class:`Engine`.
+
+    With ``direct_writes``, puts of more than a few MiB write past the page cache
+    (``O_DIRECT``, where the file system takes it): no copy into fresh kernel memory
+    and no blob pages crowding the cache, but the first read of such a blob comes
+    from the disk (see ``docs/guide/embedding.md``).
 
     Raises :class:`~ocicas.LayoutNotFoundError` if ``path`` does not exist and
     :class:`~ocicas.InvalidError` if it is not a valid layout (no or a wrong
     ``oci-layout``, an unreadable ``index.json``, no ``blobs`` directory), or if
     ``path`` is empty.
     """
-    return await run_sync(DirEngine._open, check_path(path))
+    path, direct = check_path(path), check_bool(direct_writes, "direct_writes")
+    engine = await run_sync(DirEngine._open, path)
+    engine._direct_writes = direct
+    return engine
 
 
 def _readable_node(descriptor: Descriptor) -> bool:
@@ -348,6 +356,7 @@ class DirEngine(Engine):
         self._temp_fd: int | None = None
         self._temp_name: str | None = None
         self._temp_lock = threading.Lock()
+        self._direct_writes = False  # large puts write with O_DIRECT (open_layout's direct_writes)
         self._index = IndexStore(root_fd, repr(str(path)), self._temp_dir)
         self._leases: dict[str, int] = {}  # live leases: their files, open and flock-held
         self._shared_flock: int | None = None  # blobs/, flock-held shared for the shared holders in this process
@@ -459,19 +468,23 @@ class DirEngine(Engine):
     # -- blobs --------------------------------------------------------------------------
 
     async def _put_blob(self, source: BlobSource, verifier: Verifier) -> tuple[Digest, int]:
+        # with direct writes, no kernel copy: it would write through the page cache
+        kernel_copies = not self._direct_writes
         if isinstance(source, BlobReader) and source.vouches_for(verifier.digest, verifier.size):
-            async with source._borrow_file() as fd:
-                if fd is not None:  # an unread reader of a local file (copy from a layout): the kernel copies it
-                    return await clone_blob(self, fd, source.size, verifier, source.on_read)
+            if kernel_copies:
+                async with source._borrow_file() as fd:
+                    if fd is not None:  # an unread reader of a local file (copy from a layout): the kernel copies it
+                        return await clone_blob(self, fd, source.size, verifier, source.on_read)
             if verifier.size == source.size:  # a registry's or memory's bytes: hashed in the thread that writes them
                 async with source._borrow_raw() as raw:
                     if raw is not None:
                         return await PendingBlob(self, verifier, lent=True).put(LentRaw(raw, source.on_read))
             # a verifying reader of other bytes: its word is taken, the bytes only counted
             return await PendingBlob(self, verifier, vouched=True).put(source)
-        stored = await put_local_file(self, source, verifier)  # an anyio file over a local file: the kernel copies
-        if stored is not None:
-            return stored
+        if kernel_copies:
+            stored = await put_local_file(self, source, verifier)  # an anyio file over a local file
+            if stored is not None:
+                return stored
         return await PendingBlob(self, verifier).put(source)
 
     def _open_file(self, digest: Digest) -> _FileRaw:

@@ -31,6 +31,7 @@ from .._source import BlobSource, iterate_source, reads_async
 from .._syncs import BLOB_SYNCS
 from .._tasks import task_group
 from .._threads import CHUNK_SIZE, checkpoint, run_sync
+from .direct import DirectWriter
 from .fs import blobs_held, group_sync, open_blob, write_all
 
 if TYPE_CHECKING:
@@ -166,6 +167,9 @@ class PendingBlob:
         self._depth = _VOUCHED_DEPTH if vouched or lent else _PIPELINE_DEPTH
         self._name = ""  # named in _open, in a worker thread: os.urandom lets go of the GIL, costly on the loop
         self._fd = -1
+        # a large put (one that goes down the pipeline) of a layout opened with direct_writes writes through this
+        self._large = False
+        self._direct: DirectWriter | None = None
         self._unsynced = 0  # bytes written since the last fdatasync began
         self._syncing = False
         self._budgeted = False  # whether chunks count against PUT_BUDGET (streams do; bytes are already held)
@@ -302,6 +306,7 @@ class PendingBlob:
         ``fdatasync`` every :data:`_SYNC_EVERY` is started between hops).
         """
         view = memoryview(bytearray(size))
+        self._large = source._left >= _PIPELINE_BATCH
         async with task_group() as tg:
             while True:
                 moved = await source.pour(view, self._sink, _POUR_HOP)
@@ -345,12 +350,17 @@ class PendingBlob:
 
     def _write(self, batch: _Batch) -> None:
         self._open()
+        if self._large and self._direct is None and self._engine._direct_writes:
+            self._direct = DirectWriter(self._fd)
+        direct = self._direct
         hashing = self._lent
         for chunk in batch:
             checkpoint()
             if hashing:
                 self._verifier.update(chunk)
-            if len(chunk) > _WRITE_SIZE:
+            if direct is not None:
+                direct.write(chunk)
+            elif len(chunk) > _WRITE_SIZE:
                 view = memoryview(chunk).cast("B")
                 for start in range(0, len(view), _WRITE_SIZE):
                     write_all(self._fd, view[start : start + _WRITE_SIZE])
@@ -383,6 +393,7 @@ class PendingBlob:
     async def _pipeline(
         self, first: _Batch, total: int, chunks: AsyncIterator[bytes | bytearray | memoryview]
     ) -> _Batch:
+        self._large = True
         to_write, writing = anyio.create_memory_object_stream[_Batch](self._depth)
         # a hashing stage of its own only when the source neither verifies (vouched) nor is hashed by the writer (lent)
         staged = not (self._vouched or self._lent)
@@ -447,6 +458,8 @@ class PendingBlob:
         elif not self._lent:  # a lent put's writer hashes
             self._hash(batch)
         self._write(batch)
+        if self._direct is not None:
+            self._direct.finish()
         verifier = self._verifier
         if self._vouched:  # the reader raised before its end had the content been wrong
             if verifier.size is not None and verifier.received != verifier.size:

@@ -1,0 +1,226 @@
+"""open_layout(direct_writes=True): large puts write past the page cache (``_dir/direct.py``), the same bytes."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+import types
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+import ocicas
+from ocicas import Digest
+from ocicas._dir import direct
+from ocicas._dir.direct import ALIGN, STAGE_BUFFERS, STAGE_SIZE, DirectWriter
+from tests.blobfiles import payload, temp_files
+
+pytestmark = pytest.mark.anyio
+
+MiB = 1 << 20
+#: Chunk sizes that cross every alignment: a put of these is never a whole number of blocks until its end.
+ODD = [1, ALIGN - 1, ALIGN + 1, MiB + 3, 3 * MiB - 7, 2 * ALIGN, 5 * MiB + 11]
+
+
+def _digest(data: bytes) -> Digest:
+    return Digest("sha256:" + hashlib.sha256(data).hexdigest())
+
+
+def _stored(layout: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in (layout / "blobs/sha256").iterdir()}
+
+
+async def _chunks(data: bytes, sizes: list[int]) -> AsyncIterator[bytes]:
+    at, n = 0, 0
+    while at < len(data):
+        size = sizes[n % len(sizes)]
+        yield data[at : at + size]
+        at, n = at + size, n + 1
+
+
+class Writes:
+    """Every write a DirectWriter made past the page cache: its length and whether ``O_DIRECT`` was set."""
+
+    def __init__(self) -> None:
+        self.direct: list[tuple[int, bool]] = []
+        self.refuse_after: int | None = None  # the file system refuses direct writes after this many
+
+
+@pytest.fixture
+def writes(monkeypatch: pytest.MonkeyPatch) -> Writes:
+    seen = Writes()
+    real_write = os.write
+
+    def write(fd: int, data: memoryview) -> int:  # direct's own os.write: only DirectWriter's writes come here
+        flagged = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+        if flagged:
+            if seen.refuse_after is not None and len(seen.direct) >= seen.refuse_after:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            seen.direct.append((len(data), flagged))
+        return real_write(fd, data)
+
+    fake_os = types.SimpleNamespace(**{name: getattr(os, name) for name in dir(os) if not name.startswith("__")})
+    fake_os.write = write
+    monkeypatch.setattr(direct, "os", fake_os)
+    monkeypatch.setattr("ocicas._dir.fs.os", fake_os)  # write_all: the carried tail and plain writes
+    return seen
+
+
+@pytest.fixture
+async def layout(tmp_path: Path) -> Path:
+    await ocicas.create_layout(tmp_path / "layout")
+    return tmp_path / "layout"
+
+
+@pytest.fixture
+def takes_direct(tmp_path: Path) -> None:
+    """Skip where the file system under the tests refuses ``O_DIRECT`` (the fallback is tested apart)."""
+    fd = os.open(tmp_path / "probe", os.O_WRONLY | os.O_CREAT)
+    try:
+        if not direct._set_direct(fd, True):
+            pytest.skip(f"{tmp_path} does not take O_DIRECT")
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture(autouse=True)
+def stages_returned() -> Iterator[None]:
+    """Every staging buffer lent is given back, however the put ended."""
+    yield
+    stages = direct._STAGES
+    assert len(stages._free) == STAGE_BUFFERS - stages._left
+
+
+@pytest.mark.usefixtures("takes_direct")
+@pytest.mark.parametrize("size", [9 * MiB, 9 * MiB + 1, 9 * MiB + ALIGN - 1, 12 * MiB + ALIGN])
+async def test_stream_of_odd_chunks_is_stored_exactly(layout: Path, writes: Writes, size: int) -> None:
+    data = payload(size)
+    async with await ocicas.open_layout(layout, direct_writes=True) as engine:
+        digest, stored = await engine.put_blob(_chunks(data, ODD))
+        assert (digest, stored) == (_digest(data), size)
+        async with await engine.get_blob(digest) as reader:
+            assert await reader.read() == data
+    assert _stored(layout) == {digest.encoded: data}
+    assert writes.direct, "nothing was written past the page cache"
+    assert all(flagged and n % ALIGN == 0 and 0 < n <= STAGE_SIZE for n, flagged in writes.direct)
+    assert sum(n for n, _ in writes.direct) == size - size % ALIGN  # all but the last partial block
+    assert temp_files(layout) == []
+
+
+@pytest.mark.usefixtures("takes_direct")
+async def test_async_file_and_bytes_take_the_direct_pipeline(layout: Path, tmp_path: Path, writes: Writes) -> None:
+    data = payload(10 * MiB + 5)
+    source = tmp_path / "source"
+    source.write_bytes(data)
+    async with await ocicas.open_layout(layout, direct_writes=True) as engine:
+        async with await anyio.open_file(source, "rb") as f:
+            assert await engine.put_blob(f) == (_digest(data), len(data))
+        from_file = sum(n for n, _ in writes.direct)
+        other = data[::-1]
+        assert await engine.put_blob(other) == (_digest(other), len(other))
+    assert from_file == len(data) - len(data) % ALIGN  # no kernel copy: that would go through the page cache
+    assert sum(n for n, _ in writes.direct) == 2 * from_file
+    assert _stored(layout) == {_digest(data).encoded: data, _digest(other).encoded: other}
+
+
+@pytest.mark.usefixtures("takes_direct")
+async def test_copy_into_a_direct_layout(layout: Path, tmp_path: Path, writes: Writes) -> None:
+    data = payload(8 * MiB + 3)
+    await ocicas.create_layout(tmp_path / "source")
+    async with await ocicas.open_layout(tmp_path / "source") as source:
+        digest, _ = await source.put_blob(data)
+        async with await ocicas.open_layout(layout, direct_writes=True) as target, await source.get_blob(digest) as r:
+            assert await target.put_blob(r, expected_digest=digest) == (digest, len(data))
+    assert _stored(layout) == {digest.encoded: data}
+    assert sum(n for n, _ in writes.direct) == len(data) - len(data) % ALIGN
+
+
+async def test_small_puts_and_default_layouts_write_plainly(layout: Path, writes: Writes) -> None:
+    small = payload(3 * MiB)
+    large = payload(9 * MiB)
+    async with await ocicas.open_layout(layout, direct_writes=True) as engine:
+        assert await engine.put_blob(small) == (_digest(small), len(small))
+    async with await ocicas.open_layout(layout) as engine:
+        assert await engine.put_blob(_chunks(large, ODD)) == (_digest(large), len(large))
+    assert writes.direct == []
+    assert _stored(layout) == {_digest(small).encoded: small, _digest(large).encoded: large}
+
+
+async def test_a_file_system_that_refuses_o_direct_gets_plain_writes(
+    layout: Path, writes: Writes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    set_direct = direct._set_direct
+    monkeypatch.setattr(direct, "_set_direct", lambda fd, on: False if on else set_direct(fd, on))
+    data = payload(9 * MiB + 7)
+    async with await ocicas.open_layout(layout, direct_writes=True) as engine:
+        assert await engine.put_blob(_chunks(data, ODD)) == (_digest(data), len(data))
+    assert writes.direct == []
+    assert _stored(layout) == {_digest(data).encoded: data}
+
+
+@pytest.mark.usefixtures("takes_direct")
+@pytest.mark.parametrize("refuse_after", [0, 1, 5])
+async def test_a_refused_direct_write_goes_on_plainly(layout: Path, writes: Writes, refuse_after: int) -> None:
+    writes.refuse_after = refuse_after
+    data = payload(9 * MiB + 7)
+    async with await ocicas.open_layout(layout, direct_writes=True) as engine:
+        assert await engine.put_blob(_chunks(data, ODD)) == (_digest(data), len(data))
+    assert len(writes.direct) == refuse_after
+    assert _stored(layout) == {_digest(data).encoded: data}
+    assert temp_files(layout) == []
+
+
+@pytest.mark.usefixtures("takes_direct")
+async def test_more_puts_than_staging_buffers(layout: Path, writes: Writes) -> None:
+    blobs = [payload(6 * MiB + n) for n in range(2 * STAGE_BUFFERS)]
+    async with await ocicas.open_layout(layout, direct_writes=True) as engine, anyio.create_task_group() as tg:
+        for data in blobs:
+            tg.start_soon(engine.put_blob, _chunks(data, ODD))
+    assert _stored(layout) == {_digest(data).encoded: data for data in blobs}
+
+
+@pytest.mark.usefixtures("takes_direct")
+async def test_cancelled_and_failed_direct_puts_leave_nothing(layout: Path, writes: Writes) -> None:
+    data = payload(9 * MiB)
+    stalled = anyio.Event()
+
+    async def stalls() -> AsyncIterator[bytes]:
+        async for chunk in _chunks(data, ODD):
+            yield chunk
+        stalled.set()
+        await anyio.sleep_forever()
+
+    async with await ocicas.open_layout(layout, direct_writes=True) as engine:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(engine.put_blob, stalls())
+            await stalled.wait()
+            await anyio.wait_all_tasks_blocked()
+            tg.cancel_scope.cancel()
+        with pytest.raises(ocicas.DigestMismatchError):
+            await engine.put_blob(_chunks(data, ODD), expected_digest=_digest(b"other"))
+    assert writes.direct  # both got as far as writing past the page cache
+    assert _stored(layout) == {}
+    assert temp_files(layout) == []
+
+
+def test_direct_writer_writes_the_same_bytes_as_plain(tmp_path: Path) -> None:
+    data = payload(3 * STAGE_SIZE + 5)
+    fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT)
+    try:
+        writer = DirectWriter(fd)
+        for start in range(0, len(data), 1_000_003):  # pieces unaligned to anything
+            writer.write(data[start : start + 1_000_003])
+        writer.finish()
+        assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT  # left as opened: plain
+    finally:
+        os.close(fd)
+    assert (tmp_path / "out").read_bytes() == data
+
+
+async def test_direct_writes_must_be_a_bool(layout: Path) -> None:
+    with pytest.raises(TypeError, match="direct_writes must be True or False, not str"):
+        await ocicas.open_layout(layout, direct_writes="yes")  # type: ignore[arg-type]
