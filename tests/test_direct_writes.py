@@ -224,3 +224,23 @@ def test_direct_writer_writes_the_same_bytes_as_plain(tmp_path: Path) -> None:
 async def test_direct_writes_must_be_a_bool(layout: Path) -> None:
     with pytest.raises(TypeError, match="direct_writes must be True or False, not str"):
         await ocicas.open_layout(layout, direct_writes="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.usefixtures("takes_direct")
+@pytest.mark.parametrize(("value", "direct_writes"), [("1", True), ("yes", True), ("0", False), (None, False)])
+def test_the_cli_writes_directly_when_told(
+    tmp_path: Path, writes: Writes, monkeypatch: pytest.MonkeyPatch, value: str | None, direct_writes: bool
+) -> None:
+    import ocicas.cli
+
+    data = payload(9 * MiB + 1)
+    (tmp_path / "layer").write_bytes(data)
+    if value is None:
+        monkeypatch.delenv("OCICAS_DIRECT_WRITES", raising=False)
+    else:
+        monkeypatch.setenv("OCICAS_DIRECT_WRITES", value)
+    monkeypatch.setenv("OCICAS_PROGRESS", "never")
+    assert ocicas.cli.invoke(["init", str(tmp_path / "store")]) == 0
+    assert ocicas.cli.invoke(["put", str(tmp_path / "store"), str(tmp_path / "layer")]) == 0
+    assert _stored(tmp_path / "store") == {_digest(data).encoded: data}
+    assert sum(n for n, _ in writes.direct) == (len(data) - len(data) % ALIGN if direct_writes else 0)

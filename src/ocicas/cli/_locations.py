@@ -8,6 +8,8 @@ when the first component is not a host, as in ``docker pull``). :func:`parse_loc
 place that reads the syntax, and :func:`open_location` the one place that turns
 a location into an :class:`~ocicas.Engine`. Registry credentials come from the
 Docker ``config.json``; ``OCICAS_TLS_VERIFY=0`` skips certificate checks.
+``OCICAS_DIRECT_WRITES=1`` opens layouts with ``direct_writes`` (large blobs are
+written past the page cache).
 
 A command that creates a destination layout and then fails removes it again
 (``open_location(..., created=)`` records what it made, :func:`remove_created`
@@ -125,6 +127,12 @@ def remove_created(created: list[Path]) -> None:
             return  # someone else put something there
 
 
+def _env_flag(name: str, default: bool) -> bool:
+    """An on/off environment variable: ``0``, ``false`` and ``no`` are off, any other value on."""
+    value = os.environ.get(name)
+    return default if value is None else value.lower() not in ("0", "false", "no")
+
+
 @asynccontextmanager
 async def open_location(
     location: Location | str, *, create: bool = False, created: list[Path] | None = None
@@ -140,13 +148,14 @@ async def open_location(
             parse_location(location) if location.startswith(_REGISTRY_SCHEMES) else Location("layout", location, None)
         )
     if location.kind == "registry":
-        verify = os.environ.get("OCICAS_TLS_VERIFY", "1").lower() not in ("0", "false", "no")
+        verify = _env_flag("OCICAS_TLS_VERIFY", True)
         async with await open_registry(location.path, verify=verify) as registry:
             yield registry
         return
     path = location.path
+    direct = _env_flag("OCICAS_DIRECT_WRITES", False)
     try:
-        engine = await open_layout(path)
+        engine = await open_layout(path, direct_writes=direct)
     except LayoutNotFoundError:
         if not create:
             raise
@@ -157,6 +166,6 @@ async def open_location(
                 created.extend(missing)
         except LayoutExistsError:
             pass  # created by someone else meanwhile: theirs, not ours to remove
-        engine = await open_layout(path)
+        engine = await open_layout(path, direct_writes=direct)
     async with engine:
         yield engine
