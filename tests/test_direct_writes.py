@@ -16,8 +16,10 @@ import pytest
 import ocicas
 from ocicas import Digest
 from ocicas._dir import direct
-from ocicas._dir.direct import ALIGN, STAGE_BUFFERS, STAGE_SIZE, DirectWriter
+from ocicas._dir.direct import ALIGN, DIRECT_MIN, STAGE_BUFFERS, STAGE_SIZE, DirectWriter
 from tests.blobfiles import payload, temp_files
+from tests.registry_fixtures import Registry, start_registry
+from tests.tools import require
 
 pytestmark = pytest.mark.anyio
 
@@ -48,6 +50,7 @@ class Writes:
     def __init__(self) -> None:
         self.direct: list[tuple[int, bool]] = []
         self.refuse_after: int | None = None  # the file system refuses direct writes after this many
+        self.short: int | None = None  # every direct write of more than this writes only this many bytes
 
 
 @pytest.fixture
@@ -60,6 +63,8 @@ def writes(monkeypatch: pytest.MonkeyPatch) -> Writes:
         if flagged:
             if seen.refuse_after is not None and len(seen.direct) >= seen.refuse_after:
                 raise OSError(errno.EINVAL, "Invalid argument")
+            if seen.short is not None and len(data) > seen.short:
+                data = data[: seen.short]
             seen.direct.append((len(data), flagged))
         return real_write(fd, data)
 
@@ -207,14 +212,17 @@ async def test_cancelled_and_failed_direct_puts_leave_nothing(layout: Path, writ
     assert temp_files(layout) == []
 
 
-def test_direct_writer_writes_the_same_bytes_as_plain(tmp_path: Path) -> None:
+@pytest.mark.usefixtures("takes_direct")
+def test_direct_writer_writes_the_same_bytes_as_plain(tmp_path: Path, writes: Writes) -> None:
     data = payload(3 * STAGE_SIZE + 5)
     fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT)
     try:
         writer = DirectWriter(fd)
         for start in range(0, len(data), 1_000_003):  # pieces unaligned to anything
             writer.write(data[start : start + 1_000_003])
+        assert writer.direct
         writer.finish()
+        assert sum(n for n, _ in writes.direct) == len(data) - 5
         assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT  # left as opened: plain
     finally:
         os.close(fd)
@@ -244,3 +252,137 @@ def test_the_cli_writes_directly_when_told(
     assert ocicas.cli.invoke(["put", str(tmp_path / "store"), str(tmp_path / "layer")]) == 0
     assert _stored(tmp_path / "store") == {_digest(data).encoded: data}
     assert sum(n for n, _ in writes.direct) == (len(data) - len(data) % ALIGN if direct_writes else 0)
+
+
+@pytest.mark.usefixtures("takes_direct")
+async def test_short_direct_writes_go_on_where_they_stopped(layout: Path, writes: Writes) -> None:
+    writes.short = 3 * ALIGN  # the kernel may write fewer bytes than asked: whole blocks of them
+    data = payload(9 * MiB + 7)
+    async with await ocicas.open_layout(layout, direct_writes=True) as engine:
+        assert await engine.put_blob(_chunks(data, ODD)) == (_digest(data), len(data))
+    assert _stored(layout) == {_digest(data).encoded: data}
+    assert {n for n, _ in writes.direct} <= {3 * ALIGN, 2 * ALIGN, ALIGN}
+    assert sum(n for n, _ in writes.direct) == len(data) - len(data) % ALIGN
+
+
+@pytest.mark.usefixtures("takes_direct")
+async def test_puts_known_large_go_direct_others_plainly(
+    layout: Path, tmp_path: Path, writes: Writes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    small, large = payload(600 << 10), payload(DIRECT_MIN + 1)
+    await ocicas.create_layout(tmp_path / "source")
+    async with await ocicas.open_layout(tmp_path / "source") as source:
+        for data in (small, large):
+            await source.put_blob(data)
+        async with await ocicas.open_layout(layout, direct_writes=True) as engine:
+            async with await source.get_blob(_digest(small)) as reader:  # a reader vouches: copied in 512 KiB
+                await engine.put_blob(reader)
+            assert writes.direct == []
+            three = payload(3 * MiB)
+            await engine.put_blob(_chunks(three, [MiB]), expected_size=len(three))
+            assert writes.direct == []
+            async with await source.get_blob(_digest(large)) as reader:  # its size says it is large
+                await engine.put_blob(reader)
+            assert sum(n for n, _ in writes.direct) == len(large) - len(large) % ALIGN
+            # a budget so small that the put writes before it has read much: its expected size tells
+            before = ocicas.set_put_budget(MiB, per_put=MiB)
+            try:
+                writes.direct.clear()
+                other = payload(9 * MiB)[::-1]
+                await engine.put_blob(_chunks(other, [MiB]), expected_size=len(other))
+                assert sum(n for n, _ in writes.direct) == len(other)
+            finally:
+                ocicas.set_put_budget(*before)
+    assert _stored(layout).keys() == {_digest(d).encoded for d in (small, three, large, other)}
+
+
+@pytest.mark.usefixtures("takes_direct")
+async def test_a_memory_engines_reader_is_lent_to_a_direct_put(layout: Path, writes: Writes) -> None:
+    data = payload(9 * MiB + 3)
+    async with ocicas.MemoryEngine() as memory:
+        digest, size = await memory.put_blob(data)
+        async with await ocicas.open_layout(layout, direct_writes=True) as engine, await memory.get_blob(digest) as r:
+            assert await engine.put_blob(r, expected_digest=digest, expected_size=size) == (digest, size)
+    assert _stored(layout) == {digest.encoded: data}
+    assert sum(n for n, _ in writes.direct) == size - size % ALIGN
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    started = start_registry(require("docker-registry").path, tmp_path_factory.mktemp("registry"))
+    yield started
+    started.stop()
+
+
+@pytest.mark.usefixtures("takes_direct")
+async def test_a_pull_from_a_registry_pours_into_a_direct_layout(
+    layout: Path, registry: Registry, writes: Writes
+) -> None:
+    from ocicas.registry import open_registry
+
+    layers = [payload(9 * MiB + 5), b"a small layer"]
+    repository = registry.repository()
+    async with await open_registry(registry.location(repository), docker_config=False) as remote:
+        root = await ocicas.build_image(remote, layers)
+        await remote.put_reference("v1", root)
+        async with await ocicas.open_layout(layout, direct_writes=True) as engine:
+            await ocicas.copy(remote, "v1", engine)
+            for data in layers:
+                assert await engine.read_blob(_digest(data)) == data
+    assert sum(n for n, _ in writes.direct) == len(layers[0]) - len(layers[0]) % ALIGN
+
+
+@pytest.mark.usefixtures("takes_direct")
+async def test_a_put_waits_for_a_staging_buffer_and_can_be_cancelled_meanwhile(layout: Path) -> None:
+    stages = direct._STAGES
+    held = [stages.take() for _ in range(STAGE_BUFFERS)]  # every buffer lent elsewhere
+    data = payload(9 * MiB)
+    try:
+        async with await ocicas.open_layout(layout, direct_writes=True) as engine:
+            with anyio.move_on_after(0.3) as scope:
+                await engine.put_blob(_chunks(data, ODD))
+            assert scope.cancelled_caught  # it could not have finished: it waited in take()
+            assert temp_files(layout) == []
+
+            async def give_back() -> None:
+                await anyio.sleep(0.1)
+                for buffer in held:
+                    stages.give(buffer)
+                held.clear()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(give_back)
+                assert await engine.put_blob(_chunks(data, ODD)) == (_digest(data), len(data))
+    finally:
+        for buffer in held:
+            stages.give(buffer)
+    assert _stored(layout) == {_digest(data).encoded: data}
+
+
+def test_a_forked_child_gets_staging_buffers_of_its_own() -> None:
+    stages = direct._STAGES
+    buffer = stages.take()
+    buffer[:6] = b"parent"
+    stages.give(buffer)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: a fresh pool, and its writes stay its own
+        try:
+            fresh = stages._left == STAGE_BUFFERS and not stages._free
+            buffer[:6] = b"child!"  # the parent's buffer, as the fork left it: a private copy
+            mine = stages.take()
+            mine[:6] = b"child!"
+            os.write(write, b"1" if fresh and mine is not buffer else b"0")
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        assert os.read(read, 1) == b"1"
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
+    again = stages.take()
+    try:
+        assert again[:6] == b"parent"
+    finally:
+        stages.give(again)

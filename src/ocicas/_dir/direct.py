@@ -3,19 +3,19 @@
 A durable put must get every byte onto the disk before it returns; through the
 page cache it also copies each into a fresh page of kernel memory first. Where
 touching fresh memory is costly (a VM whose host takes back freed memory, as on
-the project's CI-class machine: a buffered 1 GiB write 3.9-4.1 s after a pause, a
-direct one 0.78-0.94 s), or where a server should not push its working set out of
-the cache with blobs it will not read soon, ``open_layout(path,
-direct_writes=True)`` writes large puts with ``O_DIRECT``. The cost: the first
-read of such a blob comes from the disk.
+the project's CI-class machine: ``dd`` of 1 GiB with ``conv=fsync`` after a pause
+3.3-4.3 s, with ``oflag=direct`` 0.65-0.72 s), or where a server should not push
+its working set out of the cache with blobs it will not read soon,
+``open_layout(path, direct_writes=True)`` writes puts of :data:`DIRECT_MIN` or more
+with ``O_DIRECT``. The cost: the first read of such a blob comes from the disk.
 
 ``O_DIRECT`` needs aligned memory, offsets and lengths. Each write goes through one
 of a few page-aligned staging buffers shared by the process (:data:`STAGE_SIZE`
-each, :data:`STAGE_BUFFERS` in all, made when first needed): the bytes are copied
-in, the whole :data:`ALIGN` blocks written, the rest carried to the next write; the
-last few bytes are written plainly at the end. A file system that refuses
-``O_DIRECT`` (on the ``fcntl`` or on a write: ``EINVAL``) gets plain writes from
-there on, the same bytes.
+each, :data:`STAGE_BUFFERS` in all, made when first needed, made anew in a forked
+child): the bytes are copied in, the whole :data:`ALIGN` blocks written, the rest
+carried to the next write; the last few bytes are written plainly at the end. A
+file system that refuses ``O_DIRECT`` (on the ``fcntl`` or on a write: ``EINVAL``)
+gets plain writes from there on, the same bytes.
 """
 
 from __future__ import annotations
@@ -27,10 +27,14 @@ import os
 import threading
 from typing import Final
 
-from .._threads import POLL_INTERVAL, checkpoint
-from .fs import write_all
+from .._threads import CHUNK_SIZE, POLL_INTERVAL, checkpoint
+from .fs import write_pieces
 
-__all__ = ["ALIGN", "STAGE_BUFFERS", "STAGE_SIZE", "DirectWriter"]
+__all__ = ["ALIGN", "DIRECT_MIN", "STAGE_BUFFERS", "STAGE_SIZE", "DirectWriter"]
+
+#: The least a put must be known to hold (by its size, or by what it read before its first write) to be
+#: written directly: a smaller one is written and read back in a moment, from the cache.
+DIRECT_MIN: Final = CHUNK_SIZE
 
 #: Offsets and lengths of direct writes are multiples of this (the largest logical block size in common use).
 ALIGN: Final = 4096
@@ -45,8 +49,13 @@ class _Stages:
     """The process's staging buffers, page-aligned (``mmap``), lent to one writing thread at a time."""
 
     def __init__(self, count: int, size: int) -> None:
+        self._count = count
         self._size = size
-        self._left = count  # buffers not made yet
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every buffer: in a forked child, whose copies are its parent's bytes, not its own to lend."""
+        self._left = self._count  # buffers not made yet
         self._free: list[mmap.mmap] = []
         self._ready = threading.Condition()
 
@@ -55,8 +64,10 @@ class _Stages:
         with self._ready:
             while not self._free:
                 if self._left:
+                    # private: a forked child writing its copy never changes the parent's
+                    buffer = mmap.mmap(-1, self._size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
                     self._left -= 1
-                    return mmap.mmap(-1, self._size)
+                    return buffer
                 self._ready.wait(POLL_INTERVAL)
                 checkpoint()
             return self._free.pop()
@@ -68,6 +79,7 @@ class _Stages:
 
 
 _STAGES: Final = _Stages(STAGE_BUFFERS, STAGE_SIZE)
+os.register_at_fork(after_in_child=_STAGES.reset)
 
 
 def _set_direct(fd: int, on: bool) -> bool:
@@ -97,7 +109,7 @@ class DirectWriter:
     def write(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data).cast("B")
         if not self.direct:
-            write_all(self._fd, view)
+            write_pieces(self._fd, view)
             return
         while view:
             buffer = _STAGES.take()
@@ -115,9 +127,9 @@ class DirectWriter:
             finally:
                 _STAGES.give(buffer)
             if not self.direct:  # refused meanwhile: the rest goes plainly
-                write_all(self._fd, self._carry)
+                write_pieces(self._fd, self._carry)
                 self._carry.clear()
-                write_all(self._fd, view)
+                write_pieces(self._fd, view)
                 return
 
     def _write_direct(self, view: memoryview) -> None:
@@ -129,7 +141,7 @@ class DirectWriter:
                     raise
                 # refused (a file system that took the flag, not this write): the rest plainly, where it stopped
                 self._refuse()
-                write_all(self._fd, view)
+                write_pieces(self._fd, view)
                 return
             view = view[n:]
 
@@ -141,5 +153,5 @@ class DirectWriter:
         """Write what is carried, plainly (a direct write needs a whole block)."""
         if self.direct:
             self._refuse()
-        write_all(self._fd, self._carry)
+        write_pieces(self._fd, self._carry)
         self._carry.clear()

@@ -141,7 +141,7 @@ def _create_layout(path: Path) -> None:
 async def open_layout(path: str | os.PathLike[str], *, direct_writes: bool = False) -> DirEngine:
     """Open the OCI image layout at ``path`` as an :class:`Engine`.
 
-    With ``direct_writes``, puts of more than a few MiB write past the page cache
+    With ``direct_writes``, puts of 4 MiB or more write past the page cache
     (``O_DIRECT``, where the file system takes it): no copy into fresh kernel memory
     and no blob pages crowding the cache, but the first read of such a blob comes
     from the disk (see ``docs/guide/embedding.md``).
@@ -478,9 +478,11 @@ class DirEngine(Engine):
             if verifier.size == source.size:  # a registry's or memory's bytes: hashed in the thread that writes them
                 async with source._borrow_raw() as raw:
                     if raw is not None:
-                        return await PendingBlob(self, verifier, lent=True).put(LentRaw(raw, source.on_read))
+                        return await PendingBlob(self, verifier, lent=True, size=source.size).put(
+                            LentRaw(raw, source.on_read)
+                        )
             # a verifying reader of other bytes: its word is taken, the bytes only counted
-            return await PendingBlob(self, verifier, vouched=True).put(source)
+            return await PendingBlob(self, verifier, vouched=True, size=source.size).put(source)
         if kernel_copies:
             stored = await put_local_file(self, source, verifier)  # an anyio file over a local file
             if stored is not None:

@@ -34,6 +34,19 @@ def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
         view = view[os.write(fd, view) :]
 
 
+#: The most one ``write`` of a large put takes through the page cache. Measured on ext4 (Linux 6.18, a VM): 1 MiB
+#: writes at 1 MiB-aligned offsets, which the page cache takes in 1 MiB folios, cost 2-10 s of system time per
+#: GiB; 512 KiB writes 0.3 s.
+WRITE_SIZE: Final = 512 << 10
+
+
+def write_pieces(fd: int, data: bytes | bytearray | memoryview) -> None:
+    """:func:`write_all`, at most :data:`WRITE_SIZE` bytes a call."""
+    view = memoryview(data).cast("B")
+    for start in range(0, len(view), WRITE_SIZE):
+        write_all(fd, view[start : start + WRITE_SIZE])
+
+
 def write_file(dir_fd: int, name: str, data: bytes) -> None:
     """Create ``name`` with ``data``, durably (fsync)."""
     fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)

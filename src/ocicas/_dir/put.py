@@ -31,8 +31,8 @@ from .._source import BlobSource, iterate_source, reads_async
 from .._syncs import BLOB_SYNCS
 from .._tasks import task_group
 from .._threads import CHUNK_SIZE, checkpoint, run_sync
-from .direct import DirectWriter
-from .fs import blobs_held, group_sync, open_blob, write_all
+from .direct import DIRECT_MIN, DirectWriter
+from .fs import blobs_held, group_sync, open_blob, write_pieces
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
@@ -69,9 +69,6 @@ _FIRST_SLOT: Final = 1 << 20
 _MIN_READ: Final = 64 << 10
 #: put_blob syncs each time this much more is written, so the disk works while hashing goes on.
 _SYNC_EVERY: Final = 64 << 20
-#: The most one ``write`` takes. Measured on ext4 (Linux 6.18, a VM): 1 MiB writes at 1 MiB-aligned offsets,
-#: which the page cache takes in 1 MiB folios, cost 2-10 s of system time per GiB; 512 KiB writes 0.3 s.
-_WRITE_SIZE: Final = 512 << 10
 
 _Chunk = bytes | bytearray | memoryview
 _Batch = list[_Chunk]
@@ -156,9 +153,18 @@ class PendingBlob:
     Only admission (the first ``_slot``) waits for other puts, holding nothing.
     """
 
-    def __init__(self, engine: DirEngine, verifier: Verifier, *, vouched: bool = False, lent: bool = False) -> None:
+    def __init__(
+        self,
+        engine: DirEngine,
+        verifier: Verifier,
+        *,
+        vouched: bool = False,
+        lent: bool = False,
+        size: int | None = None,
+    ) -> None:
         self._engine = engine
         self._verifier = verifier
+        self._size = size  # the source's own size, if it knows it (a BlobReader's)
         # the source is a BlobReader of this very digest: it verifies, so the bytes are only counted here
         self._vouched = vouched
         # the source is a LentRaw: the writer hashes each batch in the hop that writes it
@@ -167,7 +173,8 @@ class PendingBlob:
         self._depth = _VOUCHED_DEPTH if vouched or lent else _PIPELINE_DEPTH
         self._name = ""  # named in _open, in a worker thread: os.urandom lets go of the GIL, costly on the loop
         self._fd = -1
-        # a large put (one that goes down the pipeline) of a layout opened with direct_writes writes through this
+        # a put known to be large by its first write (its size, or what it has read), of a layout opened with
+        # direct_writes, writes through this
         self._large = False
         self._direct: DirectWriter | None = None
         self._unsynced = 0  # bytes written since the last fdatasync began
@@ -213,6 +220,11 @@ class PendingBlob:
             if self._budgeted and (self._slot or self._extra):
                 PUT_BUDGET.release(self._slot + self._extra)
                 self._slot = self._extra = 0
+
+    def _known_large(self, taken: int) -> bool:
+        """Whether this put is large enough to write past the page cache (if asked), known from a size or from
+        the ``taken`` bytes read before its first write."""
+        return max(taken, self._verifier.size or 0, self._size or 0) >= DIRECT_MIN
 
     def _room(self) -> bool:
         """Whether the next chunk may be read now: every unwritten byte covered by ``_extra``, within the per-put bound.
@@ -306,7 +318,7 @@ class PendingBlob:
         ``fdatasync`` every :data:`_SYNC_EVERY` is started between hops).
         """
         view = memoryview(bytearray(size))
-        self._large = source._left >= _PIPELINE_BATCH
+        self._large = self._known_large(0)
         async with task_group() as tg:
             while True:
                 moved = await source.pour(view, self._sink, _POUR_HOP)
@@ -360,12 +372,8 @@ class PendingBlob:
                 self._verifier.update(chunk)
             if direct is not None:
                 direct.write(chunk)
-            elif len(chunk) > _WRITE_SIZE:
-                view = memoryview(chunk).cast("B")
-                for start in range(0, len(view), _WRITE_SIZE):
-                    write_all(self._fd, view[start : start + _WRITE_SIZE])
             else:
-                write_all(self._fd, chunk)
+                write_pieces(self._fd, chunk)
             self._unsynced += len(chunk)
 
     async def _take(self, source: BlobSource, read_size: int) -> _Batch:
@@ -393,7 +401,7 @@ class PendingBlob:
     async def _pipeline(
         self, first: _Batch, total: int, chunks: AsyncIterator[bytes | bytearray | memoryview]
     ) -> _Batch:
-        self._large = True
+        self._large = self._known_large(total)
         to_write, writing = anyio.create_memory_object_stream[_Batch](self._depth)
         # a hashing stage of its own only when the source neither verifies (vouched) nor is hashed by the writer (lent)
         staged = not (self._vouched or self._lent)

@@ -128,9 +128,10 @@ def remove_created(created: list[Path]) -> None:
 
 
 def _env_flag(name: str, default: bool) -> bool:
-    """An on/off environment variable: ``0``, ``false`` and ``no`` are off, any other value on."""
-    value = os.environ.get(name)
-    return default if value is None else value.lower() not in ("0", "false", "no")
+    """An on/off environment variable: unset or empty is ``default``; ``0``, ``false`` and ``no`` are off, any
+    other value on."""
+    value = os.environ.get(name, "")
+    return default if not value else value.lower() not in ("0", "false", "no")
 
 
 @asynccontextmanager
