@@ -235,9 +235,24 @@ async def test_direct_writes_must_be_a_bool(layout: Path) -> None:
 
 
 @pytest.mark.usefixtures("takes_direct")
-@pytest.mark.parametrize(("value", "direct_writes"), [("1", True), ("yes", True), ("0", False), (None, False)])
+@pytest.mark.parametrize(
+    ("flag", "value", "direct_writes"),
+    [
+        (True, None, True),
+        (False, "1", True),
+        (False, "yes", True),
+        (False, "0", False),
+        (False, "", False),
+        (False, None, False),
+    ],
+)
 def test_the_cli_writes_directly_when_told(
-    tmp_path: Path, writes: Writes, monkeypatch: pytest.MonkeyPatch, value: str | None, direct_writes: bool
+    tmp_path: Path,
+    writes: Writes,
+    monkeypatch: pytest.MonkeyPatch,
+    flag: bool,
+    value: str | None,
+    direct_writes: bool,
 ) -> None:
     import ocicas.cli
 
@@ -248,8 +263,10 @@ def test_the_cli_writes_directly_when_told(
     else:
         monkeypatch.setenv("OCICAS_DIRECT_WRITES", value)
     monkeypatch.setenv("OCICAS_PROGRESS", "never")
-    assert ocicas.cli.invoke(["init", str(tmp_path / "store")]) == 0
-    assert ocicas.cli.invoke(["put", str(tmp_path / "store"), str(tmp_path / "layer")]) == 0
+    store, layer = str(tmp_path / "store"), str(tmp_path / "layer")
+    assert ocicas.cli.invoke(["init", store]) == 0
+    # the group's options may follow the command
+    assert ocicas.cli.invoke(["put", store, layer, *(["--direct-writes"] if flag else [])]) == 0
     assert _stored(tmp_path / "store") == {_digest(data).encoded: data}
     assert sum(n for n, _ in writes.direct) == (len(data) - len(data) % ALIGN if direct_writes else 0)
 

@@ -109,8 +109,7 @@ def copy(
     SRC and DST are layout directories (DIR or oci:DIR) or repositories on a
     registry (http://HOST:PORT/REPO, https://… or docker://HOST/REPO, which is
     HTTPS; credentials from the Docker config.json, OCICAS_TLS_VERIFY=0 to skip
-    certificate checks; OCICAS_DIRECT_WRITES=1 writes large blobs into a layout
-    past the page cache). Without REF, every reference of SRC is copied. DST's reference defaults to
+    certificate checks). Without REF, every reference of SRC is copied. DST's reference defaults to
     the same name; DST is created if it does not exist, and removed again if the
     copy fails (a DST that existed is left as it was; an interrupted copy keeps
     what landed, for a rerun to finish). Blobs DST has already are

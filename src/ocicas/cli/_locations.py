@@ -8,8 +8,7 @@ when the first component is not a host, as in ``docker pull``). :func:`parse_loc
 place that reads the syntax, and :func:`open_location` the one place that turns
 a location into an :class:`~ocicas.Engine`. Registry credentials come from the
 Docker ``config.json``; ``OCICAS_TLS_VERIFY=0`` skips certificate checks.
-``OCICAS_DIRECT_WRITES=1`` opens layouts with ``direct_writes`` (large blobs are
-written past the page cache).
+``--direct-writes`` (``OCICAS_DIRECT_WRITES=1``) opens layouts with ``direct_writes``.
 
 A command that creates a destination layout and then fails removes it again
 (``open_location(..., created=)`` records what it made, :func:`remove_created`
@@ -35,6 +34,7 @@ from .._errors import InvalidError, LayoutExistsError, LayoutNotFoundError
 from .._layout_format import validate_reference_name
 from .._threads import run_sync
 from ..registry import open_registry, parse_registry_location
+from ._run import settings
 
 __all__ = ["LOCATION", "Location", "open_location", "parse_location", "remove_created"]
 
@@ -127,13 +127,6 @@ def remove_created(created: list[Path]) -> None:
             return  # someone else put something there
 
 
-def _env_flag(name: str, default: bool) -> bool:
-    """An on/off environment variable: unset or empty is ``default``; ``0``, ``false`` and ``no`` are off, any
-    other value on."""
-    value = os.environ.get(name, "")
-    return default if not value else value.lower() not in ("0", "false", "no")
-
-
 @asynccontextmanager
 async def open_location(
     location: Location | str, *, create: bool = False, created: list[Path] | None = None
@@ -149,12 +142,12 @@ async def open_location(
             parse_location(location) if location.startswith(_REGISTRY_SCHEMES) else Location("layout", location, None)
         )
     if location.kind == "registry":
-        verify = _env_flag("OCICAS_TLS_VERIFY", True)
+        verify = os.environ.get("OCICAS_TLS_VERIFY", "1").lower() not in ("0", "false", "no")
         async with await open_registry(location.path, verify=verify) as registry:
             yield registry
         return
     path = location.path
-    direct = _env_flag("OCICAS_DIRECT_WRITES", False)
+    direct = settings.direct_writes
     try:
         engine = await open_layout(path, direct_writes=direct)
     except LayoutNotFoundError:

@@ -15,7 +15,7 @@ from ._run import EXIT_CODES_HELP, StdoutClosed, settings
 __all__ = ["cli"]
 
 
-_GLOBAL_FLAGS = frozenset({"--debug"})
+_GLOBAL_FLAGS = frozenset({"--debug", "--direct-writes"})
 _GLOBAL_WITH_VALUE = frozenset({"--backend", "--progress"})
 
 
@@ -96,8 +96,14 @@ class _Group(click.Group):
     show_default=True,
     help="Progress bars on stderr: on a terminal only (auto), always or never. [env: OCICAS_PROGRESS]",
 )
+@click.option(
+    "--direct-writes",
+    is_flag=True,
+    envvar="OCICAS_DIRECT_WRITES",
+    help="Write blobs of 4 MiB or more into layouts past the page cache (O_DIRECT). [env: OCICAS_DIRECT_WRITES]",
+)
 @click.version_option(__version__, "-V", "--version", prog_name="ocicas")
-def cli(debug: bool, backend: str, progress: str) -> None:
+def cli(debug: bool, backend: str, progress: str, direct_writes: bool) -> None:
     """Store, copy, check and garbage-collect OCI images in image layouts.
 
     A layout is a directory in the OCI image-layout format (oci-layout,
@@ -119,6 +125,7 @@ def cli(debug: bool, backend: str, progress: str) -> None:
     settings.debug = debug
     settings.backend = backend
     settings.progress = progress
+    settings.direct_writes = direct_writes
 
 
 for _command in (init, put, cat, blobs, rm, image, tag, untag, refs, tree, gc, fsck, copy):

@@ -67,6 +67,7 @@ class Settings:
     debug: bool = False
     backend: str = "asyncio"
     progress: str = "auto"
+    direct_writes: bool = False
 
 
 #: This process's settings (set by the group's callback before a command runs).
