@@ -167,6 +167,17 @@ async def test_a_file_system_that_refuses_o_direct_gets_plain_writes(
     assert _stored(layout) == {_digest(data).encoded: data}
 
 
+async def test_a_system_without_o_direct_gets_plain_writes(
+    layout: Path, writes: Writes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(direct, "_O_DIRECT", 0)  # as on macOS
+    data = payload(9 * MiB + 7)
+    async with await ocicas.open_layout(layout, direct_writes=True) as engine:
+        assert await engine.put_blob(_chunks(data, ODD)) == (_digest(data), len(data))
+    assert writes.direct == []
+    assert _stored(layout) == {_digest(data).encoded: data}
+
+
 @pytest.mark.usefixtures("takes_direct")
 @pytest.mark.parametrize("refuse_after", [0, 1, 5])
 async def test_a_refused_direct_write_goes_on_plainly(layout: Path, writes: Writes, refuse_after: int) -> None:

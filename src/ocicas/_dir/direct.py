@@ -14,8 +14,8 @@ of a few page-aligned staging buffers shared by the process (:data:`STAGE_SIZE`
 each, :data:`STAGE_BUFFERS` in all, made when first needed, made anew in a forked
 child): the bytes are copied in, the whole :data:`ALIGN` blocks written, the rest
 carried to the next write; the last few bytes are written plainly at the end. A
-file system that refuses ``O_DIRECT`` (on the ``fcntl`` or on a write: ``EINVAL``)
-gets plain writes from there on, the same bytes.
+file system that refuses ``O_DIRECT`` (on the ``fcntl`` or on a write: ``EINVAL``),
+or a system without it (macOS), gets plain writes from there on, the same bytes.
 """
 
 from __future__ import annotations
@@ -82,11 +82,17 @@ _STAGES: Final = _Stages(STAGE_BUFFERS, STAGE_SIZE)
 os.register_at_fork(after_in_child=_STAGES.reset)
 
 
+#: The flag, where the system has it (Linux, the BSDs); elsewhere (macOS) puts write plainly.
+_O_DIRECT: Final = getattr(os, "O_DIRECT", 0)
+
+
 def _set_direct(fd: int, on: bool) -> bool:
-    """Turn ``O_DIRECT`` on or off for ``fd``; whether it is now as asked (``False``: the file system refuses)."""
+    """Turn ``O_DIRECT`` on or off for ``fd``; whether it is now as asked (``False``: the system refuses)."""
+    if not _O_DIRECT:
+        return not on
     flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     try:
-        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT if on else flags & ~os.O_DIRECT)
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | _O_DIRECT if on else flags & ~_O_DIRECT)
     except OSError as exc:
         if exc.errno != errno.EINVAL:
             raise
