@@ -24,3 +24,13 @@ class TestDirEngine(EngineConformance):
         await ocicas.create_layout(tmp_path / "layout")
         async with await ocicas.open_layout(tmp_path / "layout") as engine:
             yield engine
+
+
+class TestDirEngineDirectWrites(EngineConformance):
+    """The same protocol on a layout whose large puts write past the page cache (``direct_writes``)."""
+
+    @pytest.fixture
+    async def engine(self, tmp_path: Path) -> AsyncIterator[ocicas.Engine]:
+        await ocicas.create_layout(tmp_path / "layout")
+        async with await ocicas.open_layout(tmp_path / "layout", direct_writes=True) as engine:
+            yield engine
