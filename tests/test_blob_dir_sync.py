@@ -161,7 +161,9 @@ async def test_every_put_a_failed_fsync_covered_gets_not_durable(layout: Path, m
             await until(lambda: fsyncs.calls == ["hold"])
             for n in (1, 2, 3):
                 tg.start_soon(puts.put, str(n), payloads[n])
-            await until(lambda: len(syncs._changing) == 4)  # all three began their change
+            # all three renamed and wait in sync() for an fsync to begin after the held one (only sync() waits on
+            # the condition): released earlier, a put still before its rename would need a third fsync
+            await until(lambda: len(syncs._cond._waiters) == 3)  # type: ignore[attr-defined]
             fsyncs.release.set()
         assert fsyncs.calls == ["hold", "fail"]
         assert puts.outcomes["0"] is None
