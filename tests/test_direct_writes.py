@@ -60,7 +60,7 @@ def writes(monkeypatch: pytest.MonkeyPatch) -> Writes:
     seen = Writes()
     real_write = os.write
 
-    def write(fd: int, data: memoryview) -> int:  # direct's own os.write: only DirectWriter's writes come here
+    def write(fd: int, data: memoryview) -> int:  # direct.py and fs.py write through this: only O_DIRECT ones count
         flagged = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
         if flagged:
             if seen.refuse_after is not None and len(seen.direct) >= seen.refuse_after:
