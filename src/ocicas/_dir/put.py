@@ -9,7 +9,9 @@ hash and write it, a few MiB a hop, with no event loop in between. Every 64 MiB
 written, an ``fdatasync`` starts beside the writer, not in its way (the kernel
 copy of ``clone.py`` does the same), so the disk flushes while writing and
 hashing go on and the final fsync has little left to do. A blob smaller than
-one batch takes a single thread hop from open to rename.
+one batch takes a single thread hop from open to rename. On a layout opened with
+``direct_writes``, a put known to hold :data:`~.direct.DIRECT_MIN` or more writes
+through a :class:`~.direct.DirectWriter` (``O_DIRECT``), the one switch in ``_write``.
 """
 
 from __future__ import annotations
