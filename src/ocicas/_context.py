@@ -17,12 +17,13 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any, Final
+from typing import Final
 
 import anyio
 import anyio.lowlevel
 
 from ._errors import ContextCancelledError, ContextError, DeadlineExceededError
+from ._tasks import loop_caller
 
 __all__ = ["Context", "bound"]
 
@@ -160,7 +161,7 @@ async def bound(ctx: Context | None) -> AsyncIterator[None]:
         yield
         return
     ctx.check()
-    native: Any = anyio.lowlevel.current_token().native_token
+    call_soon = loop_caller()
     loop_thread = threading.get_ident()
     with anyio.CancelScope() as scope:
         if ctx.deadline is not None:
@@ -171,10 +172,7 @@ async def bound(ctx: Context | None) -> AsyncIterator[None]:
                 scope.cancel()
                 return
             try:  # another thread: hand the cancel to the event loop without waiting
-                if hasattr(native, "call_soon_threadsafe"):
-                    native.call_soon_threadsafe(scope.cancel)
-                else:
-                    native.run_sync_soon(scope.cancel)
+                call_soon(scope.cancel)
             except RuntimeError:
                 pass  # the loop has already finished
 

@@ -5,22 +5,24 @@ A walk or a sweep fails for one reason that callers want to catch by type
 other failures of the same group are chained to it, never dropped. Code that
 must run even when cancelled (closing a foreign generator or a connection)
 runs under :func:`bounded_shield`, so a stuck peer cannot hold a task forever.
+Other threads hand work to the event loop, without waiting, through :func:`loop_caller`.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Final
+from typing import Any, Final
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
-__all__ = ["SHIELD_TIMEOUT", "bounded_shield", "task_group"]
+__all__ = ["SHIELD_TIMEOUT", "bounded_shield", "loop_caller", "task_group"]
 
 #: Sibling failures listed in the first one's notes, at most.
 _MAX_NOTES: Final = 4
@@ -65,3 +67,12 @@ async def task_group() -> AsyncIterator[anyio.abc.TaskGroup]:
 def bounded_shield(seconds: float = SHIELD_TIMEOUT) -> anyio.CancelScope:
     """A cancel scope shielded from outside cancellation, that gives up after ``seconds``."""
     return anyio.move_on_after(seconds, shield=True)
+
+
+def loop_caller(token: anyio.lowlevel.EventLoopToken | None = None) -> Callable[[Callable[[], object]], None]:
+    """A function that has a callable run on the event loop of ``token`` (default: the running one) soon, from
+    any thread, without waiting for it; it raises :class:`RuntimeError` once that loop has finished."""
+    native: Any = (token or anyio.lowlevel.current_token()).native_token
+    if hasattr(native, "call_soon_threadsafe"):  # asyncio
+        return native.call_soon_threadsafe  # type: ignore[no-any-return]
+    return native.run_sync_soon  # type: ignore[no-any-return]  # trio

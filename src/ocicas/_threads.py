@@ -8,7 +8,9 @@ scope around any call stops a long copy at its next chunk, not at its end. Waits
 inside a thread (a lock another process holds) poll with :func:`wait_for`, which
 checks the same way at least every :data:`POLL_INTERVAL`. Loops of Python over
 many items (listings, the collector's bookkeeping) call :func:`share_gil` between
-items, so that the event loop never waits long for the GIL behind them.
+items, so that the event loop never waits long for the GIL behind them. A stream
+of work items (a put's batches) goes through a :class:`ThreadStage`: one worker
+thread at a time, which takes the next item without a turn of the event loop.
 
 The context of the running engine operation travels in :data:`current_ctx`
 (set by the engine's lifecycle for the duration of each call), so no thread
@@ -23,7 +25,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, Final, TypeVar, cast
+from typing import Any, Final, Generic, TypeVar, cast
 
 import anyio
 import anyio.from_thread
@@ -32,7 +34,7 @@ import anyio.to_thread
 
 from ._context import Context
 from ._digest import Verifier
-from ._tasks import task_group
+from ._tasks import loop_caller, task_group
 
 __all__ = [
     "CHUNK_SIZE",
@@ -41,6 +43,7 @@ __all__ = [
     "POLL_INTERVAL",
     "THREAD_HASH_SIZE",
     "QuickLimiter",
+    "ThreadStage",
     "checkpoint",
     "current_ctx",
     "hash_into",
@@ -265,3 +268,65 @@ async def run_split(func: Callable[[list[_K]], dict[_K, _V]], items: list[_K], p
         for index in range(parts):
             tg.start_soon(part, index)
     return {k: v for result in results for k, v in result.items()}
+
+
+class ThreadStage(Generic[_T]):
+    """Items worked on in order by one worker thread (:func:`run_sync`) at a time, for a task running :meth:`serve`.
+
+    Handing an item over (:meth:`put`, from the event loop or from any thread) never
+    waits. The thread takes the next item as soon as it is done with one, with no
+    turn of the event loop in between (a round trip through a busy loop costs
+    0.3-0.7 ms on a 2-core machine: a sixth of hashing 4 MiB), and stops when none
+    is left; the next item wakes :meth:`serve`, which starts one again. So a stage
+    holds a thread, and its limiter's token, only while it has work: a slow source
+    never pins one, and the stages of many puts never wait on each other for tokens
+    (a stage living as long as its put could deadlock them). ``work`` calls
+    :func:`checkpoint` as any thread work does; if it raises, so does :meth:`serve`.
+    """
+
+    def __init__(self, work: Callable[[_T], None]) -> None:
+        self._work = work
+        self._items: deque[_T] = deque()
+        self._lock = threading.Lock()
+        self._running = False  # a thread is on its way or working: put() need not wake serve()
+        self._closed = False
+        self._wake = anyio.Event()
+        self._loop_thread = threading.get_ident()
+        self._call_soon = loop_caller()
+
+    def put(self, item: _T) -> None:
+        """Queue ``item``; wake :meth:`serve` if no thread is working."""
+        with self._lock:
+            self._items.append(item)
+            if self._running:
+                return
+            self._running = True
+            wake = self._wake
+        if threading.get_ident() == self._loop_thread:
+            wake.set()
+        else:
+            self._call_soon(wake.set)
+
+    def close(self) -> None:
+        """On the event loop: let :meth:`serve` return once every item is done."""
+        self._closed = True
+        self._wake.set()
+
+    async def serve(self) -> None:
+        """Start a thread for the items each time some come, until :meth:`close`."""
+        while True:
+            await self._wake.wait()
+            self._wake = anyio.Event()  # the next put after this thread stops sets this one
+            await run_sync(self._drain)
+            if self._closed and not self._running:
+                return
+
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                if not self._items:
+                    self._running = False
+                    return
+                item = self._items.popleft()
+            self._work(item)
+            del item  # nothing of it is held while the next is awaited

@@ -1,8 +1,9 @@
 """The directory engine's put: a pipeline from the source into a temporary file, then a rename.
 
-Large blobs flow through three stages at once, each on its own worker thread
-when it runs (hashlib and write release the GIL): the source is read while the
-previous batch is hashed and the one before it is written. A source lent by a
+Large blobs flow through three stages at once (hashlib and write release the
+GIL): the source is read on the event loop while the previous batch is hashed
+and the one before it is written, each stage a :class:`~ocicas._threads.ThreadStage`
+whose thread takes the next batch without a turn of the loop. A source lent by a
 verifying reader (a pull) has two: the writer hashes what it writes; or one, when
 the source can pour (a registry body on a plain socket): worker threads receive,
 hash and write it, a few MiB a hop, with no event loop in between. Every 64 MiB
@@ -25,6 +26,8 @@ from contextlib import aclosing
 from typing import TYPE_CHECKING, Final
 
 import anyio
+import anyio.from_thread
+import anyio.lowlevel
 
 from .._budget import PUT_BUDGET
 from .._digest import Digest, Verifier
@@ -32,7 +35,7 @@ from .._errors import NotDurableError
 from .._source import BlobSource, iterate_source, reads_async
 from .._syncs import BLOB_SYNCS
 from .._tasks import task_group
-from .._threads import CHUNK_SIZE, checkpoint, run_sync
+from .._threads import CHUNK_SIZE, ThreadStage, checkpoint, run_sync
 from .direct import DIRECT_MIN, DirectWriter
 from .fs import blobs_held, group_sync, open_blob, write_pieces
 
@@ -185,6 +188,7 @@ class PendingBlob:
         self._slot = 0  # budget held for the newest chunk
         self._extra = 0  # budget held for older chunks not yet written
         self._unwritten = 0  # bytes taken from the source and not yet written
+        self._in_flight = 0  # batches sent down the pipeline and not yet written
         self._per_put = 0  # the most this put may hold (PUT_BUDGET.holder_limit when it started)
         self._progress: anyio.Event | None = None  # set when the writer has written a batch
         # a file with readinto is read into buffers of this put, reused once written: no allocation (and no
@@ -287,11 +291,12 @@ class PendingBlob:
         if self._progress is not None:
             self._progress.set()
 
-    async def _wait_for_room(self) -> None:
-        """Wait until the next chunk may be read; the caller has handed every unwritten batch to the pipeline."""
+    async def _wait_until(self, ready: Callable[[], bool]) -> None:
+        """Wait until ``ready()`` (checked again each time a batch is written): before reading, for room (the caller
+        has handed every unwritten batch to the pipeline); before sending, for a place in the pipeline."""
         while True:
             self._progress = progress = anyio.Event()
-            if self._room():
+            if ready():
                 return
             await progress.wait()
 
@@ -403,62 +408,68 @@ class PendingBlob:
     async def _pipeline(
         self, first: _Batch, total: int, chunks: AsyncIterator[bytes | bytearray | memoryview]
     ) -> _Batch:
+        """Hash and write ``first`` and the rest of ``chunks`` in stages of their own (:class:`ThreadStage`), all
+        but a tail smaller than a batch, which is returned once everything before it is written."""
         self._large = self._known_large(total)
-        to_write, writing = anyio.create_memory_object_stream[_Batch](self._depth)
         # a hashing stage of its own only when the source neither verifies (vouched) nor is hashed by the writer (lent)
         staged = not (self._vouched or self._lent)
-        if staged:
-            to_hash, hashing = anyio.create_memory_object_stream[_Batch](self._depth)
-        else:
-            to_hash, hashing = to_write, None
+        # batches sent and not yet written: as many as a queue of _depth before each stage and one in each
+        most = (self._depth + 1) * (2 if staged else 1) + 1
 
-        async def hasher() -> None:
-            assert hashing is not None
-            async with hashing, to_write:
-                async for batch in hashing:
-                    await run_sync(self._hash, batch)
-                    await to_write.send(batch)
+        def hash_batch(batch: _Batch) -> None:
+            self._hash(batch)
+            to_write.put(batch)
+
+        def write_batch(batch: _Batch) -> None:
+            self._write(batch)
+            # waits for the loop: an error there reaches this stage's task, and the put never ends before it
+            anyio.from_thread.run_sync(wrote, batch)
+
+        def wrote(batch: _Batch) -> None:
+            self._in_flight -= 1
+            self._written(batch)  # empties the list the hasher had too: no chunk is held after
+            self._sync_soon(tg)
 
         async def send(batch: _Batch) -> None:
             if self._vouched:  # only counted, here: no hop for that
                 self._count(batch)
-            await to_hash.send(batch)
-
-        async def writer() -> None:
-            async with writing:
-                async for batch in writing:
-                    await run_sync(self._write, batch)
-                    self._written(batch)  # empties the list the hasher sent too: no chunk is held after
-                    self._sync_soon(tg)
+            await self._wait_until(lambda: self._in_flight < most)
+            self._in_flight += 1
+            to_hash.put(batch)
+            await anyio.lowlevel.checkpoint()
 
         batch: _Batch = []
         pending = 0
+        to_write = ThreadStage[_Batch](write_batch)
+        to_hash = ThreadStage[_Batch](hash_batch) if staged else to_write
         async with task_group() as tg:
+            tg.start_soon(to_write.serve)
             if staged:
-                tg.start_soon(hasher)
-            tg.start_soon(writer)
-            async with to_hash:
-                if first:
-                    await send(first)
-                while True:
-                    if not self._room():
-                        if batch:  # never wait for room holding a partial batch: our own writes free the room
-                            await send(batch)
-                            batch, pending = [], 0
-                        await self._wait_for_room()
-                    try:
-                        chunk = _frozen(await chunks.__anext__())
-                    except StopAsyncIteration:
-                        break
-                    self._taken(len(chunk))
-                    total += len(chunk)
-                    self._verifier.check_total(total)
-                    batch.append(chunk)
-                    pending += len(chunk)
-                    del chunk
-                    if pending >= self._batch:
+                tg.start_soon(to_hash.serve)
+            if first:
+                await send(first)
+            while True:
+                if not self._room():
+                    if batch:  # never wait for room holding a partial batch: our own writes free the room
                         await send(batch)
                         batch, pending = [], 0
+                    await self._wait_until(self._room)
+                try:
+                    chunk = _frozen(await chunks.__anext__())
+                except StopAsyncIteration:
+                    break
+                self._taken(len(chunk))
+                total += len(chunk)
+                self._verifier.check_total(total)
+                batch.append(chunk)
+                pending += len(chunk)
+                del chunk
+                if pending >= self._batch:
+                    await send(batch)
+                    batch, pending = [], 0
+            await self._wait_until(lambda: not self._in_flight)
+            to_hash.close()
+            to_write.close()
         return batch
 
     def _commit(self, batch: _Batch) -> tuple[Digest, int]:

@@ -1,0 +1,181 @@
+"""``_threads.ThreadStage``: items in order, one thread at a time, no thread held while idle, errors and cancels
+reach the task serving it; and the puts built on it never wait on each other for thread tokens."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import anyio
+import anyio.from_thread
+import anyio.to_thread
+import pytest
+
+import ocicas
+from ocicas._threads import CHUNK_SIZE, ThreadStage, checkpoint, run_sync
+
+from .polling import until
+
+pytestmark = pytest.mark.anyio
+
+
+class Recorder:
+    """A stage's work: records each item, and how many threads were working at once (the most seen)."""
+
+    def __init__(self, then: Callable[[int], None] | None = None) -> None:
+        self.items: list[int] = []
+        self.threads: set[int] = set()
+        self.most = 0
+        self._working = 0
+        self._lock = threading.Lock()
+        self._then = then
+
+    def __call__(self, item: int) -> None:
+        with self._lock:
+            self._working += 1
+            self.most = max(self.most, self._working)
+        try:
+            checkpoint()
+            self.items.append(item)
+            self.threads.add(threading.get_ident())
+            if self._then is not None:
+                self._then(item)
+        finally:
+            with self._lock:
+                self._working -= 1
+
+
+def tokens_out() -> int:
+    return int(anyio.to_thread.current_default_thread_limiter().borrowed_tokens)
+
+
+@pytest.fixture
+async def one_token() -> AsyncIterator[None]:
+    """anyio's default thread limiter with a single token, for the test (restored after)."""
+    limiter = anyio.to_thread.current_default_thread_limiter()
+    total = limiter.total_tokens
+    limiter.total_tokens = 1
+    try:
+        yield
+    finally:
+        limiter.total_tokens = total
+
+
+async def test_items_from_the_loop_and_from_threads_are_worked_in_order_one_thread_at_a_time() -> None:
+    second = Recorder()
+    to_second = ThreadStage[int](second)
+    first = Recorder(then=to_second.put)  # each item goes on from the first stage's thread
+    to_first = ThreadStage[int](first)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(to_first.serve)
+        tg.start_soon(to_second.serve)
+        expected: list[int] = []
+
+        def all_done() -> bool:
+            return len(second.items) == len(expected)
+
+        for burst in range(20):
+            items = range(burst * 10, burst * 10 + burst % 7 + 1)
+            for item in items:
+                to_first.put(item)
+            expected += items
+            await until(all_done)
+            await until(lambda: tokens_out() == 0)  # both stages stop between bursts, and hold no thread
+
+        def put_from_a_thread() -> None:
+            for item in range(1000, 1050):
+                to_first.put(item)
+
+        await run_sync(put_from_a_thread)
+        expected += range(1000, 1050)
+        await until(all_done)
+        to_first.close()
+        to_second.close()
+    assert first.items == expected
+    assert second.items == expected
+    assert first.most == second.most == 1
+
+
+async def test_a_stage_that_was_never_given_work_closes() -> None:
+    stage = ThreadStage[int](Recorder())
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(stage.serve)
+        await anyio.wait_all_tasks_blocked()
+        assert tokens_out() == 0
+        stage.close()
+
+
+async def test_an_error_in_the_work_reaches_serve_and_stops_the_stage() -> None:
+    def fail_on_three(item: int) -> None:
+        if item == 3:
+            raise ValueError(f"bad item {item}")
+
+    work = Recorder(then=fail_on_three)
+    stage = ThreadStage[int](work)
+    for item in range(10):
+        stage.put(item)
+    with pytest.raises(ValueError, match="bad item 3"):
+        await stage.serve()
+    assert work.items == [0, 1, 2, 3]
+
+
+async def test_a_cancel_stops_a_working_stage_at_its_next_checkpoint() -> None:
+    started = threading.Event()
+    stopped: list[str] = []
+
+    def spin(item: int) -> None:
+        started.set()
+        try:
+            while True:
+                checkpoint()
+                threading.Event().wait(0.001)
+        except BaseException as exc:
+            stopped.append(type(exc).__name__)
+            raise
+
+    stage = ThreadStage[int](spin)
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stage.serve)
+            stage.put(1)
+            await anyio.to_thread.run_sync(started.wait)
+            scope.cancel()
+    assert scope.cancelled_caught
+    assert len(stopped) == 1  # the thread left at a checkpoint: the cancel reached it
+    assert tokens_out() == 0
+
+
+def pieces(seed: int, size: int) -> Iterator[bytes]:
+    """``size`` bytes of seed ``seed``, in fresh 1 MiB pieces."""
+    for start in range(0, size, 1 << 20):
+        n = min(size - start, 1 << 20)
+        yield (hashlib.sha256(f"{seed}:{start}".encode()).digest() * (n // 32 + 1))[:n]
+
+
+async def chunks(seed: int, size: int) -> AsyncIterator[bytes]:
+    for piece in pieces(seed, size):
+        yield piece
+
+
+async def test_concurrent_puts_finish_on_a_single_thread_token(tmp_path: Path, one_token: None) -> None:
+    """Eight large puts at once, each with a hashing and a writing stage, and one thread token among them all:
+    each stage gives its token back whenever it runs dry, so none waits forever for another's."""
+    size = 3 * CHUNK_SIZE + 12345
+    await ocicas.create_layout(tmp_path / "layout")
+    async with await ocicas.open_layout(tmp_path / "layout") as engine:
+        results: dict[int, tuple[ocicas.Digest, int]] = {}
+
+        async def put(seed: int) -> None:
+            results[seed] = await engine.put_blob(chunks(seed, size))
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                for seed in range(8):
+                    tg.start_soon(put, seed)
+        for seed in range(8):
+            data = b"".join(pieces(seed, size))
+            assert results[seed] == (ocicas.Digest.from_bytes(data), size)
+            async with await engine.get_blob(results[seed][0]) as reader:
+                assert await reader.read() == data
