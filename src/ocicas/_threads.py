@@ -19,6 +19,7 @@ function needs to be handed one.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import deque
@@ -330,3 +331,7 @@ class ThreadStage(Generic[_T]):
                 item = self._items.popleft()
             self._work(item)
             del item  # nothing of it is held while the next is awaited
+            # A thread that goes from item to item never blocks: without this, the event loop, woken by its timer
+            # while both cores run such threads, waits for a core (lag p99 6.4-7.1 ms, against 5.3-6.2 ms when each
+            # item took a round trip through the loop; 4.9-5.7 ms with this yield, no slower).
+            os.sched_yield()
