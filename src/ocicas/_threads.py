@@ -333,5 +333,5 @@ class ThreadStage(Generic[_T]):
             del item  # nothing of it is held while the next is awaited
             # A thread that goes from item to item never blocks: without this, the event loop, woken by its timer
             # while both cores run such threads, waits for a core (lag p99 6.4-7.1 ms, against 5.3-6.2 ms when each
-            # item took a round trip through the loop; 4.9-5.7 ms with this yield, no slower).
+            # item took a round trip through the loop; 4.9-5.8 ms with this yield, no slower).
             os.sched_yield()
