@@ -88,6 +88,34 @@ async def test_a_failed_or_cancelled_put_gives_its_budget_back(tmp_path: Path, s
         assert await engine.list_blobs() == []
 
 
+async def test_a_put_cancelled_while_it_waits_for_admission_gives_back_nothing(
+    tmp_path: Path, small_budget: int
+) -> None:
+    """A put waiting for room (the budget all taken) and cancelled there never held any: it must give none back,
+    or the budget would admit that much more, for good (it did: ``used`` went below zero)."""
+    layout = tmp_path / "layout"
+    await ocicas.create_layout(layout)
+    await PUT_BUDGET.acquire(small_budget)  # all of it, as puts in progress would hold it
+    try:
+        async with await ocicas.open_layout(layout) as engine:
+            for _ in range(3):
+                with anyio.CancelScope() as scope:
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(engine.put_blob, bytes_of(KiB))
+                        await anyio.wait_all_tasks_blocked()
+                        assert len(PUT_BUDGET._waiters) == 1  # waiting for admission
+                        scope.cancel()
+                assert PUT_BUDGET.used == small_budget
+                assert not PUT_BUDGET._waiters
+    finally:
+        PUT_BUDGET.release(small_budget)
+    assert PUT_BUDGET.used == 0
+
+
+async def bytes_of(n: int) -> AsyncIterator[bytes]:
+    yield bytes(n)
+
+
 def test_set_put_budget_sets_either_bound_and_returns_the_previous(restore_budget: None) -> None:
     assert ocicas.set_put_budget() == ocicas.PutBudget(DEFAULT_PUT_BUDGET, DEFAULT_PER_PUT) == (16 << 20, 16 << 20)
     assert ocicas.set_put_budget(64 << 20) == (16 << 20, 16 << 20)

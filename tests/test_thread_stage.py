@@ -1,5 +1,6 @@
-"""``_threads.ThreadStage``: items in order, one thread at a time, no thread held while idle, errors and cancels
-reach the task serving it; and the puts built on it never wait on each other for thread tokens."""
+"""``_threads.ThreadStage``: items in order, one thread at a time, no thread held while idle, one hop a run of
+items, errors and cancels reach the task serving it; and the puts built on it never deadlock on thread tokens,
+and leave none taken (nor any of the put budget), whether they succeed or fail."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import anyio.to_thread
 import pytest
 
 import ocicas
+import ocicas._threads
+from ocicas._budget import PUT_BUDGET
 from ocicas._threads import CHUNK_SIZE, ThreadStage, checkpoint, run_sync
 
 from .polling import until
@@ -98,13 +101,42 @@ async def test_items_from_the_loop_and_from_threads_are_worked_in_order_one_thre
     assert first.most == second.most == 1
 
 
-async def test_a_stage_that_was_never_given_work_closes() -> None:
+@pytest.fixture
+def hops(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Count every worker-thread hop (the one seam ``ocicas._threads`` goes through)."""
+    seen: list[str] = []
+    inner = ocicas._threads._run_in_thread
+
+    async def counting(func: Callable[[], object], *, limiter: anyio.CapacityLimiter | None = None) -> object:
+        seen.append("hop")
+        return await inner(func, limiter=limiter)
+
+    monkeypatch.setattr(ocicas._threads, "_run_in_thread", counting)
+    return seen
+
+
+async def test_a_stage_that_was_never_given_work_closes_without_a_hop(hops: list[str]) -> None:
     stage = ThreadStage[int](Recorder())
     async with anyio.create_task_group() as tg:
         tg.start_soon(stage.serve)
         await anyio.wait_all_tasks_blocked()
         assert tokens_out() == 0
         stage.close()
+    assert hops == []
+
+
+async def test_items_queued_before_the_thread_starts_take_one_hop(hops: list[str]) -> None:
+    work = Recorder()
+    stage = ThreadStage[int](work)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(stage.serve)
+        for item in range(100):
+            stage.put(item)  # no await: all queued before serve runs
+        await until(lambda: len(work.items) == 100)
+        await until(lambda: tokens_out() == 0)
+        stage.close()
+    assert work.items == list(range(100))
+    assert hops == ["hop"]  # one thread for the run, and none to close
 
 
 async def test_an_error_in_the_work_reaches_serve_and_stops_the_stage() -> None:
@@ -174,8 +206,54 @@ async def test_concurrent_puts_finish_on_a_single_thread_token(tmp_path: Path, o
             async with anyio.create_task_group() as tg:
                 for seed in range(8):
                     tg.start_soon(put, seed)
+        assert (tokens_out(), PUT_BUDGET.used) == (0, 0)
         for seed in range(8):
             data = b"".join(pieces(seed, size))
             assert results[seed] == (ocicas.Digest.from_bytes(data), size)
             async with await engine.get_blob(results[seed][0]) as reader:
                 assert await reader.read() == data
+
+
+class SourceFailed(Exception):
+    pass
+
+
+async def failing(size: int) -> AsyncIterator[bytes]:
+    async for chunk in chunks(99, size):
+        yield chunk
+    raise SourceFailed(f"after {size} bytes")
+
+
+@pytest.mark.parametrize("how", ["source error", "cancel scope", "cancel scope while waiting"])
+async def test_failed_puts_leave_no_token_budget_or_file(tmp_path: Path, one_token: None, how: str) -> None:
+    """Puts that fail mid-pipeline, eight at once on one thread token: each ends, and leaves nothing taken."""
+    size = 2 * CHUNK_SIZE + 777
+    layout = tmp_path / "layout"
+    await ocicas.create_layout(layout)
+    async with await ocicas.open_layout(layout) as engine:
+        outcomes: list[str] = []
+
+        async def put(n: int) -> None:
+            try:
+                if how == "source error":
+                    await engine.put_blob(failing(size + n * CHUNK_SIZE))
+                else:
+                    # cancelled at once, or after the put has had time to fill its pipeline
+                    with anyio.move_on_after(0 if how == "cancel scope" else 0.05) as scope:
+                        await engine.put_blob(chunks(n, 64 * CHUNK_SIZE))
+                    outcomes.append("cancelled" if scope.cancelled_caught else "finished")
+            except SourceFailed:
+                outcomes.append("failed")
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                for n in range(8):
+                    tg.start_soon(put, n)
+        assert (tokens_out(), PUT_BUDGET.used) == (0, 0)
+        if how == "source error":
+            assert outcomes == ["failed"] * 8
+            assert await engine.list_blobs() == []
+        else:
+            assert "cancelled" in outcomes
+    temp = [f for d in layout.iterdir() if d.name.startswith(".ocicas-") for f in d.iterdir()]
+    assert temp == []

@@ -71,7 +71,8 @@ def bounded_shield(seconds: float = SHIELD_TIMEOUT) -> anyio.CancelScope:
 
 def loop_caller(token: anyio.lowlevel.EventLoopToken | None = None) -> Callable[[Callable[[], object]], None]:
     """A function that has a callable run on the event loop of ``token`` (default: the running one) soon, from
-    any thread, without waiting for it; it raises :class:`RuntimeError` once that loop has finished."""
+    any thread, without waiting for it; it raises :class:`RuntimeError` once that loop is closed (an asyncio
+    loop that stopped but is not closed keeps the call for when it runs again)."""
     native: Any = (token or anyio.lowlevel.current_token()).native_token
     if hasattr(native, "call_soon_threadsafe"):  # asyncio
         return native.call_soon_threadsafe  # type: ignore[no-any-return]

@@ -277,12 +277,15 @@ class ThreadStage(Generic[_T]):
     Handing an item over (:meth:`put`, from the event loop or from any thread) never
     waits. The thread takes the next item as soon as it is done with one, with no
     turn of the event loop in between (a round trip through a busy loop costs
-    0.3-0.7 ms on a 2-core machine: a sixth of hashing 4 MiB), and stops when none
-    is left; the next item wakes :meth:`serve`, which starts one again. So a stage
-    holds a thread, and its limiter's token, only while it has work: a slow source
-    never pins one, and the stages of many puts never wait on each other for tokens
-    (a stage living as long as its put could deadlock them). ``work`` calls
-    :func:`checkpoint` as any thread work does; if it raises, so does :meth:`serve`.
+    0.3-0.7 ms on a 2-core machine: a sixth of hashing 4 MiB) unless ``work`` makes
+    one itself, and stops when none is left; the next item wakes :meth:`serve`,
+    which starts one again. So a stage holds a thread, and its limiter's token, only
+    while it has work: a slow source never pins one, and stages can never deadlock
+    on tokens (stages living as long as their puts could: with every token taken by
+    one stage of each put, their other stages would wait forever). Other thread
+    work may wait longer for a token than it did for per-item hops: a stage with
+    work queued keeps its token from item to item. ``work`` calls :func:`checkpoint`
+    as any thread work does; if it raises, so does :meth:`serve`.
     """
 
     def __init__(self, work: Callable[[_T], None]) -> None:
@@ -296,7 +299,8 @@ class ThreadStage(Generic[_T]):
         self._call_soon = loop_caller()
 
     def put(self, item: _T) -> None:
-        """Queue ``item``; wake :meth:`serve` if no thread is working."""
+        """Queue ``item``; wake :meth:`serve` if no thread is working. From another thread, raise
+        :class:`RuntimeError` if the event loop is closed (the item stays queued, unserved)."""
         with self._lock:
             self._items.append(item)
             if self._running:
@@ -305,8 +309,13 @@ class ThreadStage(Generic[_T]):
             wake = self._wake
         if threading.get_ident() == self._loop_thread:
             wake.set()
-        else:
+            return
+        try:
             self._call_soon(wake.set)
+        except BaseException:
+            with self._lock:
+                self._running = False  # no thread is coming: a later put tries again
+            raise
 
     def close(self) -> None:
         """On the event loop: let :meth:`serve` return once every item is done."""
@@ -315,12 +324,11 @@ class ThreadStage(Generic[_T]):
 
     async def serve(self) -> None:
         """Start a thread for the items each time some come, until :meth:`close`."""
-        while True:
+        while not (self._closed and not self._running):
             await self._wake.wait()
             self._wake = anyio.Event()  # the next put after this thread stops sets this one
-            await run_sync(self._drain)
-            if self._closed and not self._running:
-                return
+            if self._running:  # else close() woke it
+                await run_sync(self._drain)
 
     def _drain(self) -> None:
         while True:

@@ -2,8 +2,10 @@
 
 Large blobs flow through three stages at once (hashlib and write release the
 GIL): the source is read on the event loop while the previous batch is hashed
-and the one before it is written, each stage a :class:`~ocicas._threads.ThreadStage`
-whose thread takes the next batch without a turn of the loop. A source lent by a
+and the one before it is written, each stage a :class:`~ocicas._threads.ThreadStage`.
+The hashing thread takes batch after batch with no turn of the loop; the writing
+thread tells the loop of each batch written (the budget, the buffers, the
+``fdatasync``), waiting for it, off the hash's path. A source lent by a
 verifying reader (a pull) has two: the writer hashes what it writes; or one, when
 the source can pour (a registry body on a plain socket): worker threads receive,
 hash and write it, a few MiB a hop, with no event loop in between. Every 64 MiB
@@ -208,12 +210,13 @@ class PendingBlob:
             batch = self._batch if self._vouched or self._lent else CHUNK_SIZE
             read_size = max(_MIN_READ, min(batch, self._per_put // 4))
             # a file yields what it is asked for; an iterator's chunks are guessed, then counted as they come
-            self._slot = read_size if reads_async(source) else min(_FIRST_SLOT, read_size)
+            slot = read_size if reads_async(source) else min(_FIRST_SLOT, read_size)
             if reads_async(source) and inspect.iscoroutinefunction(getattr(source, "readinto", None)):
                 self._free, self._buffer_size = [], read_size
         try:
             if self._budgeted:
-                await PUT_BUDGET.acquire(self._slot)
+                await PUT_BUDGET.acquire(slot)  # cancelled while it waits, it holds nothing: nor may we give back
+                self._slot = slot
             poured = await self._pour(source, read_size) if self._lent and isinstance(source, LentRaw) else None
             tail = [] if poured else await self._take(source, read_size)
             return await run_sync(self._commit, tail)  # small blobs: open, write and commit in one hop
@@ -413,7 +416,9 @@ class PendingBlob:
         self._large = self._known_large(total)
         # a hashing stage of its own only when the source neither verifies (vouched) nor is hashed by the writer (lent)
         staged = not (self._vouched or self._lent)
-        # batches sent and not yet written: as many as a queue of _depth before each stage and one in each
+        # batches sent and not yet written: a queue of _depth before each stage, one in each, and one more, so
+        # that a stage done with one finds the next queued (else it stops, and the next costs a hop to start);
+        # what a stream holds is bounded by the budget first (_room), and bytes are in memory already
         most = (self._depth + 1) * (2 if staged else 1) + 1
 
         def hash_batch(batch: _Batch) -> None:
