@@ -3,13 +3,16 @@ from __future__ import annotations
 import gc
 import threading
 import warnings
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import anyio
 import pytest
 from blockbuster import blockbuster_ctx
 
 import ocicas
+import ocicas._threads
 from ocicas import Engine
 from tests.leaks import fd_targets, is_idle_worker
 
@@ -32,6 +35,20 @@ async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
         await ocicas.create_layout(tmp_path / "layout")
         async with await ocicas.open_layout(tmp_path / "layout") as directory:
             yield directory
+
+
+@pytest.fixture
+def hops(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Count every worker-thread hop (the one seam ``ocicas._threads`` goes through)."""
+    seen: list[str] = []
+    inner = ocicas._threads._run_in_thread
+
+    async def counting(func: Callable[[], Any], *, limiter: anyio.CapacityLimiter | None = None) -> Any:
+        seen.append("hop")
+        return await inner(func, limiter=limiter)
+
+    monkeypatch.setattr(ocicas._threads, "_run_in_thread", counting)
+    return seen
 
 
 @pytest.fixture(autouse=True)

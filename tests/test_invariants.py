@@ -101,20 +101,6 @@ def temp_files(layout: Path) -> list[str]:
     )
 
 
-@pytest.fixture
-def hops(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Count every worker-thread hop (the one seam ``ocicas._threads`` goes through)."""
-    seen: list[str] = []
-    inner = ocicas._threads._run_in_thread
-
-    async def counting(func: Callable[[], Any], *, limiter: anyio.CapacityLimiter | None = None) -> Any:
-        seen.append("hop")
-        return await inner(func, limiter=limiter)
-
-    monkeypatch.setattr(ocicas._threads, "_run_in_thread", counting)
-    return seen
-
-
 @contextlib.contextmanager
 def collected(expect_warnings: int) -> Iterator[list[str]]:
     """Drop references in the block; then ``gc.collect()``: exactly ``expect_warnings`` ResourceWarnings must come."""

@@ -15,7 +15,6 @@ import anyio.to_thread
 import pytest
 
 import ocicas
-import ocicas._threads
 from ocicas._budget import PUT_BUDGET
 from ocicas._threads import CHUNK_SIZE, ThreadStage, checkpoint, run_sync
 
@@ -99,20 +98,6 @@ async def test_items_from_the_loop_and_from_threads_are_worked_in_order_one_thre
     assert first.items == expected
     assert second.items == expected
     assert first.most == second.most == 1
-
-
-@pytest.fixture
-def hops(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Count every worker-thread hop (the one seam ``ocicas._threads`` goes through)."""
-    seen: list[str] = []
-    inner = ocicas._threads._run_in_thread
-
-    async def counting(func: Callable[[], object], *, limiter: anyio.CapacityLimiter | None = None) -> object:
-        seen.append("hop")
-        return await inner(func, limiter=limiter)
-
-    monkeypatch.setattr(ocicas._threads, "_run_in_thread", counting)
-    return seen
 
 
 async def test_a_stage_that_was_never_given_work_closes_without_a_hop(hops: list[str]) -> None:
