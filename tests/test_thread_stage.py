@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import anyio
-import anyio.from_thread
 import anyio.to_thread
 import pytest
 
@@ -28,7 +27,6 @@ class Recorder:
 
     def __init__(self, then: Callable[[int], None] | None = None) -> None:
         self.items: list[int] = []
-        self.threads: set[int] = set()
         self.most = 0
         self._working = 0
         self._lock = threading.Lock()
@@ -41,7 +39,6 @@ class Recorder:
         try:
             checkpoint()
             self.items.append(item)
-            self.threads.add(threading.get_ident())
             if self._then is not None:
                 self._then(item)
         finally:
