@@ -15,7 +15,8 @@ import anyio
 import pytest
 
 import ocicas
-from ocicas._dir.fs import GroupSync, group_sync
+from ocicas._dir.fs import GroupSync, MadeDirs, group_sync, made_dirs
+from ocicas._threads import wait_for
 from tests.polling import until, until_now
 
 pytestmark = pytest.mark.anyio
@@ -286,3 +287,178 @@ def test_a_rename_left_unsynced_stays_suspect_past_an_fsync_begun_before_it(
         assert (group._started, group._done, group._failures) == (2, 2, 0)
     finally:
         os.close(fd)
+
+
+# -- blobs/<algorithm>: the directory a blob is renamed into must itself survive a crash ---------------------------
+
+
+def sha512_of(data: bytes) -> str:
+    return "sha512:" + hashlib.sha512(data).hexdigest()
+
+
+async def put_sha512(engine: ocicas.DirEngine, data: bytes) -> None:
+    assert await engine.put_blob(data, expected_digest=sha512_of(data)) == (sha512_of(data), len(data))
+
+
+def made_dirs_of(layout: Path) -> MadeDirs:
+    fd = os.open(layout / "blobs", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return made_dirs(fd)
+    finally:
+        os.close(fd)
+
+
+def no_temp_files(layout: Path) -> bool:
+    return not [p for p in layout.rglob("*") if p.is_file() and p.parent.name.startswith(".")]
+
+
+async def test_each_engine_syncs_blobs_once_before_its_first_rename_into_an_algorithm_dir(
+    layout: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fsyncs = DirFsyncs(monkeypatch, layout / "blobs", [])
+    async with await ocicas.open_layout(layout) as engine:
+        await put_sha512(engine, b"first")  # makes blobs/sha512
+        assert fsyncs.calls == ["ok"]
+        await put_sha512(engine, b"second")
+        await engine.put_blob(b"sha256 content")  # blobs/sha256, made by create_layout: covered once too
+        await engine.put_blob(b"more sha256 content")
+        assert fsyncs.calls == ["ok", "ok"]
+    async with await ocicas.open_layout(layout) as engine:  # another process may have made it a moment ago
+        await put_sha512(engine, b"third")
+        assert fsyncs.calls == ["ok", "ok", "ok"]
+    assert sorted(p.name for p in (layout / "blobs" / "sha512").iterdir()) == sorted(
+        sha512_of(d)[7:] for d in (b"first", b"second", b"third")
+    )
+
+
+async def test_a_failed_sync_of_a_new_algorithm_dir_stores_nothing_and_the_next_put_makes_it_anew(
+    layout: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fsyncs = DirFsyncs(monkeypatch, layout / "blobs", ["fail"])
+    sha512 = layout / "blobs" / "sha512"
+    async with await ocicas.open_layout(layout) as engine:
+        with pytest.raises(OSError, match="no blob was stored") as info:
+            await put_sha512(engine, b"lost with its directory")
+        assert type(info.value) is OSError
+        assert info.value.errno == errno.EIO
+        assert info.value.strerror == (
+            "syncing blobs/, which holds blobs/sha512, failed (Input/output error): no blob was stored"
+        )
+        assert list(sha512.iterdir()) == []  # made, but no blob relies on it
+        assert no_temp_files(layout)
+        assert made_dirs_of(layout).suspect == {"sha512"}
+        made = os.open(sha512, os.O_RDONLY | os.O_DIRECTORY)  # held: its inode cannot be reused
+        try:
+            await put_sha512(engine, b"lost with its directory")
+            assert os.fstat(made).st_nlink == 0  # removed while empty, made again, then covered
+            assert sha512.stat().st_ino != os.fstat(made).st_ino
+        finally:
+            os.close(made)
+        assert fsyncs.calls == ["fail", "ok"]
+        assert [p.name for p in sha512.iterdir()] == [sha512_of(b"lost with its directory")[7:]]
+        assert made_dirs_of(layout).suspect == set()
+
+
+async def test_a_put_that_finds_an_algorithm_dir_being_made_waits_and_makes_it_anew_if_its_sync_fails(
+    layout: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fsyncs = DirFsyncs(monkeypatch, layout / "blobs", ["hold-fail"])
+    refused = []  # attempts to take the lock that found it held
+
+    def counted(attempt: Any) -> None:
+        def recorded() -> bool:
+            taken = bool(attempt())
+            if not taken:
+                refused.append(threading.current_thread().name)
+            return taken
+
+        wait_for(recorded)
+
+    monkeypatch.setattr("ocicas._dir.engine.wait_for", counted)
+    outcomes: dict[str, BaseException | None] = {}
+
+    async def put(engine: ocicas.DirEngine, data: bytes) -> None:
+        try:
+            await put_sha512(engine, data)
+            outcomes[data.decode()] = None
+        except OSError as exc:
+            outcomes[data.decode()] = exc
+
+    async with await ocicas.open_layout(layout) as maker, await ocicas.open_layout(layout) as finder:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(put, maker, b"maker")
+            await until(lambda: fsyncs.calls == ["hold-fail"])  # blobs/sha512 made, its fsync under way
+            tg.start_soon(put, finder, b"finder")
+            await until(lambda: bool(refused))  # the finder waits for the maker
+            assert outcomes == {}
+            fsyncs.release.set()
+        assert fsyncs.calls == ["hold-fail", "ok"]
+        maker_error = outcomes["maker"]
+        assert type(maker_error) is OSError
+        assert maker_error.errno == errno.EIO
+        assert outcomes["finder"] is None  # it found the directory suspect, empty: made it anew, and synced
+        assert [p.name for p in (layout / "blobs" / "sha512").iterdir()] == [sha512_of(b"finder")[7:]]
+        assert made_dirs_of(layout).suspect == set()
+
+
+async def test_puts_that_find_a_suspect_algorithm_dir_at_once_make_it_anew_once(
+    layout: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fsyncs = DirFsyncs(monkeypatch, layout / "blobs", ["fail"])
+    async with await ocicas.open_layout(layout) as first, await ocicas.open_layout(layout) as second:
+        with pytest.raises(OSError, match="no blob was stored"):
+            await put_sha512(first, b"failed")
+        made = os.open(layout / "blobs" / "sha512", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            async with anyio.create_task_group() as tg:
+                for engine, data in ((first, b"one"), (second, b"two"), (first, b"three"), (second, b"four")):
+                    tg.start_soon(put_sha512, engine, data)
+            assert os.fstat(made).st_nlink == 0
+        finally:
+            os.close(made)
+        # one remake and its fsync; the other engine's first put covers it with one more; the rest trust them
+        assert fsyncs.calls == ["fail", "ok", "ok"]
+        assert sorted(p.name for p in (layout / "blobs" / "sha512").iterdir()) == sorted(
+            sha512_of(d)[7:] for d in (b"one", b"two", b"three", b"four")
+        )
+
+
+async def test_a_suspect_algorithm_dir_that_holds_blobs_is_left_as_it_is(
+    layout: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    DirFsyncs(monkeypatch, layout / "blobs", ["fail"])
+    sha512 = layout / "blobs" / "sha512"
+    async with await ocicas.open_layout(layout) as engine:
+        with pytest.raises(OSError, match="no blob was stored"):
+            await put_sha512(engine, b"content")
+        # meanwhile another process stored a blob there, which relies on the directory
+        other = sha512 / sha512_of(b"other")[7:]
+        other.write_bytes(b"other")
+        with pytest.raises(OSError, match="no blob was stored") as info:
+            await put_sha512(engine, b"content")
+        assert info.value.errno in (errno.ENOTEMPTY, errno.EEXIST)
+        assert info.value.strerror == (
+            "blobs/sha512 may not survive a crash (an fsync of blobs/ failed after this process made it) and "
+            "another process has put blobs into it, so it cannot be made anew: no blob was stored"
+        )
+        assert [p.name for p in sha512.iterdir()] == [other.name]
+        assert other.read_bytes() == b"other"
+        assert no_temp_files(layout)
+        assert await engine.put_blob(b"sha256 content") == (digest_of(b"sha256 content"), 14)  # others unaffected
+
+
+async def test_a_failed_sync_covering_an_existing_algorithm_dir_leaves_it_unsuspected(
+    layout: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fsyncs = DirFsyncs(monkeypatch, layout / "blobs", ["fail"])
+    sha256 = layout / "blobs" / "sha256"
+    made = sha256.stat().st_ino
+    async with await ocicas.open_layout(layout) as engine:
+        with pytest.raises(OSError, match="no blob was stored") as info:
+            await engine.put_blob(b"content")
+        assert info.value.errno == errno.EIO
+        assert list(sha256.iterdir()) == []
+        assert made_dirs_of(layout).suspect == set()  # not made here: the next fsync that succeeds covers it
+        assert await engine.put_blob(b"content") == (digest_of(b"content"), 7)
+        assert fsyncs.calls == ["fail", "ok"]
+        assert sha256.stat().st_ino == made

@@ -58,6 +58,7 @@ from .fs import (
     DIR_FLAGS,
     READ_FLAGS,
     blobs_held,
+    made_dirs,
     open_blob,
     open_dir,
     open_regular,
@@ -347,6 +348,27 @@ class _FileRaw(RawBlob):
             os.close(fd)  # never blocks on a regular file opened for reading
 
 
+def _identity(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def _remove_suspect_dir(blobs: int, algorithm: str, what: str) -> None:
+    """Remove ``blobs/<algorithm>``, suspect, to make it anew; refuse if blobs rely on it already."""
+    try:
+        os.rmdir(algorithm, dir_fd=blobs)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        raise OSError(
+            exc.errno,
+            f"{what} may not survive a crash (an fsync of blobs/ failed after this process made it) and another "
+            "process has put blobs into it, so it cannot be made anew: no blob was stored",
+        ) from exc
+
+
 class DirEngine(Engine):
     """An :class:`Engine` over an OCI image layout directory. Open one with :func:`open_layout`."""
 
@@ -356,6 +378,8 @@ class DirEngine(Engine):
         self._temp_fd: int | None = None
         self._temp_name: str | None = None
         self._temp_lock = threading.Lock()
+        # blobs/<algorithm> -> the (device, inode) of the directory whose entry an fsync of blobs/ covered
+        self._covered: dict[str, tuple[int, int]] = {}
         self._direct_writes = False  # large puts write with O_DIRECT (open_layout's direct_writes)
         self._index = IndexStore(root_fd, repr(str(path)), self._temp_dir)
         self._leases: dict[str, int] = {}  # live leases: their files, open and flock-held
@@ -397,21 +421,75 @@ class DirEngine(Engine):
     # -- helpers (worker threads) -------------------------------------------------------
 
     def _alg_dir(self, algorithm: str, *, create: bool = False) -> int:
+        """``blobs/<algorithm>``, open. With ``create`` (a put, about to rename its blob in): made if absent, and
+        its own entry known durable (:meth:`_durable_alg_dir`)."""
         blobs = open_dir("blobs", self._root, "blobs")
         try:
             try:
-                return open_dir(algorithm, blobs, f"blobs/{algorithm}")
+                alg: int | None = open_dir(algorithm, blobs, f"blobs/{algorithm}")
             except FileNotFoundError:
                 if not create:
                     raise
-            try:
-                os.mkdir(algorithm, 0o755, dir_fd=blobs)
-                os.fsync(blobs)
-            except FileExistsError:
-                pass
-            return open_dir(algorithm, blobs, f"blobs/{algorithm}")
+                alg = None
+            return self._durable_alg_dir(blobs, algorithm, alg) if create else alg  # type: ignore[return-value]
         finally:
             os.close(blobs)
+
+    def _durable_alg_dir(self, blobs: int, algorithm: str, alg: int | None) -> int:
+        """``blobs/<algorithm>`` (``alg``, or made if ``None``) once an fsync of ``blobs/`` covers its entry.
+
+        A blob renamed into a directory whose own entry is lost in a crash is lost
+        with it, however well its rename was synced. So until one succeeds, each
+        engine's puts into a directory it has not covered yet wait for an fsync of
+        ``blobs/`` begun after they found or made it, one at a time in the process
+        (:class:`~.fs.MadeDirs`). If that fsync fails, the put raises an ``OSError``
+        before its blob is renamed in. A directory made here whose fsync failed stays
+        suspect (a later fsync cannot tell whether the failed writeback was lost): the
+        next put removes it, while still empty, and makes it anew; one that another
+        process has put blobs into meanwhile is left as it is, and puts into it fail.
+        One made by another process is trusted to the first fsync that succeeds.
+        """
+        what = f"blobs/{algorithm}"
+        state = made_dirs(blobs)
+        try:
+            if alg is not None and algorithm not in state.suspect and self._covered.get(algorithm) == _identity(alg):
+                return alg
+            wait_for(lambda: state.lock.acquire(blocking=False))
+            try:
+                if alg is not None:  # reopened: the holder before may have made it anew
+                    os.close(alg)
+                    alg = None
+                with contextlib.suppress(FileNotFoundError):
+                    alg = open_dir(algorithm, blobs, what)
+                if alg is not None and algorithm not in state.suspect:
+                    if self._covered.get(algorithm) == _identity(alg):  # another put of this engine just did
+                        return alg
+                else:
+                    if alg is not None:
+                        os.close(alg)
+                        alg = None
+                        _remove_suspect_dir(blobs, algorithm, what)
+                    with contextlib.suppress(FileExistsError):  # another process made it meanwhile
+                        os.mkdir(algorithm, 0o755, dir_fd=blobs)
+                    state.suspect.add(algorithm)
+                    made_dirs.keep(state, True)
+                    alg = open_dir(algorithm, blobs, what)
+                try:
+                    os.fsync(blobs)
+                except OSError as exc:
+                    raise OSError(
+                        exc.errno, f"syncing blobs/, which holds {what}, failed ({exc.strerror}): no blob was stored"
+                    ) from exc
+                state.suspect.discard(algorithm)
+                made_dirs.keep(state, bool(state.suspect))
+                self._covered[algorithm] = _identity(alg)
+                return alg
+            finally:
+                state.lock.release()
+        except BaseException:
+            if alg is not None:
+                os.close(alg)
+            raise
 
     def _temp_dir(self) -> int:
         """This engine's flock-held temporary directory, created on first use."""

@@ -261,6 +261,23 @@ class PerDirectory(Generic[_T]):
 group_sync: Final = PerDirectory(GroupSync)
 
 
+class MadeDirs:
+    """The subdirectories of one directory (``blobs/``) that puts make and must know durable: one at a time.
+
+    :attr:`lock` is held while a subdirectory is made or its entry synced, so a put
+    never finds one that another thread of the process is still making; a name is in
+    :attr:`suspect` from its ``mkdir`` until an fsync of the parent after it succeeds.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.suspect: set[str] = set()
+
+
+#: The made subdirectories of each ``blobs/`` this process puts into: kept while one is suspect.
+made_dirs: Final = PerDirectory(MadeDirs)
+
+
 class Change:
     """One put's change of a blob name in a :class:`GroupSync` directory (see :meth:`GroupSync.change`)."""
 
