@@ -431,7 +431,10 @@ class DirEngine(Engine):
                 if not create:
                     raise
                 alg = None
-            return self._durable_alg_dir(blobs, algorithm, alg) if create else alg  # type: ignore[return-value]
+            if create:
+                return self._durable_alg_dir(blobs, algorithm, alg)
+            assert alg is not None  # not found raised above
+            return alg
         finally:
             os.close(blobs)
 
